@@ -1,0 +1,232 @@
+"""Every knob of every job, with its default and meaning, validated in one place.
+
+A config is built from CLI flags, a YAML file (`--config FILE`), or both (flags win). Each dataclass
+field carries its help text in `metadata["help"]`; the CLI parser is generated from the fields, so the
+flags and the docs cannot drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+LOSSES = ("bt", "bt_smooth", "margin", "aplot")
+
+
+def knob(default, help: str, **kw):
+    """A dataclass field with a help line (lists get a default factory)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: str = knob("", "HF model folder (local path) or hub name; the backbone of the reward model")
+    gguf_file: str = knob("", "GGUF file name inside model_name_or_path (or a full path) to load weights from")
+    tokenizer_name_or_path: str = knob("", "tokenizer folder; defaults to the model's")
+    trust_remote_code: bool = knob(False, "allow custom model code from the model folder")
+    embedding_pooling: str = knob("token", "APLOT embedding: 'token' (hidden state at the reward token) or 'mean' (mean over response tokens)")
+    gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
+    attn_implementation: str = knob("sdpa", "attention kernel passed to transformers (sdpa, eager, flash_attention_2)")
+    disable_dropout: bool = knob(True, "set every dropout to 0 (reward scores should not be noisy)")
+
+
+@dataclass
+class DataConfig:
+    train_data: list = knob([], "training pair files (jsonl/json/parquet/arrow) or hub dataset names; repeatable")
+    eval_data: list = knob([], "eval sets as FILE or NAME=FILE; repeatable; each is reported by name")
+    eval_split_fraction: float = knob(0.0, "hold out this fraction of the training pool as eval set 'id_val' (fixed seed)")
+    split_seed: int = knob(1234, "seed of the train/validation split (independent of the training seed)")
+    max_train_pairs: int = knob(0, "use only the first N training pairs after the split (0 = all)")
+    max_eval_pairs: int = knob(0, "use only the first N pairs of each eval set (0 = all)")
+    prompt_key: str = knob("prompt", "key of the prompt (string, or list of chat messages)")
+    chosen_key: str = knob("chosen", "key of the preferred response (string, or list of chat messages)")
+    rejected_key: str = knob("rejected", "key of the dispreferred response")
+    strength_key: str = knob("strength", "key of the graded preference strength, used by the 'margin' loss")
+    hub_split: str = knob("train", "split to read when a data entry is a hub dataset name")
+    chat_template: str = knob("auto", "'auto' (use the tokenizer's chat template for message lists), 'always', or 'never'")
+    max_length: int = knob(512, "tokens per sequence (prompt + response); prompts are cut from the left to fit")
+    response_separator: str = knob(" ", "text between prompt and response in the plain-text format")
+
+
+@dataclass
+class LossConfig:
+    loss: str = knob("aplot", f"one of {LOSSES}")
+    label_smoothing: float = knob(0.1, "bt_smooth: probability mass put on the rejected response")
+    margin_scale: float = knob(1.0, "margin loss: margin = strength * margin_scale (pairs without strength get 0)")
+    aplot_lambda: float = knob(0.1, "APLOT: weight of the semantic term in the cost, C = (1-lam)*D + lam*S")
+    aplot_eps: float = knob(0.1, "APLOT: entropic regularization of the Sinkhorn problem")
+    aplot_iters: int = knob(50, "APLOT: Sinkhorn iterations (no early stop)")
+    aplot_gamma: float = knob(1.0, "APLOT: margin scale gamma")
+    aplot_gamma_warmup_steps: int = knob(0, "APLOT: linear warm-up of gamma from 0 over this many optimizer steps")
+    aplot_signed: bool = knob(False, "APLOT: signed reward term 1 - sigmoid(rc_i - rr_j) instead of |.|")
+    aplot_ot_batch: str = knob("global", "APLOT: 'global' (all-gather across data-parallel ranks) or 'local' (per rank)")
+    aplot_backend: str = knob("auto", "APLOT: Sinkhorn backend: auto | triton | torch")
+    aplot_hard_threshold: float = knob(0.3, "APLOT diagnostics: margins above this count as 'hard' pairs, below 0.05 as 'easy'")
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = knob(3, "DeepSpeed ZeRO stage 0/1/2/3")
+    precision: str = knob("bf16", "bf16 | fp16 | fp32 (bf16 and fp16 fall back to fp32 on CPU)")
+    offload_optimizer: bool = knob(False, "ZeRO: keep optimizer states on CPU")
+    offload_param: bool = knob(False, "ZeRO-3: keep parameters on CPU")
+    optimizer: str = knob("auto", "auto | adamw_torch | fused_adam | cpu_adam (auto: cpu_adam with offload, fused on CUDA, torch AdamW on CPU)")
+    ds_config: str = knob("", "DeepSpeed JSON to start from (values 'auto' are filled from this config)")
+    micro_batch_size: int = knob(4, "pairs per GPU per micro-step (each pair is two sequences)")
+    gradient_accumulation_steps: int = knob(1, "micro-steps per optimizer step")
+    learning_rate: float = knob(1e-5, "peak learning rate")
+    weight_decay: float = knob(0.0, "AdamW weight decay")
+    adam_betas: list = knob([0.9, 0.95], "AdamW betas")
+    warmup_ratio: float = knob(0.03, "fraction of optimizer steps spent in linear warm-up")
+    lr_scheduler: str = knob("cosine", "cosine | linear | constant (after warm-up)")
+    min_lr_ratio: float = knob(0.1, "final learning rate as a fraction of the peak (cosine, linear)")
+    max_grad_norm: float = knob(1.0, "gradient clipping (0 = off)")
+    timeout_s: int = knob(600, "collective timeout: a rank that dies or hangs fails the others after this")
+    dist_backend: str = knob("auto", "auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = knob("runs/rm", "where checkpoints, metrics.jsonl, tensorboard logs and the export go")
+    seed: int = knob(42, "training seed (model head init, data order, dropout)")
+    epochs: float = knob(1.0, "passes over the training pairs")
+    max_steps: int = knob(0, "stop after this many optimizer steps (0 = from epochs)")
+    eval_steps: int = knob(0, "evaluate every N optimizer steps (0 = only at the end)")
+    eval_at_start: bool = knob(False, "also evaluate before the first step")
+    eval_batch_size: int = knob(16, "pairs per forward in evaluation")
+    save_steps: int = knob(0, "checkpoint every N optimizer steps (0 = only at the end)")
+    save_total_limit: int = knob(2, "keep this many most recent checkpoints")
+    resume: bool = knob(False, "resume from the latest checkpoint in output_dir")
+    export: bool = knob(True, "write a transformers folder (AutoModelForSequenceClassification) at the end")
+    log_steps: int = knob(1, "log metrics every N optimizer steps")
+    tensorboard: bool = knob(True, "write tensorboard event files under output_dir/tb")
+    wandb_project: str = knob("", "log to this Weights & Biases project (needs wandb installed)")
+    progress: bool = knob(True, "tqdm progress bar on rank 0")
+
+
+@dataclass
+class RMConfig(ModelConfig, DataConfig, LossConfig, EngineConfig, RunConfig):
+    """Reward-model training: every knob of the job."""
+
+    def validate(self) -> "RMConfig":
+        errors = []
+        if not self.model_name_or_path:
+            errors.append("model_name_or_path is required")
+        if not self.train_data:
+            errors.append("train_data needs at least one file")
+        if self.loss not in LOSSES:
+            errors.append(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            errors.append(f"zero_stage must be 0-3, got {self.zero_stage}")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            errors.append(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.offload_param and self.zero_stage != 3:
+            errors.append("offload_param needs zero_stage 3")
+        if self.aplot_ot_batch not in ("global", "local"):
+            errors.append(f"aplot_ot_batch must be global or local, got {self.aplot_ot_batch!r}")
+        if self.aplot_backend not in ("auto", "triton", "torch"):
+            errors.append(f"aplot_backend must be auto, triton or torch, got {self.aplot_backend!r}")
+        if self.aplot_eps <= 0 or self.aplot_iters < 1:
+            errors.append("aplot_eps must be > 0 and aplot_iters >= 1")
+        if not 0.0 <= self.aplot_lambda <= 1.0:
+            errors.append(f"aplot_lambda must be in [0, 1], got {self.aplot_lambda}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            errors.append(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.embedding_pooling not in ("token", "mean"):
+            errors.append(f"embedding_pooling must be token or mean, got {self.embedding_pooling!r}")
+        if self.chat_template not in ("auto", "always", "never"):
+            errors.append(f"chat_template must be auto, always or never, got {self.chat_template!r}")
+        if self.optimizer not in ("auto", "adamw_torch", "fused_adam", "cpu_adam"):
+            errors.append(f"optimizer must be auto, adamw_torch, fused_adam or cpu_adam, got {self.optimizer!r}")
+        if self.lr_scheduler not in ("cosine", "linear", "constant"):
+            errors.append(f"lr_scheduler must be cosine, linear or constant, got {self.lr_scheduler!r}")
+        if self.max_length < 8:
+            errors.append(f"max_length must be >= 8, got {self.max_length}")
+        if self.micro_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            errors.append("micro_batch_size and gradient_accumulation_steps must be >= 1")
+        if not 0.0 <= self.eval_split_fraction < 1.0:
+            errors.append(f"eval_split_fraction must be in [0, 1), got {self.eval_split_fraction}")
+        if errors:
+            raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+        return self
+
+
+def _field_type(f: dataclasses.Field):
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return type(default)
+
+
+def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
+    """argparse parser with one --flag per dataclass field (defaults left unset so YAML can fill them)."""
+    parser = argparse.ArgumentParser(description=description or cls.__doc__,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default="", help="YAML file with any of the fields below (flags override it)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name
+        typ = _field_type(f)
+        help_text = f.metadata.get("help", "")
+        if typ is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typ is list:
+            default = f.default_factory()
+            item = type(default[0]) if default else str
+            parser.add_argument(flag, dest=f.name, nargs="+", type=item, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=typ, default=None, help=help_text)
+    return parser
+
+
+def _coerce(cls, name: str, value: Any, where: str):
+    f = {x.name: x for x in dataclasses.fields(cls)}.get(name)
+    if f is None:
+        known = ", ".join(sorted(x.name for x in dataclasses.fields(cls)))
+        raise ValueError(f"{where}: unknown key {name!r}; known keys: {known}")
+    typ = _field_type(f)
+    if typ is list and not isinstance(value, list):
+        value = [value]
+    elif typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif typ is not list and not isinstance(value, typ):
+        raise ValueError(f"{where}: key {name!r} must be {typ.__name__}, got {value!r}")
+    return value
+
+
+def load_config(cls, argv=None, description: str = ""):
+    """Parse flags (and an optional YAML file) into a validated `cls` instance."""
+    parser = build_parser(cls, description)
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        if not os.path.exists(args.config):
+            raise FileNotFoundError(f"config file not found: {args.config}")
+        with open(args.config) as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a mapping of config keys at the top level")
+        for k, v in loaded.items():
+            values[k] = _coerce(cls, k, v, args.config)
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name)
+        if v is not None:
+            values[f.name] = v
+    cfg = cls(**values)
+    return cfg.validate() if hasattr(cfg, "validate") else cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(to_dict(cfg), fh, indent=2, sort_keys=True)
+    os.replace(tmp, path)

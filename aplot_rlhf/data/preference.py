@@ -1,0 +1,347 @@
+"""Preference pairs: load (jsonl/json/parquet/arrow or a hub name), normalize, template, tokenize, collate.
+
+A normalized pair is a dict: prompt (str or list of chat messages), chosen, rejected (str or one
+assistant message list), strength (float or None), origin ("file:line" for error messages).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, line and field."""
+
+
+@dataclass
+class SkipCounter:
+    """Counts pairs dropped or altered during loading, by reason, so no skip is silent."""
+    counts: dict = field(default_factory=dict)
+
+    def add(self, reason: str, n: int = 1) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + n
+
+    def report(self, what: str) -> None:
+        for reason, n in sorted(self.counts.items()):
+            log.warning("%s: %d pair(s) %s", what, n, reason)
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+def _read_records(path: str, hub_split: str = "train"):
+    """Yield (origin, record) from a local file or a hub dataset name."""
+    if os.path.isdir(path):
+        import datasets  # a folder written by datasets.save_to_disk
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[hub_split]
+        for i, rec in enumerate(ds):
+            yield f"{path}:row {i}", rec
+        return
+    if not os.path.exists(path):
+        if path.endswith((".jsonl", ".json", ".parquet", ".arrow")) or os.sep in path and not _looks_like_hub(path):
+            raise FileNotFoundError(f"data file not found: {path}")
+        import datasets  # a hub name; works only with network access
+        try:
+            ds = datasets.load_dataset(path, split=hub_split)
+        except Exception as exc:
+            raise DataError(f"{path}: not a local file and could not be loaded from the hub ({exc})") from exc
+        for i, rec in enumerate(ds):
+            yield f"{path}[{hub_split}]:row {i}", rec
+        return
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                                    "fix or delete that line") from exc
+                if not isinstance(rec, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+                yield f"{path}:{lineno}", rec
+    elif path.endswith(".json"):
+        with open(path, encoding="utf-8") as fh:
+            try:
+                obj = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from exc
+        if isinstance(obj, dict):
+            obj = obj.get("data", obj.get("train"))
+        if not isinstance(obj, list):
+            raise DataError(f"{path}: expected a list of pair objects (or {{'data': [...]}})")
+        for i, rec in enumerate(obj):
+            yield f"{path}:item {i}", rec
+    elif path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        for i, rec in enumerate(pq.read_table(path).to_pylist()):
+            yield f"{path}:row {i}", rec
+    elif path.endswith(".arrow"):
+        import pyarrow as pa
+        with open(path, "rb") as fh:
+            try:
+                table = pa.ipc.open_stream(fh).read_all()
+            except pa.ArrowInvalid:
+                fh.seek(0)
+                table = pa.ipc.open_file(fh).read_all()
+        for i, rec in enumerate(table.to_pylist()):
+            yield f"{path}:row {i}", rec
+    else:
+        raise DataError(f"{path}: unknown file type; use .jsonl, .json, .parquet, .arrow or a datasets folder")
+
+
+def _looks_like_hub(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/"))
+
+
+def _is_messages(x) -> bool:
+    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def _check_text(value, origin: str, key: str):
+    if _is_messages(value):
+        if not value or any(not isinstance(m["content"], str) for m in value):
+            raise DataError(f"{origin}: field {key!r} has a message without string content")
+        return value
+    if not isinstance(value, str):
+        raise DataError(f"{origin}: field {key!r} must be a string or a list of chat messages, "
+                        f"got {type(value).__name__}")
+    return value
+
+
+def normalize_record(rec: dict, origin: str, *, prompt_key="prompt", chosen_key="chosen", rejected_key="rejected",
+                     strength_key="strength", skips: SkipCounter | None = None):
+    """One raw record -> normalized pair, or None (counted in `skips`) for an empty response."""
+    for key in (chosen_key, rejected_key):
+        if key not in rec:
+            raise DataError(f"{origin}: missing field {key!r} (fields present: {sorted(rec)}); "
+                            f"set --{'chosen' if key == chosen_key else 'rejected'}_key to the right name")
+    chosen = _check_text(rec[chosen_key], origin, chosen_key)
+    rejected = _check_text(rec[rejected_key], origin, rejected_key)
+    prompt = rec.get(prompt_key, None)
+    if prompt is None:
+        if _is_messages(chosen) and _is_messages(rejected):
+            # full conversations (TRL/HH chat style): the shared prefix is the prompt
+            n = 0
+            while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+                n += 1
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        else:
+            raise DataError(f"{origin}: missing field {prompt_key!r}; set --prompt_key, or give chosen/rejected as "
+                            "full chat-message conversations")
+    else:
+        prompt = _check_text(prompt, origin, prompt_key)
+    for key, resp in ((chosen_key, chosen), (rejected_key, rejected)):
+        text = resp if isinstance(resp, str) else "".join(m["content"] for m in resp)
+        if not text.strip():
+            if skips is not None:
+                skips.add(f"skipped: empty {key!r} response")
+                log.debug("%s: empty %s response, skipped", origin, key)
+                return None
+            raise DataError(f"{origin}: field {key!r} is empty")
+    strength = rec.get(strength_key)
+    if strength is not None:
+        try:
+            strength = float(strength)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{origin}: field {strength_key!r} must be a number or null, got {strength!r}") from exc
+        if not math.isfinite(strength):
+            raise DataError(f"{origin}: field {strength_key!r} is not finite ({strength})")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "strength": strength, "origin": origin}
+
+
+def load_pairs(paths, *, prompt_key="prompt", chosen_key="chosen", rejected_key="rejected",
+               strength_key="strength", hub_split="train", what="data") -> list[dict]:
+    """Load and normalize pairs from one or more sources; raise if none are usable."""
+    if isinstance(paths, str):
+        paths = [paths]
+    skips = SkipCounter()
+    pairs = []
+    for path in paths:
+        for origin, rec in _read_records(path, hub_split):
+            pair = normalize_record(rec, origin, prompt_key=prompt_key, chosen_key=chosen_key,
+                                    rejected_key=rejected_key, strength_key=strength_key, skips=skips)
+            if pair is not None:
+                pairs.append(pair)
+    skips.report(what)
+    if not pairs:
+        raise DataError(f"{what}: zero usable pairs in {', '.join(paths)} "
+                        f"(skipped: {skips.counts or 'none'}); check the file and the --*_key options")
+    return pairs
+
+
+def split_pairs(pairs: list, fraction: float, seed: int):
+    """Deterministic (train, validation) split: the same seed gives the same split on every machine."""
+    if fraction <= 0:
+        return pairs, []
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(round(len(pairs) * fraction)))
+    val_idx = set(order[:n_val])
+    return ([p for i, p in enumerate(pairs) if i not in val_idx], [p for i, p in enumerate(pairs) if i in val_idx])
+
+
+def parse_eval_specs(specs) -> list[tuple[str, str]]:
+    """'NAME=FILE' or 'FILE' -> [(name, file)], the name defaulting to the file stem."""
+    out = []
+    for spec in specs:
+        if "=" in spec and not os.path.exists(spec):
+            name, path = spec.split("=", 1)
+        else:
+            path = spec
+            name = os.path.basename(path).split(".")[0]
+        out.append((name, path))
+    return out
+
+
+# ---------------------------------------------------------------------------------- tokenization
+
+class PairTokenizer:
+    """Turns normalized pairs into token ids that end with the response, prompt cut from the left.
+
+    The reward is read at the last token of each sequence, so the response end must stay inside the
+    window: a too-long prompt loses its oldest tokens (counted), and a pair whose response alone does
+    not fit is dropped (counted).
+    """
+
+    def __init__(self, tokenizer, max_length: int, chat_template: str = "auto", separator: str = " "):
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.chat_template = chat_template
+        self.separator = separator
+        ensure_pad_token(tokenizer)
+        probe = tokenizer.build_inputs_with_special_tokens([]) if hasattr(tokenizer, "build_inputs_with_special_tokens") else []
+        self.n_special = len(probe)
+        # specials placed before the content (e.g. [CLS] or <s>): find where a marker token lands
+        marker = [tokenizer.convert_tokens_to_ids(tokenizer.unk_token)] if tokenizer.unk_token else [1]
+        self.n_leading_special = (tokenizer.build_inputs_with_special_tokens(marker).index(marker[0])
+                                  if self.n_special else 0)
+
+    def _texts(self, prompt, response) -> tuple[str, str, bool]:
+        """(prompt_text, full_text, templated): full_text = prompt_text + response part."""
+        use_template = self.chat_template == "always" or (
+            self.chat_template == "auto" and (_is_messages(prompt) or _is_messages(response)))
+        if use_template:
+            if getattr(self.tok, "chat_template", None) is None:
+                raise DataError("chat-message data needs a tokenizer with a chat template; "
+                                "pass --chat_template never to join messages as plain text")
+            prompt_msgs = prompt if _is_messages(prompt) else [{"role": "user", "content": prompt}]
+            resp_msgs = response if _is_messages(response) else [{"role": "assistant", "content": response}]
+            prompt_text = self.tok.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+            full_text = self.tok.apply_chat_template(prompt_msgs + resp_msgs, tokenize=False)
+            if not full_text.startswith(prompt_text):
+                prompt_text = self.tok.apply_chat_template(prompt_msgs, tokenize=False)
+            return prompt_text, full_text, True
+        p = prompt if isinstance(prompt, str) else "".join(f"\n\n{m['role']}: {m['content']}" for m in prompt)
+        r = response if isinstance(response, str) else " ".join(m["content"] for m in response)
+        return p, p + self.separator + r, False
+
+    def encode(self, prompt, response, skips: SkipCounter) -> tuple[list[int], int] | None:
+        """-> (token ids, index of the first response token), or None if the pair must be dropped."""
+        prompt_text, full_text, templated = self._texts(prompt, response)
+        n_special = 0 if templated else self.n_special  # a chat template writes its own special tokens
+        prompt_ids = self.tok.encode(prompt_text, add_special_tokens=False)
+        full_ids = self.tok.encode(full_text, add_special_tokens=False)
+        # split at the prompt boundary in token space; BPE may merge across it, so trust the common prefix
+        n = 0
+        while n < min(len(prompt_ids), len(full_ids)) and prompt_ids[n] == full_ids[n]:
+            n += 1
+        head, tail = full_ids[:n], full_ids[n:]
+        budget = self.max_length - n_special
+        if len(tail) > budget:
+            skips.add(f"skipped: response longer than max_length={self.max_length}")
+            return None
+        if len(head) + len(tail) > budget:
+            skips.add("prompt cut from the left to fit max_length")
+            head = head[len(head) + len(tail) - budget:]
+        ids = head + tail
+        if n_special:
+            ids = self.tok.build_inputs_with_special_tokens(ids)
+            return ids, len(head) + self.n_leading_special
+        return ids, len(head)
+
+    def encode_pairs(self, pairs: list[dict], what: str = "data") -> list[dict]:
+        """-> list of {chosen_ids, rejected_ids, strength, origin}; raises if no pair survives."""
+        skips = SkipCounter()
+        out = []
+        for p in pairs:
+            c = self.encode(p["prompt"], p["chosen"], skips)
+            r = self.encode(p["prompt"], p["rejected"], skips) if c is not None else None
+            if c is None or r is None:
+                continue
+            out.append({"chosen_ids": c[0], "chosen_start": c[1], "rejected_ids": r[0], "rejected_start": r[1],
+                        "strength": p.get("strength"), "origin": p.get("origin")})
+        # both sequences count once each; report per pair
+        skips.report(what)
+        if not out:
+            raise DataError(f"{what}: zero usable pairs after tokenization (max_length={self.max_length}; "
+                            f"{skips.counts})")
+        return out
+
+
+def ensure_pad_token(tokenizer) -> None:
+    """Give tokenizers without a pad token one (eos), as Llama-style tokenizers need.
+
+    Padding is on the right and the reward is read at the rightmost non-pad token (the rule
+    transformers' sequence-classification heads use), so pad == eos is safe: a response's own
+    trailing eos is skipped identically in training, evaluation and the exported model.
+    """
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise DataError("tokenizer has neither a pad nor an eos token; set one in its tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+
+
+def collate_pairs(batch: list[dict], pad_id: int) -> dict:
+    """Pairs -> one padded batch of 2B sequences: rows [0, B) chosen, rows [B, 2B) rejected.
+
+    Returns input_ids, attention_mask [2B, L] (L = longest in the batch), response_start [2B],
+    strength [B] (NaN where absent).
+    """
+    seqs = [b["chosen_ids"] for b in batch] + [b["rejected_ids"] for b in batch]
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        attention_mask[i, :len(s)] = 1
+    response_start = torch.tensor([b["chosen_start"] for b in batch] + [b["rejected_start"] for b in batch])
+    strength = torch.tensor([float("nan") if b["strength"] is None else b["strength"] for b in batch])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_start": response_start,
+            "strength": strength}
+
+
+class PairSampler:
+    """Deterministic, resumable, rank-sharded order of pair indices.
+
+    Epoch e uses permutation Random(seed + e); rank r takes every world-th micro-batch. Drops the
+    ragged tail so every rank runs the same number of micro-steps (collectives stay matched).
+    """
+
+    def __init__(self, n_pairs: int, micro_batch_size: int, world_size: int, rank: int, seed: int):
+        self.n, self.mbs, self.world, self.rank, self.seed = n_pairs, micro_batch_size, world_size, rank, seed
+        self.batches_per_rank = n_pairs // (micro_batch_size * world_size)
+        if self.batches_per_rank == 0:
+            raise DataError(f"{n_pairs} training pairs are fewer than one global micro-batch "
+                            f"({micro_batch_size} x {world_size} ranks)")
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        order = list(range(self.n))
+        random.Random(self.seed + epoch).shuffle(order)
+        per_step = self.mbs * self.world
+        out = []
+        for b in range(self.batches_per_rank):
+            start = b * per_step + self.rank * self.mbs
+            out.append(order[start:start + self.mbs])
+        return out

@@ -1,0 +1,107 @@
+"""Reward model: any transformers backbone with a scalar head, returning rewards and APLOT embeddings.
+
+The model *is* a transformers `AutoModelForSequenceClassification` with `num_labels=1`, so the folder
+we export loads in plain transformers and gives the same rewards. We only add a way to read, from the
+same forward pass, the final hidden state at the token the head reads (the embedding APLOT needs).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def split_gguf(model_name_or_path: str, gguf_file: str) -> tuple[str, str | None]:
+    """Accept a .gguf path in either argument -> (folder, file name or None)."""
+    if model_name_or_path.endswith(".gguf") and not gguf_file:
+        return os.path.dirname(os.path.abspath(model_name_or_path)), os.path.basename(model_name_or_path)
+    if gguf_file and os.path.isabs(gguf_file):
+        return os.path.dirname(gguf_file), os.path.basename(gguf_file)
+    return model_name_or_path, (gguf_file or None)
+
+
+def load_tokenizer(model_name_or_path: str, tokenizer_name_or_path: str = "", gguf_file: str = "",
+                   trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    path, gguf = split_gguf(model_name_or_path, gguf_file)
+    if tokenizer_name_or_path:
+        return AutoTokenizer.from_pretrained(tokenizer_name_or_path, trust_remote_code=trust_remote_code)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+
+
+class RewardModel(nn.Module):
+    """Wraps an HF sequence-classification model (num_labels=1).
+
+    forward(input_ids [N, L], attention_mask [N, L], response_start [N] optional)
+      -> rewards [N] (fp32), embeddings [N, d] (detached, fp32).
+    The embedding is the last layer's hidden state at the token the head reads ('token'), or its mean
+    over the response tokens ('mean').
+    """
+
+    def __init__(self, hf_model: nn.Module, pooling: str = "token"):
+        super().__init__()
+        self.hf = hf_model
+        self.pooling = pooling
+        # decoder heads (`score`) read the rightmost non-pad token; encoder heads read the first ([CLS])
+        self.reads_last_token = hasattr(hf_model, "score")
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    def reward_token_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Index of the token the head reads, per row: transformers' own rule, so rewards match exports."""
+        if not self.reads_last_token:
+            return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        pad_id = self.hf.config.pad_token_id
+        non_pad = (input_ids != pad_id).long()
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return (positions * non_pad).argmax(-1)
+
+    def forward(self, input_ids, attention_mask, response_start=None):
+        out = self.hf(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                      use_cache=False)
+        rewards = out.logits[:, 0].float()
+        hidden = out.hidden_states[-1].detach()
+        if self.pooling == "mean":
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+            start = response_start[:, None] if response_start is not None else 0
+            mask = (attention_mask.bool() & (positions >= start)).to(hidden.dtype)[..., None]
+            emb = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        else:
+            idx = self.reward_token_index(input_ids)
+            emb = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+        return rewards, emb.float()
+
+
+def load_reward_model(model_name_or_path: str, *, tokenizer, dtype: torch.dtype = torch.float32,
+                      gguf_file: str = "", pooling: str = "token", gradient_checkpointing: bool = False,
+                      attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> RewardModel:
+    """from_pretrained a local folder, hub name or GGUF file with a fresh scalar head.
+
+    Under ZeRO-3 the caller must have created transformers' HfDeepSpeedConfig first, so the weights are
+    partitioned while loading instead of materialized on one rank.
+    """
+    from transformers import AutoModelForSequenceClassification
+    path, gguf = split_gguf(model_name_or_path, gguf_file)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        hf = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype, attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code, **kwargs)
+    except (ValueError, ImportError) as exc:
+        if "attn_implementation" not in str(exc) and "sdpa" not in str(exc).lower():
+            raise
+        log.warning("%s: %s; falling back to eager attention", path, exc)
+        hf = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    hf.config.pad_token_id = tokenizer.pad_token_id  # batched pooling needs it; Llama configs often lack it
+    hf.config.problem_type = "regression"
+    if gradient_checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return RewardModel(hf, pooling=pooling)

@@ -1,0 +1,265 @@
+"""Reward-model training (bt, bt_smooth, margin, aplot) under DeepSpeed: setup, train, evaluate, save.
+
+One RM step, top to bottom: pairs -> one forward over chosen+rejected -> rewards and embeddings ->
+(APLOT: gather across ranks without grad -> cost -> Sinkhorn -> margin) -> BT loss with margin ->
+backward -> step -> metrics.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+
+from .. import engine as eng
+from ..config import RMConfig, save_config
+from ..data.preference import (DataError, PairSampler, PairTokenizer, collate_pairs, load_pairs,
+                               parse_eval_specs, split_pairs)
+from ..eval import score_pairs, summarize
+from ..losses import bt_loss, fixed_margin, gamma_at, margin_diagnostics, pair_metrics
+from ..metrics import MetricsLogger
+from ..models.reward import load_reward_model, load_tokenizer
+from ..ot import sinkhorn_margin
+
+log = logging.getLogger(__name__)
+
+
+class RewardModelTrainer:
+    def __init__(self, cfg: RMConfig):
+        self.cfg = cfg
+        self.step = 0          # optimizer steps done
+        self.micro_step = 0    # micro-batches consumed by this rank (the data position)
+
+    # ------------------------------------------------------------------------------------- setup
+    def setup(self) -> "RewardModelTrainer":
+        cfg = self.cfg
+        self.rank, self.world, _ = eng.init_distributed(cfg.dist_backend, cfg.timeout_s)
+        eng.seed_everything(cfg.seed)
+        self.device = eng.device()
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        if eng.is_rank0():
+            save_config(cfg, os.path.join(cfg.output_dir, "config.json"))
+
+        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.tokenizer_name_or_path, cfg.gguf_file,
+                                        cfg.trust_remote_code)
+        encoder = PairTokenizer(self.tokenizer, cfg.max_length, cfg.chat_template, cfg.response_separator)
+        keys = dict(prompt_key=cfg.prompt_key, chosen_key=cfg.chosen_key, rejected_key=cfg.rejected_key,
+                    strength_key=cfg.strength_key, hub_split=cfg.hub_split)
+        pool = load_pairs(cfg.train_data, what="train_data", **keys)
+        train, id_val = split_pairs(pool, cfg.eval_split_fraction, cfg.split_seed)
+        if cfg.max_train_pairs:
+            train = train[:cfg.max_train_pairs]
+        self.train_pairs = encoder.encode_pairs(train, "train_data")
+        self.eval_sets = {}
+        evals = ([("id_val", id_val)] if id_val else []) + [
+            (name, load_pairs(path, what=f"eval_data {name}", **keys)) for name, path in parse_eval_specs(cfg.eval_data)]
+        for name, pairs in evals:
+            if cfg.max_eval_pairs:
+                pairs = pairs[:cfg.max_eval_pairs]
+            self.eval_sets[name] = encoder.encode_pairs(pairs, f"eval set {name}")
+        if cfg.loss == "margin" and all(p["strength"] is None for p in self.train_pairs):
+            raise DataError(f"loss 'margin' needs a {cfg.strength_key!r} column, but every training pair lacks it")
+
+        self.ds_cfg = eng.build_ds_config(cfg, self.world)
+        eng.check_ds_config(self.ds_cfg, self.world)
+        self._hf_ds_config = eng.zero3_context(self.ds_cfg)  # keep referenced: ZeRO-3 partitions at load
+        self.precision = eng.effective_precision(cfg.precision)
+        model = load_reward_model(cfg.model_name_or_path, tokenizer=self.tokenizer,
+                                  dtype=eng.torch_dtype(self.precision), gguf_file=cfg.gguf_file,
+                                  pooling=cfg.embedding_pooling, gradient_checkpointing=cfg.gradient_checkpointing,
+                                  attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+        if cfg.disable_dropout:
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+        self.hf_model = model.hf
+
+        self.sampler = PairSampler(len(self.train_pairs), cfg.micro_batch_size, self.world, self.rank, cfg.seed)
+        steps_per_epoch = self.sampler.batches_per_rank // cfg.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise DataError(f"{len(self.train_pairs)} training pairs make no full optimizer step "
+                            f"(micro batch {cfg.micro_batch_size} x accumulation {cfg.gradient_accumulation_steps}"
+                            f" x {self.world} ranks)")
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        self.engine, self.scheduler = eng.initialize(model, self.ds_cfg, cfg, self.total_steps)
+
+        self.logger = MetricsLogger(cfg.output_dir, eng.is_rank0(), cfg.tensorboard, cfg.wandb_project,
+                                    run_config=vars(cfg))
+        self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+        if cfg.resume:
+            state = eng.load_checkpoint(self.engine, self.ckpt_root)
+            if state is None:
+                log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_root)
+            else:
+                self.step, self.micro_step = state["step"], state["micro_step"]
+                log.info("resumed at optimizer step %d (micro step %d)", self.step, self.micro_step)
+        if eng.is_rank0():
+            log.info("train pairs %d, eval sets %s, world %d, optimizer steps %d, precision %s, ZeRO-%d",
+                     len(self.train_pairs), {k: len(v) for k, v in self.eval_sets.items()}, self.world,
+                     self.total_steps, self.precision, cfg.zero_stage)
+        return self
+
+    # ------------------------------------------------------------------------------------- margins
+    def margin(self, chosen, rejected, chosen_emb, rejected_emb, strength):
+        """Per-pair margin [B] for the configured loss (None for bt), detached."""
+        cfg = self.cfg
+        if cfg.loss == "margin":
+            return fixed_margin(strength.to(chosen.device), cfg.margin_scale)
+        if cfg.loss != "aplot":
+            return None
+        gamma = gamma_at(self.step, cfg.aplot_gamma, cfg.aplot_gamma_warmup_steps)
+        B = chosen.shape[0]
+        with torch.no_grad():
+            if cfg.aplot_ot_batch == "global" and self.world > 1:
+                rc, rr = eng.all_gather_no_grad(chosen.float()), eng.all_gather_no_grad(rejected.float())
+                hc, hr = eng.all_gather_no_grad(chosen_emb), eng.all_gather_no_grad(rejected_emb)
+            else:
+                rc, rr, hc, hr = chosen, rejected, chosen_emb, rejected_emb
+            m = sinkhorn_margin(rc, rr, hc, hr, lam=cfg.aplot_lambda, eps=cfg.aplot_eps, iters=cfg.aplot_iters,
+                                gamma=gamma, signed=cfg.aplot_signed, backend=cfg.aplot_backend)
+            self.ot_batch_size = rc.shape[0]
+            if rc.shape[0] != B:  # every rank solved the same global problem; keep this rank's rows
+                m = m[self.rank * B:(self.rank + 1) * B]
+        return m
+
+    # ------------------------------------------------------------------------------------- train
+    def _micro_batch(self, micro_step: int):
+        per_epoch = self.sampler.batches_per_rank
+        idxs = self.sampler.epoch_batches(micro_step // per_epoch)[micro_step % per_epoch]
+        return [self.train_pairs[i] for i in idxs]
+
+    def train_micro_step(self, pairs: list[dict]) -> dict:
+        cfg = self.cfg
+        batch = collate_pairs(pairs, self.tokenizer.pad_token_id)
+        B = len(pairs)
+        with eng.Phase.of("forward"):
+            rewards, emb = self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                                       batch["response_start"].to(self.device))
+        bad = eng.all_reduce_sum(torch.tensor([float((~torch.isfinite(rewards)).sum())], device=self.device))
+        if bad.item() > 0:
+            raise FloatingPointError(
+                f"[rank {self.rank}] optimizer step {self.step}: {int(bad.item())} NaN/inf reward(s) in this "
+                f"micro-batch across ranks (this rank's pairs: {[p['origin'] for p in pairs]}); lower the "
+                "learning rate, use bf16 instead of fp16, or check the model weights")
+        chosen, rejected = rewards[:B], rewards[B:]
+        with eng.Phase.of("aplot_margin" if cfg.loss == "aplot" else "loss"):
+            margin = self.margin(chosen, rejected, emb[:B], emb[B:], batch["strength"])
+        loss = bt_loss(chosen, rejected, margin, cfg.label_smoothing if cfg.loss == "bt_smooth" else 0.0)
+        with eng.Phase.of("backward"):
+            self.engine.backward(loss)
+        with eng.Phase.of("optimizer_step"):
+            self.engine.step()
+        metrics = {"loss": loss.item(), **pair_metrics(chosen, rejected),
+                   "tokens": float(batch["attention_mask"].sum())}
+        if margin is not None:
+            metrics.update(margin_diagnostics(margin, chosen, rejected, cfg.aplot_hard_threshold))
+            if cfg.loss == "aplot":
+                metrics["aplot/ot_batch_size"] = float(self.ot_batch_size)
+                metrics["aplot/gamma"] = gamma_at(self.step, cfg.aplot_gamma, cfg.aplot_gamma_warmup_steps)
+        return metrics
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        ga = cfg.gradient_accumulation_steps
+        if cfg.eval_at_start and self.step == 0:
+            self.log_eval(self.evaluate())
+        progress = None
+        if cfg.progress and eng.is_rank0():
+            from tqdm import tqdm
+            progress = tqdm(total=self.total_steps, initial=self.step, desc="rm", dynamic_ncols=True)
+        window, t0 = [], time.perf_counter()
+        self.engine.module.train()
+        while self.step < self.total_steps:
+            window.append(self.train_micro_step(self._micro_batch(self.micro_step)))
+            self.micro_step += 1
+            if self.micro_step % ga:
+                continue
+            self.step += 1
+            step_s = time.perf_counter() - t0
+            if self.step % cfg.log_steps == 0 or self.step == self.total_steps:
+                metrics = self._reduce(window)
+                tokens = metrics.pop("tokens") * len(window) * self.world
+                metrics.update({"lr": self.scheduler.get_last_lr()[0], "step_s": step_s,
+                                "tokens_per_s": tokens / step_s,
+                                "epoch": self.micro_step / self.sampler.batches_per_rank})
+                self.logger.log(self.step, metrics, prefix="train/")
+                if progress is not None:
+                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
+            if progress is not None:
+                progress.update(1)
+            window, t0 = [], time.perf_counter()
+            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
+                self.log_eval(self.evaluate())
+            if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                self.save()
+        if progress is not None:
+            progress.close()
+        results = self.evaluate()
+        self.log_eval(results)
+        self.save()
+        if cfg.export:
+            self.export(results)
+        return {name: {k: v for k, v in r.items() if not k.startswith("_")} for name, r in results.items()}
+
+    def _reduce(self, window: list[dict]) -> dict:
+        keys = sorted(window[0])
+        local = torch.tensor([[float(w.get(k, float("nan"))) for k in keys] for w in window]).nanmean(0)
+        total = eng.all_reduce_sum(local.to(self.device)).cpu() / self.world
+        return dict(zip(keys, total.tolist()))
+
+    # ------------------------------------------------------------------------------------- eval
+    def forward_rewards(self, input_ids, attention_mask, response_start):
+        return self.engine(input_ids, attention_mask, response_start)[0]
+
+    def evaluate(self) -> dict:
+        """Every eval set, sharded over ranks (all ranks run the same number of forwards for ZeRO-3)."""
+        results = {}
+        self.engine.module.eval()
+        with eng.Phase.of("evaluate"):
+            for name, pairs in self.eval_sets.items():
+                per_rank = math.ceil(len(pairs) / self.world)
+                shard = [pairs[min(i, len(pairs) - 1)] for i in range(self.rank * per_rank, (self.rank + 1) * per_rank)]
+                c, r = score_pairs(self.forward_rewards, shard, self.cfg.eval_batch_size,
+                                   self.tokenizer.pad_token_id, self.device)
+                c = eng.all_gather_no_grad(c.to(self.device)).cpu()[:len(pairs)]
+                r = eng.all_gather_no_grad(r.to(self.device)).cpu()[:len(pairs)]
+                results[name] = {**summarize(c, r), "_chosen": c, "_rejected": r}
+        self.engine.module.train()
+        return results
+
+    def log_eval(self, results: dict) -> None:
+        for name, r in results.items():
+            self.logger.log(self.step, {k: v for k, v in r.items() if not k.startswith("_")}, prefix=f"eval/{name}/")
+        if eng.is_rank0() and results:
+            log.info("step %d eval: %s", self.step,
+                     ", ".join(f"{n} acc {r['accuracy']:.3f} (n={r['n']})" for n, r in results.items()))
+
+    # ------------------------------------------------------------------------------------- save
+    def save(self) -> None:
+        eng.save_checkpoint(self.engine, self.ckpt_root, self.step,
+                            {"step": self.step, "micro_step": self.micro_step}, keep=self.cfg.save_total_limit)
+
+    def export(self, results: dict) -> str | None:
+        """HF folder under output_dir/model with reward mean/std (over the first eval set) in its config."""
+        if results:
+            first = next(iter(results.values()))
+            rewards = torch.cat([first["_chosen"], first["_rejected"]])
+        else:
+            sample = self.train_pairs[:256]
+            c, r = score_pairs(self.forward_rewards, sample, self.cfg.eval_batch_size,
+                               self.tokenizer.pad_token_id, self.device)
+            rewards = torch.cat([c, r])
+        extra = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+                 "aplot_rlhf_max_length": self.cfg.max_length, "aplot_rlhf_loss": self.cfg.loss,
+                 "aplot_rlhf_chat_template": self.cfg.chat_template,
+                 "aplot_rlhf_response_separator": self.cfg.response_separator}
+        out = eng.export_pretrained(self.hf_model, self.tokenizer, os.path.join(self.cfg.output_dir, "model"), extra)
+        if out:
+            log.info("exported reward model to %s", out)
+        return out
+
+    def close(self) -> None:
+        self.logger.close()
+        eng.shutdown()
