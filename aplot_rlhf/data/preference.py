@@ -220,12 +220,12 @@ class PairTokenizer:
         self.chat_template = chat_template
         self.separator = separator
         ensure_pad_token(tokenizer)
-        probe = tokenizer.build_inputs_with_special_tokens([]) if hasattr(tokenizer, "build_inputs_with_special_tokens") else []
-        self.n_special = len(probe)
-        # specials placed before the content (e.g. [CLS] or <s>): find where a marker token lands
-        marker = [tokenizer.convert_tokens_to_ids(tokenizer.unk_token)] if tokenizer.unk_token else [1]
-        self.n_leading_special = (tokenizer.build_inputs_with_special_tokens(marker).index(marker[0])
-                                  if self.n_special else 0)
+        # the special tokens the tokenizer puts around plain text (e.g. [CLS] x [SEP], or <s> x)
+        plain = tokenizer.encode("a", add_special_tokens=False)
+        full = tokenizer.encode("a", add_special_tokens=True)
+        at = next((i for i in range(len(full)) if full[i:i + len(plain)] == plain), 0)
+        self.prefix_ids, self.suffix_ids = full[:at], full[at + len(plain):]
+        self.n_special = len(self.prefix_ids) + len(self.suffix_ids)
 
     def _texts(self, prompt, response) -> tuple[str, str, bool]:
         """(prompt_text, full_text, templated): full_text = prompt_text + response part."""
@@ -266,8 +266,7 @@ class PairTokenizer:
             head = head[len(head) + len(tail) - budget:]
         ids = head + tail
         if n_special:
-            ids = self.tok.build_inputs_with_special_tokens(ids)
-            return ids, len(head) + self.n_leading_special
+            return self.prefix_ids + ids + self.suffix_ids, len(self.prefix_ids) + len(head)
         return ids, len(head)
 
     def encode_pairs(self, pairs: list[dict], what: str = "data") -> list[dict]:

@@ -78,29 +78,11 @@ def _cost_tile(rc_ptr, rr_ptr, hc_ptr, hr_ptr, g, offs_i, offs_j, B, D, lam, k2_
     diff = rc[:, None] - rr[None, :]
     if not SIGNED:
         diff = tl.abs(diff)
-    # 1 - sigmoid(x) = 1 / (1 + e^x): no cancellation for large x; e^x = inf gives exactly 0, never NaN
-    reward_term = 1.0 / (1.0 + tl.exp(diff))
+    # 1 - sigmoid(x) = 1 / (1 + e^x): no cancellation for large x; clamping at 80 (term < 2e-35) keeps e^x finite
+    reward_term = 1.0 / (1.0 + tl.exp(tl.minimum(diff, 80.0)))
     cost = (1.0 - lam) * reward_term + lam * cos
     valid = valid_i[:, None] & valid_j[None, :]
     return tl.where(valid, cost * k2_scale, -1.0e30)
-
-
-@triton.jit
-def _update_cols(k2, u, valid_j, log2_b):
-    """v_j = log2(1/B) - LSE2_i(K2_ij + u_i) over a full [BP, BP] tile; padded v pinned to 0."""
-    x = k2 + u[:, None]
-    mx = tl.max(x, axis=0)
-    lse = mx + tl.log2(tl.sum(tl.exp2(x - mx[None, :]), axis=0))
-    return tl.where(valid_j, -log2_b - lse, 0.0)
-
-
-@triton.jit
-def _update_rows(k2, v, valid_i, log2_b):
-    """u_i = log2(1/B) - LSE2_j(K2_ij + v_j) over a full [BP, BP] tile; padded u pinned to 0."""
-    x = k2 + v[None, :]
-    mx = tl.max(x, axis=1)
-    lse = mx + tl.log2(tl.sum(tl.exp2(x - mx[:, None]), axis=1))
-    return tl.where(valid_i, -log2_b - lse, 0.0)
 
 
 @triton.jit
@@ -114,10 +96,18 @@ def _fused_kernel(rc_ptr, rr_ptr, hc_ptr, hr_ptr, m_ptr, plan_ptr, B, D, iters, 
     k2 = _cost_tile(rc_ptr, rr_ptr, hc_ptr, hr_ptr, g, offs, offs, B, D, lam, k2_scale,
                     SIGNED, BLOCK_D, UPCAST_DOT, DOT_PREC)
     u = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    for _ in range(iters - 1):
-        v = _update_cols(k2, u, valid, log2_b)
-        u = _update_rows(k2, v, valid, log2_b)
-    v = _update_cols(k2, u, valid, log2_b)
+    v = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    # updates are written inline: each nested jit call costs milliseconds under the CPU interpreter
+    for it in range(iters):
+        # v_j = log2(1/B) - LSE2_i(K2_ij + u_i); padded v pinned to 0
+        x = k2 + u[:, None]
+        mx = tl.max(x, axis=0)
+        v = tl.where(valid, -log2_b - mx - tl.log2(tl.sum(tl.exp2(x - mx[None, :]), axis=0)), 0.0)
+        if it < iters - 1:
+            # u_i = log2(1/B) - LSE2_j(K2_ij + v_j); the last one is folded into the margin below
+            x = k2 + v[None, :]
+            mx = tl.max(x, axis=1)
+            u = tl.where(valid, -log2_b - mx - tl.log2(tl.sum(tl.exp2(x - mx[:, None]), axis=1)), 0.0)
     # the last row update, folded in: B * T_ij = softmax_j(K2_ij + v_j)
     x = k2 + v[None, :]
     mx = tl.max(x, axis=1)
@@ -248,12 +238,14 @@ def select_path(B: int, device: torch.device, *, fused_max_b: int = FUSED_MAX_B,
 def sinkhorn_margin_triton(rc: torch.Tensor, rr: torch.Tensor, hc: torch.Tensor, hr: torch.Tensor, *,
                            lam: float = 0.1, eps: float = 0.1, iters: int = 50, gamma: float = 1.0,
                            signed: bool = False, return_plan: bool = False, fused_max_b: int = FUSED_MAX_B,
-                           tiled_max_b: int = TILED_MAX_B, tile_b: int = TILE_B):
+                           tiled_max_b: int = TILED_MAX_B, tile_b: int = TILE_B,
+                           out: torch.Tensor | None = None, plan_out: torch.Tensor | None = None):
     """APLOT margins for G problems with the fused (or tiled) Triton kernel; no grad.
 
     rc, rr: [G, B] rewards (any float dtype; read as fp32); hc, hr: [G, B, d] embeddings, bf16/fp16/fp32
     (fp64 is cast to fp32). Returns (m [G, B] fp32, path), or (m, path, plan [G, B, B] fp32) if return_plan.
     fused_max_b, tiled_max_b, tile_b override the path thresholds (tests use them to reach the tiled path).
+    out [G, B] and plan_out [G, B, B] (fp32, contiguous, on the inputs' device) receive the results if given.
     """
     if rc.dim() != 2 or rc.shape != rr.shape or hc.dim() != 3 or hc.shape != hr.shape or hc.shape[:2] != rc.shape:
         raise ValueError(f"expected rc, rr [G, B] and hc, hr [G, B, d]; got {tuple(rc.shape)}, {tuple(rr.shape)}, "
@@ -264,12 +256,14 @@ def sinkhorn_margin_triton(rc: torch.Tensor, rr: torch.Tensor, hc: torch.Tensor,
     D = hc.shape[-1]
     path = select_path(B, rc.device, fused_max_b=fused_max_b, tiled_max_b=tiled_max_b)
     if path == "torch-fallback" or G == 0 or B == 0:
-        out = sinkhorn_margin_reference(rc.detach().float(), rr.detach().float(), hc.detach(), hr.detach(),
+        res = sinkhorn_margin_reference(rc.detach().float(), rr.detach().float(), hc.detach(), hr.detach(),
                                         lam=lam, eps=eps, iters=iters, gamma=gamma, signed=signed,
                                         return_plan=return_plan)
+        margin, plan = res if return_plan else (res, None)
+        margin = _into(margin, out)
         if return_plan:
-            return out[0], "torch-fallback", out[1]
-        return out, "torch-fallback"
+            return margin, "torch-fallback", _into(plan, plan_out)
+        return margin, "torch-fallback"
 
     rc = rc.detach().to(torch.float32).contiguous()
     rr = rr.detach().to(torch.float32).contiguous()
@@ -280,8 +274,9 @@ def sinkhorn_margin_triton(rc: torch.Tensor, rr: torch.Tensor, hc: torch.Tensor,
     k2_scale = -_LOG2E / eps
     c_scale = 1.0 / k2_scale
     log2_b = math.log2(B)
-    margin = torch.empty(G, B, dtype=torch.float32, device=rc.device)
-    plan = torch.empty(G, B, B, dtype=torch.float32, device=rc.device) if return_plan else margin
+    margin = _output(out, (G, B), rc.device)
+    # without return_plan the kernel never touches plan_ptr, so any fp32 tensor can stand in for it
+    plan = _output(plan_out, (G, B, B), rc.device) if return_plan else margin
     bp = _pad(B)
     # Triton launches on the current CUDA device, so make it the inputs' device
     with torch.cuda.device(rc.device) if rc.is_cuda else contextlib.nullcontext():
@@ -306,3 +301,22 @@ def sinkhorn_margin_triton(rc: torch.Tensor, rr: torch.Tensor, hc: torch.Tensor,
     if return_plan:
         return margin, path, plan
     return margin, path
+
+
+def _output(buf: torch.Tensor | None, shape: tuple, device: torch.device) -> torch.Tensor:
+    """A caller's output buffer after checking it, or a fresh fp32 one of `shape`."""
+    if buf is None:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    if tuple(buf.shape) != tuple(shape) or buf.dtype != torch.float32 or not buf.is_contiguous() \
+            or buf.device != device:
+        raise ValueError(f"output buffer must be contiguous fp32 {tuple(shape)} on {device}, got "
+                         f"{buf.dtype} {tuple(buf.shape)} on {buf.device}")
+    return buf
+
+
+def _into(result: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+    """Copy a torch-fallback result into the caller's buffer when one was given."""
+    if buf is None:
+        return result
+    _output(buf, tuple(result.shape), result.device).copy_(result)
+    return buf
