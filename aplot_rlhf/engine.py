@@ -324,7 +324,10 @@ def gathered_state_dict(module: torch.nn.Module) -> dict | None:
     """
     import deepspeed
     out = {} if is_rank0() else None
+    persistent = set(module.state_dict().keys())  # skips non-persistent buffers (e.g. rotary caches)
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if name not in persistent:
+            continue
         if hasattr(tensor, "ds_id"):
             with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
                 if out is not None:

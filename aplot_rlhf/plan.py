@@ -339,8 +339,9 @@ def activation_bytes(shape: ModelShape, *, batch_seqs: int, seq_len: int, dtype:
     loss needs; 'scalar' (RM, critic) has a T x 1 output, so no vocab-sized term.
     Backward working set: the gradients in flight, e T (I + h) in a layer, or two fp32 T x V at the lm head.
     HF sdpa with a padded batch also builds a (batch, 1, seq, seq) bool mask shared by all layers.
-    training=False (reference / reward scoring under no_grad): nothing is saved; the peak is one layer's
-    live intermediates, e T 3I + (8 + 2e) T h, plus for 'lm' the logits, their fp32 copy and log-softmax.
+    training=False (reference / reward scoring under no_grad): nothing is saved; the peak is the larger of
+    one layer's live intermediates, e T 3I + (8 + 2e) T h, and the head: the last hidden state plus, for
+    'lm', the logits, their fp32 copy (16-bit only) and the log-softmax.
     attn_implementation: 'sdpa' (default) assumes padded batches, so HF repeats K/V to all heads; pick
     'flash_attention_2' for unpadded varlen attention (no repeat, no mask).
     """
@@ -349,10 +350,11 @@ def activation_bytes(shape: ModelShape, *, batch_seqs: int, seq_len: int, dtype:
     h, i, v = shape.hidden_size, shape.intermediate_size, shape.vocab_size
     mask = batch_seqs * seq_len * seq_len if attn_implementation != "flash_attention_2" else 0
     if not training:
-        body = e * t * 3 * i + (8 + 2 * e) * t * h
+        layer_peak = e * t * 3 * i + (8 + 2 * e) * t * h
         upcast = 4 if e < 4 else 0  # logits.float() is a copy only for 16-bit logits
-        head_bytes = (e + upcast + 4) * t * v if head == "lm" else e * t
-        return ActivationBytes(mask, body + head_bytes)
+        head_peak = e * t * h + ((e + upcast + 4) * t * v if head == "lm" else e * t)
+        # Without autograd each layer's temporaries are freed before the next runs: the peak is one or the other.
+        return ActivationBytes(mask, max(layer_peak, head_peak))
     one_layer = layer_saved_bytes(shape, batch_seqs, seq_len, dtype, attn_implementation)
     if grad_ckpt:
         body = shape.num_layers * e * t * h + one_layer

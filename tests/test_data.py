@@ -129,7 +129,7 @@ def test_response_longer_than_window_is_counted_skip(minilm_path, caplog):
              {"prompt": "hi", "chosen": "ok", "rejected": "b", "strength": None, "origin": "t:2"}]
     with caplog.at_level("WARNING"):
         out = enc.encode_pairs(pairs)
-    assert len(out) == 1 and "response longer than max_length=10" in caplog.text
+    assert len(out) == 1 and "1 pair(s) skipped: a response is longer than max_length=10" in caplog.text
     with pytest.raises(DataError, match="zero usable pairs after tokenization"):
         enc.encode_pairs(pairs[:1])
 

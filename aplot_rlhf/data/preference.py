@@ -31,7 +31,7 @@ class SkipCounter:
 
     def report(self, what: str) -> None:
         for reason, n in sorted(self.counts.items()):
-            log.warning("%s: %d pair(s) %s", what, n, reason)
+            log.warning("%s: %d %s", what, n, reason)
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -145,7 +145,7 @@ def normalize_record(rec: dict, origin: str, *, prompt_key="prompt", chosen_key=
         text = resp if isinstance(resp, str) else "".join(m["content"] for m in resp)
         if not text.strip():
             if skips is not None:
-                skips.add(f"skipped: empty {key!r} response")
+                skips.add(f"pair(s) skipped: empty {key!r} response")
                 log.debug("%s: empty %s response, skipped", origin, key)
                 return None
             raise DataError(f"{origin}: field {key!r} is empty")
@@ -259,10 +259,10 @@ class PairTokenizer:
         head, tail = full_ids[:n], full_ids[n:]
         budget = self.max_length - n_special
         if len(tail) > budget:
-            skips.add(f"skipped: response longer than max_length={self.max_length}")
+            skips.add(f"pair(s) skipped: a response is longer than max_length={self.max_length}")
             return None
         if len(head) + len(tail) > budget:
-            skips.add("prompt cut from the left to fit max_length")
+            skips.add(f"sequence(s) with the prompt cut from the left to fit max_length={self.max_length}")
             head = head[len(head) + len(tail) - budget:]
         ids = head + tail
         if n_special:
