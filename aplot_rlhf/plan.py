@@ -27,7 +27,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 GIB = 2**30
@@ -439,7 +439,11 @@ class PlanInput:
 
 @dataclass(frozen=True)
 class Phase:
-    """Per-GPU bytes in one phase of the job (RM: 'train'; PPO: 'train' and 'generate')."""
+    """Per-GPU bytes in one phase of the job (RM: 'train'; PPO: 'train' and 'generate').
+
+    vllm_kv_cache_bytes: all of vLLM's share beyond its weights (KV blocks and its workspace), or the
+    residual of a sleeping vLLM during 'train'.
+    """
 
     name: str
     params_bytes: float
@@ -517,8 +521,9 @@ def estimate(inp: PlanInput) -> Estimate:
         states.append(st)
         activations.append(train_act.total_bytes)
         roles[role] = {"model": shape.name, "params": shape.num_params(head), "trainable": trainable,
-                       "gpu_gib": st.gpu_bytes / GIB, "activations_gib": train_act.total_bytes / GIB,
-                       "cpu_gib_per_node": st.cpu_bytes_per_node / GIB}
+                       "gpu_gib": round(st.gpu_bytes / GIB, 3),
+                       "activations_gib": round(train_act.total_bytes / GIB, 3),
+                       "cpu_gib_per_node": round(st.cpu_bytes_per_node / GIB, 3)}
     if inp.offload_frozen and inp.zero != 3 and inp.job == "ppo":
         notes.append("offload_frozen needs ZeRO-3; frozen models stay whole on every GPU")
 
@@ -536,7 +541,7 @@ def estimate(inp: PlanInput) -> Estimate:
 
     # vLLM: one engine per vllm_tp GPUs, weights and KV heads split over its GPUs.
     actor = inp.model
-    vllm_w = 2 if inp.dtype != "fp32" else 4
+    vllm_w = 2  # vLLM serves the synced weights in bf16/fp16 whatever the training dtype
     weights = actor.num_params("lm") * vllm_w / inp.vllm_tp
     kv_heads_per_gpu = math.ceil(actor.num_kv_heads / inp.vllm_tp)  # vLLM replicates KV heads when tp > kv
     kv_per_token = 2 * actor.num_layers * kv_heads_per_gpu * actor.head_dim * vllm_w
@@ -564,8 +569,8 @@ def estimate(inp: PlanInput) -> Estimate:
                   _reserve_bytes(act))
     generate = Phase("generate", params - top.gathered_params_bytes, grads - top.gathered_grads_bytes, optim,
                      0.0, weights, kv_cache, _reserve_bytes(0.0))
-    roles["vllm"] = {"model": actor.name, "tp": inp.vllm_tp, "weights_gib": weights / GIB,
-                     "kv_cache_gib": kv_cache / GIB, "kv_needed_gib": kv_needed / GIB}
+    roles["vllm"] = {"model": actor.name, "tp": inp.vllm_tp, "weights_gib": round(weights / GIB, 3),
+                     "kv_cache_gib": round(kv_cache / GIB, 3), "kv_needed_gib": round(kv_needed / GIB, 3)}
     return Estimate((train, generate), cpu, roles, tuple(notes), vllm_starts)
 
 
@@ -641,32 +646,22 @@ def find_smallest_change(inp: PlanInput) -> Suggestion | None:
     usable = [c for c in CHANGES if c.applies(inp)]
     for k in range(1, len(usable) + 1):
         for combo in itertools.combinations(usable, k):
-            trial = inp
-            for change in combo:  # strongest setting of each knob first: does this combination fit at all?
-                trial = change.candidates(trial)[-1]
-            if not _fits(trial):
+            chosen = {c.name: c.candidates(inp)[-1] for c in combo}  # strongest setting of each knob first
+            if not _fits(_apply_combo(inp, combo, chosen)):
                 continue
-            chosen = {c.name: c.candidates(inp)[-1] for c in combo}
-            for change in combo:  # then soften each graded knob to its mildest fitting setting
+            for change in combo:  # then soften each graded knob to its mildest setting that still fits
                 for cand in change.candidates(inp):
-                    attempt = _apply_combo(inp, combo, {**chosen, change.name: cand})
-                    if _fits(attempt):
+                    if _fits(_apply_combo(inp, combo, {**chosen, change.name: cand})):
                         chosen[change.name] = cand
                         break
             final = _apply_combo(inp, combo, chosen)
-            steps = tuple(c.describe(inp, _apply_one(inp, c, chosen[c.name])) for c in combo)
+            steps = tuple(c.describe(inp, chosen[c.name]) for c in combo)
             return Suggestion(steps, final, estimate(final))
     return None
 
 
-def _apply_one(base: PlanInput, change: Change, picked: PlanInput) -> PlanInput:
-    """`base` with only the fields that `change`'s picked candidate altered."""
-    diff = {f.name: getattr(picked, f.name) for f in dataclasses.fields(PlanInput)
-            if getattr(picked, f.name) != getattr(base, f.name)}
-    return dataclasses.replace(base, **diff)
-
-
 def _apply_combo(base: PlanInput, combo: Iterable[Change], picked: dict[str, PlanInput]) -> PlanInput:
+    """`base` with the fields each change's picked candidate (itself `base` + that one change) altered."""
     out = base
     for change in combo:
         diff = {f.name: getattr(picked[change.name], f.name) for f in dataclasses.fields(PlanInput)
@@ -766,6 +761,9 @@ def format_plan(plan: Plan) -> str:
             kind = "trained" if info["trainable"] else "frozen"
             lines.append(f"  {role}: {info['model']} ({info['params'] / 1e9:.2f} B params, {kind}): "
                          f"states {info['gpu_gib']:.2f} GiB/GPU, activations {info['activations_gib']:.2f} GiB")
+    if inp.job == "ppo":
+        lines.append("vLLM KV cache row: vLLM's share beyond its weights (KV blocks + workspace; "
+                     f"{VLLM_ASLEEP_GIB:g} GiB residual while asleep)")
     lines.append(f"reserve = {RESERVE_FIXED_GIB:g} GiB fixed (CUDA context, NCCL, workspaces) + "
                  f"{FRAGMENTATION_SHARE_OF_ACTIVATIONS:.0%} of activations (allocator fragmentation)")
     cpu_line = f"host RAM per node: {est.cpu_bytes_per_node / GIB:.1f} GiB (peak, model load included)"

@@ -1,12 +1,20 @@
 """APLOT optimal-transport margin: the torch reference against POT, detachment, and the Triton kernel
 run on CPU by the Triton interpreter against a float64 reference.
 
-Triton reads TRITON_INTERPRET when a kernel is decorated (triton 3.9: at `@triton.jit`, i.e. when
-aplot_rlhf.ot.kernel is imported), so the variable is set before that import and the module is
-reloaded if another test imported it first without the variable.
+The kernel runs on CPU only if Triton was imported with TRITON_INTERPRET=1 already set: Triton's own
+library functions (tl.sum, tl.max, ...) and our kernels pick compiled or interpreted mode when they are
+decorated, and Triton checks the variable again while a kernel runs. So this module sets the variable
+before importing Triton, a module-scoped fixture keeps it set while these tests run, and the caller's
+value is restored outside them so other test modules (and the processes they spawn) see an unchanged
+environment. If another module imported Triton first in compiled mode, the interpreted tests cannot run
+in this process; `test_interpreted_tests_in_fresh_process` then runs them in a new one.
 """
 import os
+import subprocess
+import sys
 
+_caller_interpret = os.environ.get("TRITON_INTERPRET")
+TRITON_COMPILED_MODE = "triton" in sys.modules and _caller_interpret != "1"
 os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib  # noqa: E402
@@ -21,8 +29,41 @@ import aplot_rlhf.ot.kernel as kernel  # noqa: E402
 from aplot_rlhf.ot import last_backend, sinkhorn_margin  # noqa: E402
 from aplot_rlhf.ot.reference import cost_matrix, sinkhorn_margin_reference  # noqa: E402
 
-if not kernel.is_interpreted():
+if not kernel.is_interpreted() and not TRITON_COMPILED_MODE:
+    # imported earlier without the variable, but Triton's library is interpreted: redecorate our kernels
     kernel = importlib.reload(kernel)
+
+
+def _restore_interpret():
+    if _caller_interpret is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _caller_interpret
+
+
+_restore_interpret()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def triton_interpreter():
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    _restore_interpret()
+
+
+interpreted = pytest.mark.skipif(TRITON_COMPILED_MODE, reason="Triton was imported in compiled mode before this "
+                                 "module; test_interpreted_tests_in_fresh_process runs this test instead")
+
+
+def test_interpreted_tests_in_fresh_process():
+    if not TRITON_COMPILED_MODE:
+        pytest.skip("the interpreted kernel tests run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+                           "-k", "kernel or detached or seam"], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
 
 RTOL = 1e-5
 
@@ -135,7 +176,7 @@ def test_reference_plan_marginals():
 
 # ----------------------------------------------------------------------------- detached margin
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=interpreted)])
 def test_margin_is_detached(backend):
     rc, rr, hc, hr = make_inputs(1, 6, 8)
     rc, rr, hc, hr = (t[0].clone().requires_grad_(True) for t in (rc, rr, hc, hr))
@@ -177,12 +218,14 @@ def kernel_vs_float64(G, B, d, *, dtype=torch.float32, case="random", eps=0.1, i
 @pytest.mark.parametrize("G", [1, 3])
 @pytest.mark.parametrize("B", [1, 5, 8, 16])
 @pytest.mark.parametrize("d", [4, 40, 64])
+@interpreted
 def test_kernel_grid_fp32(G, B, d):
     kernel_vs_float64(G, B, d, iters=10, seed=G * 100 + B * 10 + d)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("G,B,d", [(1, 1, 4), (3, 5, 40), (1, 8, 64), (3, 16, 40)])
+@interpreted
 def test_kernel_grid_half(dtype, G, B, d):
     kernel_vs_float64(G, B, d, dtype=dtype, iters=10, seed=B + d)
 
@@ -199,6 +242,7 @@ def test_kernel_grid_half(dtype, G, B, d):
     ("random", 3, 7, 40, 0.01, False, torch.float32),
     ("random", 1, 16, 64, 0.01, True, torch.bfloat16),
 ])
+@interpreted
 def test_kernel_degenerate(case, G, B, d, eps, signed, dtype):
     m, plan = kernel_vs_float64(G, B, d, case=case, eps=eps, signed=signed, dtype=dtype, lam=0.3, gamma=2.0)
     if case == "identical":
@@ -218,6 +262,7 @@ def test_kernel_degenerate(case, G, B, d, eps, signed, dtype):
     (1, 17, 24, torch.bfloat16, "huge_rewards"),
     (1, 33, 8, torch.float32, "zero_embeddings"),
 ])
+@interpreted
 def test_kernel_tiled_path(G, B, d, dtype, case):
     # thresholds lowered so small problems take the tiled path: B_pad 32/64 in 16 x 16 tiles
     kernel_vs_float64(G, B, d, dtype=dtype, case=case, iters=4, want_path="triton-tiled", fused_max_b=16,
@@ -237,6 +282,7 @@ def test_path_selection():
     assert rel_err(m, sinkhorn_margin_reference(rc, rr, hc, hr)) < 1e-6
 
 
+@interpreted
 def test_public_seam_runs_kernel():
     rc, rr, hc, hr = make_inputs(2, 6, 8, dtype=torch.bfloat16)
     m = sinkhorn_margin(rc, rr, hc, hr, backend="triton", iters=20)

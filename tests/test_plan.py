@@ -97,7 +97,8 @@ def test_zero3_states_match_deepspeed_estimator(name, head, gpn, nodes):
             zero_init=True)
         # DeepSpeed truncates to int bytes; we keep floats: equal to within one byte each.
         assert abs(ours.gpu_bytes - ds_gpu) <= 1 and abs(ours.cpu_bytes_per_node - ds_cpu) <= 1
-        key = f"offload_param={'cpu' if off_par else 'none'},offload_optimizer={'cpu' if off_opt else 'none'},zero_init=1"
+        key = (f"offload_param={'cpu' if off_par else 'none'},"
+               f"offload_optimizer={'cpu' if off_opt else 'none'},zero_init=1")
         cpu_gb, gpu_gb = printed[key]  # the table the user sees from DeepSpeed, 2 decimals of GiB
         assert abs(ours.gpu_bytes / P.GIB - gpu_gb) <= 0.006 and abs(ours.cpu_bytes_per_node / P.GIB - cpu_gb) <= 0.006
 

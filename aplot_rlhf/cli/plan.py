@@ -10,7 +10,8 @@ import dataclasses
 import json
 import sys
 
-from ..plan import ATTN_IMPLEMENTATIONS, DTYPE_BYTES, JOBS, KNOWN_MODELS, PlanInput, format_plan, plan_from_namespace, plan_to_dict
+from ..plan import (ATTN_IMPLEMENTATIONS, DTYPE_BYTES, JOBS, KNOWN_MODELS, PlanInput, format_plan,
+                    plan_from_namespace, plan_to_dict)
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(PlanInput)}
 
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--gen-batch", type=int, default=d["gen_batch"], help="sequences in flight per vLLM engine")
     ppo.add_argument("--prompt-len", type=int, default=d["prompt_len"], help="max prompt tokens")
     ppo.add_argument("--gen-len", type=int, default=d["gen_len"], help="max generated tokens")
-    p.add_argument("--cpu-mem-gib", type=float, default=None, help="host RAM per node to check against")
+    p.add_argument("--cpu-mem-gib", type=float, default=None, help="host RAM per node: checked, and the fix search respects it (else offload may need TBs)")
     p.add_argument("--max-nodes", type=int, default=d["max_nodes"], help="search bound when suggesting more nodes")
     p.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
     return p

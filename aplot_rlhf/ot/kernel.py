@@ -38,7 +38,6 @@ FUSED_MAX_B = 128
 TILED_MAX_B = 2048
 TILE_B = 64
 _LOG2E = 1.4426950408889634
-_NEG = -1.0e30
 
 __all__ = ["sinkhorn_margin_triton", "select_path", "is_interpreted", "FUSED_MAX_B", "TILED_MAX_B", "TILE_B"]
 

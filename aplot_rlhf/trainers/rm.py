@@ -198,6 +198,7 @@ class RewardModelTrainer:
             progress.close()
         results = self.evaluate()
         self.log_eval(results)
+        self.last_eval = results
         if eng.is_rank0() and results:  # per-pair rewards, for plots and for checking exports
             torch.save({n: {"chosen": r["_chosen"], "rejected": r["_rejected"]} for n, r in results.items()},
                        os.path.join(cfg.output_dir, "eval_rewards.pt"))
