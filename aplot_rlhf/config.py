@@ -53,6 +53,7 @@ class DataConfig:
     chat_template: str = knob("auto", "'auto' (use the tokenizer's chat template for message lists), 'always', or 'never'")
     max_length: int = knob(512, "tokens per sequence (prompt + response); prompts are cut from the left to fit")
     response_separator: str = knob(" ", "text between prompt and response in the plain-text format")
+    long_response: str = knob("keep_end", "a response longer than max_length: 'keep_end' (drop the prompt and the response's start, counted) or 'skip' (drop the pair, counted)")
 
 
 @dataclass
@@ -109,6 +110,7 @@ class RunConfig:
     tensorboard: bool = knob(True, "write tensorboard event files under output_dir/tb")
     wandb_project: str = knob("", "log to this Weights & Biases project (needs wandb installed)")
     progress: bool = knob(True, "tqdm progress bar on rank 0")
+    dry_run: bool = knob(False, "validate the config and the data keys' presence, print the memory plan, and exit")
 
 
 @dataclass
@@ -141,6 +143,8 @@ class RMConfig(ModelConfig, DataConfig, LossConfig, EngineConfig, RunConfig):
             errors.append(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.embedding_pooling not in ("token", "mean"):
             errors.append(f"embedding_pooling must be token or mean, got {self.embedding_pooling!r}")
+        if self.long_response not in ("keep_end", "skip"):
+            errors.append(f"long_response must be keep_end or skip, got {self.long_response!r}")
         if self.chat_template not in ("auto", "always", "never"):
             errors.append(f"chat_template must be auto, always or never, got {self.chat_template!r}")
         if self.optimizer not in ("auto", "adamw_torch", "fused_adam", "cpu_adam"):

@@ -124,7 +124,11 @@ def test_encoder_truncation_keeps_response_end(minilm_path, caplog):
 
 def test_response_longer_than_window_is_counted_skip(minilm_path, caplog):
     from transformers import AutoTokenizer
-    enc = PairTokenizer(AutoTokenizer.from_pretrained(minilm_path), max_length=10)
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    kept = PairTokenizer(tok, max_length=10).encode_pairs(
+        [{"prompt": "hi", "chosen": "word " * 40 + "end", "rejected": "b", "strength": None, "origin": "t:1"}])
+    assert len(kept[0]["chosen_ids"]) == 10 and tok.decode(kept[0]["chosen_ids"][-2]) == "end"
+    enc = PairTokenizer(tok, max_length=10, long_response="skip")
     pairs = [{"prompt": "hi", "chosen": "word " * 40, "rejected": "b", "strength": None, "origin": "t:1"},
              {"prompt": "hi", "chosen": "ok", "rejected": "b", "strength": None, "origin": "t:2"}]
     with caplog.at_level("WARNING"):

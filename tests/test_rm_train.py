@@ -17,7 +17,7 @@ STEPS = 8
 def rm_args(model_dir, out, **extra):
     args = {"model_name_or_path": model_dir, "train_data": str(HH_PAIRS), "output_dir": str(out),
             "eval_split_fraction": 0.5, "max_train_pairs": 16, "max_eval_pairs": 12, "max_length": 64,
-            "micro_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 2e-3, "warmup_ratio": 0.0,
+            "micro_batch_size": 2, "long_response": "skip", "gradient_accumulation_steps": 2, "learning_rate": 2e-3, "warmup_ratio": 0.0,
             "lr_scheduler": "constant", "max_steps": STEPS, "zero_stage": 3, "loss": "aplot", "save_steps": 2,
             "eval_batch_size": 4, **extra}
     flags = []
@@ -70,7 +70,7 @@ def test_export_reloads_in_plain_transformers_with_identical_rewards(full_run):
     assert abs(model.config.reward_std) > 0
     saved = torch.load(out / "eval_rewards.pt")["id_val"]
     _, val = split_pairs(load_pairs(str(HH_PAIRS)), 0.5, 1234)
-    encoded = PairTokenizer(tok, 64).encode_pairs(val[:12])
+    encoded = PairTokenizer(tok, 64, long_response="skip").encode_pairs(val[:12])
     c, r = score_pairs(lambda i, a, s: model(input_ids=i, attention_mask=a).logits[:, 0], encoded, 4,
                        tok.pad_token_id, "cpu")
     assert torch.allclose(c, saved["chosen"], atol=1e-5) and torch.allclose(r, saved["rejected"], atol=1e-5)

@@ -38,7 +38,8 @@ def main(argv=None) -> dict:
     cfg = model.config
     max_length = args.max_length or getattr(cfg, "aplot_rlhf_max_length", 512)
     encoder = PairTokenizer(tokenizer, max_length, getattr(cfg, "aplot_rlhf_chat_template", "auto"),
-                            getattr(cfg, "aplot_rlhf_response_separator", " "))
+                            getattr(cfg, "aplot_rlhf_response_separator", " "),
+                            getattr(cfg, "aplot_rlhf_long_response", "keep_end"))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 

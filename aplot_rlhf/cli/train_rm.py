@@ -11,6 +11,9 @@ from ..config import RMConfig, load_config
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(RMConfig, argv, "Train a reward model (bt, bt_smooth, margin, aplot) under DeepSpeed.")
+    if cfg.dry_run:
+        from .dry_run import dry_run_rm
+        return dry_run_rm(cfg)
     from ..trainers.rm import RewardModelTrainer  # heavy imports after flag parsing, so --help is fast
     trainer = RewardModelTrainer(cfg).setup()
     try:

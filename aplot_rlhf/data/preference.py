@@ -210,12 +210,14 @@ class PairTokenizer:
     """Turns normalized pairs into token ids that end with the response, prompt cut from the left.
 
     The reward is read at the last token of each sequence, so the response end must stay inside the
-    window: a too-long prompt loses its oldest tokens (counted), and a pair whose response alone does
-    not fit is dropped (counted).
+    window: a too-long prompt loses its oldest tokens (counted); a response that alone does not fit
+    keeps its end (long_response='keep_end') or drops the pair ('skip'), counted either way.
     """
 
-    def __init__(self, tokenizer, max_length: int, chat_template: str = "auto", separator: str = " "):
+    def __init__(self, tokenizer, max_length: int, chat_template: str = "auto", separator: str = " ",
+                 long_response: str = "keep_end"):
         self.tok = tokenizer
+        self.long_response = long_response
         self.max_length = max_length
         self.chat_template = chat_template
         self.separator = separator
@@ -259,8 +261,12 @@ class PairTokenizer:
         head, tail = full_ids[:n], full_ids[n:]
         budget = self.max_length - n_special
         if len(tail) > budget:
-            skips.add(f"pair(s) skipped: a response is longer than max_length={self.max_length}")
-            return None
+            if self.long_response == "skip":
+                skips.add(f"pair(s) skipped: a response is longer than max_length={self.max_length}")
+                return None
+            skips.add(f"sequence(s) whose response alone exceeds max_length={self.max_length}: "
+                      "prompt dropped, response cut from the left")
+            head, tail = [], tail[len(tail) - budget:]
         if len(head) + len(tail) > budget:
             skips.add(f"sequence(s) with the prompt cut from the left to fit max_length={self.max_length}")
             head = head[len(head) + len(tail) - budget:]

@@ -44,7 +44,8 @@ class RewardModelTrainer:
 
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.tokenizer_name_or_path, cfg.gguf_file,
                                         cfg.trust_remote_code)
-        encoder = PairTokenizer(self.tokenizer, cfg.max_length, cfg.chat_template, cfg.response_separator)
+        encoder = PairTokenizer(self.tokenizer, cfg.max_length, cfg.chat_template, cfg.response_separator,
+                                cfg.long_response)
         keys = dict(prompt_key=cfg.prompt_key, chosen_key=cfg.chosen_key, rejected_key=cfg.rejected_key,
                     strength_key=cfg.strength_key, hub_split=cfg.hub_split)
         pool = load_pairs(cfg.train_data, what="train_data", **keys)
@@ -258,7 +259,8 @@ class RewardModelTrainer:
         extra = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
                  "aplot_rlhf_max_length": self.cfg.max_length, "aplot_rlhf_loss": self.cfg.loss,
                  "aplot_rlhf_chat_template": self.cfg.chat_template,
-                 "aplot_rlhf_response_separator": self.cfg.response_separator}
+                 "aplot_rlhf_response_separator": self.cfg.response_separator,
+                 "aplot_rlhf_long_response": self.cfg.long_response}
         out = eng.export_pretrained(self.hf_model, self.tokenizer, os.path.join(self.cfg.output_dir, "model"), extra)
         if out:
             log.info("exported reward model to %s", out)
