@@ -1,0 +1,154 @@
+"""The PPO math in one place: pure tensor functions, each unit-tested against a hand-computed case.
+
+Shapes: B sequences, T response tokens. `mask` [B, T] is 1 on response tokens up to and including
+EOS, 0 on padding and on everything after EOS.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp_min(1.0)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1.0)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    n = mask.sum().clamp_min(2.0)
+    return ((x - mean) ** 2 * mask).sum() / (n - 1)  # unbiased, as advantage whitening usually is
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Advantage whitening over the valid tokens only."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def response_mask(tokens: torch.Tensor, eos_id: int | None, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """1 up to and including the first EOS, 0 after it (and where pad_mask is 0). tokens [B, T] -> [B, T]."""
+    valid = torch.ones_like(tokens, dtype=torch.long) if pad_mask is None else pad_mask.long()
+    if eos_id is not None:
+        is_eos = (tokens == eos_id).long()
+        after_eos = (torch.cumsum(is_eos, dim=1) - is_eos) > 0  # strictly after the first EOS
+        valid = valid * (~after_eos).long()
+    return valid
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Estimators of KL(π || π_ref) per sampled token (Schulman's k1/k2/k3). Inputs [B, T] log-probs."""
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio ** 2
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio  # (r - 1) - log r with r = π_ref / π, always >= 0
+    raise ValueError(f"kl estimator must be k1, k2 or k3, got {kind!r}")
+
+
+def normalize_scores(scores: torch.Tensor, mean: float | None, std: float | None) -> torch.Tensor:
+    """RM scores standardized with the RM's own eval-set statistics (stored in its config)."""
+    if mean is None or std is None or not math.isfinite(std) or std <= 0:
+        return scores
+    return (scores - mean) / std
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token reward: -β·KL on every response token, plus the sequence score at the last valid one.
+
+    scores [B], kl [B, T], mask [B, T] -> rewards [B, T] (0 on masked tokens).
+    """
+    rewards = -beta * kl * mask
+    last = (mask.long().sum(1) - 1).clamp_min(0)
+    rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype)
+    return rewards * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalized advantage estimation over masked responses, value 0 after the last valid token.
+
+    rewards, values, mask [B, T] -> (advantages [B, T], returns [B, T]), both 0 where masked.
+    """
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    T = rewards.shape[1]
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = (delta + gamma * lam * last_gae) * mask[:, t]
+        advantages[:, t] = last_gae
+    returns = (advantages + values) * mask
+    return advantages * mask, returns
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip: float):
+    """Clipped surrogate. -> (loss, clip fraction, approx KL old||new), all scalars."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clip_frac = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
+    return loss, clip_frac.detach(), approx_kl.detach()
+
+
+def value_loss(values, old_values, returns, mask, clip: float):
+    """Clipped value loss: 0.5 · max((v - R)², (clip(v, v_old ± c) - R)²). -> (loss, clip fraction)."""
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    clip_frac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
+    return loss, clip_frac.detach()
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical over the last dim. [B, T, V] -> [B, T]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log π(token) from logits that predict it. logits [B, T, V], tokens [B, T] -> [B, T] fp32."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class FixedKLController:
+    """β stays constant."""
+
+    def __init__(self, beta: float):
+        self.beta = beta
+
+    def update(self, observed_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = state["beta"]
+
+
+class AdaptiveKLController(FixedKLController):
+    """Proportional controller toward a target KL (Ziegler et al. 2019):
+
+    β ← β · (1 + clip(KL/target − 1, −0.2, 0.2) · n_steps / horizon).
+    """
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        super().__init__(beta)
+        self.target, self.horizon = target, horizon
+
+    def update(self, observed_kl: float, n_steps: int) -> None:
+        error = min(max(observed_kl / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * n_steps / self.horizon
