@@ -234,3 +234,90 @@ def save_config(cfg, path: str) -> None:
     with open(tmp, "w") as fh:
         json.dump(to_dict(cfg), fh, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclass
+class PPOSpecific:
+    actor_model: str = knob("", "policy to align (SFT causal LM): local folder, hub name, or .gguf file")
+    actor_gguf_file: str = knob("", "GGUF file name inside actor_model, if the actor is a GGUF")
+    reward_model: str = knob("", "reward model folder saved by train_rm (any tokenizer)")
+    reference_model: str = knob("", "frozen KL reference; defaults to actor_model")
+    critic_init: str = knob("reward", "initialize the critic from the 'reward' model or the 'actor'")
+    prompt_data: list = knob([], "prompt files (jsonl/json/parquet/arrow, key prompt_key); repeatable")
+    prompt_format: str = knob("auto", "'auto' (HH transcripts become chat messages when the actor has a chat template), 'text' or 'chat'")
+    max_prompts: int = knob(0, "use only the first N prompts (0 = all)")
+    max_prompt_length: int = knob(256, "prompt tokens; longer prompts lose their oldest tokens (counted)")
+    max_new_tokens: int = knob(64, "generation length limit")
+    temperature: float = knob(1.0, "sampling temperature (0 = greedy)")
+    top_p: float = knob(1.0, "nucleus sampling")
+    rollout_backend: str = knob("vllm", "'vllm' (in-process engine on each rank, weights synced from the actor) or 'hf' (generate on the gathered actor)")
+    vllm_gpu_memory_utilization: float = knob(0.3, "vLLM's share of GPU memory (KV cache + weights)")
+    vllm_tensor_parallel_size: int = knob(1, "vLLM tensor-parallel size (ranks in a group share one engine)")
+    vllm_sleep: bool = knob(True, "put vLLM to sleep during training to hand its memory to DeepSpeed")
+    vllm_enforce_eager: bool = knob(True, "disable CUDA graphs in vLLM (faster start, less memory)")
+    rollout_batch_size: int = knob(8, "prompts per rank per PPO iteration")
+    ppo_epochs: int = knob(1, "passes over each rollout")
+    ppo_mini_batch_size: int = knob(8, "sequences per rank per optimizer step in the PPO epochs")
+    critic_learning_rate: float = knob(5e-6, "critic peak learning rate (actor uses learning_rate)")
+    clip_ratio: float = knob(0.2, "PPO policy clip")
+    value_clip: float = knob(0.2, "value-function clip")
+    gamma: float = knob(1.0, "GAE discount")
+    lam: float = knob(0.95, "GAE lambda")
+    kl_estimator: str = knob("k1", f"per-token KL estimator in the reward, one of {KL_ESTIMATORS}")
+    kl_coef: float = knob(0.05, "initial KL coefficient beta")
+    adaptive_kl: bool = knob(False, "adapt beta toward kl_target")
+    kl_target: float = knob(6.0, "adaptive KL: target KL per sequence")
+    kl_horizon: int = knob(10000, "adaptive KL: horizon in sequences")
+    normalize_reward: bool = knob(True, "standardize RM scores with the RM's stored mean/std")
+    reward_clip: float = knob(10.0, "clip (normalized) scores to +-this")
+    whiten_advantages: bool = knob(True, "whiten advantages over each rollout")
+    entropy_coef: float = knob(0.0, "entropy bonus in the policy loss")
+    ppo_iterations: int = knob(10, "rollout -> train -> sync cycles")
+    reward_batch_size: int = knob(16, "sequences per reward-model forward")
+    gradient_checkpointing: bool = knob(False, "recompute activations in backward (actor and critic)")
+    attn_implementation: str = knob("sdpa", "attention kernel passed to transformers (sdpa, eager, flash_attention_2)")
+
+
+@dataclass
+class PPOConfig(PPOSpecific, EngineConfig, RunConfig):
+    """PPO alignment: every knob of the job."""
+
+    def __post_init__(self):
+        if self.output_dir == "runs/rm":
+            self.output_dir = "runs/ppo"
+
+    def validate(self) -> "PPOConfig":
+        errors = []
+        for name in ("actor_model", "reward_model"):
+            if not getattr(self, name):
+                errors.append(f"{name} is required")
+        if not self.prompt_data:
+            errors.append("prompt_data needs at least one file")
+        if self.rollout_backend not in ("vllm", "hf"):
+            errors.append(f"rollout_backend must be vllm or hf, got {self.rollout_backend!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            errors.append(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.critic_init not in ("reward", "actor"):
+            errors.append(f"critic_init must be reward or actor, got {self.critic_init!r}")
+        if self.prompt_format not in ("auto", "text", "chat"):
+            errors.append(f"prompt_format must be auto, text or chat, got {self.prompt_format!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            errors.append(f"zero_stage must be 0-3, got {self.zero_stage}")
+        if self.rollout_batch_size % self.ppo_mini_batch_size:
+            errors.append(f"rollout_batch_size {self.rollout_batch_size} must be a multiple of ppo_mini_batch_size "
+                          f"{self.ppo_mini_batch_size}")
+        if self.ppo_mini_batch_size % self.micro_batch_size:
+            errors.append(f"ppo_mini_batch_size {self.ppo_mini_batch_size} must be a multiple of micro_batch_size "
+                          f"{self.micro_batch_size}")
+        if self.max_new_tokens < 1 or self.max_prompt_length < 1:
+            errors.append("max_new_tokens and max_prompt_length must be >= 1")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            errors.append("vllm_gpu_memory_utilization must be in (0, 1]")
+        if self.temperature < 0:
+            errors.append("temperature must be >= 0 (0 = greedy)")
+        if errors:
+            raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+        return self

@@ -219,9 +219,12 @@ def lr_lambda(total_steps: int, warmup_steps: int, kind: str, min_ratio: float):
     return fn
 
 
-def initialize(model: torch.nn.Module, ds_cfg: dict, cfg, total_steps: int):
+def initialize(model: torch.nn.Module, ds_cfg: dict, cfg, total_steps: int, learning_rate: float | None = None):
     """deepspeed.initialize with decay/no-decay groups and our warm-up + decay schedule."""
     import deepspeed
+    if learning_rate is not None:
+        ds_cfg = copy.deepcopy(ds_cfg)
+        ds_cfg["optimizer"]["params"]["lr"] = learning_rate
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -234,6 +237,25 @@ def initialize(model: torch.nn.Module, ds_cfg: dict, cfg, total_steps: int):
         model=model, model_parameters=groups, config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
     return engine, scheduler
+
+
+def initialize_frozen(model: torch.nn.Module, ds_cfg: dict):
+    """A model that only runs forwards (PPO reference, reward model): ZeRO-3 partitioned without
+    optimizer states, or a plain module on the device for lower stages."""
+    import deepspeed
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if ds_cfg.get("zero_optimization", {}).get("stage") != 3:
+        dtype = torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else (
+            torch.float16 if ds_cfg.get("fp16", {}).get("enabled") else None)
+        model = model.to(device(), dtype=dtype) if dtype else model.to(device())
+        return model.eval()
+    frozen = copy.deepcopy(ds_cfg)
+    frozen.pop("optimizer", None)
+    frozen["zero_optimization"].pop("offload_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=model, config=frozen)
+    engine.module.eval()
+    return engine
 
 
 # ------------------------------------------------------------------------------------- checkpoints
@@ -262,23 +284,26 @@ def _atomic_write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine, ckpt_root: str, step: int, client_state: dict, keep: int = 2) -> str:
-    """Model, optimizer, scheduler (DeepSpeed), data position and per-rank RNG under ckpt_root/step_N.
+def save_checkpoint(engines: dict, ckpt_root: str, step: int, client_state: dict, keep: int = 2) -> str:
+    """Each engine's model/optimizer/scheduler (DeepSpeed), the client state (data position, controllers)
+    and per-rank RNG, under ckpt_root/step_N/<engine name>.
 
-    Atomic: the pointer file LATEST is replaced only after every rank has finished writing, so a crash
-    mid-save leaves the previous checkpoint as the one `resume` loads.
+    Atomic: the pointer file LATEST is replaced only after every rank has written every engine, so a
+    crash mid-save leaves the previous checkpoint as the one `resume` loads.
     """
     tag = f"step_{step}"
+    step_dir = os.path.join(ckpt_root, tag)
     with Phase.of("save_checkpoint"):
-        engine.save_checkpoint(ckpt_root, tag=tag, client_state=client_state, save_latest=False)
+        for name, engine in engines.items():
+            engine.save_checkpoint(step_dir, tag=name, client_state=client_state, save_latest=False)
         rank = dist.get_rank() if dist.is_initialized() else 0
-        torch.save(rng_state(), os.path.join(ckpt_root, tag, f"rng_rank{rank}.pt"))
+        torch.save(rng_state(), os.path.join(step_dir, f"rng_rank{rank}.pt"))
         barrier()
         if is_rank0():
             _atomic_write_json(os.path.join(ckpt_root, LATEST), {"tag": tag, "step": step, "time": time.time()})
             _prune_checkpoints(ckpt_root, keep, current=tag)
         barrier()
-    return os.path.join(ckpt_root, tag)
+    return step_dir
 
 
 def _prune_checkpoints(ckpt_root: str, keep: int, current: str) -> None:
@@ -297,17 +322,20 @@ def latest_checkpoint(ckpt_root: str) -> dict | None:
         return json.load(fh)
 
 
-def load_checkpoint(engine, ckpt_root: str) -> dict | None:
-    """Restore the newest complete checkpoint; returns its client_state, or None if there is none."""
+def load_checkpoint(engines: dict, ckpt_root: str) -> dict | None:
+    """Restore the newest complete checkpoint into every engine; returns the client_state, or None."""
     latest = latest_checkpoint(ckpt_root)
     if latest is None:
         return None
+    step_dir = os.path.join(ckpt_root, latest["tag"])
+    client_state = None
     with Phase.of("load_checkpoint"):
-        path, client_state = engine.load_checkpoint(ckpt_root, tag=latest["tag"])
-        if path is None:
-            raise RuntimeError(f"{ckpt_root}/{latest['tag']}: DeepSpeed could not load this checkpoint")
+        for name, engine in engines.items():
+            path, client_state = engine.load_checkpoint(step_dir, tag=name)
+            if path is None:
+                raise RuntimeError(f"{step_dir}/{name}: DeepSpeed could not load this checkpoint")
         rank = dist.get_rank() if dist.is_initialized() else 0
-        rng_file = os.path.join(ckpt_root, latest["tag"], f"rng_rank{rank}.pt")
+        rng_file = os.path.join(step_dir, f"rng_rank{rank}.pt")
         if os.path.exists(rng_file):
             set_rng_state(torch.load(rng_file, weights_only=False))
         else:

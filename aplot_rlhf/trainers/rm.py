@@ -90,7 +90,7 @@ class RewardModelTrainer:
                                     run_config=vars(cfg))
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
         if cfg.resume:
-            state = eng.load_checkpoint(self.engine, self.ckpt_root)
+            state = eng.load_checkpoint({"model": self.engine}, self.ckpt_root)
             if state is None:
                 log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_root)
             else:
@@ -243,7 +243,7 @@ class RewardModelTrainer:
 
     # ------------------------------------------------------------------------------------- save
     def save(self) -> None:
-        eng.save_checkpoint(self.engine, self.ckpt_root, self.step,
+        eng.save_checkpoint({"model": self.engine}, self.ckpt_root, self.step,
                             {"step": self.step, "micro_step": self.micro_step}, keep=self.cfg.save_total_limit)
 
     def export(self, results: dict) -> str | None:

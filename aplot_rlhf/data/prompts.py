@@ -1,0 +1,79 @@
+"""Prompt sets for PPO: load, validate, format (plain text or the actor's chat template), tokenize."""
+from __future__ import annotations
+
+import logging
+import re
+
+from .preference import DataError, SkipCounter, _read_records, _is_messages
+
+log = logging.getLogger(__name__)
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):", re.S)
+
+
+def hh_to_messages(transcript: str) -> list[dict] | None:
+    """'\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:' -> chat messages (None if not HH)."""
+    parts = _HH_TURN.split(transcript)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    messages = []
+    for role, text in zip(parts[1::2], parts[2::2]):
+        text = text.strip()
+        if text:
+            messages.append({"role": "user" if role == "Human" else "assistant", "content": text})
+    if not messages or messages[-1]["role"] != "user":
+        return None
+    return messages
+
+
+def load_prompts(paths, prompt_key: str = "prompt", what: str = "prompt_data") -> list[dict]:
+    """-> [{"prompt": str | messages, "origin": "file:line"}]; empty prompts are counted skips."""
+    skips = SkipCounter()
+    out = []
+    for path in paths:
+        for origin, rec in _read_records(path):
+            if prompt_key not in rec:
+                raise DataError(f"{origin}: missing field {prompt_key!r} (fields present: {sorted(rec)}); "
+                                "set --prompt_key")
+            prompt = rec[prompt_key]
+            if not (isinstance(prompt, str) or _is_messages(prompt)):
+                raise DataError(f"{origin}: field {prompt_key!r} must be a string or chat messages")
+            text = prompt if isinstance(prompt, str) else "".join(m["content"] for m in prompt)
+            if not text.strip():
+                skips.add("empty prompt(s) skipped")
+                continue
+            out.append({"prompt": prompt, "origin": origin})
+    skips.report(what)
+    if not out:
+        raise DataError(f"{what}: zero usable prompts in {', '.join(paths)}")
+    return out
+
+
+class PromptFormatter:
+    """Prompt -> (actor token ids, text the reward model sees before the response).
+
+    The reward model keeps the prompt's original text (HH transcripts stay HH); the actor may see it
+    through its chat template. Prompts over max_prompt_length keep their newest tokens (counted).
+    """
+
+    def __init__(self, tokenizer, max_prompt_length: int, prompt_format: str = "auto"):
+        self.tok = tokenizer
+        self.max_len = max_prompt_length
+        self.use_chat = prompt_format == "chat" or (prompt_format == "auto" and getattr(tokenizer, "chat_template", None))
+        if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise DataError("prompt_format 'chat' needs an actor tokenizer with a chat template")
+        self.skips = SkipCounter()
+
+    def __call__(self, prompt) -> tuple[list[int], str]:
+        rm_text = prompt if isinstance(prompt, str) else "".join(
+            f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in prompt) + "\n\nAssistant:"
+        if self.use_chat:
+            messages = prompt if _is_messages(prompt) else (hh_to_messages(prompt) or [{"role": "user", "content": prompt}])
+            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = self.tok.encode(text, add_special_tokens=False)
+        else:
+            ids = self.tok.encode(rm_text, add_special_tokens=True)
+        if len(ids) > self.max_len:
+            self.skips.add(f"prompt(s) cut from the left to max_prompt_length={self.max_len}")
+            ids = ids[-self.max_len:]
+        return ids, rm_text

@@ -1,0 +1,57 @@
+"""Policy-side models for PPO: the actor (a causal LM) and the critic (a backbone with a value head)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .reward import split_gguf
+
+
+def load_actor(path: str, *, gguf_file: str = "", dtype=torch.float32, gradient_checkpointing: bool = False,
+               attn_implementation: str = "sdpa"):
+    """AutoModelForCausalLM from a folder, hub name or GGUF (ZeRO-3: create HfDeepSpeedConfig first)."""
+    from transformers import AutoModelForCausalLM
+    folder, gguf = split_gguf(path, gguf_file)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+class Critic(nn.Module):
+    """Per-token values: value_head(last hidden state). forward(ids [B, L], mask [B, L]) -> [B, L] fp32."""
+
+    def __init__(self, backbone: nn.Module, value_head: nn.Linear):
+        super().__init__()
+        self.backbone, self.value_head = backbone, value_head
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.value_head(hidden).squeeze(-1).float()
+
+
+def load_critic(init: str, *, reward_path: str, actor_path: str, actor_gguf_file: str = "", dtype=torch.float32,
+                gradient_checkpointing: bool = False, attn_implementation: str = "sdpa") -> Critic:
+    """Critic from the reward model (backbone + its scalar head) or from the actor (backbone + a zero head).
+
+    The critic reads the actor's tokens, so initializing from the reward model needs the same vocabulary
+    and a decoder reward model (a head applied per token); the caller checks that.
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification
+    if init == "reward":
+        rm = AutoModelForSequenceClassification.from_pretrained(reward_path, num_labels=1, dtype=dtype,
+                                                                attn_implementation=attn_implementation)
+        if not hasattr(rm, "score"):
+            raise ValueError(f"{reward_path}: critic_init 'reward' needs a decoder reward model with a per-token "
+                             "`score` head; use --critic_init actor")
+        backbone, head = getattr(rm, rm.base_model_prefix), rm.score
+    else:
+        folder, gguf = split_gguf(actor_path, actor_gguf_file)
+        kwargs = {"gguf_file": gguf} if gguf else {}
+        backbone = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+        head = nn.Linear(backbone.config.hidden_size, 1, bias=False, dtype=dtype)
+        nn.init.zeros_(head.weight)  # start from V = 0 so early advantages are the rewards themselves
+    if gradient_checkpointing:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return Critic(backbone, head)
