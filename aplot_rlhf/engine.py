@@ -258,6 +258,19 @@ def initialize_frozen(model: torch.nn.Module, ds_cfg: dict):
     return engine
 
 
+def offload_states(*engines) -> None:
+    """Move ZeRO-3 optimizer states, gradients and parameter partitions to CPU (GPU memory for vLLM)."""
+    for e in engines:
+        if hasattr(e, "offload_states") and e.zero_optimization_stage() == 3:
+            e.offload_states()
+
+
+def reload_states(*engines) -> None:
+    for e in engines:
+        if hasattr(e, "reload_states") and e.zero_optimization_stage() == 3:
+            e.reload_states()
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 
 def rng_state() -> dict:

@@ -180,7 +180,8 @@ class PPOTrainer:
                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                            tensor_parallel_size=cfg.vllm_tensor_parallel_size,
                            max_model_len=cfg.max_prompt_length + cfg.max_new_tokens, seed=cfg.seed,
-                           enforce_eager=cfg.vllm_enforce_eager, eos_token_id=self.tok.eos_token_id)
+                           enforce_eager=cfg.vllm_enforce_eager, eos_token_id=self.tok.eos_token_id,
+                           sleep=cfg.vllm_sleep)
 
     # ------------------------------------------------------------------------------------- phases
     def sync_weights(self) -> float:
@@ -192,11 +193,16 @@ class PPOTrainer:
     def generate(self, prompt_ids: list[list[int]], temperature: float | None = None, seed: int = 0):
         cfg = self.cfg
         with eng.Phase.of("generate"):
+            handoff = cfg.vllm_sleep and cfg.rollout_backend == "vllm" and torch.cuda.is_available()
+            if handoff:  # optimizer states and partitions leave the GPU while vLLM holds it
+                eng.offload_states(self.actor, self.critic)
             self.backend.wake()
             out = self.backend.generate(prompt_ids, max_new_tokens=cfg.max_new_tokens,
                                         temperature=cfg.temperature if temperature is None else temperature,
                                         top_p=cfg.top_p, seed=seed)
             self.backend.sleep()
+            if handoff:
+                eng.reload_states(self.actor, self.critic)
         return out
 
     def score(self, rm_prompts: list[str], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

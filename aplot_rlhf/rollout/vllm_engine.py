@@ -1,0 +1,92 @@
+"""vLLM generation inside each DeepSpeed rank (the project's hybrid engine).
+
+Every rank owns an in-process vLLM engine (`distributed_executor_backend="external_launcher"`, so vLLM
+joins the ranks torch.distributed already started instead of spawning its own workers). Before each
+rollout the actor's weights are pushed from memory (gathered from ZeRO-3 one layer at a time) through
+the worker's `reload_weights(weights_iterator=...)`, which maps HF names onto vLLM's fused layouts
+(q/k/v -> qkv_proj, gate/up -> gate_up_proj) and tensor-parallel shards. Between phases vLLM sleeps
+(weights and KV cache off the GPU) so DeepSpeed gets the memory back; vLLM's CPU build ignores sleep.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+# Keep vLLM's engine core and worker in this process: the in-memory weight path needs the model object.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU builds
+
+
+class VLLMStartError(RuntimeError):
+    pass
+
+
+class VLLMRollout:
+    name = "vllm"
+
+    def __init__(self, model_path: str, *, tokenizer: str | None = None, gguf_file: str = "", dtype: str = "bf16",
+                 gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, max_model_len: int = 1024,
+                 seed: int = 0, enforce_eager: bool = True, eos_token_id: int | None = None, sleep: bool = True):
+        try:
+            from vllm import LLM
+        except Exception as exc:  # ImportError, or a broken install (e.g. CUDA torchvision beside CPU torch)
+            raise VLLMStartError(f"vLLM is not importable ({type(exc).__name__}: {exc}); install it "
+                                 "(pip install 'aplot_rlhf[vllm]') or pass --rollout_backend hf") from exc
+        if gguf_file:
+            raise VLLMStartError("start vLLM from an HF folder; the trainer converts GGUF actors first")
+        kwargs = dict(model=model_path, tokenizer=tokenizer or model_path,
+                      dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype],
+                      gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed,
+                      enforce_eager=enforce_eager, enable_prefix_caching=True)
+        self.use_sleep = sleep and torch.cuda.is_available()  # the CPU build has no sleep mode
+        if self.use_sleep:
+            kwargs["enable_sleep_mode"] = True
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=tensor_parallel_size)
+        t0 = time.perf_counter()
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as exc:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            raise VLLMStartError(f"[rank {rank}] vLLM failed to start on {model_path}: {type(exc).__name__}: {exc}. "
+                                 "Lower vllm_gpu_memory_utilization, check the model folder, or use --rollout_backend hf") from exc
+        self.start_s = time.perf_counter() - t0
+        self.eos_token_id = eos_token_id
+        self.sleeping = False
+
+    def _worker(self):
+        # LLM -> engine -> in-process executor -> worker wrapper -> worker (has reload_weights)
+        return self.llm.llm_engine.model_executor.driver_worker.worker
+
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        stop = [self.eos_token_id] if self.eos_token_id is not None else None
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+                                 seed=seed + i, stop_token_ids=stop, detokenize=False) for i in range(len(prompts))]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def sync_weights(self, named_tensors) -> None:
+        self.wake()
+        self._worker().reload_weights(weights_iterator=named_tensors)
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def sleep(self) -> None:
+        if self.use_sleep and not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = True
+
+    def wake(self) -> None:
+        if self.sleeping:
+            self.llm.wake_up()
+            self.sleeping = False
+
+    def close(self) -> None:
+        del self.llm
