@@ -249,6 +249,7 @@ class PPOSpecific:
     prompt_data: list = knob([], "prompt files (jsonl/json/parquet/arrow, key prompt_key); repeatable")
     prompt_format: str = knob("auto", "'auto' (HH transcripts become chat messages when the actor has a chat template), 'text' or 'chat'")
     max_prompts: int = knob(0, "use only the first N prompts (0 = all)")
+    eval_prompts: int = knob(16, "hold out the last N prompts: never trained on, used to measure the policy's reward")
     max_prompt_length: int = knob(256, "prompt tokens; longer prompts lose their oldest tokens (counted)")
     max_new_tokens: int = knob(64, "generation length limit")
     temperature: float = knob(1.0, "sampling temperature (0 = greedy)")

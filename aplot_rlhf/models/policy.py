@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .reward import split_gguf
+from .reward import drop_gguf_quantizer, split_gguf
 
 
 def load_actor(path: str, *, gguf_file: str = "", dtype=torch.float32, gradient_checkpointing: bool = False,
@@ -14,6 +14,8 @@ def load_actor(path: str, *, gguf_file: str = "", dtype=torch.float32, gradient_
     folder, gguf = split_gguf(path, gguf_file)
     kwargs = {"gguf_file": gguf} if gguf else {}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+    if gguf:
+        drop_gguf_quantizer(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -50,6 +52,8 @@ def load_critic(init: str, *, reward_path: str, actor_path: str, actor_gguf_file
         folder, gguf = split_gguf(actor_path, actor_gguf_file)
         kwargs = {"gguf_file": gguf} if gguf else {}
         backbone = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+        if gguf:
+            drop_gguf_quantizer(backbone)
         head = nn.Linear(backbone.config.hidden_size, 1, bias=False, dtype=dtype)
         nn.init.zeros_(head.weight)  # start from V = 0 so early advantages are the rewards themselves
     if gradient_checkpointing:

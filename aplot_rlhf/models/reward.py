@@ -24,6 +24,16 @@ def split_gguf(model_name_or_path: str, gguf_file: str) -> tuple[str, str | None
     return model_name_or_path, (gguf_file or None)
 
 
+def drop_gguf_quantizer(model) -> None:
+    """GGUF weights are dequantized at load, but transformers keeps a quantizer that refuses to save;
+    the tensors are plain floats, so forget it (the export is then an ordinary HF folder)."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+
+
 def load_tokenizer(model_name_or_path: str, tokenizer_name_or_path: str = "", gguf_file: str = "",
                    trust_remote_code: bool = False):
     from transformers import AutoTokenizer
@@ -100,6 +110,8 @@ def load_reward_model(model_name_or_path: str, *, tokenizer, dtype: torch.dtype 
         log.warning("%s: %s; falling back to eager attention", path, exc)
         hf = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    if gguf:
+        drop_gguf_quantizer(hf)
     hf.config.pad_token_id = tokenizer.pad_token_id  # batched pooling needs it; Llama configs often lack it
     hf.config.problem_type = "regression"
     if gradient_checkpointing:

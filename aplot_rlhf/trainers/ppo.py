@@ -114,8 +114,10 @@ class PPOTrainer:
         if cfg.max_prompts:
             prompts = prompts[:cfg.max_prompts]
         formatter = PromptFormatter(self.tok, cfg.max_prompt_length, cfg.prompt_format)
-        self.prompts = [(*formatter(p["prompt"]), p["origin"]) for p in prompts]
+        encoded = [(*formatter(p["prompt"]), p["origin"]) for p in prompts]
         formatter.skips.report("prompt_data")
+        n_eval = min(cfg.eval_prompts, len(encoded) // 2)
+        self.prompts, self.eval_prompts = encoded[:len(encoded) - n_eval], encoded[len(encoded) - n_eval:]
         self.sampler = PairSampler(len(self.prompts), cfg.rollout_batch_size, self.world, self.rank, cfg.seed)
 
         ga = cfg.ppo_mini_batch_size // cfg.micro_batch_size
@@ -175,8 +177,11 @@ class PPOTrainer:
             from ..rollout.hf import HFRollout
             return HFRollout(self.actor.module, self.tok, zero3=self.zero3)
         from ..rollout.vllm_engine import VLLMRollout
-        return VLLMRollout(cfg.actor_model, tokenizer=cfg.actor_model if not cfg.actor_gguf_file else None,
-                           gguf_file=cfg.actor_gguf_file, dtype=self.precision,
+        path = cfg.actor_model
+        if cfg.actor_gguf_file or path.endswith(".gguf"):  # vLLM starts from an HF folder of the actor
+            path = os.path.join(cfg.output_dir, "actor_hf")
+            eng.export_pretrained(self.actor.module, self.tok, path)
+        return VLLMRollout(path, dtype=self.precision,
                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                            tensor_parallel_size=cfg.vllm_tensor_parallel_size,
                            max_model_len=cfg.max_prompt_length + cfg.max_new_tokens, seed=cfg.seed,
