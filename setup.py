@@ -10,7 +10,7 @@ setup(
     # torch is not listed: install it first, pinned (requirements/base.txt), so no resolver pulls a CUDA build
     install_requires=[
         "deepspeed>=0.19.8",
-        "transformers>=5.0",
+        "transformers>=5.0,<6",
         "tokenizers",
         "safetensors",
         "accelerate",

@@ -72,3 +72,31 @@ def python_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,!?'\n:"
+
+
+@pytest.fixture(scope="session")
+def char_llama_dir(tmp_path_factory) -> str:
+    """A tiny random Llama over a 40-symbol character vocabulary (pad == eos, Llama style).
+
+    A small vocabulary lets PPO move the policy in a few steps on a CPU, so the test can check that
+    the reward really goes up; head_dim 64 because vLLM's CPU attention rejects 16.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
+    out = tmp_path_factory.mktemp("char_llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)

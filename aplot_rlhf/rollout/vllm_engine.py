@@ -30,7 +30,7 @@ class VLLMStartError(RuntimeError):
 class VLLMRollout:
     name = "vllm"
 
-    def __init__(self, model_path: str, *, tokenizer: str | None = None, gguf_file: str = "", dtype: str = "bf16",
+    def __init__(self, model_path: str, *, gguf_file: str = "", dtype: str = "bf16",
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, max_model_len: int = 1024,
                  seed: int = 0, enforce_eager: bool = True, eos_token_id: int | None = None, sleep: bool = True):
         try:
@@ -40,7 +40,8 @@ class VLLMRollout:
                                  "(pip install 'aplot_rlhf[vllm]') or pass --rollout_backend hf") from exc
         if gguf_file:
             raise VLLMStartError("start vLLM from an HF folder; the trainer converts GGUF actors first")
-        kwargs = dict(model=model_path, tokenizer=tokenizer or model_path,
+        # token ids in, token ids out: vLLM never needs the tokenizer (any tokenizer the actor has works)
+        kwargs = dict(model=model_path, skip_tokenizer_init=True,
                       dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype],
                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed,
                       enforce_eager=enforce_eager, enable_prefix_caching=True)
