@@ -95,6 +95,14 @@ def iter_gathered_named_params(module: torch.nn.Module, zero3: bool):
                 yield name, p.data
 
 
+def check_same_vocabulary(actor_config, reference_config) -> None:
+    """The per-token KL compares log-probs of the same token ids: the vocabularies must match."""
+    if actor_config.vocab_size != reference_config.vocab_size:
+        raise ValueError(f"actor vocabulary ({actor_config.vocab_size} tokens) != reference vocabulary "
+                         f"({reference_config.vocab_size} tokens): the KL penalty needs the same tokenizer; "
+                         "pass a --reference_model that shares the actor's tokenizer")
+
+
 class PPOTrainer:
     def __init__(self, cfg: PPOConfig):
         self.cfg = cfg
@@ -133,9 +141,7 @@ class PPOTrainer:
             reference = load_actor(cfg.reference_model or cfg.actor_model,
                                    gguf_file="" if cfg.reference_model else cfg.actor_gguf_file, dtype=dtype,
                                    attn_implementation=cfg.attn_implementation)
-            if actor.config.vocab_size != reference.config.vocab_size:
-                raise ValueError(f"actor vocabulary ({actor.config.vocab_size}) != reference vocabulary "
-                                 f"({reference.config.vocab_size}): the KL needs the same tokenizer")
+            check_same_vocabulary(actor.config, reference.config)
             if cfg.reward_model.startswith("rule:"):
                 self.reward = RuleReward(cfg.reward_model)
                 critic_init = "actor"
