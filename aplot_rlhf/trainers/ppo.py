@@ -254,7 +254,7 @@ class PPOTrainer:
 
     def _actor_logprobs(self, model, ids, attn, pos, tokens, with_entropy=False):
         logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-        picked = logits.gather(1, pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        picked = logits[torch.arange(ids.shape[0], device=ids.device)[:, None], pos]  # [B, T, V] response positions
         lp = logprobs_of(picked, tokens)
         return (lp, entropy_from_logits(picked)) if with_entropy else lp
 
@@ -263,12 +263,16 @@ class PPOTrainer:
         cfg, dev = self.cfg, eng.device()
         ids, attn, pos, tokens, mask = self.pack(prompts, responses, self.tok.pad_token_id)
         ids, attn, pos, tokens, mask = (t.to(dev) for t in (ids, attn, pos, tokens, mask))
+        old_lp, ref_lp, values = [], [], []
         with eng.Phase.of("experience"):
             self.actor.module.eval()
-            old_lp = self._actor_logprobs(self.actor, ids, attn, pos, tokens)
-            ref_lp = self._actor_logprobs(self.reference, ids, attn, pos, tokens)
-            values = self.critic(ids, attn).gather(1, pos)
+            for i in range(0, ids.shape[0], cfg.micro_batch_size):  # vocab-sized logits: one micro-batch at a time
+                sl = slice(i, i + cfg.micro_batch_size)
+                old_lp.append(self._actor_logprobs(self.actor, ids[sl], attn[sl], pos[sl], tokens[sl]))
+                ref_lp.append(self._actor_logprobs(self.reference, ids[sl], attn[sl], pos[sl], tokens[sl]))
+                values.append(self.critic(ids[sl], attn[sl]).gather(1, pos[sl]))
             self.actor.module.train()
+        old_lp, ref_lp, values = torch.cat(old_lp), torch.cat(ref_lp), torch.cat(values)
         raw, scores = self.score(rm_prompts, responses)
         kl = kl_per_token(old_lp, ref_lp, cfg.kl_estimator) * mask
         rewards = token_rewards(scores.to(dev), kl, mask, self.kl_ctl.beta)
