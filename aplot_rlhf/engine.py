@@ -131,9 +131,11 @@ def torch_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def build_ds_config(cfg, world_size: int) -> dict:
-    """DeepSpeed config from our knobs, or from cfg.ds_config with its 'auto' values filled in."""
-    precision = effective_precision(cfg.precision)
+def build_ds_config(cfg, world_size: int, precision: str | None = None) -> dict:
+    """DeepSpeed config from our knobs, or from cfg.ds_config with its 'auto' values filled in.
+
+    precision: override (dry runs plan the requested dtype, not the CPU fallback)."""
+    precision = precision or effective_precision(cfg.precision)
     on_cuda = torch.cuda.is_available()
     torch_adam = cfg.optimizer == "adamw_torch" or (cfg.optimizer == "auto" and not on_cuda and not cfg.offload_optimizer)
     ours = {

@@ -58,6 +58,15 @@ class VLLMRollout:
             raise VLLMStartError(f"[rank {rank}] vLLM failed to start on {model_path}: {type(exc).__name__}: {exc}. "
                                  "Lower vllm_gpu_memory_utilization, check the model folder, or use --rollout_backend hf") from exc
         self.start_s = time.perf_counter() - t0
+        # ranks of one tensor-parallel group share an engine and must submit identical requests
+        self.tp = tensor_parallel_size if dist.is_initialized() else 1
+        self.tp_group = None
+        if self.tp > 1:
+            world = dist.get_world_size()
+            for start in range(0, world, self.tp):  # every rank creates every group, in the same order
+                group = dist.new_group(list(range(start, start + self.tp)))
+                if start <= dist.get_rank() < start + self.tp:
+                    self.tp_group = group
         self.eos_token_id = eos_token_id
         self.sleeping = False
 
@@ -66,6 +75,16 @@ class VLLMRollout:
         return self.llm.llm_engine.model_executor.driver_worker.worker
 
     def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed):
+        if self.tp > 1:  # generate the whole group's prompts on the shared engine, keep this rank's share
+            shares = [None] * self.tp
+            dist.all_gather_object(shares, (prompts, seed), group=self.tp_group)
+            outs = []
+            for group_prompts, group_seed in shares:
+                outs.append(self._generate(group_prompts, max_new_tokens, temperature, top_p, group_seed))
+            return outs[dist.get_rank() % self.tp]
+        return self._generate(prompts, max_new_tokens, temperature, top_p, seed)
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_p, seed):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         stop = [self.eos_token_id] if self.eos_token_id is not None else None
