@@ -78,8 +78,8 @@ def train_and_eval(preset: str, method: str, seed: int) -> None:
     res = subprocess.run(ood, check=True, cwd=REPO, env=env, capture_output=True, text=True)
     result = json.loads(res.stdout.strip().splitlines()[-1])
     (out / "ood.json").write_text(json.dumps({"ood": result, "train_s": train_s, "eval_s": time.time() - t0 - train_s}))
-    print(f"{method} seed {seed}: {', '.join(f'{k} {v['accuracy']:.3f}' for k, v in result.items())} "
-          f"({time.time() - t0:.0f} s)", flush=True)
+    summary = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in result.items())
+    print(f"{method} seed {seed}: {summary} ({time.time() - t0:.0f} s)", flush=True)
 
 
 def t_ci95(xs):
