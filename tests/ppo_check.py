@@ -5,7 +5,6 @@ import json
 import os
 import sys
 
-import torch
 
 from aplot_rlhf.config import PPOConfig, load_config
 from aplot_rlhf.rollout.hf import HFRollout

@@ -3,10 +3,7 @@ the CLI it calls (its DRY_RUN mode runs the CLI's parsing and validation) and it
 the launcher states."""
 import copy
 import json
-import os
 import subprocess
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 

@@ -1,5 +1,4 @@
 """A rank that dies or hangs makes the others fail within the collective timeout, naming rank and phase."""
-import os
 import signal
 import subprocess
 import time
