@@ -65,7 +65,8 @@ def is_rank0() -> bool:
 
 def barrier() -> None:
     if dist.is_initialized():
-        dist.barrier()
+        with Phase.collective("barrier"):
+            dist.barrier()
 
 
 def shutdown() -> None:
@@ -77,11 +78,15 @@ def shutdown() -> None:
 class Phase:
     """Names the phase a rank is in, so a failed or timed-out collective says rank and phase."""
     current = "startup"
+    last = "startup"  # the phase entered most recently: names collectives that run between phases
+    depth = 0
 
     @classmethod
     @contextlib.contextmanager
-    def of(cls, name: str):
+    def of(cls, name: str, record: bool = True):
         previous, cls.current = cls.current, name
+        cls.last = name if record else cls.last
+        cls.depth += 1
         try:
             yield
         except RuntimeError as exc:
@@ -91,6 +96,12 @@ class Phase:
             raise RuntimeError(f"[rank {rank}] phase {name!r} failed: {exc}") from exc
         finally:
             cls.current = previous
+            cls.depth -= 1
+
+    @classmethod
+    def collective(cls, op: str):
+        """For our own collectives: inside a phase that phase names a failure; between phases, say which one it follows."""
+        return contextlib.nullcontext() if cls.depth else cls.of(f"{op} after {cls.last}", record=False)
 
 
 def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -98,14 +109,16 @@ def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return tensor.detach()
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.detach().contiguous())
+    with Phase.collective("all_gather"):
+        dist.all_gather(parts, tensor.detach().contiguous())
     return torch.cat(parts, dim=0)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        with Phase.collective("all_reduce"):
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
 

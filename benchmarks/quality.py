@@ -63,9 +63,11 @@ MAIN = ["bt", "bt_smooth", "aplot"]
 
 PRESETS = {
     # sized for ~75 minutes on a shared 2-core CPU (see benchmarks/results/quality.md)
-    "quick": dict(train_pairs=400, max_length=96, eval_steps=10, oasst_pairs=300, lrs=["3e-5", "1e-4"]),
+    "quick": dict(train_pairs=320, max_length=96, eval_steps=10, oasst_pairs=300, lrs=["3e-5", "1e-4"],
+                  lr_check_pairs=400),
     # the whole training split (1,800 pairs), max length 128: ~13 min per run on 2 cores
-    "full": dict(train_pairs=0, max_length=128, eval_steps=25, oasst_pairs=0, lrs=["3e-5", "1e-4"]),
+    "full": dict(train_pairs=0, max_length=128, eval_steps=25, oasst_pairs=0, lrs=["3e-5", "1e-4"],
+                  lr_check_pairs=0),
 }
 SHARED = ["--micro_batch_size", "8", "--gradient_accumulation_steps", "1", "--warmup_ratio", "0.05",
           "--lr_scheduler", "cosine", "--weight_decay", "0.0", "--epochs", "1", "--zero_stage", "2",
@@ -118,11 +120,13 @@ def env_for(threads: int) -> dict:
                 OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
 
 
-def train_cmd(preset: str, out: Path, seed: int, lr: str, loss_flags: list[str], export: bool = True) -> list[str]:
+def train_cmd(preset: str, out: Path, seed: int, lr: str, loss_flags: list[str], export: bool = True,
+              train_pairs: int | None = None) -> list[str]:
     p = PRESETS[preset]
+    train_pairs = p["train_pairs"] if train_pairs is None else train_pairs
     return [sys.executable, "-m", "aplot_rlhf.cli.train_rm",
             "--model_name_or_path", model_path(), "--train_data", str(TRAIN),
-            "--eval_split_fraction", "0.1", "--split_seed", "1234", "--max_train_pairs", str(p["train_pairs"]),
+            "--eval_split_fraction", "0.1", "--split_seed", "1234", "--max_train_pairs", str(train_pairs),
             "--max_length", str(p["max_length"]), "--learning_rate", lr, "--eval_steps", str(p["eval_steps"]),
             "--seed", str(seed), "--output_dir", str(out), *SHARED, *loss_flags,
             *([] if export else ["--no-export"])]
@@ -148,7 +152,8 @@ def lr_check_one(preset: str, lr: str, threads: int) -> None:
         return
     fresh(out)
     t0 = time.time()
-    _run(train_cmd(preset, out, LR_CHECK_SEED, lr, METHODS["bt"], export=False), out / "train.log", threads)
+    _run(train_cmd(preset, out, LR_CHECK_SEED, lr, METHODS["bt"], export=False,
+                   train_pairs=PRESETS[preset]["lr_check_pairs"]), out / "train.log", threads)
     (out / "done.json").write_text(json.dumps({"train_s": time.time() - t0}))
     say(f"lr check bt lr {lr}: id_val {final_eval(read_metrics(out))['id_val']['accuracy']:.3f} "
         f"({time.time() - t0:.0f} s)")
@@ -550,8 +555,11 @@ def main() -> None:
                 f.result()
             lr, _ = chosen_lr(args.preset)
             say(f"learning rate chosen on id_val: {lr}")
-        # seed-major order: a stopped study still holds complete per-seed method comparisons
-        jobs = [pool.submit(train_and_eval, args.preset, m, s, lr, threads) for s in seeds for m in methods]
+        # main methods first, then the ablations; seed-major within each group, so a study stopped early
+        # still holds complete per-seed comparisons of the main methods
+        order = [(m, s) for group in ([m for m in methods if m in MAIN], [m for m in methods if m not in MAIN])
+                 for s in seeds for m in group]
+        jobs = [pool.submit(train_and_eval, args.preset, m, s, lr, threads) for m, s in order]
         for f in jobs:
             f.result()
         pool.shutdown()

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# APLOT reward model, Llama-3-70B class, on 4 nodes x 8 GPUs x 80 GB, >= 512 GB host RAM per node
-# (optimizer states and parameters offloaded to CPU; the plan: ~14 GiB per GPU, ~440 GiB host RAM per node).
-# Nodes are listed in a DeepSpeed hostfile (see launchers/hostfile.example); run this on the first node.
-# Use:  HOSTFILE=launchers/hostfile MODEL=/models/Meta-Llama-3-70B DATA=/data/pairs.jsonl \
+# APLOT reward model, Llama-3-70B class, on several nodes listed in a DeepSpeed hostfile.
+#   assumes:  4 nodes x 8 GPUs x 80 GB (A100/H100 80GB), >= 512 GiB host RAM per node, passwordless ssh
+#             from the first node to the others, the same repo path and .venv on every node
+#   model:    MODEL=/path/to/Meta-Llama-3-70B (a local folder, visible at the same path on every node)
+#   data:     DATA=/path/to/pairs.jsonl
+#   plan:     ZeRO-3 bf16 with optimizer states AND parameters offloaded to CPU: peak ~14 GiB per GPU,
+#             ~440 GiB host RAM per node. Without offload 70B does not fit 4x8x80 GB (see docs/scaling.md).
+# Use (on the first node):
+#       HOSTFILE=launchers/hostfile MODEL=/models/Meta-Llama-3-70B DATA=/data/pairs.jsonl \
 #         bash launchers/rm_70b_multinode_hostfile.sh
 #       DRY_RUN=1 bash launchers/rm_70b_multinode_hostfile.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launchers/_common.sh
-export APLOT_PLAN_NODES=4 APLOT_PLAN_GPUS_PER_NODE=8 APLOT_PLAN_GPU_MEM_GIB=80
+export APLOT_PLAN_NODES=4 APLOT_PLAN_GPUS_PER_NODE=8 APLOT_PLAN_GPU_MEM_GIB=80 APLOT_PLAN_CPU_MEM_GIB=512
 export HOSTFILE=${HOSTFILE:-launchers/hostfile.example}
-MODEL=${MODEL:-ds_configs/model_shapes/llama3-70b}
+MODEL=${MODEL:-ds_configs/model_shapes/llama3-70b}  # the default is a shape only: enough for DRY_RUN
 DATA=${DATA:-aplot_rlhf/demo_data/hh-rlhf/harmless-base-test.pairs.jsonl}
 run_job aplot_rlhf.cli.train_rm \
   --model_name_or_path "$MODEL" --train_data "$DATA" --eval_split_fraction 0.02 \

@@ -1,8 +1,9 @@
 """Every shipped DeepSpeed JSON parses with DeepSpeed's own parser; every launcher's flags are accepted by
-the CLI it calls (its DRY_RUN mode runs the CLI's parsing and validation) and its plan fits the hardware
-the launcher states."""
+the CLI it calls (its DRY_RUN mode runs the CLI's parsing, validation and dry run) and its plan fits the
+hardware the launcher states; wrong configs fail the dry run with one clear line."""
 import copy
 import json
+import re
 import subprocess
 
 import pytest
@@ -11,10 +12,17 @@ from conftest import PYTHON, REPO, python_env
 
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 LAUNCHERS = sorted(p for p in (REPO / "launchers").iterdir() if p.suffix in (".sh", ".sbatch") and not p.name.startswith("_"))
+SHAPES = REPO / "ds_configs" / "model_shapes"
+DEMO_PAIRS = REPO / "aplot_rlhf" / "demo_data" / "hh-rlhf" / "harmless-base-test.pairs.jsonl"
 
 
 def test_there_is_something_to_check():
-    assert len(DS_CONFIGS) >= 5 and len(LAUNCHERS) >= 7
+    names = {p.name for p in DS_CONFIGS}
+    assert {"rm_zero3_bf16.json", "rm_zero3_offload_bf16.json", "rm_zero2_bf16.json", "ppo_actor_zero3_bf16.json",
+            "ppo_critic_zero3_bf16.json", "ppo_ref_zero3_bf16.json"} <= names
+    assert {"rm_7b_single_node.sh", "rm_13b_single_node.sh", "rm_70b_multinode_hostfile.sh",
+            "rm_70b_slurm.sbatch"} <= {p.name for p in LAUNCHERS}
+    assert (REPO / "launchers" / "hostfile.example").exists()
 
 
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
@@ -23,27 +31,128 @@ def test_ds_config_parses_with_deepspeed(path):
     from aplot_rlhf import engine as eng
     from aplot_rlhf.config import RMConfig
     cfg = RMConfig(model_name_or_path="x", train_data=["x"], ds_config=str(path), micro_batch_size=2,
-                   gradient_accumulation_steps=4)
+                   gradient_accumulation_steps=4, max_grad_norm=0.5, learning_rate=3e-6)
     ds = eng.build_ds_config(cfg, world_size=8, precision="bf16")
     assert "auto" not in json.dumps(ds), "every 'auto' must be filled from the flags"
     eng.check_ds_config(ds, 8)
-    assert ds["train_batch_size"] == 2 * 4 * 8
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 4, 64)
+    raw = json.loads(path.read_text())
+    if "optimizer" in raw:
+        assert ds["optimizer"]["params"]["lr"] == 3e-6 and ds["gradient_clipping"] == 0.5
     probe = copy.deepcopy(ds)
-    probe.pop("train_batch_size")  # the parser runs with world size 1 here
+    probe["train_batch_size"] //= 8  # without a process group the parser takes world size 1
     parsed = DeepSpeedConfig(probe)
-    assert parsed.zero_optimization_stage == json.loads(path.read_text())["zero_optimization"]["stage"]
+    assert parsed.zero_optimization_stage == raw["zero_optimization"]["stage"]
+    assert parsed.bfloat16_config.enabled and parsed.train_batch_size == 8
+
+
+def test_reference_template_is_frozen():
+    raw = json.loads((REPO / "ds_configs" / "ppo_ref_zero3_bf16.json").read_text())
+    assert "optimizer" not in raw and "offload_optimizer" not in raw["zero_optimization"]
 
 
 def test_inconsistent_batch_sizes_are_a_clear_error(tmp_path):
     from aplot_rlhf import engine as eng
+    from aplot_rlhf.config import RMConfig
     bad = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "train_batch_size": 10}
     with pytest.raises(ValueError, match="train_batch_size 10 != micro batch 2 x grad accum 4 x world size 8"):
         eng.check_ds_config(bad, 8)
     path = tmp_path / "broken.json"
     path.write_text('{"zero_optimization": {"stage": 3},}')
-    from aplot_rlhf.config import RMConfig
     with pytest.raises(ValueError, match="broken.json:1: malformed JSON"):
         eng.build_ds_config(RMConfig(model_name_or_path="x", train_data=["x"], ds_config=str(path)), 1)
+
+
+def dry_run(argv, monkeypatch, capsys, **env):
+    """train_rm --dry_run in this process (it starts no process group): (exit code, stdout, stderr)."""
+    from aplot_rlhf.cli import train_rm
+    for key in ("APLOT_PLAN_NODES", "APLOT_PLAN_GPUS_PER_NODE", "APLOT_PLAN_GPU_MEM_GIB", "APLOT_PLAN_CPU_MEM_GIB",
+                "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+    try:
+        train_rm.main([*argv, "--dry_run"])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def rm_flags(model="llama3-8b", *extra):
+    return ["--model_name_or_path", str(SHAPES / model), "--train_data", str(DEMO_PAIRS), *extra]
+
+
+def test_dry_run_with_a_batch_size_mismatch_in_the_json(tmp_path, monkeypatch, capsys):
+    raw = json.loads((REPO / "ds_configs" / "rm_zero3_bf16.json").read_text())
+    raw["train_batch_size"] = 64  # a user hard-coded it for 8 GPUs, then launched on 2 x 8
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(raw))
+    code, out, err = dry_run(rm_flags("llama3-8b", "--ds_config", str(path), "--micro_batch_size", "4",
+                                      "--gradient_accumulation_steps", "2"), monkeypatch, capsys,
+                             APLOT_PLAN_NODES=2, APLOT_PLAN_GPUS_PER_NODE=8)
+    assert code == 2
+    assert "dry run failed: ds_config: train_batch_size 64 != micro batch 4 x grad accum 2 x world size 16" in err
+
+
+def test_dry_run_passes_the_json_through_deepspeeds_parser(tmp_path, monkeypatch, capsys):
+    raw = json.loads((REPO / "ds_configs" / "rm_zero3_bf16.json").read_text())
+    raw["zero_optimization"]["stage3_prefetch_bucket_sise"] = 1e8  # a typo only DeepSpeed's parser knows
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps(raw))
+    code, _, err = dry_run(rm_flags("llama3-8b", "--ds_config", str(path)), monkeypatch, capsys)
+    assert code == 2
+    assert f"DeepSpeed rejects the config ({path})" in err and "stage3_prefetch_bucket_sise" in err
+
+
+def test_dry_run_flags_must_agree_with_the_json(monkeypatch, capsys):
+    code, _, err = dry_run(rm_flags("llama3-8b", "--ds_config", str(REPO / "ds_configs/rm_zero3_offload_bf16.json"),
+                                    "--zero_stage", "3"), monkeypatch, capsys)
+    assert code == 2
+    assert "--offload_optimizer False but" in err and "zero_optimization.offload_param = True" in err
+
+
+def test_dry_run_plans_the_requested_precision_not_the_cpu_fallback(monkeypatch, capsys):
+    code, out, _ = dry_run(rm_flags("llama3-8b", "--precision", "bf16", "--micro_batch_size", "1",
+                                    "--max_length", "512"), monkeypatch, capsys, APLOT_PLAN_GPUS_PER_NODE=8)
+    assert code == 0
+    assert re.search(r"^RM llama3-8b, 1x8 GPUs x 80 GiB, ZeRO-3, bf16,", out, re.M), out[-2000:]
+    assert '"bf16": {\n  "enabled": true' in out
+    assert json.loads(out.strip().splitlines()[-1]) == {"dry_run": "ok", "fits": True}
+
+
+def test_dry_run_world_size_falls_back_to_WORLD_SIZE(monkeypatch, capsys):
+    code, out, _ = dry_run(rm_flags("llama3-8b", "--micro_batch_size", "1", "--max_length", "512"), monkeypatch, capsys,
+                           WORLD_SIZE=4)
+    assert code == 0 and "1x4 GPUs" in out and '"train_batch_size": 4' in out
+
+
+def test_dry_run_rejects_a_plan_that_does_not_fit(monkeypatch, capsys):
+    code, out, _ = dry_run(rm_flags("llama3-70b", "--zero_stage", "3", "--micro_batch_size", "8", "--max_length", "4096"),
+                           monkeypatch, capsys, APLOT_PLAN_NODES=1, APLOT_PLAN_GPUS_PER_NODE=8, APLOT_PLAN_GPU_MEM_GIB=80)
+    assert code == 1
+    assert "DOES NOT FIT" in out and "smallest change that fits" in out
+    assert json.loads(out.strip().splitlines()[-1]) == {"dry_run": "ok", "fits": False}
+
+
+def test_dry_run_checks_host_ram_when_given(monkeypatch, capsys):
+    flags = rm_flags("llama3-70b", "--ds_config", str(REPO / "ds_configs/rm_zero3_offload_bf16.json"),
+                     "--offload_optimizer", "--offload_param", "--micro_batch_size", "1", "--gradient_checkpointing")
+    code, out, _ = dry_run(flags, monkeypatch, capsys, APLOT_PLAN_NODES=4, APLOT_PLAN_GPUS_PER_NODE=8,
+                           APLOT_PLAN_CPU_MEM_GIB=64)
+    assert code == 1 and "of 64 GiB" in out
+
+
+def test_dry_run_names_a_missing_data_file(monkeypatch, capsys):
+    code, _, err = dry_run(["--model_name_or_path", str(SHAPES / "llama3-8b"), "--train_data", "/nonexistent/pairs.jsonl"],
+                           monkeypatch, capsys)
+    assert code == 2 and "dry run failed: train_data: /nonexistent/pairs.jsonl does not exist" in err
+
+
+def test_dry_run_needs_only_a_config_json(tmp_path, monkeypatch, capsys):
+    code, _, err = dry_run(["--model_name_or_path", str(tmp_path), "--train_data", str(DEMO_PAIRS)], monkeypatch, capsys)
+    assert code == 2 and "no config.json" in err
 
 
 @pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
@@ -51,24 +160,18 @@ def test_launcher_dry_run_accepts_flags_and_fits(path):
     env = python_env() | {"DRY_RUN": "1", "PYTHON": PYTHON}
     proc = subprocess.run(["bash", str(path)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    last = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert last == {"dry_run": "ok", "fits": True}
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"dry_run": "ok", "fits": True}
     text = path.read_text()
-    assert "GPUs x 80 GB" in text and "host RAM" in text  # each launcher states the hardware it assumes
-
-
-def test_dry_run_rejects_a_plan_that_does_not_fit():
-    env = python_env() | {"APLOT_PLAN_NODES": "1", "APLOT_PLAN_GPUS_PER_NODE": "8", "APLOT_PLAN_GPU_MEM_GIB": "80"}
-    cmd = [PYTHON, "-m", "aplot_rlhf.cli.train_rm", "--model_name_or_path", str(REPO / "ds_configs/model_shapes/llama3-70b"),
-           "--train_data", str(REPO / "aplot_rlhf/demo_data/hh-rlhf/harmless-base-test.pairs.jsonl"),
-           "--zero_stage", "3", "--micro_batch_size", "8", "--max_length", "4096", "--dry_run"]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1
-    assert "DOES NOT FIT" in proc.stdout and "smallest change that fits" in proc.stdout
-
-
-def test_dry_run_names_a_missing_data_file():
-    cmd = [PYTHON, "-m", "aplot_rlhf.cli.train_rm", "--model_name_or_path", str(REPO / "ds_configs/model_shapes/llama3-8b"),
-           "--train_data", "/nonexistent/pairs.jsonl", "--dry_run"]
-    proc = subprocess.run(cmd, env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "train_data: /nonexistent/pairs.jsonl does not exist" in proc.stderr
+    # each launcher states the hardware it assumes, and plans exactly that hardware (host RAM included)
+    hw = dict(re.findall(r"(APLOT_PLAN_\w+)=\$?\{?(?:SLURM_NNODES:-)?(\d+)", text))
+    assert set(hw) == {"APLOT_PLAN_NODES", "APLOT_PLAN_GPUS_PER_NODE", "APLOT_PLAN_GPU_MEM_GIB", "APLOT_PLAN_CPU_MEM_GIB"}
+    assert f"{hw['APLOT_PLAN_GPUS_PER_NODE']} GPUs x {hw['APLOT_PLAN_GPU_MEM_GIB']} GB" in text
+    assert f">= {hw['APLOT_PLAN_CPU_MEM_GIB']} GiB host RAM" in text
+    assert f"{hw['APLOT_PLAN_NODES']}x{hw['APLOT_PLAN_GPUS_PER_NODE']} GPUs x {hw['APLOT_PLAN_GPU_MEM_GIB']} GiB" in proc.stdout
+    assert f"of {hw['APLOT_PLAN_CPU_MEM_GIB']} GiB" in proc.stdout  # host RAM was checked, not just reported
+    launch = next(l for l in proc.stderr.splitlines() if l.startswith("DRY_RUN=1: would run: "))
+    if path.suffix == ".sbatch":
+        assert "srun torchrun" in launch and "-m aplot_rlhf.cli." in launch
+    else:
+        assert launch.startswith("DRY_RUN=1: would run: deepspeed ") and "--module aplot_rlhf.cli." in launch
+        assert ("--hostfile" in launch) == ("hostfile" in path.name)
