@@ -182,7 +182,7 @@ def measure_activation_case(head, vocab, dtype, grad_ckpt, training, batch, seq)
     model = (LlamaForSequenceClassification if head == "scalar" else LlamaForCausalLM)(cfg)
     model.to(torch.bfloat16 if dtype == "bf16" else torch.float32).train()
     if grad_ckpt:
-        model.activation_checkpointing_enable()
+        model.gradient_checkpointing_enable()  # the name every transformers 5.x has (5.24 aliases it)
     ids = torch.randint(1, vocab, (batch, seq))
     mask = torch.ones_like(ids)
     ids[1, -17:], mask[1, -17:] = 0, 0  # one padded row: real batches are padded, so sdpa gets a mask
