@@ -5,7 +5,9 @@
 #   model:    MODEL=/path/to/Meta-Llama-3-70B (a local folder, visible at the same path on every node)
 #   data:     DATA=/path/to/pairs.jsonl
 #   plan:     ZeRO-3 bf16 with optimizer states AND parameters offloaded to CPU: peak ~14 GiB per GPU,
-#             ~440 GiB host RAM per node. Without offload 70B does not fit 4x8x80 GB (see docs/scaling.md).
+#             ~440 GiB host RAM per node, leaving GPU memory for longer sequences or bigger micro-batches.
+#             Without offload the same run plans ~50 GiB per GPU and steps faster (use rm_zero3_bf16.json
+#             and drop --offload_*); on 2 nodes only the offloaded setup fits (see docs/scaling.md).
 # Use (on the first node):
 #       HOSTFILE=launchers/hostfile MODEL=/models/Meta-Llama-3-70B DATA=/data/pairs.jsonl \
 #         bash launchers/rm_70b_multinode_hostfile.sh

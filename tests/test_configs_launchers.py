@@ -89,9 +89,9 @@ def test_dry_run_with_a_batch_size_mismatch_in_the_json(tmp_path, monkeypatch, c
     raw["train_batch_size"] = 64  # a user hard-coded it for 8 GPUs, then launched on 2 x 8
     path = tmp_path / "mine.json"
     path.write_text(json.dumps(raw))
-    code, out, err = dry_run(rm_flags("llama3-8b", "--ds_config", str(path), "--micro_batch_size", "4",
-                                      "--gradient_accumulation_steps", "2"), monkeypatch, capsys,
-                             APLOT_PLAN_NODES=2, APLOT_PLAN_GPUS_PER_NODE=8)
+    code, _, err = dry_run(rm_flags("llama3-8b", "--ds_config", str(path), "--micro_batch_size", "4",
+                                    "--gradient_accumulation_steps", "2"), monkeypatch, capsys,
+                           APLOT_PLAN_NODES=2, APLOT_PLAN_GPUS_PER_NODE=8)
     assert code == 2
     assert "dry run failed: ds_config: train_batch_size 64 != micro batch 4 x grad accum 2 x world size 16" in err
 

@@ -1,12 +1,19 @@
 """Two "nodes" for real: two network namespaces joined by a veth pair, one torchrun in each, training the
-reward model under ZeRO-3 over gloo across the link; the losses must match a single-node 2-process run."""
+reward model under ZeRO-3 over gloo across the link; the losses must match a single-node 2-process run.
+
+Needs root and iproute2 (`make test` installs iproute2 when missing); skips elsewhere. Not covered: NCCL,
+InfiniBand, more than one process per node. DeepSpeed's CPU accelerator JIT-builds a shared-memory comm
+op for ranks on one host; across namespaces all traffic is gloo over the veth (GLOO_SOCKET_IFNAME).
+"""
 import os
 import shutil
+import signal
 import subprocess
 
 import pytest
 
 from conftest import PYTHON, REPO, python_env
+from test_failures import free_port
 from test_rm_train import read_metrics, rm_args, torchrun
 
 STEPS = 4
@@ -35,37 +42,51 @@ def two_hosts():
             sh("ip", "netns", "exec", ns, "ip", "link", "set", dev, "up")
             sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
     except subprocess.CalledProcessError as exc:
-        for ns in (a, b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        pytest.skip(f"could not build network namespaces here: {exc.stderr.strip()}")
+        remove(a, b, va)
+        reason = f"could not build network namespaces here ({' '.join(exc.cmd)}): {exc.stderr.strip()}"
+        if os.environ.get("APLOT_REQUIRE_NETNS") == "1":  # a CI that must run this test sets it
+            pytest.fail(reason)
+        pytest.skip(reason)
     try:
         yield [(a, va, "10.77.0.1"), (b, vb, "10.77.0.2")]
     finally:
-        for ns in (a, b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        remove(a, b, va)
+
+
+def remove(a, b, va):
+    for cmd in (["ip", "netns", "del", a], ["ip", "netns", "del", b], ["ip", "link", "del", va]):
+        subprocess.run(cmd, capture_output=True)  # whatever exists; deleting a namespace deletes its veth end
 
 
 def test_two_namespace_nodes_match_single_node(two_hosts, tiny_llama_dir, tmp_path):
     def flags(out):
-        return rm_args(tiny_llama_dir, out, max_steps=STEPS, save_steps=0) + ["--no-export"]
+        return rm_args(tiny_llama_dir, out, max_steps=STEPS, save_steps=0, timeout_s=180) + ["--no-export"]
 
     single = tmp_path / "single"
-    proc = subprocess.run(torchrun(flags(single), 29541), env=python_env(), cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run(torchrun(flags(single), free_port()), env=python_env(), cwd=REPO, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     multi = tmp_path / "multi"
     master = two_hosts[0][2]
-    procs = []
-    for node_rank, (ns, dev, _) in enumerate(two_hosts):
-        env = python_env() | {"GLOO_SOCKET_IFNAME": dev}
-        cmd = ["ip", "netns", "exec", ns, PYTHON, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node_rank), "--master_addr", master, "--master_port", "29542",
-               "-m", "aplot_rlhf.cli.train_rm", *flags(multi)]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=900) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
+    procs, logs = [], []
+    try:
+        for node_rank, (ns, dev, _) in enumerate(two_hosts):
+            env = python_env() | {"GLOO_SOCKET_IFNAME": dev}  # gloo binds to the veth, the only link between them
+            cmd = ["ip", "netns", "exec", ns, PYTHON, "-m", "torch.distributed.run", "--nnodes", "2",
+                   "--nproc_per_node", "1", "--node_rank", str(node_rank), "--master_addr", master,
+                   "--master_port", "29542", "-m", "aplot_rlhf.cli.train_rm", *flags(multi)]
+            logs.append(tmp_path / f"node{node_rank}.log")  # files, not pipes: a full pipe would stall a node
+            procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                          stderr=open(logs[-1], "w"), start_new_session=True))
+        for p, log in zip(procs, logs):
+            p.wait(timeout=900)
+            assert p.returncode == 0, log.read_text()[-4000:]
+    finally:
+        for p in procs:  # torchrun and its worker
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
     a, b = read_metrics(single), read_metrics(multi)
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     for step in a:

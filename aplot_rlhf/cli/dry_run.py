@@ -53,7 +53,7 @@ def check_deepspeed_json(cfg, world: int) -> dict:
 def _check_flags_match_json(cfg, ds_cfg: dict) -> None:
     """The trainers read --zero_stage / --precision / --offload_* as well as the JSON: they must agree."""
     zero = ds_cfg.get("zero_optimization", {})
-    offload = lambda key: zero.get(key, {}).get("device", "none") not in ("none", None)  # noqa: E731
+    offload = lambda key: zero.get(key, {}).get("device", "none") not in ("none", None)
     json_precision = "bf16" if ds_cfg.get("bf16", {}).get("enabled") else (
         "fp16" if ds_cfg.get("fp16", {}).get("enabled") else "fp32")
     pairs = [("zero_stage", cfg.zero_stage, "zero_optimization.stage", zero.get("stage", 0)),
