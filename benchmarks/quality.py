@@ -117,7 +117,10 @@ def oasst_file(preset: str) -> Path:
 
 def env_for(threads: int) -> dict:
     return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+                OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                # DeepSpeed JIT-builds its CPU comm op at start-up; a private build folder keeps other
+                # environments on the machine from rebuilding (or lock-blocking) it under our runs
+                TORCH_EXTENSIONS_DIR=str(RUNS / "torch_extensions"))
 
 
 def train_cmd(preset: str, out: Path, seed: int, lr: str, loss_flags: list[str], export: bool = True,
