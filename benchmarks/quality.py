@@ -63,7 +63,7 @@ MAIN = ["bt", "bt_smooth", "aplot"]
 
 PRESETS = {
     # sized for ~75 minutes on a shared 2-core CPU (see benchmarks/results/quality.md)
-    "quick": dict(train_pairs=320, max_length=96, eval_steps=10, oasst_pairs=300, lrs=["3e-5", "1e-4"],
+    "quick": dict(train_pairs=320, max_length=96, eval_steps=20, oasst_pairs=300, lrs=["3e-5", "1e-4"],
                   lr_check_pairs=400),
     # the whole training split (1,800 pairs), max length 128: ~13 min per run on 2 cores
     "full": dict(train_pairs=0, max_length=128, eval_steps=25, oasst_pairs=0, lrs=["3e-5", "1e-4"],
@@ -166,11 +166,17 @@ def train_and_eval(preset: str, method: str, seed: int, lr: str, threads: int) -
     out = run_dir(preset, method, seed)
     if (out / "ood.json").exists():
         return
-    fresh(out)
     t0 = time.time()
-    say(f"start {method} seed {seed}")
-    _run(train_cmd(preset, out, seed, lr, METHODS[method]), out / "train.log", threads)
-    train_s = time.time() - t0
+    if (out / "train_done.json").exists():  # trained and exported; only the OOD eval is missing
+        train_s = json.loads((out / "train_done.json").read_text())["train_s"]
+        say(f"OOD eval only: {method} seed {seed}")
+    else:
+        fresh(out)
+        say(f"start {method} seed {seed}")
+        _run(train_cmd(preset, out, seed, lr, METHODS[method]), out / "train.log", threads)
+        train_s = time.time() - t0
+        (out / "train_done.json").write_text(json.dumps({"train_s": train_s}))
+    t0 = time.time() - train_s
     cmd = [sys.executable, "-m", "aplot_rlhf.cli.eval_rm", "--model", str(out / "model"), "--details",
            "--batch_size", "32"]
     for name, path in OOD.items():
@@ -436,10 +442,9 @@ def _plots(plt, runs, methods, seeds, sep, lr_scores, preset):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for m in methods:
         for ax, key in zip(axes, ("accuracy", "rewards/margins")):
-            curves = [eval_curve(runs[(m, s)]["metrics"], "id_val", key) for s in seeds if (m, s) in runs]
-            n = min(len(c) for c in curves)
-            x = [c[0] for c in curves[0][:n]]
-            ys = [[c[i][1] for c in curves] for i in range(n)]
+            curves = [dict(eval_curve(runs[(m, s)]["metrics"], "id_val", key)) for s in seeds if (m, s) in runs]
+            x = sorted(set.intersection(*(set(c) for c in curves)))  # steps every seed evaluated at
+            ys = [[c[st] for c in curves] for st in x]
             sc = 100 if key == "accuracy" else 1
             ax.plot(x, [sc * sum(y) / len(y) for y in ys], marker="o", ms=3, color=colors[m],
                     label=f"{m} ({len(curves)} seeds)", ls="-" if m in MAIN else "--")
