@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -162,13 +163,37 @@ def lr_check_one(preset: str, lr: str, threads: int) -> None:
         f"({time.time() - t0:.0f} s)")
 
 
-def train_and_eval(preset: str, method: str, seed: int, lr: str, threads: int) -> None:
+def trained_s(out: Path) -> float | None:
+    """Training wall seconds if the run finished training and exported its model, else None.
+
+    train_done.json is the driver's marker; a run whose driver died after the export (train.log ends
+    with the export line) also counts, its time read from the log's first and export timestamps.
+    """
+    if (out / "train_done.json").exists():
+        return json.loads((out / "train_done.json").read_text())["train_s"]
+    log = out / "train.log"
+    if not ((out / "model" / "config.json").exists() and (out / "eval_rewards.pt").exists() and log.exists()):
+        return None
+    import datetime
+    stamps = [datetime.datetime.strptime(m, "%Y-%m-%d %H:%M:%S") for m in
+              re.findall(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)[,.]\d+", log.read_text())]
+    if "exported reward model" not in log.read_text() or len(stamps) < 2:
+        return None
+    train_s = (stamps[-1] - stamps[0]).total_seconds()
+    (out / "train_done.json").write_text(json.dumps({"train_s": train_s, "note": "recovered from train.log "
+                                                      "timestamps after the driver stopped"}))
+    return train_s
+
+
+def train_and_eval(preset: str, method: str, seed: int, lr: str, threads: int, ood: bool = True) -> None:
     out = run_dir(preset, method, seed)
     if (out / "ood.json").exists():
         return
     t0 = time.time()
-    if (out / "train_done.json").exists():  # trained and exported; only the OOD eval is missing
-        train_s = json.loads((out / "train_done.json").read_text())["train_s"]
+    train_s = trained_s(out)
+    if train_s is not None:  # trained and exported; only the OOD eval is missing
+        if not ood:
+            return
         say(f"OOD eval only: {method} seed {seed}")
     else:
         fresh(out)
@@ -176,6 +201,10 @@ def train_and_eval(preset: str, method: str, seed: int, lr: str, threads: int) -
         _run(train_cmd(preset, out, seed, lr, METHODS[method]), out / "train.log", threads)
         train_s = time.time() - t0
         (out / "train_done.json").write_text(json.dumps({"train_s": train_s}))
+        if not ood:
+            say(f"done  {method} seed {seed} (no OOD eval): id_val "
+                f"{final_eval(read_metrics(out))['id_val']['accuracy']:.3f} (train {train_s:.0f} s)")
+            return
     t0 = time.time() - train_s
     cmd = [sys.executable, "-m", "aplot_rlhf.cli.eval_rm", "--model", str(out / "model"), "--details",
            "--batch_size", "32"]
@@ -234,6 +263,11 @@ def load_runs(preset: str, methods: list[str], seeds: list[int]) -> dict:
                 o = json.loads((d / "ood.json").read_text())
                 runs[(m, s)] = {"metrics": read_metrics(d), "ood": o["ood"], "train_s": o["train_s"],
                                 "eval_s": o["eval_s"], "lr": o["lr"], "dir": d}
+            elif (d / "train_done.json").exists():  # trained with --ood_methods leaving it out
+                cfg = json.loads((d / "config.json").read_text())
+                runs[(m, s)] = {"metrics": read_metrics(d), "ood": {}, "eval_s": None,
+                                "train_s": json.loads((d / "train_done.json").read_text())["train_s"],
+                                "lr": str(cfg["learning_rate"]), "dir": d}
     return runs
 
 
@@ -261,8 +295,22 @@ def accuracies(runs: dict) -> dict:
     for (m, s), r in runs.items():
         acc[(m, s)] = {"id_val": final_eval(r["metrics"])["id_val"]["accuracy"],
                        **{k: v["accuracy"] for k, v in r["ood"].items()}}
-        acc[(m, s)]["ood_mean"] = sum(acc[(m, s)][k] for k in OOD) / len(OOD)
+        if all(k in acc[(m, s)] for k in OOD):
+            acc[(m, s)]["ood_mean"] = sum(acc[(m, s)][k] for k in OOD) / len(OOD)
     return acc
+
+
+def shorter_wins(preset: str) -> dict:
+    """Accuracy of the rule 'prefer the shorter response' (characters) on each evaluated set."""
+    from aplot_rlhf.data.preference import load_pairs, split_pairs
+    sets = {"id_val": split_pairs(load_pairs(str(TRAIN)), 0.1, 1234)[1]}
+    for k, path in OOD.items():
+        sets[k] = load_pairs(str(oasst_file(preset) if k == "oasst" else path))
+    return {k: sum(len(p["chosen"]) < len(p["rejected"]) for p in v) / len(v) for k, v in sets.items()}
+
+
+def cell(xs: list[float], sign: bool = False) -> str:
+    return fmt(*t_ci95(xs), sign=sign) if xs else "—"
 
 
 def moving_average(xs: list[float], k: int) -> list[float]:
@@ -308,17 +356,22 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
     out.append("|---" * (len(SETS) + 4) + "|")
     for m in methods:
         ss = [s for s in seeds if (m, s) in acc]
-        cells = [fmt(*t_ci95([acc[(m, s)][k] for s in ss])) for k in SETS + ["ood_mean"]]
-        gap = t_ci95([acc[(m, s)]["id_val"] - acc[(m, s)]["ood_mean"] for s in ss])
-        out.append(f"| {m} | {len(ss)} | " + " | ".join(cells) + f" | {fmt(*gap, sign=True)} |")
+        cells = [cell([acc[(m, s)][k] for s in ss if k in acc[(m, s)]]) for k in SETS + ["ood_mean"]]
+        gap = cell([acc[(m, s)]["id_val"] - acc[(m, s)]["ood_mean"] for s in ss if "ood_mean" in acc[(m, s)]], True)
+        out.append(f"| {m} | {len(ss)} | " + " | ".join(cells) + f" | {gap} |")
+
+    # a model-free reference: "the shorter response is preferred" (ties count as wrong, like the eval)
+    heur = shorter_wins(preset)
+    out.append("| *shorter response wins (no model)* | — | " + " | ".join(f"{100 * heur[k]:.1f}" for k in SETS)
+               + f" | {100 * sum(heur[k] for k in OOD) / len(OOD):.1f} | — |")
 
     # per-OOD-set gap
     out.append("\n### ID − OOD gap per set (points), mean ± 95% CI over seeds\n")
     out.append("| method | " + " | ".join(f"id_val − {k}" for k in OOD) + " |\n" + "|---" * (len(OOD) + 1) + "|")
     for m in methods:
         ss = [s for s in seeds if (m, s) in acc]
-        out.append(f"| {m} | " + " | ".join(fmt(*t_ci95([acc[(m, s)]["id_val"] - acc[(m, s)][k] for s in ss]),
-                                             sign=True) for k in OOD) + " |")
+        out.append(f"| {m} | " + " | ".join(cell([acc[(m, s)]["id_val"] - acc[(m, s)][k] for s in ss
+                                                  if k in acc[(m, s)]], True) for k in OOD) + " |")
 
     # paired comparisons vs BT: same seed = same head init and data order
     paired_json = {}
@@ -333,13 +386,16 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
         if not both:
             continue
         for k in SETS + ["ood_mean"]:
-            d = [acc[(m, s)][k] - acc[("bt", s)][k] for s in both]
+            ks = [s for s in both if k in acc[(m, s)] and k in acc[("bt", s)]]
+            d = [acc[(m, s)][k] - acc[("bt", s)][k] for s in ks]
+            if not d:
+                continue
             mean, hw = t_ci95(d)
             w, l = sum(x > 1e-9 for x in d), sum(x < -1e-9 for x in d)
-            paired_json[f"{m}/{k}"] = {"per_seed": dict(zip(both, d)), "mean": mean, "ci95": hw,
+            paired_json[f"{m}/{k}"] = {"per_seed": dict(zip(ks, d)), "mean": mean, "ci95": hw,
                                        "wins": w, "ties": len(d) - w - l, "losses": l}
             name = f"**{m}**" if m == "aplot" else m
-            out.append(f"| {name} | {k} | " + ", ".join(f"{s}: {100 * x:+.1f}" for s, x in zip(both, d))
+            out.append(f"| {name} | {k} | " + ", ".join(f"{s}: {100 * x:+.1f}" for s, x in zip(ks, d))
                        + f" | {fmt(mean, hw, sign=True)} | {w} / {len(d) - w - l} / {l} |")
 
     # pooled pair-level check on id_val (McNemar over seeds x pairs): APLOT vs BT
@@ -408,8 +464,9 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
         rs = [runs[(m, s)] for s in seeds if (m, s) in runs]
         steps = [[r["train/step_s"] for r in x["metrics"] if "train/step_s" in r] for x in rs]
         sps = sum(sum(v) for v in steps) / max(1, sum(len(v) for v in steps))
-        out.append(f"| {m} | {sum(r['train_s'] for r in rs) / len(rs):.0f} | {sum(r['eval_s'] for r in rs) / len(rs):.0f}"
-                   f" | {sps:.2f} |")
+        ev = [r["eval_s"] for r in rs if r["eval_s"] is not None]
+        out.append(f"| {m} | {sum(r['train_s'] for r in rs) / len(rs):.0f} | "
+                   f"{f'{sum(ev) / len(ev):.0f}' if ev else 'not run'} | {sps:.2f} |")
 
     # identical-start sanity check: step-1 batch metrics are computed before the first update
     starts = {}
@@ -498,7 +555,8 @@ def _plots(plt, runs, methods, seeds, sep, lr_scores, preset):
         ax.set_title(k + (" (corr. of margin with r_c − r_r)" if k == "margin_gap_corr" else ""), fontsize=9)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
+    if any(m.startswith("aplot") for m in methods):
+        axes.flat[0].legend(fontsize=7)
     fig.suptitle("APLOT margin diagnostics per training batch (mean over seeds, 5-step moving average)", fontsize=10)
     fig.tight_layout()
     fig.savefig(RESULTS / "aplot_diagnostics.png", dpi=110)
@@ -544,6 +602,8 @@ def main() -> None:
     ap.add_argument("--lr", default="auto", help="'auto': the best of the preset's lrs on id_val in a BT check")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time; each gets max(1, cores // jobs) threads")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores // jobs)")
+    ap.add_argument("--ood_methods", default="all", help="comma list of methods whose models get the OOD eval "
+                    "('all'); the others are trained and scored on id_val only (a later run with 'all' adds it)")
     ap.add_argument("--report", action="store_true", help="only aggregate finished runs")
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
@@ -567,12 +627,13 @@ def main() -> None:
         # still holds complete per-seed comparisons of the main methods
         order = [(m, s) for group in ([m for m in methods if m in MAIN], [m for m in methods if m not in MAIN])
                  for s in seeds for m in group]
-        jobs = [pool.submit(train_and_eval, args.preset, m, s, lr, threads) for m, s in order]
+        ood = set(methods if args.ood_methods == "all" else args.ood_methods.split(","))
+        jobs = [pool.submit(train_and_eval, args.preset, m, s, lr, threads, m in ood) for m, s in order]
         for f in jobs:
             f.result()
         pool.shutdown()
         with open(preset_dir(args.preset) / "study_wall.jsonl", "a") as fh:
-            fh.write(json.dumps({"argv": sys.argv[1:], "start": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
+            fh.write(json.dumps({"argv": sys.argv[1:], "end": time.strftime("%Y-%m-%d %H:%M:%S"), "start": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
                                  "wall_s": time.time() - t0, "jobs": args.jobs, "threads": threads}) + "\n")
         say(f"study finished in {time.time() - t0:.0f} s")
     report(args.preset, methods, seeds)
