@@ -22,14 +22,16 @@ def load_actor(path: str, *, gguf_file: str = "", dtype=torch.float32, gradient_
 
 
 class Critic(nn.Module):
-    """Per-token values: value_head(last hidden state). forward(ids [B, L], mask [B, L]) -> [B, L] fp32."""
+    """Per-token values: value_head(last hidden state). forward(ids, mask[, position_ids]) [B, L] -> [B, L] fp32."""
 
     def __init__(self, backbone: nn.Module, value_head: nn.Linear):
         super().__init__()
         self.backbone, self.value_head = backbone, value_head
 
-    def forward(self, input_ids, attention_mask):
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        extra = {} if position_ids is None else {"position_ids": position_ids}  # left-padded rows need them
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                               **extra).last_hidden_state
         return self.value_head(hidden).squeeze(-1).float()
 
 

@@ -6,6 +6,7 @@ forwards and reward-model scores -> KL-penalized token rewards -> GAE -> PPO epo
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -80,6 +81,40 @@ class ModelReward:
             rewards, _ = self.model(batch["input_ids"][:n].to(eng.device()), batch["attention_mask"][:n].to(eng.device()))
             scores.append(rewards.float().cpu())
         return torch.cat(scores)
+
+
+def trim_left_padding(ids, attn, position_ids):
+    """Drop the leading columns that are padding in every row of this (micro-)batch."""
+    first = int(attn.any(0).nonzero()[0]) if attn.any() else 0
+    return ids[:, first:], attn[:, first:], position_ids[:, first:]
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
+    flag = getattr(module, "_aplot_logits_to_keep", None)
+    if flag is None:
+        flag = "logits_to_keep" in inspect.signature(module.forward).parameters
+        module._aplot_logits_to_keep = flag
+    return flag
+
+
+def response_logprobs(model, ids, attn, position_ids, tokens, with_entropy: bool = False):
+    """Log-probs [B, T] (and entropies) of the response tokens of a `PPOTrainer.pack`ed batch.
+
+    Responses occupy the last T columns, so the logits that predict them are columns -T-1 .. -2; models
+    that take `logits_to_keep` project only those T+1 hidden states onto the vocabulary.
+    """
+    T = tokens.shape[1]
+    kwargs = {"logits_to_keep": T + 1} if _accepts_logits_to_keep(model) else {}
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
+                   **kwargs).logits[:, -T - 1:-1]
+    lp = logprobs_of(logits, tokens)
+    return (lp, entropy_from_logits(logits)) if with_entropy else lp
+
+
+def response_values(critic, ids, attn, position_ids, T: int):
+    """Critic values [B, T] at the positions that predict each response token (columns -T-1 .. -2)."""
+    return critic(ids, attn, position_ids)[:, -T - 1:-1]
 
 
 def iter_gathered_named_params(module: torch.nn.Module, zero3: bool):
@@ -230,47 +265,43 @@ class PPOTrainer:
 
     @staticmethod
     def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int):
-        """Right-padded prompt+response batch and the index of each response token's predicting position.
+        """One batch of prompt+response rows, prompts left-padded and responses right-padded.
 
-        -> input_ids, attention_mask [B, L], positions [B, T] (logit index predicting response token t),
-           response tokens [B, T], response mask [B, T].
+        Every response starts at the same column P (the longest prompt), so the logits predicting
+        response token t sit at column P-1+t in every row and the model only needs the last T+1 columns
+        of logits (`logits_to_keep`): the vocabulary projection skips the prompts. Position ids count
+        from 0 at each row's first real token, as in generation.
+        -> input_ids, attention_mask, position_ids [B, P+T], response tokens [B, T], response mask [B, T].
         """
         B, T = len(prompts), max(1, max(len(r) for r in responses))
-        L = max(len(p) + len(r) for p, r in zip(prompts, responses))
-        ids = torch.full((B, L), pad_id, dtype=torch.long)
-        attn = torch.zeros((B, L), dtype=torch.long)
-        pos = torch.zeros((B, T), dtype=torch.long)
+        P = max(len(p) for p in prompts)
+        ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+        attn = torch.zeros((B, P + T), dtype=torch.long)
         tokens = torch.full((B, T), pad_id, dtype=torch.long)
         mask = torch.zeros((B, T))
         for i, (p, r) in enumerate(zip(prompts, responses)):
-            seq = p + r
-            ids[i, :len(seq)] = torch.tensor(seq)
-            attn[i, :len(seq)] = 1
-            pos[i] = (len(p) - 1 + torch.arange(T)).clamp(max=L - 1)
+            ids[i, P - len(p):P + len(r)] = torch.tensor(p + r)
+            attn[i, P - len(p):P + len(r)] = 1
             if r:
                 tokens[i, :len(r)] = torch.tensor(r)
                 mask[i, :len(r)] = 1.0
-        return ids, attn, pos, tokens, mask
-
-    def _actor_logprobs(self, model, ids, attn, pos, tokens, with_entropy=False):
-        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-        picked = logits[torch.arange(ids.shape[0], device=ids.device)[:, None], pos]  # [B, T, V] response positions
-        lp = logprobs_of(picked, tokens)
-        return (lp, entropy_from_logits(picked)) if with_entropy else lp
+        position_ids = (attn.cumsum(1) - 1).clamp(min=0)
+        return ids, attn, position_ids, tokens, mask
 
     @torch.no_grad()
     def make_experience(self, prompts, rm_prompts, responses) -> dict:
         cfg, dev = self.cfg, eng.device()
-        ids, attn, pos, tokens, mask = self.pack(prompts, responses, self.tok.pad_token_id)
-        ids, attn, pos, tokens, mask = (t.to(dev) for t in (ids, attn, pos, tokens, mask))
+        ids, attn, posids, tokens, mask = self.pack(prompts, responses, self.tok.pad_token_id)
+        ids, attn, posids, tokens, mask = (t.to(dev) for t in (ids, attn, posids, tokens, mask))
         old_lp, ref_lp, values = [], [], []
         with eng.Phase.of("experience"):
             self.actor.module.eval()
             for i in range(0, ids.shape[0], cfg.micro_batch_size):  # vocab-sized logits: one micro-batch at a time
                 sl = slice(i, i + cfg.micro_batch_size)
-                old_lp.append(self._actor_logprobs(self.actor, ids[sl], attn[sl], pos[sl], tokens[sl]))
-                ref_lp.append(self._actor_logprobs(self.reference, ids[sl], attn[sl], pos[sl], tokens[sl]))
-                values.append(self.critic(ids[sl], attn[sl]).gather(1, pos[sl]))
+                seqs = trim_left_padding(ids[sl], attn[sl], posids[sl])
+                old_lp.append(response_logprobs(self.actor, *seqs, tokens[sl]))
+                ref_lp.append(response_logprobs(self.reference, *seqs, tokens[sl]))
+                values.append(response_values(self.critic, *seqs, tokens.shape[1]))
             self.actor.module.train()
         old_lp, ref_lp, values = torch.cat(old_lp), torch.cat(ref_lp), torch.cat(values)
         raw, scores = self.score(rm_prompts, responses)
@@ -279,7 +310,7 @@ class PPOTrainer:
         adv, ret = gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             adv = whiten(adv, mask)
-        return {"ids": ids, "attn": attn, "pos": pos, "tokens": tokens, "mask": mask, "old_lp": old_lp,
+        return {"ids": ids, "attn": attn, "posids": posids, "tokens": tokens, "mask": mask, "old_lp": old_lp,
                 "old_values": values * mask, "adv": adv, "ret": ret, "raw_scores": raw, "scores": scores,
                 "kl_seq": kl.sum(1)}
 
@@ -294,12 +325,13 @@ class PPOTrainer:
                 for start in range(0, n, cfg.micro_batch_size):
                     idx = order[start:start + cfg.micro_batch_size].to(exp["ids"].device)
                     mb = {k: v[idx] for k, v in exp.items() if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n}
-                    lp, ent = self._actor_logprobs(self.actor, mb["ids"], mb["attn"], mb["pos"], mb["tokens"], True)
+                    seqs = trim_left_padding(mb["ids"], mb["attn"], mb["posids"])
+                    lp, ent = response_logprobs(self.actor, *seqs, mb["tokens"], with_entropy=True)
                     pl, clip_frac, approx_kl = policy_loss(lp, mb["old_lp"], mb["adv"], mb["mask"], cfg.clip_ratio)
                     entropy = masked_mean(ent, mb["mask"])
                     self.actor.backward(pl - cfg.entropy_coef * entropy)
                     self.actor.step()
-                    values = self.critic(mb["ids"], mb["attn"]).gather(1, mb["pos"])
+                    values = response_values(self.critic, *seqs, mb["tokens"].shape[1])
                     vl, vclip = value_loss(values, mb["old_values"], mb["ret"], mb["mask"], cfg.value_clip)
                     self.critic.backward(vl)
                     self.critic.step()
