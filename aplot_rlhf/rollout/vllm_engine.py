@@ -9,6 +9,7 @@ the worker's `reload_weights(weights_iterator=...)`, which maps HF names onto vL
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -25,6 +26,19 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on CPU b
 
 class VLLMStartError(RuntimeError):
     pass
+
+
+@contextlib.contextmanager
+def _keep_torch_threads(threads: int):
+    """vLLM leaves torch's thread count alone only when OMP_NUM_THREADS is set in the environment."""
+    if "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        os.environ.pop("OMP_NUM_THREADS", None)
 
 
 class VLLMRollout:
@@ -51,12 +65,20 @@ class VLLMRollout:
         if dist.is_initialized() and dist.get_world_size() > 1:
             kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=tensor_parallel_size)
         t0 = time.perf_counter()
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
         try:
-            self.llm = LLM(**kwargs)
+            with _keep_torch_threads(threads):
+                self.llm = LLM(**kwargs)
         except Exception as exc:
             rank = dist.get_rank() if dist.is_initialized() else 0
             raise VLLMStartError(f"[rank {rank}] vLLM failed to start on {model_path}: {type(exc).__name__}: {exc}. "
                                  "Lower vllm_gpu_memory_utilization, check the model folder, or use --rollout_backend hf") from exc
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process, and its
+            # serving defaults cut torch to one thread; the trainer shares this process and needs its threads
+            torch.set_num_threads = set_threads
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
         self.start_s = time.perf_counter() - t0
         # ranks of one tensor-parallel group share an engine and must submit identical requests
         self.tp = tensor_parallel_size if dist.is_initialized() else 1
