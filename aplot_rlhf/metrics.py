@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import time
 
 log = logging.getLogger(__name__)
 
@@ -13,13 +14,21 @@ class MetricsLogger:
     """Append-only JSONL (survives resume), plus tensorboard and wandb when enabled."""
 
     def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = True, wandb_project: str = "",
-                 run_config: dict | None = None):
+                 run_config: dict | None = None, resume: bool = False):
         self.enabled = enabled
         self.tb = self.wandb = None
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        if not resume and os.path.exists(self.path):
+            # a fresh run in a used folder: keep the old rows, but never mix them into this run's file
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(self.path)))
+            old, n = os.path.join(output_dir, f"metrics.{stamp}.jsonl"), 1
+            while os.path.exists(old):
+                old, n = os.path.join(output_dir, f"metrics.{stamp}-{n}.jsonl"), n + 1
+            os.replace(self.path, old)
+            log.warning("%s held an earlier run's metrics: moved to %s", self.path, old)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -199,7 +199,7 @@ class PPOTrainer:
                        else FixedKLController(cfg.kl_coef))
 
         self.logger = MetricsLogger(cfg.output_dir, eng.is_rank0(), cfg.tensorboard, cfg.wandb_project,
-                                    run_config=vars(cfg))
+                                    run_config=vars(cfg), resume=cfg.resume)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
         if cfg.resume:
             state = eng.load_checkpoint({"actor": self.actor, "critic": self.critic}, self.ckpt_root)

@@ -87,7 +87,7 @@ class RewardModelTrainer:
         self.engine, self.scheduler = eng.initialize(model, self.ds_cfg, cfg, self.total_steps)
 
         self.logger = MetricsLogger(cfg.output_dir, eng.is_rank0(), cfg.tensorboard, cfg.wandb_project,
-                                    run_config=vars(cfg))
+                                    run_config=vars(cfg), resume=cfg.resume)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
         if cfg.resume:
             state = eng.load_checkpoint({"model": self.engine}, self.ckpt_root)
