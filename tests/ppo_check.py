@@ -23,9 +23,19 @@ def main():
         prompts = [p[0] for p in trainer.eval_prompts]
         engine_tokens = trainer.generate(prompts, temperature=0.0)
         reference = HFRollout(trainer.actor.module, trainer.tok, zero3=trainer.zero3)
+        # the frozen KL reference still holds the starting weights after training (not the actor's)
+        import torch
+        from transformers import AutoModelForCausalLM
+        from aplot_rlhf import engine as eng
+        start = dict(AutoModelForCausalLM.from_pretrained(cfg.actor_model, dtype=torch.float32).named_parameters())
+        ref_module = getattr(trainer.reference, "module", trainer.reference)
+        ref_params = dict(ref_module.named_parameters())
+        with eng.gathered_params(list(ref_params.values()), enabled=trainer.zero3):
+            ref_diff = max((ref_params[k].detach().float().cpu() - v.detach()).abs().max().item()
+                           for k, v in start.items())
         hf_tokens = reference.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
         print("RESULT " + json.dumps({"rank": trainer.rank, "rewards": rewards, "sync_s": syncs,
-                                      "backend": trainer.backend.name, "greedy_equal": engine_tokens == hf_tokens,
+                                      "backend": trainer.backend.name, "greedy_equal": engine_tokens == hf_tokens, "reference_max_diff": ref_diff,
                                       "n_prompts": len(prompts),
                                       "engine": engine_tokens[:2], "hf": hf_tokens[:2]}), flush=True)
     finally:

@@ -22,13 +22,15 @@ def ppo_flags(model_dir, out, backend, **extra):
     return flags + ["--no-progress", "--no-tensorboard"]
 
 
-def run_check(flags, port, timeout=900):
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+def run_check(flags, port, timeout=900, nproc=2):
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
            str(REPO / "tests" / "ppo_check.py"), *flags]
     proc = subprocess.run(cmd, env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     results = [json.loads(l.split("RESULT ", 1)[1]) for l in proc.stdout.splitlines() if "RESULT " in l]
-    assert len(results) == 2, proc.stdout[-3000:]
+    assert len(results) == nproc, proc.stdout[-3000:]
+    for r in results:  # training never touches the KL reference
+        assert r["reference_max_diff"] == 0.0, r
     return results
 
 
@@ -57,3 +59,9 @@ def test_ppo_with_hf_rollouts_raises_reward_and_resumes(char_llama_dir, tmp_path
     resumed = run_check(ppo_flags(char_llama_dir, part, "hf") + ["--resume"], 29534)
     assert resumed[0]["rewards"] == pytest.approx(full[0]["rewards"], abs=1e-6)
     assert (part / "policy" / "config.json").exists()
+
+
+def test_ppo_zero2_single_process_copies_the_actor_for_reference_and_critic(char_llama_dir, tmp_path):
+    # without ZeRO-3 the trainer reads the actor once and copies it into the reference and the critic backbone
+    (r,) = run_check(ppo_flags(char_llama_dir, tmp_path / "z2", "hf", zero_stage=2, ppo_iterations=2), 29535, nproc=1)
+    assert len(r["rewards"]) == 2 and r["greedy_equal"]

@@ -36,11 +36,13 @@ class Critic(nn.Module):
 
 
 def load_critic(init: str, *, reward_path: str, actor_path: str, actor_gguf_file: str = "", dtype=torch.float32,
-                gradient_checkpointing: bool = False, attn_implementation: str = "sdpa") -> Critic:
+                gradient_checkpointing: bool = False, attn_implementation: str = "sdpa",
+                actor_backbone: nn.Module | None = None) -> Critic:
     """Critic from the reward model (backbone + its scalar head) or from the actor (backbone + a zero head).
 
     The critic reads the actor's tokens, so initializing from the reward model needs the same vocabulary
-    and a decoder reward model (a head applied per token); the caller checks that.
+    and a decoder reward model (a head applied per token); the caller checks that. `actor_backbone`, a
+    copy of the loaded actor's backbone, saves reading (and de-quantizing) the actor checkpoint again.
     """
     from transformers import AutoModel, AutoModelForSequenceClassification
     if init == "reward":
@@ -50,6 +52,10 @@ def load_critic(init: str, *, reward_path: str, actor_path: str, actor_gguf_file
             raise ValueError(f"{reward_path}: critic_init 'reward' needs a decoder reward model with a per-token "
                              "`score` head; use --critic_init actor")
         backbone, head = getattr(rm, rm.base_model_prefix), rm.score
+    elif actor_backbone is not None:
+        backbone = actor_backbone
+        head = nn.Linear(backbone.config.hidden_size, 1, bias=False, dtype=dtype)
+        nn.init.zeros_(head.weight)
     else:
         folder, gguf = split_gguf(actor_path, actor_gguf_file)
         kwargs = {"gguf_file": gguf} if gguf else {}

@@ -6,6 +6,7 @@ forwards and reward-model scores -> KL-penalized token rewards -> GAE -> PPO epo
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import math
@@ -173,9 +174,15 @@ class PPOTrainer:
         with eng.Phase.of("load_models"):
             actor = load_actor(cfg.actor_model, gguf_file=cfg.actor_gguf_file, dtype=dtype,
                                gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation)
-            reference = load_actor(cfg.reference_model or cfg.actor_model,
-                                   gguf_file="" if cfg.reference_model else cfg.actor_gguf_file, dtype=dtype,
-                                   attn_implementation=cfg.attn_implementation)
+            # without ZeRO-3 partitioning the loaded actor can be copied: one read (and one GGUF de-quantization)
+            # of the actor checkpoint serves the reference and the critic's backbone too
+            copy_actor = not self.zero3
+            if copy_actor and cfg.reference_model in ("", cfg.actor_model):
+                reference = copy.deepcopy(actor)
+            else:
+                reference = load_actor(cfg.reference_model or cfg.actor_model,
+                                       gguf_file="" if cfg.reference_model else cfg.actor_gguf_file, dtype=dtype,
+                                       attn_implementation=cfg.attn_implementation)
             check_same_vocabulary(actor.config, reference.config)
             if cfg.reward_model.startswith("rule:"):
                 self.reward = RuleReward(cfg.reward_model)
@@ -189,7 +196,8 @@ class PPOTrainer:
             critic = load_critic(critic_init, reward_path=cfg.reward_model, actor_path=cfg.actor_model,
                                  actor_gguf_file=cfg.actor_gguf_file, dtype=dtype,
                                  gradient_checkpointing=cfg.gradient_checkpointing,
-                                 attn_implementation=cfg.attn_implementation)
+                                 attn_implementation=cfg.attn_implementation,
+                                 actor_backbone=copy.deepcopy(actor.base_model) if copy_actor and critic_init == "actor" else None)
         steps_per_iter = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.ppo_mini_batch_size)
         total = cfg.ppo_iterations * steps_per_iter
         self.actor, self.actor_sched = eng.initialize(actor, self.ds_cfg, cfg, total)
@@ -208,6 +216,7 @@ class PPOTrainer:
                 self.kl_ctl.load_state_dict(state["kl"])
                 log.info("resumed at PPO iteration %d", self.iteration)
         self.backend = self._make_backend()
+        log.info("rollout backend %s; torch uses %d CPU threads", cfg.rollout_backend, torch.get_num_threads())
         if cfg.rollout_backend == "vllm":
             self.sync_weights()  # the engine starts from the files on disk; a resumed actor differs
         return self
