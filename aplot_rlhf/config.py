@@ -246,6 +246,8 @@ class PPOSpecific:
     reward_model: str = knob("", "reward model folder saved by train_rm (any tokenizer)")
     reference_model: str = knob("", "frozen KL reference; defaults to actor_model")
     critic_init: str = knob("reward", "initialize the critic from the 'reward' model or the 'actor'")
+    critic_ds_config: str = knob("", "DeepSpeed JSON for the critic ('auto' filled as for the actor); default: the actor's")
+    reference_ds_config: str = knob("", "DeepSpeed JSON for the frozen reference and reward model; default: the actor's")
     prompt_data: list = knob([], "prompt files (jsonl/json/parquet/arrow, key prompt_key); repeatable")
     prompt_format: str = knob("auto", "'auto' (HH transcripts become chat messages when the actor has a chat template), 'text' or 'chat'")
     max_prompts: int = knob(0, "use only the first N prompts (0 = all)")

@@ -144,6 +144,24 @@ def torch_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+def role_ds_config(cfg, world_size: int, path: str, role: str, actor_ds_cfg: dict, precision: str | None = None) -> dict:
+    """A PPO role's own DeepSpeed JSON (critic, reference), or the actor's when `path` is empty.
+
+    Every role must use the actor's ZeRO stage and precision: models are created under one
+    HfDeepSpeedConfig (ZeRO-3 partitions at load time) and their tensors meet in one loss.
+    """
+    if not path:
+        return actor_ds_cfg
+    import dataclasses
+    ds_cfg = build_ds_config(dataclasses.replace(cfg, ds_config=path), world_size, precision)
+    stage = lambda c: c.get("zero_optimization", {}).get("stage", 0)
+    dtype = lambda c: "bf16" if c.get("bf16", {}).get("enabled") else ("fp16" if c.get("fp16", {}).get("enabled") else "fp32")
+    if (stage(ds_cfg), dtype(ds_cfg)) != (stage(actor_ds_cfg), dtype(actor_ds_cfg)):
+        raise ValueError(f"{path}: the {role} config has ZeRO stage {stage(ds_cfg)} / {dtype(ds_cfg)}, the actor's has "
+                         f"ZeRO stage {stage(actor_ds_cfg)} / {dtype(actor_ds_cfg)}: every PPO role must match the actor")
+    return ds_cfg
+
+
 def build_ds_config(cfg, world_size: int, precision: str | None = None) -> dict:
     """DeepSpeed config from our knobs, or from cfg.ds_config with its 'auto' values filled in.
 

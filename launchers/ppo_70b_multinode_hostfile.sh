@@ -13,7 +13,8 @@ run_job aplot_rlhf.cli.train_ppo \
   --actor_model "${ACTOR:-ds_configs/model_shapes/llama3-70b}" --reward_model "${RM:-ds_configs/model_shapes/llama3-8b}" \
   --critic_init actor \
   --prompt_data "${PROMPTS:-aplot_rlhf/demo_data/hh-rlhf/harmless-base-test.pairs.jsonl}" \
-  --ds_config ds_configs/ppo_actor_zero3_offload_bf16.json --zero_stage 3 --precision bf16 --offload_optimizer \
+  --ds_config ds_configs/ppo_actor_zero3_offload_bf16.json --reference_ds_config ds_configs/ppo_ref_zero3_bf16.json \
+  --zero_stage 3 --precision bf16 --offload_optimizer \
   --gradient_checkpointing --timeout_s 3600 \
   --rollout_backend vllm --vllm_tensor_parallel_size 8 --vllm_gpu_memory_utilization 0.5 --vllm_sleep \
   --rollout_batch_size 16 --ppo_mini_batch_size 8 --micro_batch_size 1 \

@@ -11,7 +11,8 @@ export APLOT_PLAN_NODES=1 APLOT_PLAN_GPUS_PER_NODE=8 APLOT_PLAN_GPU_MEM_GIB=80 A
 run_job aplot_rlhf.cli.train_ppo \
   --actor_model "${ACTOR:-ds_configs/model_shapes/llama3-8b}" --reward_model "${RM:-ds_configs/model_shapes/llama3-8b}" \
   --prompt_data "${PROMPTS:-aplot_rlhf/demo_data/hh-rlhf/harmless-base-test.pairs.jsonl}" \
-  --ds_config ds_configs/ppo_actor_zero3_bf16.json --zero_stage 3 --precision bf16 --gradient_checkpointing \
+  --ds_config ds_configs/ppo_actor_zero3_bf16.json --critic_ds_config ds_configs/ppo_critic_zero3_bf16.json \
+  --reference_ds_config ds_configs/ppo_ref_zero3_bf16.json --zero_stage 3 --precision bf16 --gradient_checkpointing \
   --rollout_backend vllm --vllm_tensor_parallel_size 1 --vllm_gpu_memory_utilization 0.35 --vllm_sleep \
   --rollout_batch_size 64 --ppo_mini_batch_size 16 --micro_batch_size 2 \
   --max_prompt_length 1024 --max_new_tokens 1024 --learning_rate 5e-7 --critic_learning_rate 9e-6 \

@@ -175,3 +175,19 @@ def test_launcher_dry_run_accepts_flags_and_fits(path):
     else:
         assert launch.startswith("DRY_RUN=1: would run: deepspeed ") and "--module aplot_rlhf.cli." in launch
         assert ("--hostfile" in launch) == ("hostfile" in path.name)
+
+
+def test_ppo_role_config_must_match_the_actors_stage(tmp_path, monkeypatch, capsys):
+    from aplot_rlhf.cli import train_ppo
+    raw = json.loads((REPO / "ds_configs" / "ppo_critic_zero3_bf16.json").read_text())
+    raw["zero_optimization"]["stage"] = 2
+    path = tmp_path / "critic_z2.json"
+    path.write_text(json.dumps(raw))
+    monkeypatch.setenv("APLOT_PLAN_GPUS_PER_NODE", "8")
+    flags = ["--actor_model", str(SHAPES / "llama3-8b"), "--reward_model", str(SHAPES / "llama3-8b"),
+             "--prompt_data", str(DEMO_PAIRS), "--ds_config", str(REPO / "ds_configs/ppo_actor_zero3_bf16.json"),
+             "--zero_stage", "3", "--precision", "bf16", "--critic_ds_config", str(path), "--dry_run"]
+    with pytest.raises(SystemExit) as exc:
+        train_ppo.main(flags)
+    assert exc.value.code == 2
+    assert f"{path}: the critic config has ZeRO stage 2 / bf16, the actor's has ZeRO stage 3 / bf16" in capsys.readouterr().err

@@ -50,6 +50,19 @@ def check_deepspeed_json(cfg, world: int) -> dict:
     return ds_cfg
 
 
+def _check_role_json(cfg, path: str, role: str, actor_ds_cfg: dict, world: int) -> None:
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from .. import engine as eng
+    ds_cfg = eng.role_ds_config(cfg, world, path, role, actor_ds_cfg, precision=cfg.precision)
+    probe = copy.deepcopy(ds_cfg)
+    if isinstance(probe.get("train_batch_size"), int):
+        probe["train_batch_size"] //= world
+    try:
+        DeepSpeedConfig(probe)
+    except Exception as exc:
+        raise ValueError(f"DeepSpeed rejects the {role} config ({path}): {type(exc).__name__}: {exc}") from exc
+
+
 def _check_flags_match_json(cfg, ds_cfg: dict) -> None:
     """The trainers read --zero_stage / --precision / --offload_* as well as the JSON: they must agree."""
     zero = ds_cfg.get("zero_optimization", {})
@@ -122,6 +135,9 @@ def dry_run_ppo(cfg) -> int:
         hw = hardware()
         cfg.gradient_accumulation_steps = cfg.ppo_mini_batch_size // cfg.micro_batch_size  # as the trainer sets it
         ds_cfg = check_deepspeed_json(cfg, hw.nodes * hw.gpus_per_node)
+        for path, role in ((cfg.critic_ds_config, "critic"), (cfg.reference_ds_config, "reference")):
+            if path:  # accepted by DeepSpeed, and the actor's stage and precision
+                _check_role_json(cfg, path, role, ds_cfg, hw.nodes * hw.gpus_per_node)
         _check_files(cfg.prompt_data, "prompt_data")
         actor = _model_folder(cfg.actor_model)
         reward = None if cfg.reward_model.startswith("rule:") else _model_folder(cfg.reward_model)

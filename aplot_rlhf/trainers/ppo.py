@@ -167,6 +167,8 @@ class PPOTrainer:
         ga = cfg.ppo_mini_batch_size // cfg.micro_batch_size
         cfg.gradient_accumulation_steps = ga
         self.ds_cfg = eng.build_ds_config(cfg, self.world)
+        critic_ds_cfg = eng.role_ds_config(cfg, self.world, cfg.critic_ds_config, "critic", self.ds_cfg)
+        frozen_ds_cfg = eng.role_ds_config(cfg, self.world, cfg.reference_ds_config, "reference", self.ds_cfg)
         self.zero3 = cfg.zero_stage == 3
         self.precision = eng.effective_precision(cfg.precision)
         dtype = eng.torch_dtype(self.precision)
@@ -188,7 +190,7 @@ class PPOTrainer:
                 self.reward = RuleReward(cfg.reward_model)
                 critic_init = "actor"
             else:
-                self.reward = ModelReward(cfg.reward_model, self.ds_cfg, dtype, cfg.reward_batch_size)
+                self.reward = ModelReward(cfg.reward_model, frozen_ds_cfg, dtype, cfg.reward_batch_size)
                 critic_init = cfg.critic_init
                 if critic_init == "reward" and self.reward.tok.get_vocab() != self.tok.get_vocab():
                     log.warning("reward model's tokenizer differs from the actor's: critic initialized from the actor")
@@ -201,8 +203,8 @@ class PPOTrainer:
         steps_per_iter = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.ppo_mini_batch_size)
         total = cfg.ppo_iterations * steps_per_iter
         self.actor, self.actor_sched = eng.initialize(actor, self.ds_cfg, cfg, total)
-        self.critic, _ = eng.initialize(critic, self.ds_cfg, cfg, total, learning_rate=cfg.critic_learning_rate)
-        self.reference = eng.initialize_frozen(reference, self.ds_cfg)
+        self.critic, _ = eng.initialize(critic, critic_ds_cfg, cfg, total, learning_rate=cfg.critic_learning_rate)
+        self.reference = eng.initialize_frozen(reference, frozen_ds_cfg)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
 
