@@ -24,14 +24,15 @@ def main():
         engine_tokens = trainer.generate(prompts, temperature=0.0)
         reference = HFRollout(trainer.actor.module, trainer.tok, zero3=trainer.zero3)
         # the frozen KL reference still holds the starting weights after training (not the actor's)
-        import torch
-        from transformers import AutoModelForCausalLM
+        # (read from the file itself: under ZeRO-3 from_pretrained would partition a fresh copy)
+        from safetensors.torch import load_file
         from aplot_rlhf import engine as eng
-        start = dict(AutoModelForCausalLM.from_pretrained(cfg.actor_model, dtype=torch.float32).named_parameters())
+        start = load_file(os.path.join(cfg.actor_model, "model.safetensors"))
         ref_module = getattr(trainer.reference, "module", trainer.reference)
         ref_params = dict(ref_module.named_parameters())
+        assert set(start) <= set(ref_params), sorted(set(start) - set(ref_params))[:5]
         with eng.gathered_params(list(ref_params.values()), enabled=trainer.zero3):
-            ref_diff = max((ref_params[k].detach().float().cpu() - v.detach()).abs().max().item()
+            ref_diff = max((ref_params[k].detach().float().cpu() - v.float()).abs().max().item()
                            for k, v in start.items())
         hf_tokens = reference.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
         print("RESULT " + json.dumps({"rank": trainer.rank, "rewards": rewards, "sync_s": syncs,

