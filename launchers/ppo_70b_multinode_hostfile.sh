@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# PPO, Llama-3-70B class actor + reference, 8B reward model and critic, on 8 nodes x 8 GPUs x 80 GB,
+# PPO, Llama-3-70B class actor, reference and critic (from the actor), 8B reward model, on 8 nodes x 8 GPUs x 80 GB,
 # >= 640 GiB host RAM per node (actor optimizer states offloaded; the plan: ~600 GiB). vLLM TP 8 (one engine per node), sleeping in training.
 # Use:  HOSTFILE=launchers/hostfile ACTOR=/models/sft-70b RM=runs/rm-8b/model PROMPTS=/data/prompts.jsonl \
 #         bash launchers/ppo_70b_multinode_hostfile.sh
