@@ -493,6 +493,11 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
     return text
 
 
+def png_path(name: str, preset: str) -> Path:
+    """Plots of the quick preset keep their plain names (RESULTS.md links them); other presets get a suffix."""
+    return RESULTS / (f"{name}.png" if preset == "quick" else f"{name}_{preset}.png")
+
+
 def _plots(plt, runs, methods, seeds, sep, lr_scores, preset):
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
     # 1. convergence on id_val: accuracy and mean reward margin vs step (mean over seeds, band = min..max)
@@ -514,7 +519,7 @@ def _plots(plt, runs, methods, seeds, sep, lr_scores, preset):
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Convergence on id_val ({preset}): mean over seeds, band = min..max", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "convergence.png", dpi=110)
+    fig.savefig(png_path("convergence", preset), dpi=110)
     plt.close(fig)
 
     # 2. separation: distribution of chosen - rejected on id_val (raw, and divided by each run's reward std)
@@ -531,7 +536,7 @@ def _plots(plt, runs, methods, seeds, sep, lr_scores, preset):
         ax.legend(fontsize=7)
     fig.suptitle("id_val separation of the final models, pooled over seeds", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "separation.png", dpi=110)
+    fig.savefig(png_path("separation", preset), dpi=110)
     plt.close(fig)
 
     # 3. APLOT diagnostics over training (mean over seeds, 5-step moving average)
@@ -559,7 +564,7 @@ def _plots(plt, runs, methods, seeds, sep, lr_scores, preset):
         axes.flat[0].legend(fontsize=7)
     fig.suptitle("APLOT margin diagnostics per training batch (mean over seeds, 5-step moving average)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(RESULTS / "aplot_diagnostics.png", dpi=110)
+    fig.savefig(png_path("aplot_diagnostics", preset), dpi=110)
     plt.close(fig)
 
     # 4. per-seed accuracies, every set (dots = seeds, bar = mean)
@@ -576,7 +581,7 @@ def _plots(plt, runs, methods, seeds, sep, lr_scores, preset):
         ax.set_title(k, fontsize=9)
     axes[0].set_ylabel("accuracy (%)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "accuracy_per_seed.png", dpi=110)
+    fig.savefig(png_path("accuracy_per_seed", preset), dpi=110)
     plt.close(fig)
 
     if lr_scores:
@@ -589,7 +594,7 @@ def _plots(plt, runs, methods, seeds, sep, lr_scores, preset):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(RESULTS / "lr_check.png", dpi=110)
+        fig.savefig(png_path("lr_check", preset), dpi=110)
         plt.close(fig)
 
 
