@@ -154,12 +154,19 @@ def role_ds_config(cfg, world_size: int, path: str, role: str, actor_ds_cfg: dic
         return actor_ds_cfg
     import dataclasses
     ds_cfg = build_ds_config(dataclasses.replace(cfg, ds_config=path), world_size, precision)
-    stage = lambda c: c.get("zero_optimization", {}).get("stage", 0)
-    dtype = lambda c: "bf16" if c.get("bf16", {}).get("enabled") else ("fp16" if c.get("fp16", {}).get("enabled") else "fp32")
-    if (stage(ds_cfg), dtype(ds_cfg)) != (stage(actor_ds_cfg), dtype(actor_ds_cfg)):
-        raise ValueError(f"{path}: the {role} config has ZeRO stage {stage(ds_cfg)} / {dtype(ds_cfg)}, the actor's has "
-                         f"ZeRO stage {stage(actor_ds_cfg)} / {dtype(actor_ds_cfg)}: every PPO role must match the actor")
+    stage = lambda c: c.get("zero_optimization", {}).get("stage", 0)  # noqa: E731
+    if (stage(ds_cfg), ds_precision(ds_cfg)) != (stage(actor_ds_cfg), ds_precision(actor_ds_cfg)):
+        raise ValueError(f"{path}: the {role} config has ZeRO stage {stage(ds_cfg)} / {ds_precision(ds_cfg)}, the "
+                         f"actor's has ZeRO stage {stage(actor_ds_cfg)} / {ds_precision(actor_ds_cfg)}: every PPO "
+                         "role must match the actor")
     return ds_cfg
+
+
+def ds_precision(ds_cfg: dict) -> str:
+    """'bf16', 'fp16' or 'fp32', as a DeepSpeed config enables it."""
+    if ds_cfg.get("bf16", {}).get("enabled"):
+        return "bf16"
+    return "fp16" if ds_cfg.get("fp16", {}).get("enabled") else "fp32"
 
 
 def build_ds_config(cfg, world_size: int, precision: str | None = None) -> dict:
@@ -279,9 +286,8 @@ def initialize_frozen(model: torch.nn.Module, ds_cfg: dict):
     for p in model.parameters():
         p.requires_grad_(False)
     if ds_cfg.get("zero_optimization", {}).get("stage") != 3:
-        dtype = torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else (
-            torch.float16 if ds_cfg.get("fp16", {}).get("enabled") else None)
-        model = model.to(device(), dtype=dtype) if dtype else model.to(device())
+        precision = ds_precision(ds_cfg)
+        model = model.to(device(), dtype=torch_dtype(precision)) if precision != "fp32" else model.to(device())
         return model.eval()
     frozen = copy.deepcopy(ds_cfg)
     frozen.pop("optimizer", None)

@@ -63,7 +63,7 @@ METHODS = {  # name -> the train_rm flags that differ between methods; everythin
 MAIN = ["bt", "bt_smooth", "aplot"]
 
 PRESETS = {
-    # sized for ~75 minutes on a shared 2-core CPU (see benchmarks/results/quality.md)
+    # each run took 4-7 min on a shared 2-core CPU, 2 at a time with one thread each (see benchmarks/RESULTS.md)
     "quick": dict(train_pairs=320, max_length=96, eval_steps=20, oasst_pairs=300, lrs=["3e-5", "1e-4"],
                   lr_check_pairs=400),
     # the whole training split (1,800 pairs), max length 128: ~13 min per run on 2 cores

@@ -32,9 +32,17 @@ def check_deepspeed_json(cfg, world: int) -> dict:
 
     Plans the requested precision (bf16 stays bf16 here even though a CPU run would fall back to fp32).
     """
-    from deepspeed.runtime.config import DeepSpeedConfig
     from .. import engine as eng
     ds_cfg = eng.build_ds_config(cfg, world, precision=cfg.precision)
+    _parse_with_deepspeed(ds_cfg, world, f"the config ({cfg.ds_config})" if cfg.ds_config else "the config")
+    _check_flags_match_json(cfg, ds_cfg)
+    return ds_cfg
+
+
+def _parse_with_deepspeed(ds_cfg: dict, world: int, what: str) -> None:
+    """Batch arithmetic for `world` ranks, then DeepSpeed's own parser; ValueError naming `what` if rejected."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from .. import engine as eng
     eng.check_ds_config(ds_cfg, world)
     # Without a process group DeepSpeedConfig takes world size 1 (an mpu is not consulted before
     # dist.get_rank() fails), so hand it the per-rank share; the world-size arithmetic was checked above.
@@ -44,31 +52,21 @@ def check_deepspeed_json(cfg, world: int) -> dict:
     try:
         DeepSpeedConfig(probe)
     except Exception as exc:  # pydantic ValidationError, AssertionError, ValueError: all mean "rejected"
-        where = f" ({cfg.ds_config})" if cfg.ds_config else ""
-        raise ValueError(f"DeepSpeed rejects the config{where}: {type(exc).__name__}: {exc}") from exc
-    _check_flags_match_json(cfg, ds_cfg)
-    return ds_cfg
+        raise ValueError(f"DeepSpeed rejects {what}: {type(exc).__name__}: {exc}") from exc
 
 
 def _check_role_json(cfg, path: str, role: str, actor_ds_cfg: dict, world: int) -> None:
-    from deepspeed.runtime.config import DeepSpeedConfig
     from .. import engine as eng
     ds_cfg = eng.role_ds_config(cfg, world, path, role, actor_ds_cfg, precision=cfg.precision)
-    probe = copy.deepcopy(ds_cfg)
-    if isinstance(probe.get("train_batch_size"), int):
-        probe["train_batch_size"] //= world
-    try:
-        DeepSpeedConfig(probe)
-    except Exception as exc:
-        raise ValueError(f"DeepSpeed rejects the {role} config ({path}): {type(exc).__name__}: {exc}") from exc
+    _parse_with_deepspeed(ds_cfg, world, f"the {role} config ({path})")
 
 
 def _check_flags_match_json(cfg, ds_cfg: dict) -> None:
     """The trainers read --zero_stage / --precision / --offload_* as well as the JSON: they must agree."""
     zero = ds_cfg.get("zero_optimization", {})
-    offload = lambda key: zero.get(key, {}).get("device", "none") not in ("none", None)
-    json_precision = "bf16" if ds_cfg.get("bf16", {}).get("enabled") else (
-        "fp16" if ds_cfg.get("fp16", {}).get("enabled") else "fp32")
+    from .. import engine as eng
+    offload = lambda key: zero.get(key, {}).get("device", "none") not in ("none", None)  # noqa: E731
+    json_precision = eng.ds_precision(ds_cfg)
     pairs = [("zero_stage", cfg.zero_stage, "zero_optimization.stage", zero.get("stage", 0)),
              ("precision", cfg.precision, "bf16/fp16.enabled", json_precision),
              ("offload_optimizer", cfg.offload_optimizer, "zero_optimization.offload_optimizer", offload("offload_optimizer")),
