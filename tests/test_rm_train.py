@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import HH_PAIRS, PYTHON, REPO, python_env
+from conftest import free_port, HH_PAIRS, PYTHON, REPO, python_env
 
 STEPS = 8
 
@@ -39,7 +39,7 @@ def read_metrics(out):
 @pytest.fixture(scope="module")
 def full_run(tiny_llama_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm_full")
-    proc = subprocess.run(torchrun(rm_args(tiny_llama_dir, out), 29511), env=python_env(), cwd=REPO,
+    proc = subprocess.run(torchrun(rm_args(tiny_llama_dir, out), free_port()), env=python_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out, proc
@@ -86,7 +86,7 @@ def test_resume_after_kill_continues_the_same_loss_curve(full_run, tiny_llama_di
     """SIGKILL a run once it has passed a checkpoint, resume with one flag, compare with the uninterrupted run."""
     full_out, _ = full_run
     out = tmp_path / "rm_killed"
-    proc = subprocess.Popen(torchrun(rm_args(tiny_llama_dir, out), 29512), env=python_env(), cwd=REPO,
+    proc = subprocess.Popen(torchrun(rm_args(tiny_llama_dir, out), free_port()), env=python_env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -100,7 +100,7 @@ def test_resume_after_kill_continues_the_same_loss_curve(full_run, tiny_llama_di
     proc.wait()
     latest = json.loads((out / "checkpoints" / "latest_checkpoint.json").read_text())
     assert latest["step"] in (2, 4, 6)
-    resumed = subprocess.run(torchrun(rm_args(tiny_llama_dir, out) + ["--resume"], 29513), env=python_env(),
+    resumed = subprocess.run(torchrun(rm_args(tiny_llama_dir, out) + ["--resume"], free_port()), env=python_env(),
                              cwd=REPO, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-6000:]
     full, mine = read_metrics(full_out), read_metrics(out)
