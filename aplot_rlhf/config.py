@@ -282,6 +282,8 @@ class PPOSpecific:
     reward_batch_size: int = knob(16, "sequences per reward-model forward")
     gradient_checkpointing: bool = knob(False, "recompute activations in backward (actor and critic)")
     attn_implementation: str = knob("sdpa", "attention kernel passed to transformers (sdpa, eager, flash_attention_2)")
+    disable_dropout: bool = knob(True, "set every dropout of actor, critic, reference and reward model to 0, so "
+                                 "rollout log-probs (eval mode) and training log-probs (train mode) agree")
 
 
 @dataclass

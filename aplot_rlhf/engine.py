@@ -122,6 +122,16 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_finite_mean(values: torch.Tensor) -> torch.Tensor:
+    """Per entry, the mean over ranks of the finite values only ([K] -> [K]; NaN where no rank has one).
+
+    One rank's NaN statistic (e.g. a correlation over a constant batch) must not poison the logged value."""
+    finite = torch.isfinite(values)
+    both = torch.stack([torch.where(finite, values, torch.zeros_like(values)).double(), finite.double()])
+    both = all_reduce_sum(both)
+    return (both[0] / both[1]).to(values.dtype)  # 0/0 = NaN where nothing was finite
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

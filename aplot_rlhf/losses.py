@@ -36,28 +36,33 @@ def gamma_at(step: int, gamma: float, warmup_steps: int) -> float:
 
 
 def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
-    """TRL-style metric names for a batch of pairs (floats)."""
+    """TRL-style metric names for a batch of pairs (0-dim tensors on the rewards' device: no host sync)."""
     diff = (chosen - rejected).detach().float()
     return {
-        "accuracy": (diff > 0).float().mean().item(),
-        "rewards/chosen": chosen.detach().float().mean().item(),
-        "rewards/rejected": rejected.detach().float().mean().item(),
-        "rewards/margins": diff.mean().item(),
+        "accuracy": (diff > 0).float().mean(),
+        "rewards/chosen": chosen.detach().float().mean(),
+        "rewards/rejected": rejected.detach().float().mean(),
+        "rewards/margins": diff.mean(),
     }
 
 
 def margin_diagnostics(margin: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor,
-                       hard_threshold: float) -> dict:
-    """APLOT diagnostics: margin mean/std, its correlation with the reward gap, easy/hard shares."""
+                       hard_threshold: float, easy_threshold: float = 0.05) -> dict:
+    """APLOT diagnostics: margin mean/std, its correlation with the reward gap, easy/hard shares.
+
+    0-dim tensors (no host sync); the correlation is NaN where either side is constant."""
     m = margin.detach().float()
     gap = (chosen - rejected).detach().float()
-    corr = float("nan")
-    if m.numel() > 1 and m.std() > 0 and gap.std() > 0:
-        corr = torch.corrcoef(torch.stack([m, gap]))[0, 1].item()
+    nan = torch.full((), float("nan"), device=m.device)
+    if m.numel() > 1:
+        corr = torch.corrcoef(torch.stack([m, gap]))[0, 1]  # NaN (0/0) for a constant side
+        std = m.std()
+    else:
+        corr, std = nan, torch.zeros((), device=m.device)
     return {
-        "aplot/margin_mean": m.mean().item(),
-        "aplot/margin_std": m.std().item() if m.numel() > 1 else 0.0,
+        "aplot/margin_mean": m.mean(),
+        "aplot/margin_std": std,
         "aplot/margin_gap_corr": corr,
-        "aplot/easy_frac": (m < 0.05).float().mean().item(),
-        "aplot/hard_frac": (m > hard_threshold).float().mean().item(),
+        "aplot/easy_frac": (m < easy_threshold).float().mean(),
+        "aplot/hard_frac": (m > hard_threshold).float().mean(),
     }

@@ -57,3 +57,38 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class MetricsWindow:
+    """Per-step metric dicts collected between two log lines, reduced to their mean over the interval.
+
+    A logged row with log_steps = N is the average of the N steps it covers, not the last step's values.
+    Keys missing from some steps (e.g. APLOT diagnostics) average over the steps that have them.
+    """
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def add(self, metrics: dict) -> None:
+        self.rows.append(metrics)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def keys(self) -> list[str]:
+        return sorted({k for r in self.rows for k in r})
+
+    def local_means(self, keys: list[str], device=None):
+        """[len(keys)] fp64 tensor of this rank's means over the window (NaN-skipping), on `device`.
+
+        Values may be floats or 0-dim tensors still on the accelerator: they are stacked there, so the
+        window costs no host sync until the caller reads the result."""
+        import torch
+        nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
+        table = torch.stack([torch.stack([torch.as_tensor(r[k], dtype=torch.float64).to(device) if k in r else nan
+                                          for k in keys]) for r in self.rows])
+        return table.nanmean(0)
+
+    def clear(self) -> None:
+        self.rows = []
+

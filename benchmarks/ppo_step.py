@@ -123,9 +123,9 @@ def main():
         else:
             backend = HFRollout(trainer.actor.module, trainer.tok, zero3=trainer.zero3,
                                 synced_gpus=name == "hf_zero3_synced" and trainer.zero3)
-        backend.generate(prompts[:2], max_new_tokens=4, temperature=1.0, top_p=1.0, seed=0)  # warm-up
+        backend.generate(prompts[:2], max_new_tokens=4, temperature=1.0, top_p=1.0, seeds=[0] * 2)  # warm-up
         out, sec = timed(lambda: backend.generate(prompts, max_new_tokens=args.new_tokens, temperature=1.0,
-                                                  top_p=1.0, seed=0))
+                                                  top_p=1.0, seeds=[0] * len(prompts)))
         tokens = sum(len(o) for o in out)
         total = eng.all_reduce_sum(torch.tensor([float(tokens), sec], device=eng.device())).cpu()
         gen_rows.append({"backend": backend.name if name != "hf_zero3_synced" else name, "tokens": int(total[0]),

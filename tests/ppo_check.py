@@ -34,7 +34,8 @@ def main():
         with eng.gathered_params(list(ref_params.values()), enabled=trainer.zero3):
             ref_diff = max((ref_params[k].detach().float().cpu() - v.float()).abs().max().item()
                            for k, v in start.items())
-        hf_tokens = reference.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0, seed=0)
+        hf_tokens = reference.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0,
+                                       seeds=[0] * len(prompts))
         print("RESULT " + json.dumps({"rank": trainer.rank, "rewards": rewards, "sync_s": syncs,
                                       "backend": trainer.backend.name, "greedy_equal": engine_tokens == hf_tokens, "reference_max_diff": ref_diff,
                                       "n_prompts": len(prompts),

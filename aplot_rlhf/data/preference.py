@@ -350,3 +350,35 @@ class PairSampler:
             start = b * per_step + self.rank * self.mbs
             out.append(order[start:start + self.mbs])
         return out
+
+
+# ------------------------------------------------------------------ the reward model's input contract
+
+EXPORT_PREFIX = "aplot_rlhf_"
+
+
+def input_format_of(pairs: list[dict], chat_template: str) -> str:
+    """'chat' if PairTokenizer applies the chat template to these pairs, else 'text'."""
+    if chat_template == "always":
+        return "chat"
+    if chat_template == "never":
+        return "text"
+    return "chat" if any(_is_messages(p["prompt"]) or _is_messages(p["chosen"]) for p in pairs) else "text"
+
+
+def rm_export_fields(cfg, input_format: str) -> dict:
+    """The keys a reward model's export carries so every later reader tokenizes as train_rm did."""
+    return {f"{EXPORT_PREFIX}max_length": cfg.max_length, f"{EXPORT_PREFIX}loss": cfg.loss,
+            f"{EXPORT_PREFIX}chat_template": cfg.chat_template,
+            f"{EXPORT_PREFIX}response_separator": cfg.response_separator,
+            f"{EXPORT_PREFIX}long_response": cfg.long_response,
+            f"{EXPORT_PREFIX}input_format": input_format}
+
+
+def encoder_from_export(tokenizer, hf_config, max_length: int = 0) -> tuple["PairTokenizer", str | None]:
+    """(PairTokenizer built as train_rm built it, the training data's input format or None if unrecorded)."""
+    get = lambda k, d: getattr(hf_config, EXPORT_PREFIX + k, d)  # noqa: E731
+    encoder = PairTokenizer(tokenizer, max_length or get("max_length", 512), get("chat_template", "auto"),
+                            get("response_separator", " "), get("long_response", "keep_end"))
+    return encoder, get("input_format", None)
+

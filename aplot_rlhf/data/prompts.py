@@ -49,11 +49,28 @@ def load_prompts(paths, prompt_key: str = "prompt", what: str = "prompt_data") -
     return out
 
 
-class PromptFormatter:
-    """Prompt -> (actor token ids, text the reward model sees before the response).
+def hh_transcript(messages: list[dict]) -> str:
+    """Chat messages -> the HH transcript form, ending with the assistant's turn marker."""
+    return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
+                   for m in messages) + "\n\nAssistant:"
 
-    The reward model keeps the prompt's original text (HH transcripts stay HH); the actor may see it
-    through its chat template. Prompts over max_prompt_length keep their newest tokens (counted).
+
+def reward_model_prompt(prompt, input_format: str | None):
+    """A PPO prompt in the form the reward model was trained on (its export's `input_format`):
+    'chat' gets chat messages (an HH transcript is split into its turns), 'text' or unrecorded gets text."""
+    if input_format == "chat":
+        if _is_messages(prompt):
+            return prompt
+        return hh_to_messages(prompt) or [{"role": "user", "content": prompt}]
+    return prompt if isinstance(prompt, str) else hh_transcript(prompt)
+
+
+class PromptFormatter:
+    """Prompt -> (actor token ids, the prompt as given: str or chat messages).
+
+    The actor may see the prompt through its chat template; the reward model gets the original prompt
+    and formats it as its own training data was (`reward_model_prompt`, then its PairTokenizer).
+    Prompts over max_prompt_length keep their newest tokens (counted).
     """
 
     def __init__(self, tokenizer, max_prompt_length: int, prompt_format: str = "auto"):
@@ -64,9 +81,8 @@ class PromptFormatter:
             raise DataError("prompt_format 'chat' needs an actor tokenizer with a chat template")
         self.skips = SkipCounter()
 
-    def __call__(self, prompt) -> tuple[list[int], str]:
-        rm_text = prompt if isinstance(prompt, str) else "".join(
-            f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in prompt) + "\n\nAssistant:"
+    def __call__(self, prompt) -> tuple[list[int], str | list[dict]]:
+        rm_text = prompt if isinstance(prompt, str) else hh_transcript(prompt)
         if self.use_chat:
             messages = prompt if _is_messages(prompt) else (hh_to_messages(prompt) or [{"role": "user", "content": prompt}])
             text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -76,4 +92,4 @@ class PromptFormatter:
         if len(ids) > self.max_len:
             self.skips.add(f"prompt(s) cut from the left to max_prompt_length={self.max_len}")
             ids = ids[-self.max_len:]
-        return ids, rm_text
+        return ids, prompt

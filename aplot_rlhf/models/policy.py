@@ -35,14 +35,34 @@ class Critic(nn.Module):
         return self.value_head(hidden).squeeze(-1).float()
 
 
+def normalized_head(head: nn.Linear, mean: float, std: float) -> nn.Linear:
+    """A value head giving (head(h) - mean) / std: a reward-model head rescaled to the normalized rewards
+    PPO regresses values to, so the critic's first values are on the rewards' scale.
+
+    Under ZeRO-3 the head's weight is gathered to read it; the new head is an ordinary module that
+    DeepSpeed partitions at initialize."""
+    from .. import engine as eng
+    with eng.gathered_params(list(head.parameters())):
+        weight = head.weight.data.detach().clone().float()
+        bias = head.bias.data.detach().clone().float() if head.bias is not None else torch.zeros(head.out_features)
+    out = nn.Linear(head.in_features, head.out_features, bias=True, dtype=head.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight / std)
+        out.bias.copy_((bias - mean) / std)
+    return out
+
+
 def load_critic(init: str, *, reward_path: str, actor_path: str, actor_gguf_file: str = "", dtype=torch.float32,
                 gradient_checkpointing: bool = False, attn_implementation: str = "sdpa",
-                actor_backbone: nn.Module | None = None) -> Critic:
+                actor_backbone: nn.Module | None = None, reward_mean: float | None = None,
+                reward_std: float | None = None) -> Critic:
     """Critic from the reward model (backbone + its scalar head) or from the actor (backbone + a zero head).
 
     The critic reads the actor's tokens, so initializing from the reward model needs the same vocabulary
     and a decoder reward model (a head applied per token); the caller checks that. `actor_backbone`, a
     copy of the loaded actor's backbone, saves reading (and de-quantizing) the actor checkpoint again.
+    reward_mean / reward_std: the statistics PPO normalizes the reward model's scores with; given, the
+    reward model's head is folded into (score - mean) / std.
     """
     from transformers import AutoModel, AutoModelForSequenceClassification
     if init == "reward":
@@ -52,6 +72,8 @@ def load_critic(init: str, *, reward_path: str, actor_path: str, actor_gguf_file
             raise ValueError(f"{reward_path}: critic_init 'reward' needs a decoder reward model with a per-token "
                              "`score` head; use --critic_init actor")
         backbone, head = getattr(rm, rm.base_model_prefix), rm.score
+        if reward_mean is not None and reward_std is not None and reward_std > 0:
+            head = normalized_head(head, reward_mean, reward_std)
     elif actor_backbone is not None:
         backbone = actor_backbone
         head = nn.Linear(backbone.config.hidden_size, 1, bias=False, dtype=dtype)

@@ -19,7 +19,9 @@ class HFRollout:
         self.eos_ids = {tokenizer.eos_token_id}
 
     @torch.no_grad()
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed):
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seeds):
+        """One batched `generate`: its rows draw from one generator seeded with the batch's first seed
+        (distinct per rank and iteration), inside `fork_rng` so the trainer's RNG stream is untouched."""
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -31,7 +33,10 @@ class HFRollout:
         was_training = self.model.training
         self.model.eval()
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-        with eng.gathered_params(list(self.model.parameters()), enabled=self.zero3 and not self.synced):
+        rng_devices = [dev] if dev.type == "cuda" else []
+        with eng.gathered_params(list(self.model.parameters()), enabled=self.zero3 and not self.synced), \
+                torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(seeds[0])
             out = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                                       pad_token_id=pad, eos_token_id=list(self.eos_ids), use_cache=True,
                                       synced_gpus=self.synced, **sampling)

@@ -58,7 +58,8 @@ class VLLMRollout:
         kwargs = dict(model=model_path, skip_tokenizer_init=True,
                       dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype],
                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed,
-                      enforce_eager=enforce_eager, enable_prefix_caching=True)
+                      enforce_eager=enforce_eager, enable_prefix_caching=True,
+                      logprobs_mode="processed_logprobs")  # reported log-probs: of the distribution sampled
         self.use_sleep = sleep and torch.cuda.is_available()  # the CPU build has no sleep mode
         if self.use_sleep:
             kwargs["enable_sleep_mode"] = True
@@ -96,24 +97,33 @@ class VLLMRollout:
         # LLM -> engine -> in-process executor -> worker wrapper -> worker (has reload_weights)
         return self.llm.llm_engine.model_executor.driver_worker.worker
 
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seed):
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seeds, return_logprobs: bool = False):
+        """-> responses (and, with return_logprobs, vLLM's log-prob of each sampled token under the
+        sampling distribution: temperature and top-p applied, as the engine starts with
+        logprobs_mode='processed_logprobs')."""
         if self.tp > 1:  # generate the whole group's prompts on the shared engine, keep this rank's share
             shares = [None] * self.tp
-            dist.all_gather_object(shares, (prompts, seed), group=self.tp_group)
+            dist.all_gather_object(shares, (prompts, seeds), group=self.tp_group)
             outs = []
-            for group_prompts, group_seed in shares:
-                outs.append(self._generate(group_prompts, max_new_tokens, temperature, top_p, group_seed))
+            for group_prompts, group_seeds in shares:
+                outs.append(self._generate(group_prompts, max_new_tokens, temperature, top_p, group_seeds,
+                                           return_logprobs))
             return outs[dist.get_rank() % self.tp]
-        return self._generate(prompts, max_new_tokens, temperature, top_p, seed)
+        return self._generate(prompts, max_new_tokens, temperature, top_p, seeds, return_logprobs)
 
-    def _generate(self, prompts, max_new_tokens, temperature, top_p, seed):
+    def _generate(self, prompts, max_new_tokens, temperature, top_p, seeds, return_logprobs=False):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         stop = [self.eos_token_id] if self.eos_token_id is not None else None
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                 seed=seed + i, stop_token_ids=stop, detokenize=False) for i in range(len(prompts))]
+                                 seed=s, stop_token_ids=stop, detokenize=False,
+                                 logprobs=0 if return_logprobs else None) for s in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
+        responses = [list(o.outputs[0].token_ids) for o in outs]
+        if not return_logprobs:
+            return responses
+        logprobs = [[step[t].logprob for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
+        return responses, logprobs
 
     def sync_weights(self, named_tensors) -> None:
         self.wake()

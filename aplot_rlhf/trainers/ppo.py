@@ -17,13 +17,16 @@ import torch
 
 from .. import engine as eng
 from ..config import PPOConfig, save_config
-from ..data.preference import PairSampler, PairTokenizer, ensure_pad_token
-from ..data.prompts import PromptFormatter, load_prompts
-from ..metrics import MetricsLogger
+from ..data.preference import PairSampler, SkipCounter, collate_pairs, encoder_from_export, ensure_pad_token
+from ..data.prompts import PromptFormatter, load_prompts, reward_model_prompt
+from ..metrics import MetricsLogger, MetricsWindow
+from ..models.dropout import disable_dropout
 from ..models.policy import load_actor, load_critic
 from ..models.reward import RewardModel, load_tokenizer
+from ..rollout.base import sample_seeds
 from .ppo_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_per_token,
-                       logprobs_of, masked_mean, normalize_scores, policy_loss, token_rewards, value_loss, whiten)
+                       logprobs_of, masked_mean, masked_moments, moments_to_mean_var, normalize_scores,
+                       policy_loss, tempered, token_rewards, value_loss, whiten)
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +48,8 @@ class RuleReward:
             raise ValueError(f"unknown rule reward {spec!r}: use rule:char_frac:C or rule:neg_length")
         self.mean = self.std = None
 
-    def __call__(self, prompt_texts, response_texts) -> torch.Tensor:
-        return torch.tensor([self.fn(r) for r in response_texts], dtype=torch.float32)
+    def __call__(self, prompts, response_texts) -> torch.Tensor:
+        return torch.tensor([self.fn(r) for r in response_texts], dtype=torch.float32, device=eng.device())
 
 
 class ModelReward:
@@ -57,30 +60,35 @@ class ModelReward:
         self.tok = AutoTokenizer.from_pretrained(path)
         hf = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
         cfg = hf.config
-        self.encoder = PairTokenizer(self.tok, getattr(cfg, "aplot_rlhf_max_length", 512),
-                                     getattr(cfg, "aplot_rlhf_chat_template", "auto"),
-                                     getattr(cfg, "aplot_rlhf_response_separator", " "), "keep_end")
+        # the same PairTokenizer, built from the same export fields, that train_rm tokenized its pairs with
+        self.encoder, self.input_format = encoder_from_export(self.tok, cfg)
+        disable_dropout(hf)
         if hf.config.pad_token_id is None:
             hf.config.pad_token_id = self.tok.pad_token_id
         self.mean, self.std = getattr(cfg, "reward_mean", None), getattr(cfg, "reward_std", None)
         self.model = eng.initialize_frozen(RewardModel(hf), ds_cfg)
         self.batch_size = batch_size
 
-    @torch.no_grad()
-    def __call__(self, prompt_texts, response_texts) -> torch.Tensor:
-        from ..data.preference import SkipCounter, collate_pairs
+    def encode(self, prompts, response_texts) -> list[tuple[list[int], int]]:
+        """(token ids, response start) per (prompt, response), exactly as train_rm builds a pair's side:
+        the prompt in the reward model's training format, then its PairTokenizer."""
         skips = SkipCounter()
-        encoded = []
-        for p, r in zip(prompt_texts, response_texts):
-            ids, start = self.encoder.encode(p, r if r.strip() else " ", skips)
-            encoded.append({"chosen_ids": ids, "chosen_start": start, "rejected_ids": ids, "rejected_start": start,
-                            "strength": None})
-        scores = []
+        out = []
+        for p, r in zip(prompts, response_texts):
+            out.append(self.encoder.encode(reward_model_prompt(p, self.input_format), r if r.strip() else " ", skips))
+        return out
+
+    @torch.no_grad()
+    def __call__(self, prompts, response_texts) -> torch.Tensor:
+        """Scores [B] fp32 on the trainer's device."""
+        encoded = [{"chosen_ids": ids, "chosen_start": start, "rejected_ids": ids, "rejected_start": start,
+                    "strength": None} for ids, start in self.encode(prompts, response_texts)]
+        scores, dev = [], eng.device()
         for i in range(0, len(encoded), self.batch_size):
             batch = collate_pairs(encoded[i:i + self.batch_size], self.tok.pad_token_id)
             n = len(encoded[i:i + self.batch_size])
-            rewards, _ = self.model(batch["input_ids"][:n].to(eng.device()), batch["attention_mask"][:n].to(eng.device()))
-            scores.append(rewards.float().cpu())
+            rewards, _ = self.model(batch["input_ids"][:n].to(dev), batch["attention_mask"][:n].to(dev))
+            scores.append(rewards.float())
         return torch.cat(scores)
 
 
@@ -99,8 +107,9 @@ def _accepts_logits_to_keep(model) -> bool:
     return flag
 
 
-def response_logprobs(model, ids, attn, position_ids, tokens, with_entropy: bool = False):
-    """Log-probs [B, T] (and entropies) of the response tokens of a `PPOTrainer.pack`ed batch.
+def response_logprobs(model, ids, attn, position_ids, tokens, with_entropy: bool = False, temperature: float = 1.0):
+    """Log-probs [B, T] (and entropies) of the response tokens of a `PPOTrainer.pack`ed batch, under the
+    policy that sampled them: logits divided by the sampling temperature.
 
     Responses occupy the last T columns, so the logits that predict them are columns -T-1 .. -2; models
     that take `logits_to_keep` project only those T+1 hidden states onto the vocabulary.
@@ -109,6 +118,7 @@ def response_logprobs(model, ids, attn, position_ids, tokens, with_entropy: bool
     kwargs = {"logits_to_keep": T + 1} if _accepts_logits_to_keep(model) else {}
     logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
                    **kwargs).logits[:, -T - 1:-1]
+    logits = tempered(logits, temperature)
     lp = logprobs_of(logits, tokens)
     return (lp, entropy_from_logits(logits)) if with_entropy else lp
 
@@ -137,6 +147,24 @@ def check_same_vocabulary(actor_config, reference_config) -> None:
         raise ValueError(f"actor vocabulary ({actor_config.vocab_size} tokens) != reference vocabulary "
                          f"({reference_config.vocab_size} tokens): the KL penalty needs the same tokenizer; "
                          "pass a --reference_model that shares the actor's tokenizer")
+
+
+# what a PPO mini-batch reads from the experience (the rest are per-sequence statistics for the log)
+TRAIN_KEYS = ("ids", "attn", "posids", "tokens", "mask", "old_lp", "old_values", "adv", "ret")
+
+
+def experience_on(device: torch.device, **tensors) -> dict:
+    """The experience of one rollout, every tensor on `device` (the trainer's), checked.
+
+    A mini-batch indexes these tensors with an index on the trainer's device: one tensor left on the
+    CPU (a reward adapter's scores, say) crashes the first mini-batch on a GPU and never on a CPU run,
+    so the invariant is asserted here, where the experience is built, naming the tensors that break it."""
+    want = torch.device(device)
+    wrong = {k: str(v.device) for k, v in tensors.items()
+             if torch.is_tensor(v) and (v.device.type != want.type or (want.index is not None and v.device.index != want.index))}
+    if wrong:
+        raise RuntimeError(f"experience tensors off the trainer's device {want}: {wrong}")
+    return tensors
 
 
 class PPOTrainer:
@@ -176,6 +204,8 @@ class PPOTrainer:
         with eng.Phase.of("load_models"):
             actor = load_actor(cfg.actor_model, gguf_file=cfg.actor_gguf_file, dtype=dtype,
                                gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation)
+            if cfg.disable_dropout:  # rollout log-probs (eval mode) and training log-probs (train mode) must agree
+                disable_dropout(actor)
             # without ZeRO-3 partitioning the loaded actor can be copied: one read (and one GGUF de-quantization)
             # of the actor checkpoint serves the reference and the critic's backbone too
             copy_actor = not self.zero3
@@ -188,6 +218,8 @@ class PPOTrainer:
                                        gguf_file="" if cfg.reference_model else cfg.actor_gguf_file, dtype=dtype,
                                        attn_implementation=cfg.attn_implementation)
             check_same_vocabulary(actor.config, reference.config)
+            if cfg.disable_dropout:
+                disable_dropout(reference)
             if cfg.reward_model.startswith("rule:"):
                 self.reward = RuleReward(cfg.reward_model)
                 critic_init = "actor"
@@ -203,7 +235,12 @@ class PPOTrainer:
                                  actor_gguf_file=cfg.actor_gguf_file, dtype=dtype,
                                  gradient_checkpointing=cfg.gradient_checkpointing,
                                  attn_implementation=cfg.attn_implementation,
-                                 actor_backbone=copy.deepcopy(actor.base_model) if copy_actor and critic_init == "actor" else None)
+                                 actor_backbone=copy.deepcopy(actor.base_model) if copy_actor and critic_init == "actor" else None,
+                                 # values regress to the normalized rewards: start the head on their scale
+                                 reward_mean=self.reward.mean if cfg.normalize_reward else None,
+                                 reward_std=self.reward.std if cfg.normalize_reward else None)
+            if cfg.disable_dropout:
+                disable_dropout(critic)
             if not (critic_ds_cfg is frozen_ds_cfg is self.ds_cfg):
                 self._hf_ds_config = eng.zero3_context(self.ds_cfg)  # the actor's again, for the rest of the run
         steps_per_iter = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.ppo_mini_batch_size)
@@ -211,6 +248,9 @@ class PPOTrainer:
         self.actor, self.actor_sched = eng.initialize(actor, self.ds_cfg, cfg, total)
         self.critic, _ = eng.initialize(critic, critic_ds_cfg, cfg, total, learning_rate=cfg.critic_learning_rate)
         self.reference = eng.initialize_frozen(reference, frozen_ds_cfg)
+        # from_pretrained returns eval mode; gradient checkpointing only runs on modules in train mode
+        self.actor.train()
+        self.critic.train()
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
 
@@ -253,7 +293,7 @@ class PPOTrainer:
             self.backend.sync_weights(iter_gathered_named_params(self.actor.module, self.zero3))
         return time.perf_counter() - t0
 
-    def generate(self, prompt_ids: list[list[int]], temperature: float | None = None, seed: int = 0):
+    def generate(self, prompt_ids: list[list[int]], temperature: float | None = None, seeds: list[int] | None = None):
         cfg = self.cfg
         with eng.Phase.of("generate"):
             handoff = cfg.vllm_sleep and cfg.rollout_backend == "vllm" and torch.cuda.is_available()
@@ -262,18 +302,19 @@ class PPOTrainer:
             self.backend.wake()
             out = self.backend.generate(prompt_ids, max_new_tokens=cfg.max_new_tokens,
                                         temperature=cfg.temperature if temperature is None else temperature,
-                                        top_p=cfg.top_p, seed=seed)
+                                        top_p=cfg.top_p, seeds=seeds if seeds is not None else [0] * len(prompt_ids))
             self.backend.sleep()
             if handoff:
                 eng.reload_states(self.actor, self.critic)
         return out
 
-    def score(self, rm_prompts: list[str], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(raw RM scores [B], normalized and clipped scores [B]); NaN/inf is an error naming the prompts."""
+    def score(self, rm_prompts: list, responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw RM scores [B], normalized and clipped scores [B]) on the trainer's device; NaN/inf is an
+        error naming the prompts. rm_prompts: the prompts as given (str or chat messages)."""
         texts = [self.tok.decode(r, skip_special_tokens=True) for r in responses]
         with eng.Phase.of("reward"):
-            raw = self.reward(rm_prompts, texts)
-        if not torch.isfinite(raw).all():
+            raw = self.reward(rm_prompts, texts).to(eng.device())
+        if not torch.isfinite(raw).all():  # one host sync per rollout
             bad = [i for i in range(len(raw)) if not math.isfinite(raw[i].item())]
             raise FloatingPointError(f"[rank {self.rank}] reward model returned NaN/inf for {len(bad)} response(s) "
                                      f"(iteration {self.iteration}, batch rows {bad}): check the reward model")
@@ -311,25 +352,28 @@ class PPOTrainer:
         ids, attn, posids, tokens, mask = self.pack(prompts, responses, self.tok.pad_token_id)
         ids, attn, posids, tokens, mask = (t.to(dev) for t in (ids, attn, posids, tokens, mask))
         old_lp, ref_lp, values = [], [], []
+        temperature = cfg.temperature  # the log-probs of the policy that sampled: tempered, as vLLM/HF sampled
         with eng.Phase.of("experience"):
-            self.actor.module.eval()
+            self.actor.eval()
+            self.critic.eval()
             for i in range(0, ids.shape[0], cfg.micro_batch_size):  # vocab-sized logits: one micro-batch at a time
                 sl = slice(i, i + cfg.micro_batch_size)
                 seqs = trim_left_padding(ids[sl], attn[sl], posids[sl])
-                old_lp.append(response_logprobs(self.actor, *seqs, tokens[sl]))
-                ref_lp.append(response_logprobs(self.reference, *seqs, tokens[sl]))
+                old_lp.append(response_logprobs(self.actor, *seqs, tokens[sl], temperature=temperature))
+                ref_lp.append(response_logprobs(self.reference, *seqs, tokens[sl], temperature=temperature))
                 values.append(response_values(self.critic, *seqs, tokens.shape[1]))
-            self.actor.module.train()
+            self.actor.train()
+            self.critic.train()
         old_lp, ref_lp, values = torch.cat(old_lp), torch.cat(ref_lp), torch.cat(values)
         raw, scores = self.score(rm_prompts, responses)
         kl = kl_per_token(old_lp, ref_lp, cfg.kl_estimator) * mask
-        rewards = token_rewards(scores.to(dev), kl, mask, self.kl_ctl.beta)
+        rewards = token_rewards(scores, kl, mask, self.kl_ctl.beta)
         adv, ret = gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            adv = whiten(adv, mask)
-        return {"ids": ids, "attn": attn, "posids": posids, "tokens": tokens, "mask": mask, "old_lp": old_lp,
-                "old_values": values * mask, "adv": adv, "ret": ret, "raw_scores": raw, "scores": scores,
-                "kl_seq": kl.sum(1)}
+        if cfg.whiten_advantages:  # over the global batch: every rank's tokens, one all-reduce
+            adv = whiten(adv, mask, moments=eng.all_reduce_sum(masked_moments(adv, mask)))
+        return experience_on(dev, ids=ids, attn=attn, posids=posids, tokens=tokens, mask=mask, old_lp=old_lp,
+                             old_values=values * mask, adv=adv, ret=ret, raw_scores=raw, scores=scores,
+                             kl_seq=kl.sum(1))
 
     def train_on(self, exp: dict) -> dict:
         cfg = self.cfg
@@ -340,10 +384,13 @@ class PPOTrainer:
             for _ in range(cfg.ppo_epochs):
                 order = torch.randperm(n, generator=gen)
                 for start in range(0, n, cfg.micro_batch_size):
-                    idx = order[start:start + cfg.micro_batch_size].to(exp["ids"].device)
-                    mb = {k: v[idx] for k, v in exp.items() if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n}
+                    # rows in experience order within a micro-batch: same set, and the same padding layout
+                    # as the experience forward when a micro-batch spans the rollout
+                    idx = order[start:start + cfg.micro_batch_size].sort().values.to(exp["ids"].device)
+                    mb = {k: exp[k][idx] for k in TRAIN_KEYS}
                     seqs = trim_left_padding(mb["ids"], mb["attn"], mb["posids"])
-                    lp, ent = response_logprobs(self.actor, *seqs, mb["tokens"], with_entropy=True)
+                    lp, ent = response_logprobs(self.actor, *seqs, mb["tokens"], with_entropy=True,
+                                                temperature=cfg.temperature)
                     pl, clip_frac, approx_kl = policy_loss(lp, mb["old_lp"], mb["adv"], mb["mask"], cfg.clip_ratio)
                     entropy = masked_mean(ent, mb["mask"])
                     self.actor.backward(pl - cfg.entropy_coef * entropy)
@@ -352,9 +399,11 @@ class PPOTrainer:
                     vl, vclip = value_loss(values, mb["old_values"], mb["ret"], mb["mask"], cfg.value_clip)
                     self.critic.backward(vl)
                     self.critic.step()
-                    stats.append([pl.item(), vl.item(), clip_frac.item(), vclip.item(), approx_kl.item(), entropy.item()])
+                    # kept on the device: one host sync after the epochs, not one per micro-batch
+                    stats.append(torch.stack([pl.detach(), vl.detach(), clip_frac, vclip, approx_kl, entropy.detach()]))
         keys = ["policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl", "entropy"]
-        return dict(zip(keys, torch.tensor(stats).mean(0).tolist()))
+        self.first_micro_batch_stats = dict(zip(keys, stats[0].tolist()))  # a ratio check: 0 clip, 0 KL
+        return dict(zip(keys, torch.stack(stats).mean(0).tolist()))
 
     # ------------------------------------------------------------------------------------- loop
     def batch_for(self, iteration: int):
@@ -366,7 +415,8 @@ class PPOTrainer:
         batch = self.batch_for(self.iteration)
         prompts, rm_prompts = [b[0] for b in batch], [b[1] for b in batch]
         t0 = time.perf_counter()
-        responses = self.generate(prompts, seed=self.cfg.seed * 7919 + self.iteration * self.world + self.rank)
+        responses = self.generate(prompts, seeds=sample_seeds(self.cfg.seed, self.iteration, self.rank, self.world,
+                                                              len(prompts)))
         gen_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         exp = self.make_experience(prompts, rm_prompts, responses)
@@ -376,16 +426,19 @@ class PPOTrainer:
         train_s = time.perf_counter() - t2
         sync_s = self.sync_weights() if self.cfg.rollout_backend == "vllm" else 0.0
         gen_tokens = sum(len(r) for r in responses)
+        # the reward's mean and std over the global batch (every rank samples the same number of prompts)
+        raw_mean, raw_var = moments_to_mean_var(eng.all_reduce_sum(masked_moments(exp["raw_scores"],
+                                                                                  torch.ones_like(exp["raw_scores"]))))
         local = {
-            "reward/raw_mean": exp["raw_scores"].mean().item(), "reward/raw_std": exp["raw_scores"].std().item() if len(responses) > 1 else 0.0,
-            "reward/normalized_mean": exp["scores"].mean().item(), "kl": exp["kl_seq"].mean().item(),
+            "reward/normalized_mean": exp["scores"].mean(), "kl": exp["kl_seq"].mean(),
             "response_length": gen_tokens / len(responses), **train_stats,
             "gen_tokens_per_s": gen_tokens / max(gen_s, 1e-9), "gen_s": gen_s, "experience_s": exp_s,
             "train_s": train_s, "sync_s": sync_s,
         }
         keys = sorted(local)
-        total = eng.all_reduce_sum(torch.tensor([local[k] for k in keys], device=eng.device())).cpu() / self.world
-        metrics = dict(zip(keys, total.tolist()))
+        values = torch.stack([torch.as_tensor(local[k], dtype=torch.float64).to(eng.device()) for k in keys])
+        metrics = dict(zip(keys, eng.all_reduce_finite_mean(values).cpu().tolist()))
+        metrics["reward/raw_mean"], metrics["reward/raw_std"] = raw_mean.item(), raw_var.sqrt().item()
         metrics["gen_tokens_per_s"] *= self.world  # throughput adds up over ranks
         metrics["kl_coef"] = self.kl_ctl.beta
         metrics["lr"] = self.actor_sched.get_last_lr()[0]
@@ -397,7 +450,7 @@ class PPOTrainer:
     def evaluate_reward(self, prompts) -> float:
         """Mean raw RM score of greedy responses to `prompts` (list of (ids, rm_text, origin)), over ranks."""
         shard = prompts[self.rank::self.world] or prompts[:1]
-        responses = self.generate([p[0] for p in shard], temperature=0.0)
+        responses = self.generate([p[0] for p in shard], temperature=0.0)  # greedy: seeds unused
         raw, _ = self.score([p[1] for p in shard], responses)
         total = eng.all_reduce_sum(torch.tensor([raw.sum().item(), float(len(raw))], device=eng.device())).cpu()
         return (total[0] / total[1]).item()
@@ -408,11 +461,15 @@ class PPOTrainer:
         if cfg.progress and eng.is_rank0():
             from tqdm import tqdm
             progress = tqdm(total=cfg.ppo_iterations, initial=self.iteration, desc="ppo", dynamic_ncols=True)
-        metrics = {}
+        metrics, window = {}, MetricsWindow()
         while self.iteration < cfg.ppo_iterations:
             metrics = self.step()
+            window.add(metrics)
             if self.iteration % cfg.log_steps == 0 or self.iteration == cfg.ppo_iterations:
-                self.logger.log(self.iteration, metrics, prefix="ppo/")
+                # one row per log interval: the mean over its iterations (metrics are already global)
+                keys = window.keys()
+                self.logger.log(self.iteration, dict(zip(keys, window.local_means(keys).tolist())), prefix="ppo/")
+                window.clear()
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(reward=f"{metrics['reward/raw_mean']:.3f}", kl=f"{metrics['kl']:.3f}")

@@ -23,9 +23,32 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((x - mean) ** 2 * mask).sum() / (n - 1)  # unbiased, as advantage whitening usually is
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Advantage whitening over the valid tokens only."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_moments(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[count, sum, sum of squares] of x over the valid tokens (fp64): summed over ranks, they give the
+    global mean and variance with one all-reduce."""
+    m = mask.to(torch.float64)
+    x = x.to(torch.float64) * m
+    return torch.stack([m.sum(), x.sum(), (x * x).sum()])
+
+
+def moments_to_mean_var(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, unbiased variance) from summed `masked_moments`."""
+    n, s, ss = moments[0].clamp_min(1.0), moments[1], moments[2]
+    mean = s / n
+    var = (ss - n * mean * mean).clamp_min(0.0) / (n - 1.0).clamp_min(1.0)
+    return mean, var
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           moments: torch.Tensor | None = None) -> torch.Tensor:
+    """Advantage whitening over the valid tokens only.
+
+    moments: `masked_moments` summed over every rank's batch, to whiten over the global batch
+    (default: this tensor's own tokens)."""
+    if moments is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        mean, var = (t.to(x.dtype) for t in moments_to_mean_var(moments))
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -121,6 +144,13 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log π(token) from logits that predict it. logits [B, T, V], tokens [B, T] -> [B, T] fp32."""
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits of the policy that sampling at `temperature` draws from (0 = greedy: left as they are)."""
+    if temperature <= 0 or temperature == 1.0:
+        return logits
+    return logits.float() / temperature
 
 
 class FixedKLController:

@@ -15,11 +15,12 @@ import torch
 
 from .. import engine as eng
 from ..config import RMConfig, save_config
-from ..data.preference import (DataError, PairSampler, PairTokenizer, collate_pairs, load_pairs,
-                               parse_eval_specs, split_pairs)
+from ..data.preference import (DataError, PairSampler, PairTokenizer, collate_pairs, input_format_of, load_pairs,
+                               parse_eval_specs, rm_export_fields, split_pairs)
 from ..eval import score_pairs, summarize
 from ..losses import bt_loss, fixed_margin, gamma_at, margin_diagnostics, pair_metrics
-from ..metrics import MetricsLogger
+from ..metrics import MetricsLogger, MetricsWindow
+from ..models.dropout import disable_dropout
 from ..models.reward import load_reward_model, load_tokenizer
 from ..ot import sinkhorn_margin
 
@@ -31,6 +32,8 @@ class RewardModelTrainer:
         self.cfg = cfg
         self.step = 0          # optimizer steps done
         self.micro_step = 0    # micro-batches consumed by this rank (the data position)
+        self._nonfinite = None       # NaN/inf rewards counted on the device since the last optimizer step
+        self._window_origins = []    # the pairs of those micro-batches, for the error message
 
     # ------------------------------------------------------------------------------------- setup
     def setup(self) -> "RewardModelTrainer":
@@ -53,6 +56,7 @@ class RewardModelTrainer:
         if cfg.max_train_pairs:
             train = train[:cfg.max_train_pairs]
         self.train_pairs = encoder.encode_pairs(train, "train_data")
+        self.input_format = input_format_of(train, cfg.chat_template)  # recorded in the export for PPO
         self.eval_sets = {}
         evals = ([("id_val", id_val)] if id_val else []) + [
             (name, load_pairs(path, what=f"eval_data {name}", **keys)) for name, path in parse_eval_specs(cfg.eval_data)]
@@ -72,9 +76,7 @@ class RewardModelTrainer:
                                   pooling=cfg.embedding_pooling, gradient_checkpointing=cfg.gradient_checkpointing,
                                   attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
         if cfg.disable_dropout:
-            for m in model.modules():
-                if isinstance(m, torch.nn.Dropout):
-                    m.p = 0.0
+            disable_dropout(model)
         self.hf_model = model.hf
 
         self.sampler = PairSampler(len(self.train_pairs), cfg.micro_batch_size, self.world, self.rank, cfg.seed)
@@ -131,35 +133,48 @@ class RewardModelTrainer:
         idxs = self.sampler.epoch_batches(micro_step // per_epoch)[micro_step % per_epoch]
         return [self.train_pairs[i] for i in idxs]
 
-    def train_micro_step(self, pairs: list[dict]) -> dict:
+    def train_micro_step(self, pairs: list[dict], boundary: bool = True) -> dict:
+        """Forward, loss, backward and (at an accumulation boundary) the optimizer step of one micro-batch.
+
+        Metrics come back as 0-dim tensors on the device: nothing here waits for the accelerator except
+        the non-finite check, once per optimizer step, just before the weights change."""
         cfg = self.cfg
         batch = collate_pairs(pairs, self.tokenizer.pad_token_id)
         B = len(pairs)
         with eng.Phase.of("forward"):
             rewards, emb = self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
                                        batch["response_start"].to(self.device))
-        bad = eng.all_reduce_sum(torch.tensor([float((~torch.isfinite(rewards)).sum())], device=self.device))
-        if bad.item() > 0:
-            raise FloatingPointError(
-                f"[rank {self.rank}] optimizer step {self.step}: {int(bad.item())} NaN/inf reward(s) in this "
-                f"micro-batch across ranks (this rank's pairs: {[p['origin'] for p in pairs]}); lower the "
-                "learning rate, use bf16 instead of fp16, or check the model weights")
+        nonfinite = (~torch.isfinite(rewards.detach())).sum()
+        self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite + nonfinite
+        self._window_origins += [p["origin"] for p in pairs]
         chosen, rejected = rewards[:B], rewards[B:]
         with eng.Phase.of("aplot_margin" if cfg.loss == "aplot" else "loss"):
             margin = self.margin(chosen, rejected, emb[:B], emb[B:], batch["strength"])
         loss = bt_loss(chosen, rejected, margin, cfg.label_smoothing if cfg.loss == "bt_smooth" else 0.0)
         with eng.Phase.of("backward"):
             self.engine.backward(loss)
+        if boundary:
+            self._check_finite()
         with eng.Phase.of("optimizer_step"):
             self.engine.step()
-        metrics = {"loss": loss.item(), **pair_metrics(chosen, rejected),
-                   "tokens": float(batch["attention_mask"].sum())}
+        metrics = {"loss": loss.detach(), **pair_metrics(chosen, rejected),
+                   "tokens": float(batch["attention_mask"].sum())}  # a CPU tensor: no device sync
         if margin is not None:
             metrics.update(margin_diagnostics(margin, chosen, rejected, cfg.aplot_hard_threshold))
             if cfg.loss == "aplot":
                 metrics["aplot/ot_batch_size"] = float(self.ot_batch_size)
                 metrics["aplot/gamma"] = gamma_at(self.step, cfg.aplot_gamma, cfg.aplot_gamma_warmup_steps)
         return metrics
+
+    def _check_finite(self) -> None:
+        """Stop before an optimizer step that NaN/inf rewards of any rank's micro-batches would poison."""
+        bad = eng.all_reduce_sum(self._nonfinite.float().reshape(1)).item()
+        origins, self._nonfinite, self._window_origins = self._window_origins, None, []
+        if bad > 0:
+            raise FloatingPointError(
+                f"[rank {self.rank}] optimizer step {self.step + 1}: {int(bad)} NaN/inf reward(s) in this step's "
+                f"micro-batches across ranks (this rank's pairs: {origins}); lower the learning rate, use bf16 "
+                "instead of fp16, or check the model weights")
 
     def train(self) -> dict:
         cfg = self.cfg
@@ -170,27 +185,30 @@ class RewardModelTrainer:
         if cfg.progress and eng.is_rank0():
             from tqdm import tqdm
             progress = tqdm(total=self.total_steps, initial=self.step, desc="rm", dynamic_ncols=True)
-        window, t0 = [], time.perf_counter()
+        window, steps_in_window, t0 = MetricsWindow(), 0, time.perf_counter()
         self.engine.module.train()
         while self.step < self.total_steps:
-            window.append(self.train_micro_step(self._micro_batch(self.micro_step)))
+            boundary = (self.micro_step + 1) % ga == 0
+            window.add(self.train_micro_step(self._micro_batch(self.micro_step), boundary))
             self.micro_step += 1
-            if self.micro_step % ga:
+            if not boundary:
                 continue
             self.step += 1
-            step_s = time.perf_counter() - t0
+            steps_in_window += 1
             if self.step % cfg.log_steps == 0 or self.step == self.total_steps:
+                # one row per log interval: the mean over its steps (and micro-steps), over all ranks
                 metrics = self._reduce(window)
+                window_s = time.perf_counter() - t0
                 tokens = metrics.pop("tokens") * len(window) * self.world
-                metrics.update({"lr": self.scheduler.get_last_lr()[0], "step_s": step_s,
-                                "tokens_per_s": tokens / step_s,
+                metrics.update({"lr": self.scheduler.get_last_lr()[0], "step_s": window_s / steps_in_window,
+                                "tokens_per_s": tokens / window_s,
                                 "epoch": self.micro_step / self.sampler.batches_per_rank})
                 self.logger.log(self.step, metrics, prefix="train/")
                 if progress is not None:
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
+                window, steps_in_window, t0 = MetricsWindow(), 0, time.perf_counter()
             if progress is not None:
                 progress.update(1)
-            window, t0 = [], time.perf_counter()
             if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
                 self.log_eval(self.evaluate())
             if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
@@ -208,11 +226,12 @@ class RewardModelTrainer:
             self.export(results)
         return {name: {k: v for k, v in r.items() if not k.startswith("_")} for name, r in results.items()}
 
-    def _reduce(self, window: list[dict]) -> dict:
-        keys = sorted(window[0])
-        local = torch.tensor([[float(w.get(k, float("nan"))) for k in keys] for w in window]).nanmean(0)
-        total = eng.all_reduce_sum(local.to(self.device)).cpu() / self.world
-        return dict(zip(keys, total.tolist()))
+    def _reduce(self, window: MetricsWindow) -> dict:
+        """Means over the window and over ranks; a rank whose value is NaN (e.g. a correlation over a
+        constant batch) is left out of that key's mean instead of turning it NaN. One host sync."""
+        keys = window.keys()
+        total = eng.all_reduce_finite_mean(window.local_means(keys, self.device))
+        return dict(zip(keys, total.cpu().tolist()))
 
     # ------------------------------------------------------------------------------------- eval
     def forward_rewards(self, input_ids, attention_mask, response_start):
@@ -257,10 +276,7 @@ class RewardModelTrainer:
                                self.tokenizer.pad_token_id, self.device)
             rewards = torch.cat([c, r])
         extra = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-                 "aplot_rlhf_max_length": self.cfg.max_length, "aplot_rlhf_loss": self.cfg.loss,
-                 "aplot_rlhf_chat_template": self.cfg.chat_template,
-                 "aplot_rlhf_response_separator": self.cfg.response_separator,
-                 "aplot_rlhf_long_response": self.cfg.long_response}
+                 **rm_export_fields(self.cfg, self.input_format)}
         out = eng.export_pretrained(self.hf_model, self.tokenizer, os.path.join(self.cfg.output_dir, "model"), extra)
         if out:
             log.info("exported reward model to %s", out)
