@@ -14,6 +14,15 @@ from aplot_rlhf.trainers.ppo import PPOTrainer
 def main():
     cfg = load_config(PPOConfig, sys.argv[1:])
     trainer = PPOTrainer(cfg).setup()
+    sampled_seeds = []
+    generate = trainer.backend.generate
+
+    def recording_generate(prompts, **kw):  # the seeds each sampled prompt got (greedy calls excluded)
+        if kw["temperature"] > 0:
+            sampled_seeds.extend(kw["seeds"] if "seeds" in kw else [kw["seed"] + i for i in range(len(prompts))])
+        return generate(prompts, **kw)
+
+    trainer.backend.generate = recording_generate
     try:
         trainer.train()  # iterations, checkpoints, and the final export of the policy
         with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as fh:
@@ -38,7 +47,7 @@ def main():
                                        seeds=[0] * len(prompts))
         print("RESULT " + json.dumps({"rank": trainer.rank, "rewards": rewards, "sync_s": syncs,
                                       "backend": trainer.backend.name, "greedy_equal": engine_tokens == hf_tokens, "reference_max_diff": ref_diff,
-                                      "n_prompts": len(prompts),
+                                      "n_prompts": len(prompts), "sample_seeds": sampled_seeds,
                                       "engine": engine_tokens[:2], "hf": hf_tokens[:2]}), flush=True)
     finally:
         trainer.close()

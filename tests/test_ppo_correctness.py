@@ -104,11 +104,9 @@ def trainer_factory():
 
 
 def first_rollout(trainer):
-    from aplot_rlhf.rollout.base import sample_seeds
     batch = trainer.batch_for(0)
     prompts, rm_prompts = [b[0] for b in batch], [b[1] for b in batch]
-    responses = trainer.generate(prompts, seeds=sample_seeds(trainer.cfg.seed, 0, 0, 1, len(prompts)))
-    return trainer.make_experience(prompts, rm_prompts, responses)
+    return trainer.make_experience(prompts, rm_prompts, trainer.generate(prompts))
 
 
 # ------------------------------------------------------------------------------ 1. device invariant

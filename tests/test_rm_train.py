@@ -106,3 +106,45 @@ def test_resume_after_kill_continues_the_same_loss_curve(full_run, tiny_llama_di
     full, mine = read_metrics(full_out), read_metrics(out)
     for step in range(latest["step"] + 1, STEPS + 1):
         assert abs(full[step]["train/loss"] - mine[step]["train/loss"]) < 1e-5, (step, full[step], mine[step])
+
+
+def _ot_run(model_dir, out, nproc, micro_batch_size):
+    flags = rm_args(model_dir, out, micro_batch_size=micro_batch_size, gradient_accumulation_steps=1,
+                    zero_stage=2, eval_split_fraction=0.0) + ["--no-export"]
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+           str(REPO / "tests" / "rm_ot_check.py"), *flags]
+    proc = subprocess.run(cmd, env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rows = [json.loads(l.split("RESULT ", 1)[1]) for l in proc.stdout.splitlines() if "RESULT " in l]
+    return sorted(rows, key=lambda r: r["rank"])
+
+
+def test_global_ot_batch_over_two_ranks_equals_one_rank_with_the_whole_batch(tiny_llama_dir, tmp_path):
+    """2 ranks x 2 pairs with the global OT batch solve the same problem as 1 rank x 4 pairs: each rank
+    keeps its own rows of the margins, and the first step's loss is the same (same data, same init)."""
+    two = _ot_run(tiny_llama_dir, tmp_path / "two", 2, 2)
+    (one,) = _ot_run(tiny_llama_dir, tmp_path / "one", 1, 4)
+    assert [r["ot_batch"] for r in two] == [4, 4] and one["ot_batch"] == 4
+    margins = two[0]["margins"] + two[1]["margins"]
+    assert margins == pytest.approx(one["margins"], abs=1e-6)
+    assert len(set(round(m, 6) for m in margins)) > 1  # distinct rows: keeping rank 0's rows would show
+    loss_two = (two[0]["loss"] + two[1]["loss"]) / 2  # equal shares: the global mean
+    assert loss_two == pytest.approx(one["loss"], abs=1e-6)
+
+
+def test_log_row_is_the_mean_of_its_interval(tiny_llama_dir, tmp_path):
+    """With --log_steps 2 each row averages its two steps, as the per-step rows of the same run show."""
+    rows = {}
+    for log_steps in (1, 2):
+        out = tmp_path / f"log{log_steps}"
+        flags = rm_args(tiny_llama_dir, out, max_steps=4, zero_stage=0, save_steps=0, eval_split_fraction=0.0,
+                        log_steps=log_steps) + ["--no-export"]
+        proc = subprocess.run([PYTHON, "-m", "aplot_rlhf.cli.train_rm", *flags], env=python_env(), cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        rows[log_steps] = read_metrics(out)
+    assert sorted(rows[2]) == [2, 4]
+    for step in (2, 4):
+        for key in ("train/loss", "train/accuracy", "train/aplot/margin_mean", "train/rewards/margins"):
+            mean = (rows[1][step - 1][key] + rows[1][step][key]) / 2
+            assert rows[2][step][key] == pytest.approx(mean, abs=1e-6), (step, key)
