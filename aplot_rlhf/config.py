@@ -237,6 +237,7 @@ def save_config(cfg, path: str) -> None:
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 
 
 @dataclass
@@ -263,7 +264,7 @@ class PPOSpecific:
     vllm_enforce_eager: bool = knob(True, "disable CUDA graphs in vLLM (faster start, less memory)")
     rollout_batch_size: int = knob(8, "prompts per rank per PPO iteration")
     ppo_epochs: int = knob(1, "passes over each rollout")
-    ppo_mini_batch_size: int = knob(8, "sequences per rank per optimizer step in the PPO epochs")
+    ppo_mini_batch_size: int = knob(8, "sequences per rank per optimizer step in the PPO epochs")  # K samples count K times
     critic_learning_rate: float = knob(5e-6, "critic peak learning rate (actor uses learning_rate)")
     clip_ratio: float = knob(0.2, "PPO policy clip")
     value_clip: float = knob(0.2, "value-function clip")
@@ -284,6 +285,18 @@ class PPOSpecific:
     attn_implementation: str = knob("sdpa", "attention kernel passed to transformers (sdpa, eager, flash_attention_2)")
     disable_dropout: bool = knob(True, "set every dropout of actor, critic, reference and reward model to 0, so "
                                  "rollout log-probs (eval mode) and training log-probs (train mode) agree")
+    advantage_estimator: str = knob("gae", "gae: PPO with a critic (GAE over its values); grpo: (r - group mean) / "
+                                    "group std; rloo: r - mean of the other samples of the prompt; reinforce_pp: "
+                                    "KL-penalized returns-to-go whitened over the global batch. Only gae builds a critic")
+    samples_per_prompt: int = knob(1, "K: every prompt is sampled K times per rollout (grpo and rloo need K >= 2); "
+                                   "the rollout holds rollout_batch_size * K sequences per rank")
+    grpo_std_normalize: bool = knob(True, "grpo: divide by the group's reward std (off: the 'Dr. GRPO' variant)")
+    kl_mode: str = knob("reward", "'reward': -kl_coef * KL per token in the reward (PPO's way); 'loss': kl_coef * "
+                        "kl_loss_estimator KL against the reference as a loss term (GRPO's way)")
+    kl_loss_estimator: str = knob("k3", f"estimator of the KL loss term with kl_mode 'loss', one of {KL_ESTIMATORS}")
+    loss_aggregation: str = knob("token_mean", "policy loss over tokens: 'token_mean' (every token of the mini-batch "
+                                 "weighs the same) or 'seq_mean' (mean per sequence, then over sequences)")
+    drop_uniform_groups: bool = knob(False, "leave groups whose K rewards are all equal (no signal) out of the loss")
 
 
 @dataclass
@@ -311,9 +324,25 @@ class PPOConfig(PPOSpecific, EngineConfig, RunConfig):
             errors.append(f"prompt_format must be auto, text or chat, got {self.prompt_format!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             errors.append(f"zero_stage must be 0-3, got {self.zero_stage}")
-        if self.rollout_batch_size % self.ppo_mini_batch_size:
-            errors.append(f"rollout_batch_size {self.rollout_batch_size} must be a multiple of ppo_mini_batch_size "
-                          f"{self.ppo_mini_batch_size}")
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            errors.append(f"advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got {self.advantage_estimator!r}")
+        if self.samples_per_prompt < 1:
+            errors.append(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        elif self.advantage_estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            errors.append(f"advantage_estimator {self.advantage_estimator} compares the samples of one prompt: "
+                          f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
+        if self.kl_mode not in ("reward", "loss"):
+            errors.append(f"kl_mode must be reward or loss, got {self.kl_mode!r}")
+        if self.kl_loss_estimator not in KL_ESTIMATORS:
+            errors.append(f"kl_loss_estimator must be one of {KL_ESTIMATORS}, got {self.kl_loss_estimator!r}")
+        if self.loss_aggregation not in ("token_mean", "seq_mean"):
+            errors.append(f"loss_aggregation must be token_mean or seq_mean, got {self.loss_aggregation!r}")
+        if self.drop_uniform_groups and self.samples_per_prompt < 2:
+            errors.append("drop_uniform_groups needs samples_per_prompt >= 2")
+        sequences = self.rollout_batch_size * max(1, self.samples_per_prompt)
+        if sequences % self.ppo_mini_batch_size:
+            errors.append(f"rollout_batch_size {self.rollout_batch_size} x samples_per_prompt {self.samples_per_prompt} "
+                          f"= {sequences} sequences must be a multiple of ppo_mini_batch_size {self.ppo_mini_batch_size}")
         if self.ppo_mini_batch_size % self.micro_batch_size:
             errors.append(f"ppo_mini_batch_size {self.ppo_mini_batch_size} must be a multiple of micro_batch_size "
                           f"{self.micro_batch_size}")

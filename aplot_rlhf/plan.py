@@ -396,6 +396,7 @@ class PlanInput:
     grad_ckpt: bool = False
     attn_implementation: str = "sdpa"
     critic_model: ModelShape | None = None
+    critic: bool = True  # False: a critic-free estimator (grpo, rloo, reinforce_pp) holds no critic at all
     reference_model: ModelShape | None = None
     reward_model: ModelShape | None = None
     offload_frozen: bool = False
@@ -491,7 +492,7 @@ def _role_list(inp: PlanInput) -> list[tuple[str, ModelShape, str, bool]]:
     reward = inp.reward_model or inp.model
     return [
         ("actor", inp.model, "lm", True),
-        ("critic", inp.critic_model or reward, "scalar", True),
+        *([("critic", inp.critic_model or reward, "scalar", True)] if inp.critic else []),
         ("reference", inp.reference_model or inp.model, "lm", False),
         ("reward_model", reward, "scalar", False),
     ]
@@ -740,6 +741,8 @@ def _setup_line(inp: PlanInput) -> str:
     if inp.job == "ppo":
         util = "auto" if inp.vllm_gpu_util is None else f"{inp.vllm_gpu_util:g}"
         parts.append(f"vLLM tp {inp.vllm_tp} util {util}" + (" sleep" if inp.vllm_sleep else ""))
+        if not inp.critic:
+            parts.append("no critic")
     return ", ".join(parts)
 
 

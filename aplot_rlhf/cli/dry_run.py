@@ -134,7 +134,7 @@ def dry_run_ppo(cfg) -> int:
         cfg.gradient_accumulation_steps = cfg.ppo_mini_batch_size // cfg.micro_batch_size  # as the trainer sets it
         ds_cfg = check_deepspeed_json(cfg, hw.nodes * hw.gpus_per_node)
         for path, role in ((cfg.critic_ds_config, "critic"), (cfg.reference_ds_config, "reference")):
-            if path:  # accepted by DeepSpeed, and the actor's stage and precision
+            if path and (role != "critic" or cfg.advantage_estimator == "gae"):  # accepted by DeepSpeed, and the actor's stage and precision
                 _check_role_json(cfg, path, role, ds_cfg, hw.nodes * hw.gpus_per_node)
         _check_files(cfg.prompt_data, "prompt_data")
         actor = _model_folder(cfg.actor_model)
@@ -144,10 +144,11 @@ def dry_run_ppo(cfg) -> int:
         plan = plan_from_namespace(common, model=actor, job="ppo", nodes=hw.nodes, gpus_per_node=hw.gpus_per_node,
                                    gpu_mem_gib=hw.gpu_mem_gib, cpu_mem_gib=hw.cpu_mem_gib, reward_model=reward,
                                    critic_model=actor if cfg.critic_init == "actor" or reward is None else reward,
+                                   critic=cfg.advantage_estimator == "gae",
                                    reference_model=_model_folder(cfg.reference_model) if cfg.reference_model else None,
                                    offload_optimizer=cfg.offload_optimizer, offload_param=cfg.offload_param,
                                    vllm_tp=cfg.vllm_tensor_parallel_size, vllm_gpu_util=cfg.vllm_gpu_memory_utilization,
-                                   vllm_sleep=cfg.vllm_sleep, gen_batch=cfg.rollout_batch_size,
+                                   vllm_sleep=cfg.vllm_sleep, gen_batch=cfg.rollout_batch_size * cfg.samples_per_prompt,
                                    prompt_len=cfg.max_prompt_length, gen_len=cfg.max_new_tokens)
         return _report(cfg, ds_cfg, plan)
     return _run(check)

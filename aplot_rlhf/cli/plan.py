@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-implementation", choices=ATTN_IMPLEMENTATIONS, default=d["attn_implementation"])
     ppo = p.add_argument_group("ppo")
     ppo.add_argument("--critic-model", default=None, help="defaults to --reward-model")
+    ppo.add_argument("--no-critic", dest="critic", action="store_false",
+                     help="a critic-free estimator (grpo, rloo, reinforce_pp): no critic weights or states")
     ppo.add_argument("--ref-model", dest="reference_model", default=None, help="defaults to --model")
     ppo.add_argument("--reward-model", default=None, help="defaults to --model")
     ppo.add_argument("--offload-frozen", action="store_true", help="ZeRO-3 param offload of reference and reward model")

@@ -24,9 +24,10 @@ from ..models.dropout import disable_dropout
 from ..models.policy import load_actor, load_critic
 from ..models.reward import RewardModel, load_tokenizer
 from ..rollout.base import sample_seeds
-from .ppo_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae, kl_per_token,
-                       logprobs_of, masked_mean, masked_moments, moments_to_mean_var, normalize_scores,
-                       policy_loss, tempered, token_rewards, value_loss, whiten)
+from .ppo_math import (AdaptiveKLController, FixedKLController, aggregate, discounted_returns, entropy_from_logits,
+                       gae, group_statistics, grpo_scores, kl_per_token, logprobs_of, masked_mean, masked_moments,
+                       moments_to_mean_var, normalize_scores, policy_loss, rloo_scores, tempered, token_rewards,
+                       value_loss, whiten)
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,10 @@ def check_same_vocabulary(actor_config, reference_config) -> None:
                          "pass a --reference_model that shares the actor's tokenizer")
 
 
-# what a PPO mini-batch reads from the experience (the rest are per-sequence statistics for the log)
-TRAIN_KEYS = ("ids", "attn", "posids", "tokens", "mask", "old_lp", "old_values", "adv", "ret")
+# what a PPO mini-batch reads from the experience (the rest are per-sequence statistics for the log);
+# the critic's keys exist only with a critic (gae), the reference log-probs only with the KL as a loss
+TRAIN_KEYS = ("ids", "attn", "posids", "tokens", "mask", "loss_mask", "old_lp", "adv")
+CRITIC_KEYS = ("old_values", "ret")
 
 
 def experience_on(device: torch.device, **tensors) -> dict:
@@ -171,6 +174,7 @@ class PPOTrainer:
     def __init__(self, cfg: PPOConfig):
         self.cfg = cfg
         self.iteration = 0
+        self.critic = None  # only the gae estimator has one
 
     # ------------------------------------------------------------------------------------- setup
     def setup(self) -> "PPOTrainer":
@@ -222,35 +226,20 @@ class PPOTrainer:
                 disable_dropout(reference)
             if cfg.reward_model.startswith("rule:"):
                 self.reward = RuleReward(cfg.reward_model)
-                critic_init = "actor"
             else:
                 self.reward = ModelReward(cfg.reward_model, frozen_ds_cfg, dtype, cfg.reward_batch_size)
-                critic_init = cfg.critic_init
-                if critic_init == "reward" and self.reward.tok.get_vocab() != self.tok.get_vocab():
-                    log.warning("reward model's tokenizer differs from the actor's: critic initialized from the actor")
-                    critic_init = "actor"
-            if critic_ds_cfg is not frozen_ds_cfg:
-                self._hf_ds_config = eng.zero3_context(critic_ds_cfg)
-            critic = load_critic(critic_init, reward_path=cfg.reward_model, actor_path=cfg.actor_model,
-                                 actor_gguf_file=cfg.actor_gguf_file, dtype=dtype,
-                                 gradient_checkpointing=cfg.gradient_checkpointing,
-                                 attn_implementation=cfg.attn_implementation,
-                                 actor_backbone=copy.deepcopy(actor.base_model) if copy_actor and critic_init == "actor" else None,
-                                 # values regress to the normalized rewards: start the head on their scale
-                                 reward_mean=self.reward.mean if cfg.normalize_reward else None,
-                                 reward_std=self.reward.std if cfg.normalize_reward else None)
-            if cfg.disable_dropout:
-                disable_dropout(critic)
+            critic = self._load_critic(actor, critic_ds_cfg, frozen_ds_cfg, dtype, copy_actor) if self.uses_critic else None
             if not (critic_ds_cfg is frozen_ds_cfg is self.ds_cfg):
                 self._hf_ds_config = eng.zero3_context(self.ds_cfg)  # the actor's again, for the rest of the run
-        steps_per_iter = cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.ppo_mini_batch_size)
+        steps_per_iter = cfg.ppo_epochs * (cfg.rollout_batch_size * cfg.samples_per_prompt // cfg.ppo_mini_batch_size)
         total = cfg.ppo_iterations * steps_per_iter
         self.actor, self.actor_sched = eng.initialize(actor, self.ds_cfg, cfg, total)
-        self.critic, _ = eng.initialize(critic, critic_ds_cfg, cfg, total, learning_rate=cfg.critic_learning_rate)
+        if critic is not None:
+            self.critic, _ = eng.initialize(critic, critic_ds_cfg, cfg, total, learning_rate=cfg.critic_learning_rate)
         self.reference = eng.initialize_frozen(reference, frozen_ds_cfg)
         # from_pretrained returns eval mode; gradient checkpointing only runs on modules in train mode
-        self.actor.train()
-        self.critic.train()
+        for e in self.trained_engines.values():
+            e.train()
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
 
@@ -258,7 +247,7 @@ class PPOTrainer:
                                     run_config=vars(cfg), resume=cfg.resume)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
         if cfg.resume:
-            state = eng.load_checkpoint({"actor": self.actor, "critic": self.critic}, self.ckpt_root)
+            state = eng.load_checkpoint(self.trained_engines, self.ckpt_root)
             if state is not None:
                 self.iteration = state["iteration"]
                 self.kl_ctl.load_state_dict(state["kl"])
@@ -268,6 +257,35 @@ class PPOTrainer:
         if cfg.rollout_backend == "vllm":
             self.sync_weights()  # the engine starts from the files on disk; a resumed actor differs
         return self
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.cfg.advantage_estimator == "gae"
+
+    @property
+    def trained_engines(self) -> dict:
+        """The engines that train and are checkpointed: the actor, and the critic where there is one."""
+        return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
+
+    def _load_critic(self, actor, critic_ds_cfg: dict, frozen_ds_cfg: dict, dtype, copy_actor: bool):
+        cfg = self.cfg
+        critic_init = "actor" if isinstance(self.reward, RuleReward) else cfg.critic_init
+        if critic_init == "reward" and self.reward.tok.get_vocab() != self.tok.get_vocab():
+            log.warning("reward model's tokenizer differs from the actor's: critic initialized from the actor")
+            critic_init = "actor"
+        if critic_ds_cfg is not frozen_ds_cfg:
+            self._hf_ds_config = eng.zero3_context(critic_ds_cfg)
+        critic = load_critic(critic_init, reward_path=cfg.reward_model, actor_path=cfg.actor_model,
+                             actor_gguf_file=cfg.actor_gguf_file, dtype=dtype,
+                             gradient_checkpointing=cfg.gradient_checkpointing,
+                             attn_implementation=cfg.attn_implementation,
+                             actor_backbone=copy.deepcopy(actor.base_model) if copy_actor and critic_init == "actor" else None,
+                             # values regress to the normalized rewards: start the head on their scale
+                             reward_mean=self.reward.mean if cfg.normalize_reward else None,
+                             reward_std=self.reward.std if cfg.normalize_reward else None)
+        if cfg.disable_dropout:
+            disable_dropout(critic)
+        return critic
 
     def _make_backend(self):
         cfg = self.cfg
@@ -298,14 +316,14 @@ class PPOTrainer:
         with eng.Phase.of("generate"):
             handoff = cfg.vllm_sleep and cfg.rollout_backend == "vllm" and torch.cuda.is_available()
             if handoff:  # optimizer states and partitions leave the GPU while vLLM holds it
-                eng.offload_states(self.actor, self.critic)
+                eng.offload_states(*self.trained_engines.values())
             self.backend.wake()
             out = self.backend.generate(prompt_ids, max_new_tokens=cfg.max_new_tokens,
                                         temperature=cfg.temperature if temperature is None else temperature,
                                         top_p=cfg.top_p, seeds=seeds if seeds is not None else [0] * len(prompt_ids))
             self.backend.sleep()
             if handoff:
-                eng.reload_states(self.actor, self.critic)
+                eng.reload_states(*self.trained_engines.values())
         return out
 
     def score(self, rm_prompts: list, responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,38 +366,64 @@ class PPOTrainer:
 
     @torch.no_grad()
     def make_experience(self, prompts, rm_prompts, responses) -> dict:
+        """Rollout -> the tensors training reads: log-probs, advantages (and, with a critic, values and
+        returns), on the trainer's device. With samples_per_prompt K the K samples of a prompt are
+        consecutive rows, and group baselines (grpo, rloo) compare them."""
         cfg, dev = self.cfg, eng.device()
         ids, attn, posids, tokens, mask = self.pack(prompts, responses, self.tok.pad_token_id)
         ids, attn, posids, tokens, mask = (t.to(dev) for t in (ids, attn, posids, tokens, mask))
         old_lp, ref_lp, values = [], [], []
         temperature = cfg.temperature  # the log-probs of the policy that sampled: tempered, as vLLM/HF sampled
         with eng.Phase.of("experience"):
-            self.actor.eval()
-            self.critic.eval()
+            for e in self.trained_engines.values():
+                e.eval()
             for i in range(0, ids.shape[0], cfg.micro_batch_size):  # vocab-sized logits: one micro-batch at a time
                 sl = slice(i, i + cfg.micro_batch_size)
                 seqs = trim_left_padding(ids[sl], attn[sl], posids[sl])
                 old_lp.append(response_logprobs(self.actor, *seqs, tokens[sl], temperature=temperature))
                 ref_lp.append(response_logprobs(self.reference, *seqs, tokens[sl], temperature=temperature))
-                values.append(response_values(self.critic, *seqs, tokens.shape[1]))
-            self.actor.train()
-            self.critic.train()
-        old_lp, ref_lp, values = torch.cat(old_lp), torch.cat(ref_lp), torch.cat(values)
+                if self.critic is not None:
+                    values.append(response_values(self.critic, *seqs, tokens.shape[1]))
+            for e in self.trained_engines.values():
+                e.train()
+        old_lp, ref_lp = torch.cat(old_lp), torch.cat(ref_lp)
         raw, scores = self.score(rm_prompts, responses)
         kl = kl_per_token(old_lp, ref_lp, cfg.kl_estimator) * mask
-        rewards = token_rewards(scores, kl, mask, self.kl_ctl.beta)
-        adv, ret = gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:  # over the global batch: every rank's tokens, one all-reduce
+        beta = self.kl_ctl.beta if cfg.kl_mode == "reward" else 0.0  # else the KL is a loss term in train_on
+        out = dict(ids=ids, attn=attn, posids=posids, tokens=tokens, mask=mask, old_lp=old_lp, raw_scores=raw,
+                   scores=scores, kl_seq=kl.sum(1), loss_mask=mask)
+        if cfg.kl_mode == "loss":
+            out["ref_lp"] = ref_lp
+        K = cfg.samples_per_prompt
+        if K > 1:
+            group_std, uniform_frac, uniform = group_statistics(scores, K)
+            out.update(group_std=group_std.reshape(1), uniform_frac=uniform_frac.reshape(1))
+            if cfg.drop_uniform_groups:  # no signal in them: out of the loss (and of its token counts)
+                out["loss_mask"] = mask * (~uniform).to(mask.dtype)[:, None]
+        estimator = cfg.advantage_estimator
+        if estimator == "gae":
+            values = torch.cat(values) * mask
+            adv, ret = gae(token_rewards(scores, kl, mask, beta), values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:  # over the global batch: every rank's tokens, one all-reduce
+                adv = whiten(adv, mask, moments=eng.all_reduce_sum(masked_moments(adv, mask)))
+            out.update(old_values=values, ret=ret)
+        elif estimator in ("grpo", "rloo"):
+            # the baselined score at the response's end, KL penalties (kl_mode 'reward') on every token, as returns
+            baselined = grpo_scores(scores, K, cfg.grpo_std_normalize) if estimator == "grpo" else rloo_scores(scores, K)
+            adv = discounted_returns(token_rewards(baselined, kl, mask, beta), mask, cfg.gamma)
+        else:  # reinforce_pp: KL-penalized returns-to-go, normalized over the whole global batch
+            adv = discounted_returns(token_rewards(scores, kl, mask, beta), mask, cfg.gamma)
             adv = whiten(adv, mask, moments=eng.all_reduce_sum(masked_moments(adv, mask)))
-        return experience_on(dev, ids=ids, attn=attn, posids=posids, tokens=tokens, mask=mask, old_lp=old_lp,
-                             old_values=values * mask, adv=adv, ret=ret, raw_scores=raw, scores=scores,
-                             kl_seq=kl.sum(1))
+        out["adv"] = adv
+        return experience_on(dev, **out)
 
     def train_on(self, exp: dict) -> dict:
         cfg = self.cfg
         n = exp["ids"].shape[0]
         stats = []
+        keys = TRAIN_KEYS + (CRITIC_KEYS if self.critic is not None else ()) + (("ref_lp",) if "ref_lp" in exp else ())
         gen = torch.Generator().manual_seed(cfg.seed * 1000003 + self.iteration)
+        zero = torch.zeros((), device=exp["ids"].device)
         with eng.Phase.of("train"):
             for _ in range(cfg.ppo_epochs):
                 order = torch.randperm(n, generator=gen)
@@ -387,23 +431,35 @@ class PPOTrainer:
                     # rows in experience order within a micro-batch: same set, and the same padding layout
                     # as the experience forward when a micro-batch spans the rollout
                     idx = order[start:start + cfg.micro_batch_size].sort().values.to(exp["ids"].device)
-                    mb = {k: exp[k][idx] for k in TRAIN_KEYS}
+                    mb = {k: exp[k][idx] for k in keys}
                     seqs = trim_left_padding(mb["ids"], mb["attn"], mb["posids"])
                     lp, ent = response_logprobs(self.actor, *seqs, mb["tokens"], with_entropy=True,
                                                 temperature=cfg.temperature)
-                    pl, clip_frac, approx_kl = policy_loss(lp, mb["old_lp"], mb["adv"], mb["mask"], cfg.clip_ratio)
+                    pl, clip_frac, approx_kl = policy_loss(lp, mb["old_lp"], mb["adv"], mb["loss_mask"], cfg.clip_ratio,
+                                                           cfg.loss_aggregation)
                     entropy = masked_mean(ent, mb["mask"])
-                    self.actor.backward(pl - cfg.entropy_coef * entropy)
+                    loss = pl - cfg.entropy_coef * entropy
+                    kl_loss = zero
+                    if "ref_lp" in mb:  # kl_mode 'loss': the KL to the reference as a penalty term
+                        kl_loss = aggregate(kl_per_token(lp, mb["ref_lp"], cfg.kl_loss_estimator), mb["loss_mask"],
+                                            cfg.loss_aggregation)
+                        loss = loss + self.kl_ctl.beta * kl_loss
+                    self.actor.backward(loss)
                     self.actor.step()
-                    values = response_values(self.critic, *seqs, mb["tokens"].shape[1])
-                    vl, vclip = value_loss(values, mb["old_values"], mb["ret"], mb["mask"], cfg.value_clip)
-                    self.critic.backward(vl)
-                    self.critic.step()
+                    vl = vclip = zero
+                    if self.critic is not None:
+                        values = response_values(self.critic, *seqs, mb["tokens"].shape[1])
+                        vl, vclip = value_loss(values, mb["old_values"], mb["ret"], mb["mask"], cfg.value_clip)
+                        self.critic.backward(vl)
+                        self.critic.step()
                     # kept on the device: one host sync after the epochs, not one per micro-batch
-                    stats.append(torch.stack([pl.detach(), vl.detach(), clip_frac, vclip, approx_kl, entropy.detach()]))
-        keys = ["policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl", "entropy"]
-        self.first_micro_batch_stats = dict(zip(keys, stats[0].tolist()))  # a ratio check: 0 clip, 0 KL
-        return dict(zip(keys, torch.stack(stats).mean(0).tolist()))
+                    stats.append(torch.stack([pl.detach(), vl.detach(), clip_frac, vclip, approx_kl, entropy.detach(),
+                                              kl_loss.detach()]))
+        names = ["policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl", "entropy", "kl_loss"]
+        if self.critic is None:
+            names[1] = names[3] = None  # no critic: no value statistics to report
+        self.first_micro_batch_stats = {k: v for k, v in zip(names, stats[0].tolist()) if k}  # ratio check: 0 clip, 0 KL
+        return {k: v for k, v in zip(names, torch.stack(stats).mean(0).tolist()) if k}
 
     # ------------------------------------------------------------------------------------- loop
     def batch_for(self, iteration: int):
@@ -412,7 +468,8 @@ class PPOTrainer:
         return [self.prompts[i] for i in idxs]
 
     def step(self) -> dict:
-        batch = self.batch_for(self.iteration)
+        K = self.cfg.samples_per_prompt  # each prompt K times, its samples consecutive (one group per prompt)
+        batch = [b for b in self.batch_for(self.iteration) for _ in range(K)]
         prompts, rm_prompts = [b[0] for b in batch], [b[1] for b in batch]
         t0 = time.perf_counter()
         responses = self.generate(prompts, seeds=sample_seeds(self.cfg.seed, self.iteration, self.rank, self.world,
@@ -435,6 +492,8 @@ class PPOTrainer:
             "gen_tokens_per_s": gen_tokens / max(gen_s, 1e-9), "gen_s": gen_s, "experience_s": exp_s,
             "train_s": train_s, "sync_s": sync_s,
         }
+        if K > 1:  # how much signal the groups carry: their reward spread, and the share with none at all
+            local.update({"reward/group_std": exp["group_std"][0], "reward/uniform_group_frac": exp["uniform_frac"][0]})
         keys = sorted(local)
         values = torch.stack([torch.as_tensor(local[k], dtype=torch.float64).to(eng.device()) for k in keys])
         metrics = dict(zip(keys, eng.all_reduce_finite_mean(values).cpu().tolist()))
@@ -483,7 +542,7 @@ class PPOTrainer:
         return metrics
 
     def save(self) -> None:
-        eng.save_checkpoint({"actor": self.actor, "critic": self.critic}, self.ckpt_root, self.iteration,
+        eng.save_checkpoint(self.trained_engines, self.ckpt_root, self.iteration,
                             {"iteration": self.iteration, "kl": self.kl_ctl.state_dict()}, keep=self.cfg.save_total_limit)
 
     def close(self) -> None:

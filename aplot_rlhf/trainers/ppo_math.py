@@ -113,13 +113,15 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages * mask, returns
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip: float):
-    """Clipped surrogate. -> (loss, clip fraction, approx KL old||new), all scalars."""
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip: float, aggregation: str = "token_mean"):
+    """Clipped surrogate. -> (loss, clip fraction, approx KL old||new), all scalars.
+
+    aggregation: how token losses become the loss (`aggregate`); the diagnostics are token means."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation)
     clip_frac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
     return loss, clip_frac.detach(), approx_kl.detach()
@@ -182,3 +184,63 @@ class AdaptiveKLController(FixedKLController):
     def update(self, observed_kl: float, n_steps: int) -> None:
         error = min(max(observed_kl / self.target - 1.0, -0.2), 0.2)
         self.beta *= 1.0 + error * n_steps / self.horizon
+
+
+# ------------------------------------------------------------------------------ critic-free estimators
+# Sequences of one prompt are contiguous: a rollout of N = P * K sequences holds P groups of K samples.
+
+def group_view(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[N] -> [N / k, k] (groups of one prompt's k samples)."""
+    if scores.numel() % k:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {k}")
+    return scores.reshape(-1, k)
+
+
+def grpo_scores(scores: torch.Tensor, k: int, std_normalize: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: (r - mean of the prompt's k rewards) / (std + eps); without std_normalize only the mean is
+    removed (the "Dr. GRPO" variant). std is the unbiased sample std. [N] -> [N]."""
+    g = group_view(scores, k)
+    centred = g - g.mean(1, keepdim=True)
+    if std_normalize:
+        centred = centred / (g.std(1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def rloo_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """RLOO: r - mean of the other k - 1 rewards of the same prompt. [N] -> [N]."""
+    if k < 2:
+        raise ValueError("rloo needs at least 2 samples per prompt")
+    g = group_view(scores, k)
+    return (g - (g.sum(1, keepdim=True) - g) / (k - 1)).reshape(-1)
+
+
+def group_statistics(scores: torch.Tensor, k: int, atol: float = 1e-6):
+    """(mean over groups of the reward std, share of groups whose k rewards are all equal, per-sequence
+    mask [N] of the sequences in such groups). A group of equal rewards carries no signal for a
+    group-relative baseline."""
+    g = group_view(scores, k)
+    uniform = (g.max(1).values - g.min(1).values) <= atol
+    std = g.std(1) if k > 1 else torch.zeros(g.shape[0], device=g.device)
+    return std.mean(), uniform.float().mean(), uniform.repeat_interleave(k)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Return-to-go G_t = sum_{t' >= t} gamma^(t'-t) r_t' over the valid tokens. [B, T] -> [B, T]."""
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    return returns
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "token_mean") -> torch.Tensor:
+    """Loss over tokens: 'token_mean' (every valid token of the batch weighs the same) or 'seq_mean'
+    (each sequence's token mean, then the mean over sequences that have tokens)."""
+    if how == "token_mean":
+        return masked_mean(x, mask)
+    if how == "seq_mean":
+        per_seq = masked_mean(x, mask, dim=1)
+        has = (mask.sum(1) > 0).to(x.dtype)
+        return (per_seq * has).sum() / has.sum().clamp_min(1.0)
+    raise ValueError(f"loss aggregation must be token_mean or seq_mean, got {how!r}")
