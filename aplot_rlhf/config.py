@@ -218,6 +218,11 @@ class RMConfig(ModelConfig, DataConfig, LossConfig, EngineConfig, RunConfig):
             "aplot_gamma": _at_least(0.0), "aplot_gamma_warmup_steps": _at_least(0),
             "aplot_hard_threshold": _at_least(0.0)})
         errors += check_engine_and_run(self)
+        from .data.preference import parse_eval_specs
+        try:  # two eval sets under one explicit name: refused before anything loads
+            parse_eval_specs(self.eval_data, reserved=("id_val",) if self.eval_split_fraction > 0 else ())
+        except ConfigError as exc:
+            errors.append(str(exc))
         if errors:
             raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
         return self
@@ -331,6 +336,7 @@ class PPOSpecific:
     actor_model: str = knob("", "policy to align (SFT causal LM): local folder, hub name, or .gguf file")
     actor_gguf_file: str = knob("", "GGUF file name inside actor_model, if the actor is a GGUF")
     reward_model: str = knob("", "reward model folder saved by train_rm (any tokenizer)")
+    allow_untrained_reward_head: bool = knob(False, "accept a reward model whose score head is not in its checkpoint (random scores: debugging only)")
     reference_model: str = knob("", "frozen KL reference; defaults to actor_model")
     critic_init: str = knob("reward", "initialize the critic from the 'reward' model or the 'actor'")
     critic_ds_config: str = knob("", "DeepSpeed JSON for the critic ('auto' filled as for the actor); default: the actor's")
