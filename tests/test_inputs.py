@@ -137,6 +137,10 @@ def test_eval_rm_and_ppo_check_lengths_too(minilm_rm_dir, tiny_llama_dir, tmp_pa
                                "--max_new_tokens", "64")
     assert code == 2 and "--max_prompt_length + --max_new_tokens 564 is more than the actor" in err
     assert "512 tokens (max_position_embeddings=512" in err
+    # a shape-only folder (config.json, no tokenizer) is checked against its config
+    code, _, err = rm_dry_run(["--model_name_or_path", str(SHAPES / "llama3-8b"), "--train_data", str(DEMO_PAIRS),
+                               "--max_length", "16384"], monkeypatch, capsys)
+    assert code == 2 and "--max_length 16384 is more than the model" in err and "max_position_embeddings=8192" in err
 
 
 # ------------------------------------------------------------------ 9: reference tokenizer

@@ -88,10 +88,11 @@ def _check_rm_data(cfg, world: int) -> dict:
     from ..data.preference import DataError, PairSampler, PairTokenizer, load_rm_data
     from ..models.reward import check_max_length, load_model_config
     tok = _tokenizer_or_none(cfg.model_name_or_path, cfg.tokenizer_name_or_path, cfg.gguf_file, cfg.trust_remote_code)
-    encoder = None
-    if tok is not None:
+    if os.path.exists(os.path.join(cfg.model_name_or_path, "config.json")):  # a missing one is reported later
         check_max_length(cfg.max_length, load_model_config(cfg.model_name_or_path, cfg.gguf_file, cfg.trust_remote_code),
                          tok, what=f"model {cfg.model_name_or_path}")
+    encoder = None
+    if tok is not None:
         encoder = PairTokenizer(tok, cfg.max_length, cfg.chat_template, cfg.response_separator, cfg.long_response)
     report = {}
     train, _ = load_rm_data(cfg, encoder, report)
@@ -112,9 +113,10 @@ def _check_prompt_data(cfg, world: int) -> dict:
     if cfg.max_prompts:
         prompts = prompts[:cfg.max_prompts]
     tok = _tokenizer_or_none(cfg.actor_model, "", cfg.actor_gguf_file)
-    if tok is not None:
+    if cfg.actor_gguf_file or os.path.exists(os.path.join(cfg.actor_model, "config.json")):
         check_max_length(cfg.max_prompt_length + cfg.max_new_tokens, load_model_config(cfg.actor_model, cfg.actor_gguf_file),
                          tok, flag="--max_prompt_length + --max_new_tokens", what=f"actor {cfg.actor_model}")
+    if tok is not None:
         formatter = PromptFormatter(tok, cfg.max_prompt_length, cfg.prompt_format)
         for p in prompts:
             formatter(p["prompt"])
