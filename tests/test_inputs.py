@@ -243,6 +243,11 @@ def test_rm_dry_run_reports_counts_and_skips_as_training_would(minilm_path, tmp_
     report = json.loads(out.split("data (as training reads it):\n", 1)[1].split("\n}\n", 1)[0] + "\n}")
     assert report["train_data"] == {"pairs": 8, "skipped": {"pair(s) skipped: empty 'chosen' response": 1}}
     assert report["long"]["pairs"] == 1
+    # max_eval_pairs caps the held-out split as well as the eval files, as in training
+    code, out, _ = rm_dry_run(["--model_name_or_path", minilm_path, "--train_data", str(DEMO_PAIRS), "--eval_data",
+                               str(data), "--eval_split_fraction", "0.5", "--max_eval_pairs", "3", "--max_length", "64",
+                               "--zero_stage", "2"], monkeypatch, capsys)
+    assert code == 0 and '"id_val": {\n  "pairs": 3' in out and '"train": {\n  "pairs": 3' in out, out[-3000:]
     assert report["long"]["skipped"] == {"sequence(s) with the prompt cut from the left to fit max_length=64": 2}
 
 

@@ -250,11 +250,11 @@ def load_rm_data(cfg, encoder=None, report: dict | None = None) -> tuple[list[di
     train, id_val = split_pairs(pool, cfg.eval_split_fraction, cfg.split_seed)
     if cfg.max_train_pairs:
         train = train[:cfg.max_train_pairs]
-    sets = [("train_data", train, train_skips)] + ([("id_val", id_val, SkipCounter())] if id_val else [])
+    cap = (lambda pairs: pairs[:cfg.max_eval_pairs]) if cfg.max_eval_pairs else (lambda pairs: pairs)
+    sets = [("train_data", train, train_skips)] + ([("id_val", cap(id_val), SkipCounter())] if id_val else [])
     for name, path in parse_eval_specs(cfg.eval_data, reserved=("id_val",) if cfg.eval_split_fraction > 0 else ()):
         skips = SkipCounter()
-        pairs = load_pairs(path, what=f"eval_data {name}", skips=skips, **keys)
-        sets.append((name, pairs[:cfg.max_eval_pairs] if cfg.max_eval_pairs else pairs, skips))
+        sets.append((name, cap(load_pairs(path, what=f"eval_data {name}", skips=skips, **keys)), skips))
     out = {}
     for name, pairs, skips in sets:
         if encoder is not None:
