@@ -10,10 +10,13 @@ import argparse
 import dataclasses
 import json
 import os
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
+
+from .errors import ConfigError, InputNotFoundError
 
 LOSSES = ("bt", "bt_smooth", "margin", "aplot")
 
@@ -103,14 +106,69 @@ class RunConfig:
     eval_at_start: bool = knob(False, "also evaluate before the first step")
     eval_batch_size: int = knob(16, "pairs per forward in evaluation")
     save_steps: int = knob(0, "checkpoint every N optimizer steps (0 = only at the end)")
-    save_total_limit: int = knob(2, "keep this many most recent checkpoints")
+    save_total_limit: int = knob(2, "keep this many most recent checkpoints (0 = keep all)")
     resume: bool = knob(False, "resume from the latest checkpoint in output_dir")
     export: bool = knob(True, "write a transformers folder (AutoModelForSequenceClassification) at the end")
     log_steps: int = knob(1, "log metrics every N optimizer steps")
     tensorboard: bool = knob(True, "write tensorboard event files under output_dir/tb")
     wandb_project: str = knob("", "log to this Weights & Biases project (needs wandb installed)")
     progress: bool = knob(True, "tqdm progress bar on rank 0")
-    dry_run: bool = knob(False, "validate the config and the data keys' presence, print the memory plan, and exit")
+    dry_run: bool = knob(False, "validate the config, read every data file as training would, print the memory plan, and exit")
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_ranges(cfg, rules: dict) -> list[str]:
+    """rules: field -> (lo, hi, lo_open, hi_open) with None for an unbounded side; -> one message per violation."""
+    errors = []
+    for name, (lo, hi, lo_open, hi_open) in rules.items():
+        v = getattr(cfg, name)
+        ok = _finite(v) and (lo is None or (v > lo if lo_open else v >= lo)) and (
+            hi is None or (v < hi if hi_open else v <= hi))
+        if not ok:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            span = (f"in {left}{lo}, {hi}{right}" if lo is not None and hi is not None
+                    else f"{'>' if lo_open else '>='} {lo}" if lo is not None else f"{'<' if hi_open else '<='} {hi}")
+            errors.append(f"{name} must be {span}, got {v!r}")
+    return errors
+
+
+def _at_least(lo):
+    return (lo, None, False, False)
+
+
+def _above(lo):
+    return (lo, None, True, False)
+
+
+_UNIT = (0.0, 1.0, False, False)  # [0, 1]
+
+ENGINE_RANGES = {
+    "learning_rate": _above(0.0), "weight_decay": _at_least(0.0), "warmup_ratio": _UNIT, "min_lr_ratio": _UNIT,
+    "max_grad_norm": _at_least(0.0), "timeout_s": _above(0), "micro_batch_size": _at_least(1),
+    "gradient_accumulation_steps": _at_least(1),
+}
+RUN_RANGES = {
+    "seed": (0, 2 ** 32 - 1, False, False),  # numpy's seed range
+    "epochs": _above(0.0), "max_steps": _at_least(0), "eval_steps": _at_least(0), "eval_batch_size": _at_least(1),
+    "save_steps": _at_least(0), "save_total_limit": _at_least(0), "log_steps": _at_least(1),
+}
+
+
+def check_engine_and_run(cfg) -> list[str]:
+    """Range checks shared by every job (EngineConfig and RunConfig knobs the job has)."""
+    rules = {k: v for k, v in {**ENGINE_RANGES, **RUN_RANGES}.items()
+             if hasattr(cfg, k) and k not in getattr(cfg, "UNUSED", {})}
+    errors = check_ranges(cfg, rules)
+    betas = cfg.adam_betas
+    if len(betas) != 2 or not all(_finite(b) and 0.0 <= b < 1.0 for b in betas):
+        errors.append(f"adam_betas must be two numbers in [0, 1), got {betas!r}")
+    if cfg.dist_backend not in ("auto", "nccl", "gloo"):
+        errors.append(f"dist_backend must be auto, nccl or gloo, got {cfg.dist_backend!r}")
+    return errors
 
 
 @dataclass
@@ -153,12 +211,20 @@ class RMConfig(ModelConfig, DataConfig, LossConfig, EngineConfig, RunConfig):
             errors.append(f"lr_scheduler must be cosine, linear or constant, got {self.lr_scheduler!r}")
         if self.max_length < 8:
             errors.append(f"max_length must be >= 8, got {self.max_length}")
-        if self.micro_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            errors.append("micro_batch_size and gradient_accumulation_steps must be >= 1")
         if not 0.0 <= self.eval_split_fraction < 1.0:
             errors.append(f"eval_split_fraction must be in [0, 1), got {self.eval_split_fraction}")
+        errors += check_ranges(self, {
+            "max_train_pairs": _at_least(0), "max_eval_pairs": _at_least(0), "margin_scale": _at_least(0.0),
+            "aplot_gamma": _at_least(0.0), "aplot_gamma_warmup_steps": _at_least(0),
+            "aplot_hard_threshold": _at_least(0.0)})
+        errors += check_engine_and_run(self)
+        from .data.preference import parse_eval_specs
+        try:  # two eval sets under one explicit name: refused before anything loads
+            parse_eval_specs(self.eval_data, reserved=("id_val",) if self.eval_split_fraction > 0 else ())
+        except ConfigError as exc:
+            errors.append(str(exc))
         if errors:
-            raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
         return self
 
 
@@ -167,16 +233,39 @@ def _field_type(f: dataclasses.Field):
     return type(default)
 
 
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _help_line(cls, f: dataclasses.Field) -> str:
+    """The field's help for this job (a job may override it), with the real default: argparse's own
+    default stays None so a YAML file can fill the value."""
+    text = getattr(cls, "HELP", {}).get(f.name, f.metadata.get("help", ""))
+    default = _default(f)
+    if isinstance(default, bool):
+        shown = "on" if default else "off"
+    elif isinstance(default, list):
+        shown = " ".join(map(str, default)) if default else "none"
+    elif default == "":
+        shown = "none"
+    else:
+        shown = str(default)
+    return f"{text} (default: {shown})".replace("%", "%%")
+
+
 def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
-    """argparse parser with one --flag per dataclass field (defaults left unset so YAML can fill them)."""
-    parser = argparse.ArgumentParser(description=description or cls.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """argparse parser with one --flag per dataclass field the job uses (argparse defaults left unset so
+    YAML can fill them; the help shows the dataclass default)."""
+    parser = argparse.ArgumentParser(description=description or cls.__doc__)
     parser.add_argument("--config", default="", help="YAML file with any of the fields below (flags override it)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    unused = getattr(cls, "UNUSED", {})
     for f in dataclasses.fields(cls):
+        if f.name in unused:  # not a flag of this job: argparse then rejects it instead of ignoring it
+            continue
         flag = "--" + f.name
         typ = _field_type(f)
-        help_text = f.metadata.get("help", "")
+        help_text = _help_line(cls, f)
         if typ is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typ is list:
@@ -190,16 +279,19 @@ def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
 
 def _coerce(cls, name: str, value: Any, where: str):
     f = {x.name: x for x in dataclasses.fields(cls)}.get(name)
+    unused = getattr(cls, "UNUSED", {})
+    if name in unused:
+        raise ConfigError(f"{where}: key {name!r} is not used by this job ({unused[name]})")
     if f is None:
-        known = ", ".join(sorted(x.name for x in dataclasses.fields(cls)))
-        raise ValueError(f"{where}: unknown key {name!r}; known keys: {known}")
+        known = ", ".join(sorted(x.name for x in dataclasses.fields(cls) if x.name not in unused))
+        raise ConfigError(f"{where}: unknown key {name!r}; known keys: {known}")
     typ = _field_type(f)
     if typ is list and not isinstance(value, list):
         value = [value]
     elif typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     elif typ is not list and not isinstance(value, typ):
-        raise ValueError(f"{where}: key {name!r} must be {typ.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: key {name!r} must be {typ.__name__}, got {value!r}")
     return value
 
 
@@ -210,15 +302,15 @@ def load_config(cls, argv=None, description: str = ""):
     values: dict[str, Any] = {}
     if args.config:
         if not os.path.exists(args.config):
-            raise FileNotFoundError(f"config file not found: {args.config}")
+            raise InputNotFoundError(f"config file not found: {args.config}")
         with open(args.config) as fh:
             loaded = yaml.safe_load(fh) or {}
         if not isinstance(loaded, dict):
-            raise ValueError(f"{args.config}: expected a mapping of config keys at the top level")
+            raise ConfigError(f"{args.config}: expected a mapping of config keys at the top level")
         for k, v in loaded.items():
             values[k] = _coerce(cls, k, v, args.config)
     for f in dataclasses.fields(cls):
-        v = getattr(args, f.name)
+        v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = v
     cfg = cls(**values)
@@ -245,6 +337,7 @@ class PPOSpecific:
     actor_model: str = knob("", "policy to align (SFT causal LM): local folder, hub name, or .gguf file")
     actor_gguf_file: str = knob("", "GGUF file name inside actor_model, if the actor is a GGUF")
     reward_model: str = knob("", "reward model folder saved by train_rm (any tokenizer)")
+    allow_untrained_reward_head: bool = knob(False, "accept a reward model whose score head is not in its checkpoint (random scores: debugging only)")
     reference_model: str = knob("", "frozen KL reference; defaults to actor_model")
     critic_init: str = knob("reward", "initialize the critic from the 'reward' model or the 'actor'")
     critic_ds_config: str = knob("", "DeepSpeed JSON for the critic ('auto' filled as for the actor); default: the actor's")
@@ -303,9 +396,28 @@ class PPOSpecific:
 class PPOConfig(PPOSpecific, EngineConfig, RunConfig):
     """PPO alignment: every knob of the job."""
 
-    def __post_init__(self):
-        if self.output_dir == "runs/rm":
-            self.output_dir = "runs/ppo"
+    output_dir: str = knob("runs/ppo", "where checkpoints, metrics.jsonl, tensorboard logs and the policy go")
+    # RunConfig / EngineConfig fields PPO has no use for: not flags of train_ppo, refused in its YAML
+    UNUSED: ClassVar[dict] = {
+        "epochs": "PPO runs --ppo_iterations rollout/train cycles",
+        "max_steps": "PPO runs --ppo_iterations rollout/train cycles",
+        "eval_steps": "PPO measures the held-out --eval_prompts reward",
+        "eval_at_start": "PPO measures the held-out --eval_prompts reward",
+        "eval_batch_size": "PPO measures the held-out --eval_prompts reward",
+        "gradient_accumulation_steps": "PPO sets it to ppo_mini_batch_size / micro_batch_size",
+    }
+    # help lines whose RM wording is wrong for PPO
+    HELP: ClassVar[dict] = {
+        "seed": "training seed (data order, sampling, dropout)",
+        "micro_batch_size": "sequences per GPU per forward/backward (actor and critic)",
+        "learning_rate": "actor peak learning rate (critic: critic_learning_rate)",
+        "warmup_ratio": "fraction of the actor's and critic's optimizer steps spent in linear warm-up",
+        "save_steps": "checkpoint every N PPO iterations (0 = only at the end)",
+        "log_steps": "log metrics every N PPO iterations",
+        "export": "write the aligned policy as a transformers folder (output_dir/policy) at the end",
+        "resume": "resume from the latest checkpoint in output_dir (iteration, actor, critic, KL controller)",
+        "dry_run": "validate the config, read every prompt file, print the memory plan, and exit",
+    }
 
     def validate(self) -> "PPOConfig":
         errors = []
@@ -324,10 +436,17 @@ class PPOConfig(PPOSpecific, EngineConfig, RunConfig):
             errors.append(f"prompt_format must be auto, text or chat, got {self.prompt_format!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             errors.append(f"zero_stage must be 0-3, got {self.zero_stage}")
+        ranges = check_ranges(self, {
+            "max_prompts": _at_least(0), "eval_prompts": _at_least(0), "top_p": (0.0, 1.0, True, False),
+            "vllm_tensor_parallel_size": _at_least(1), "rollout_batch_size": _at_least(1), "ppo_epochs": _at_least(1),
+            "ppo_mini_batch_size": _at_least(1), "critic_learning_rate": _above(0.0), "clip_ratio": _above(0.0),
+            "value_clip": _above(0.0), "gamma": _UNIT, "lam": _UNIT, "kl_coef": _at_least(0.0),
+            "kl_target": _above(0.0), "kl_horizon": _at_least(1), "reward_clip": _above(0.0),
+            "entropy_coef": _at_least(0.0), "ppo_iterations": _at_least(1), "reward_batch_size": _at_least(1),
+            "temperature": _at_least(0.0), "samples_per_prompt": _at_least(1)}) + check_engine_and_run(self)
+        errors += ranges
         if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
             errors.append(f"advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got {self.advantage_estimator!r}")
-        if self.samples_per_prompt < 1:
-            errors.append(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         elif self.advantage_estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
             errors.append(f"advantage_estimator {self.advantage_estimator} compares the samples of one prompt: "
                           f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
@@ -339,19 +458,18 @@ class PPOConfig(PPOSpecific, EngineConfig, RunConfig):
             errors.append(f"loss_aggregation must be token_mean or seq_mean, got {self.loss_aggregation!r}")
         if self.drop_uniform_groups and self.samples_per_prompt < 2:
             errors.append("drop_uniform_groups needs samples_per_prompt >= 2")
-        sequences = self.rollout_batch_size * max(1, self.samples_per_prompt)
-        if sequences % self.ppo_mini_batch_size:
+        # the divisibility checks divide by these sizes: only once the ranges hold
+        sequences = self.rollout_batch_size * self.samples_per_prompt
+        if not ranges and sequences % self.ppo_mini_batch_size:
             errors.append(f"rollout_batch_size {self.rollout_batch_size} x samples_per_prompt {self.samples_per_prompt} "
                           f"= {sequences} sequences must be a multiple of ppo_mini_batch_size {self.ppo_mini_batch_size}")
-        if self.ppo_mini_batch_size % self.micro_batch_size:
+        if not ranges and self.ppo_mini_batch_size % self.micro_batch_size:
             errors.append(f"ppo_mini_batch_size {self.ppo_mini_batch_size} must be a multiple of micro_batch_size "
                           f"{self.micro_batch_size}")
         if self.max_new_tokens < 1 or self.max_prompt_length < 1:
             errors.append("max_new_tokens and max_prompt_length must be >= 1")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             errors.append("vllm_gpu_memory_utilization must be in (0, 1]")
-        if self.temperature < 0:
-            errors.append("temperature must be >= 0 (0 = greedy)")
         if errors:
-            raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+            raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
         return self

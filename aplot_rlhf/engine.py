@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest_checkpoint.json"
@@ -166,7 +168,7 @@ def role_ds_config(cfg, world_size: int, path: str, role: str, actor_ds_cfg: dic
     ds_cfg = build_ds_config(dataclasses.replace(cfg, ds_config=path), world_size, precision)
     stage = lambda c: c.get("zero_optimization", {}).get("stage", 0)  # noqa: E731
     if (stage(ds_cfg), ds_precision(ds_cfg)) != (stage(actor_ds_cfg), ds_precision(actor_ds_cfg)):
-        raise ValueError(f"{path}: the {role} config has ZeRO stage {stage(ds_cfg)} / {ds_precision(ds_cfg)}, the "
+        raise ConfigError(f"{path}: the {role} config has ZeRO stage {stage(ds_cfg)} / {ds_precision(ds_cfg)}, the "
                          f"actor's has ZeRO stage {stage(actor_ds_cfg)} / {ds_precision(actor_ds_cfg)}: every PPO "
                          "role must match the actor")
     return ds_cfg
@@ -214,11 +216,14 @@ def build_ds_config(cfg, world_size: int, precision: str | None = None) -> dict:
         ours["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
     if not cfg.ds_config:
         return ours
+    if not os.path.exists(cfg.ds_config):
+        from .errors import InputNotFoundError
+        raise InputNotFoundError(f"ds_config {cfg.ds_config} does not exist")
     with open(cfg.ds_config) as fh:
         try:
             user = json.load(fh)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{cfg.ds_config}:{exc.lineno}: malformed JSON ({exc.msg})") from exc
+            raise ConfigError(f"{cfg.ds_config}:{exc.lineno}: malformed JSON ({exc.msg})") from exc
     return fill_auto(user, ours)
 
 
@@ -229,7 +234,7 @@ def fill_auto(user, ours):
         for k, v in user.items():
             if v == "auto":
                 if not isinstance(ours, dict) or k not in ours:
-                    raise ValueError(f"ds_config: no value to fill for 'auto' at key {k!r}")
+                    raise ConfigError(f"ds_config: no value to fill for 'auto' at key {k!r}")
                 out[k] = copy.deepcopy(ours[k])
             else:
                 out[k] = fill_auto(v, ours.get(k) if isinstance(ours, dict) else None)
@@ -243,7 +248,7 @@ def check_ds_config(ds_cfg: dict, world_size: int) -> None:
     ga = ds_cfg.get("gradient_accumulation_steps")
     tbs = ds_cfg.get("train_batch_size")
     if all(isinstance(x, int) for x in (mbs, ga, tbs)) and mbs * ga * world_size != tbs:
-        raise ValueError(f"ds_config: train_batch_size {tbs} != micro batch {mbs} x grad accum {ga} x "
+        raise ConfigError(f"ds_config: train_batch_size {tbs} != micro batch {mbs} x grad accum {ga} x "
                          f"world size {world_size}")
 
 
@@ -459,3 +464,21 @@ def export_pretrained(hf_model, tokenizer, out_dir: str, extra_config: dict | No
             shutil.rmtree(old, ignore_errors=True)
         barrier()
     return out_dir if is_rank0() else None
+
+
+# ------------------------------------------------------------------------------------- config parse
+
+def parse_with_deepspeed(ds_cfg: dict, world: int, what: str) -> None:
+    """Batch arithmetic for `world` ranks, then DeepSpeed's own config parser (no process group needed);
+    ConfigError naming `what` if rejected. For dry runs: DeepSpeed itself is imported only here."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    check_ds_config(ds_cfg, world)
+    # Without a process group DeepSpeedConfig takes world size 1 (an mpu is not consulted before
+    # dist.get_rank() fails), so hand it the per-rank share; the world-size arithmetic was checked above.
+    probe = copy.deepcopy(ds_cfg)
+    if isinstance(probe.get("train_batch_size"), int):
+        probe["train_batch_size"] //= world
+    try:
+        DeepSpeedConfig(probe)
+    except Exception as exc:  # pydantic ValidationError, AssertionError, ValueError: all mean "rejected"
+        raise ConfigError(f"DeepSpeed rejects {what}: {type(exc).__name__}: {exc}") from exc

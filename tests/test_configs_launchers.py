@@ -147,7 +147,7 @@ def test_dry_run_checks_host_ram_when_given(monkeypatch, capsys):
 def test_dry_run_names_a_missing_data_file(monkeypatch, capsys):
     code, _, err = dry_run(["--model_name_or_path", str(SHAPES / "llama3-8b"), "--train_data", "/nonexistent/pairs.jsonl"],
                            monkeypatch, capsys)
-    assert code == 2 and "dry run failed: train_data: /nonexistent/pairs.jsonl does not exist" in err
+    assert code == 2 and "dry run failed: data file not found: /nonexistent/pairs.jsonl" in err
 
 
 def test_dry_run_needs_only_a_config_json(tmp_path, monkeypatch, capsys):

@@ -58,9 +58,11 @@ def test_rule_rewards():
         RuleReward("rule:nope")
 
 
-def test_mismatched_vocabularies():
-    with pytest.raises(ValueError, match="actor vocabulary \\(100 tokens\\) != reference vocabulary \\(50 tokens\\)"):
-        check_same_vocabulary(SimpleNamespace(vocab_size=100), SimpleNamespace(vocab_size=50))
+def test_mismatched_vocabularies(smol_tokenizer_dir, char_llama_dir):
+    from transformers import AutoTokenizer
+    smol, char = AutoTokenizer.from_pretrained(smol_tokenizer_dir), AutoTokenizer.from_pretrained(char_llama_dir)
+    with pytest.raises(ValueError, match="reference model's tokenizer is not the actor's"):
+        check_same_vocabulary(char, smol, SimpleNamespace(vocab_size=64), SimpleNamespace(vocab_size=len(smol)))
 
 
 def test_vllm_that_cannot_start_says_why(tmp_path):

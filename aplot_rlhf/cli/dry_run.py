@@ -1,16 +1,16 @@
 """`--dry_run` for train_rm and train_ppo: check a launch before it spends a node-hour.
 
-No GPU, no process group, no weights, no tokenizer: validates the config, builds the DeepSpeed JSON
-and runs it through DeepSpeed's own parser, checks that data files exist, reads the model's
-config.json, and prints the memory plan for the hardware the launchers export:
+No GPU, no process group, no weights: validates the config, builds the DeepSpeed JSON and runs it
+through DeepSpeed's own parser, reads every data file through the loader training uses (tokenized
+with the model's tokenizer when the folder has one: skip counts as training would log them), checks
+max_length against the model's positions, reads the model's config.json, and prints the memory plan for the hardware the launchers export:
 APLOT_PLAN_NODES, APLOT_PLAN_GPUS_PER_NODE, APLOT_PLAN_GPU_MEM_GIB (default 1 x 1 x 80 GiB; without
 APLOT_PLAN_GPUS_PER_NODE, WORLD_SIZE / nodes) and, optionally, APLOT_PLAN_CPU_MEM_GIB (host RAM per
 node, checked when set). Exit 0 if it fits, 1 if not (with the planner's smallest change that fits),
-2 if the config itself is wrong (bad DeepSpeed JSON, batch sizes, missing files).
+2 if the config or the data is wrong (bad DeepSpeed JSON, batch sizes, missing files, a malformed line).
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -40,19 +40,8 @@ def check_deepspeed_json(cfg, world: int) -> dict:
 
 
 def _parse_with_deepspeed(ds_cfg: dict, world: int, what: str) -> None:
-    """Batch arithmetic for `world` ranks, then DeepSpeed's own parser; ValueError naming `what` if rejected."""
-    from deepspeed.runtime.config import DeepSpeedConfig
-    from .. import engine as eng
-    eng.check_ds_config(ds_cfg, world)
-    # Without a process group DeepSpeedConfig takes world size 1 (an mpu is not consulted before
-    # dist.get_rank() fails), so hand it the per-rank share; the world-size arithmetic was checked above.
-    probe = copy.deepcopy(ds_cfg)
-    if isinstance(probe.get("train_batch_size"), int):
-        probe["train_batch_size"] //= world
-    try:
-        DeepSpeedConfig(probe)
-    except Exception as exc:  # pydantic ValidationError, AssertionError, ValueError: all mean "rejected"
-        raise ValueError(f"DeepSpeed rejects {what}: {type(exc).__name__}: {exc}") from exc
+    from .. import engine as eng  # only engine.py imports deepspeed
+    eng.parse_with_deepspeed(ds_cfg, world, what)
 
 
 def _check_role_json(cfg, path: str, role: str, actor_ds_cfg: dict, world: int) -> None:
@@ -78,11 +67,65 @@ def _check_flags_match_json(cfg, ds_cfg: dict) -> None:
                          + "\n  ".join(wrong))
 
 
-def _check_files(paths, what):
-    for p in paths:
-        spec = p.split("=", 1)[1] if "=" in p and not os.path.exists(p) else p
-        if not os.path.exists(spec):
-            raise FileNotFoundError(f"{what}: {spec} does not exist")
+def _tokenizer_or_none(path: str, tokenizer_path: str = "", gguf_file: str = "", trust_remote_code: bool = False):
+    """The model's tokenizer if it loads from local files (cheap: no weights); None, said, if not."""
+    from ..models.reward import load_tokenizer, split_gguf
+    folder, gguf = split_gguf(path, gguf_file)
+    files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+    if not tokenizer_path and not gguf and not any(os.path.exists(os.path.join(folder, f)) for f in files):
+        print(f"dry run: {folder} has no tokenizer files: data read and validated, but not tokenized "
+              "(truncation and skip counts unchecked)", file=sys.stderr)
+        return None
+    try:
+        return load_tokenizer(path, tokenizer_path, gguf_file, trust_remote_code)
+    except (OSError, ValueError) as exc:
+        print(f"dry run: tokenizer of {path} did not load ({exc}): data not tokenized", file=sys.stderr)
+        return None
+
+
+def _check_rm_data(cfg, world: int) -> dict:
+    """Every train/eval file through train_rm's own loader; -> {set: {pairs, skipped}}."""
+    from ..data.preference import DataError, PairSampler, PairTokenizer, load_rm_data
+    from ..models.reward import check_max_length, load_model_config
+    tok = _tokenizer_or_none(cfg.model_name_or_path, cfg.tokenizer_name_or_path, cfg.gguf_file, cfg.trust_remote_code)
+    if os.path.exists(os.path.join(cfg.model_name_or_path, "config.json")):  # a missing one is reported later
+        check_max_length(cfg.max_length, load_model_config(cfg.model_name_or_path, cfg.gguf_file, cfg.trust_remote_code),
+                         tok, what=f"model {cfg.model_name_or_path}")
+    encoder = None
+    if tok is not None:
+        encoder = PairTokenizer(tok, cfg.max_length, cfg.chat_template, cfg.response_separator, cfg.long_response)
+    report = {}
+    train, _ = load_rm_data(cfg, encoder, report)
+    sampler = PairSampler(len(train), cfg.micro_batch_size, world, 0, cfg.seed)
+    if sampler.batches_per_rank // cfg.gradient_accumulation_steps == 0:
+        raise DataError(f"{len(train)} training pairs make no full optimizer step (micro batch {cfg.micro_batch_size}"
+                        f" x accumulation {cfg.gradient_accumulation_steps} x {world} ranks)")
+    return report
+
+
+def _check_prompt_data(cfg, world: int) -> dict:
+    """Every prompt file through train_ppo's own loader (and the actor's tokenizer when it has one)."""
+    from ..data.preference import PairSampler, SkipCounter
+    from ..data.prompts import PromptFormatter, load_prompts
+    from ..models.reward import check_max_length, load_model_config
+    skips = SkipCounter()
+    prompts = load_prompts(cfg.prompt_data, skips=skips)
+    if cfg.max_prompts:
+        prompts = prompts[:cfg.max_prompts]
+    tok = _tokenizer_or_none(cfg.actor_model, "", cfg.actor_gguf_file)
+    if cfg.actor_gguf_file or os.path.exists(os.path.join(cfg.actor_model, "config.json")):
+        check_max_length(cfg.max_prompt_length + cfg.max_new_tokens, load_model_config(cfg.actor_model, cfg.actor_gguf_file),
+                         tok, flag="--max_prompt_length + --max_new_tokens", what=f"actor {cfg.actor_model}")
+    if tok is not None:
+        formatter = PromptFormatter(tok, cfg.max_prompt_length, cfg.prompt_format)
+        for p in prompts:
+            formatter(p["prompt"])
+        formatter.skips.report("prompt_data")
+        for reason, n in formatter.skips.counts.items():
+            skips.add(reason, n)
+    n_eval = min(cfg.eval_prompts, len(prompts) // 2)
+    PairSampler(len(prompts) - n_eval, cfg.rollout_batch_size, world, 0, cfg.seed)  # enough for one iteration
+    return {"prompt_data": {"prompts": len(prompts) - n_eval, "eval_prompts": n_eval, "skipped": dict(skips.counts)}}
 
 
 def _model_folder(path: str) -> str:
@@ -91,9 +134,10 @@ def _model_folder(path: str) -> str:
     return path
 
 
-def _report(cfg, ds_cfg, plan) -> int:
+def _report(cfg, ds_cfg, plan, data: dict) -> int:
     from ..plan import format_plan
     print("resolved config:\n" + json.dumps(vars(cfg), indent=1, default=str))
+    print("data (as training reads it):\n" + json.dumps(data, indent=1))
     print("DeepSpeed config:\n" + json.dumps(ds_cfg, indent=1))
     print(format_plan(plan))
     print(json.dumps({"dry_run": "ok", "fits": plan.fits}))
@@ -101,10 +145,11 @@ def _report(cfg, ds_cfg, plan) -> int:
 
 
 def _run(check) -> int:
-    """Run a dry run; a wrong config exits 2 with one clear line instead of a traceback."""
+    """Run a dry run; a wrong config or data file exits 2 with one clear message instead of a traceback."""
+    from ..errors import UserError
     try:
         code = check()
-    except (ValueError, FileNotFoundError) as exc:
+    except (UserError, ValueError, FileNotFoundError) as exc:
         print(f"dry run failed: {exc}", file=sys.stderr)
         sys.exit(2)
     if code:
@@ -117,13 +162,12 @@ def dry_run_rm(cfg) -> int:
         from ..plan import plan_from_namespace
         hw = hardware()
         ds_cfg = check_deepspeed_json(cfg, hw.nodes * hw.gpus_per_node)
-        _check_files(cfg.train_data, "train_data")
-        _check_files(cfg.eval_data, "eval_data")
+        data = _check_rm_data(cfg, hw.nodes * hw.gpus_per_node)
         plan = plan_from_namespace(cfg, model=_model_folder(cfg.model_name_or_path), job="rm", nodes=hw.nodes,
                                    gpus_per_node=hw.gpus_per_node, gpu_mem_gib=hw.gpu_mem_gib,
                                    cpu_mem_gib=hw.cpu_mem_gib, offload_optimizer=cfg.offload_optimizer,
                                    offload_param=cfg.offload_param)
-        return _report(cfg, ds_cfg, plan)
+        return _report(cfg, ds_cfg, plan, data)
     return _run(check)
 
 
@@ -136,7 +180,7 @@ def dry_run_ppo(cfg) -> int:
         for path, role in ((cfg.critic_ds_config, "critic"), (cfg.reference_ds_config, "reference")):
             if path and (role != "critic" or cfg.advantage_estimator == "gae"):  # accepted by DeepSpeed, and the actor's stage and precision
                 _check_role_json(cfg, path, role, ds_cfg, hw.nodes * hw.gpus_per_node)
-        _check_files(cfg.prompt_data, "prompt_data")
+        data = _check_prompt_data(cfg, hw.nodes * hw.gpus_per_node)
         actor = _model_folder(cfg.actor_model)
         reward = None if cfg.reward_model.startswith("rule:") else _model_folder(cfg.reward_model)
         common = SimpleNamespace(zero_stage=cfg.zero_stage, precision=cfg.precision,
@@ -150,5 +194,5 @@ def dry_run_ppo(cfg) -> int:
                                    vllm_tp=cfg.vllm_tensor_parallel_size, vllm_gpu_util=cfg.vllm_gpu_memory_utilization,
                                    vllm_sleep=cfg.vllm_sleep, gen_batch=cfg.rollout_batch_size * cfg.samples_per_prompt,
                                    prompt_len=cfg.max_prompt_length, gen_len=cfg.max_new_tokens)
-        return _report(cfg, ds_cfg, plan)
+        return _report(cfg, ds_cfg, plan, data)
     return _run(check)

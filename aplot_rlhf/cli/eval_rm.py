@@ -1,6 +1,7 @@
 """Score a saved reward model on pair files: `python -m aplot_rlhf.cli.eval_rm --model DIR --data FILE ...`.
 
-Prints, as its last line, {"<file stem>": {"accuracy": float, "n": int}, ...}.
+Prints, as its last line, {"<name>": {"accuracy": float, "n": int}, ...}: one entry per --data, named by
+NAME=FILE or the file stem (stems shared by two files take their parent folder, see parse_eval_specs).
 """
 from __future__ import annotations
 
@@ -12,31 +13,44 @@ import sys
 
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="folder written by train_rm (or any num_labels=1 HF classifier)")
-    p.add_argument("--data", required=True, action="append", help="pair file (jsonl/json/parquet/arrow); repeatable")
-    p.add_argument("--max_length", type=int, default=0, help="tokens per sequence (default: the model's training value)")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_pairs", type=int, default=0, help="score only the first N pairs of each file")
+    p.add_argument("--data", required=True, action="append",
+                   help="pair file (jsonl/json/parquet/arrow), or NAME=FILE; repeatable")
+    p.add_argument("--max_length", type=int, default=0, help="tokens per sequence (0: the model's training value)")
+    p.add_argument("--batch_size", type=int, default=16, help="pairs per forward")
+    p.add_argument("--max_pairs", type=int, default=0, help="score only the first N pairs of each file (0 = all)")
     p.add_argument("--prompt_key", default="prompt")
     p.add_argument("--chosen_key", default="chosen")
     p.add_argument("--rejected_key", default="rejected")
     p.add_argument("--details", action="store_true", help="print full statistics, not only accuracy and n")
+    p.add_argument("--allow_untrained_reward_head", action="store_true",
+                   help="score with a model whose head is not in its checkpoint (random: for debugging only)")
     args = p.parse_args(argv)
+    for flag in ("max_length", "max_pairs"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag} must be >= 0")
+    if args.batch_size < 1:
+        p.error("--batch_size must be >= 1")
 
     import os
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from ..data.preference import PairTokenizer, load_pairs, parse_eval_specs
+    from ..errors import InputNotFoundError
     from ..eval import score_pairs, summarize
+    from ..models.reward import check_max_length, load_model_config, load_scoring_model
 
     if not os.path.isdir(args.model):
-        raise SystemExit(f"--model {args.model}: not a folder")
+        raise InputNotFoundError(f"--model {args.model}: not a folder")
+    specs = parse_eval_specs(args.data)  # duplicate names fail before the model loads
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1).eval()
+    model_config = load_model_config(args.model)
+    max_length = args.max_length or getattr(model_config, "aplot_rlhf_max_length", 512)
+    check_max_length(max_length, model_config, tokenizer, what=f"model {args.model}")
+    model = load_scoring_model(args.model, allow_untrained_head=args.allow_untrained_reward_head).eval()
     cfg = model.config
-    max_length = args.max_length or getattr(cfg, "aplot_rlhf_max_length", 512)
     encoder = PairTokenizer(tokenizer, max_length, getattr(cfg, "aplot_rlhf_chat_template", "auto"),
                             getattr(cfg, "aplot_rlhf_response_separator", " "),
                             getattr(cfg, "aplot_rlhf_long_response", "keep_end"))
@@ -47,7 +61,7 @@ def main(argv=None) -> dict:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
 
     out = {}
-    for name, path in parse_eval_specs(args.data):
+    for name, path in specs:
         pairs = load_pairs(path, prompt_key=args.prompt_key, chosen_key=args.chosen_key,
                            rejected_key=args.rejected_key, what=path)
         if args.max_pairs:
@@ -62,4 +76,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from ..errors import run_cli
+    run_cli(main, sys.argv[1:])

@@ -26,4 +26,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from ..errors import run_cli
+    run_cli(main, sys.argv[1:])

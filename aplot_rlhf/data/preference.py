@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ConfigError, InputNotFoundError, UserError
+
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file, line and field."""
 
 
@@ -48,7 +50,7 @@ def _read_records(path: str, hub_split: str = "train"):
         return
     if not os.path.exists(path):
         if path.endswith((".jsonl", ".json", ".parquet", ".arrow")) or os.sep in path and not _looks_like_hub(path):
-            raise FileNotFoundError(f"data file not found: {path}")
+            raise InputNotFoundError(f"data file not found: {path}")
         import datasets  # a hub name; works only with network access
         try:
             ds = datasets.load_dataset(path, split=hub_split)
@@ -161,11 +163,13 @@ def normalize_record(rec: dict, origin: str, *, prompt_key="prompt", chosen_key=
 
 
 def load_pairs(paths, *, prompt_key="prompt", chosen_key="chosen", rejected_key="rejected",
-               strength_key="strength", hub_split="train", what="data") -> list[dict]:
-    """Load and normalize pairs from one or more sources; raise if none are usable."""
+               strength_key="strength", hub_split="train", what="data", skips: SkipCounter | None = None) -> list[dict]:
+    """Load and normalize pairs from one or more sources; raise if none are usable.
+
+    skips: a counter to fill (the dry run reports it); one is made if not given."""
     if isinstance(paths, str):
         paths = [paths]
-    skips = SkipCounter()
+    skips = SkipCounter() if skips is None else skips
     pairs = []
     for path in paths:
         for origin, rec in _read_records(path, hub_split):
@@ -191,17 +195,79 @@ def split_pairs(pairs: list, fraction: float, seed: int):
     return ([p for i, p in enumerate(pairs) if i not in val_idx], [p for i, p in enumerate(pairs) if i in val_idx])
 
 
-def parse_eval_specs(specs) -> list[tuple[str, str]]:
-    """'NAME=FILE' or 'FILE' -> [(name, file)], the name defaulting to the file stem."""
-    out = []
+def parse_eval_specs(specs, reserved=()) -> list[tuple[str, str]]:
+    """'NAME=FILE' or 'FILE' -> [(name, file)], one unique name per input.
+
+    The name defaults to the file stem. Results are keyed by name, so two inputs must never share one:
+    an explicit NAME given twice (or equal to a `reserved` name such as 'id_val') is an error; derived
+    names that collide take their parent folder ('folder_stem'; no '/', metric keys split on it), then a '-2', '-3', ... suffix.
+    """
+    explicit, entries = {}, []
     for spec in specs:
         if "=" in spec and not os.path.exists(spec):
             name, path = spec.split("=", 1)
+            if not name or not path:
+                raise ConfigError(f"eval_data {spec!r}: expected NAME=FILE or FILE")
+            if name in reserved:
+                raise ConfigError(f"eval_data {spec!r}: the name {name!r} is taken by the held-out split; "
+                                  "pick another NAME")
+            if name in explicit:
+                raise ConfigError(f"eval_data: the name {name!r} is given twice ({explicit[name]} and {path}); "
+                                  "each eval set needs its own NAME")
+            explicit[name] = path
+            entries.append([name, path, True])
         else:
-            path = spec
-            name = os.path.basename(path).split(".")[0]
-        out.append((name, path))
-    return out
+            entries.append([os.path.basename(spec.rstrip("/")).split(".")[0], spec, False])
+    taken = set(explicit) | set(reserved)
+    derived = [e for e in entries if not e[2]]
+    stems = [e[0] for e in derived]
+    for e in derived:  # a shared stem: every input with it says where it comes from, not only the later ones
+        if stems.count(e[0]) > 1 or e[0] in taken:
+            parent = os.path.basename(os.path.dirname(os.path.abspath(e[1].rstrip("/"))))
+            e[0] = f"{parent}_{e[0]}" if parent else e[0]
+    used = set(taken)
+    for e in derived:
+        name, k = e[0], 2
+        while name in used:
+            name, k = f"{e[0]}-{k}", k + 1
+        if name != os.path.basename(e[1].rstrip("/")).split(".")[0]:
+            log.warning("eval_data %s: reported as %r (its file name is shared with another eval set)", e[1], name)
+        e[0] = name
+        used.add(name)
+    return [(name, path) for name, path, _ in entries]
+
+
+def load_rm_data(cfg, encoder=None, report: dict | None = None) -> tuple[list[dict], dict]:
+    """(training pairs, {eval name: pairs}) exactly as train_rm uses them: train pool, held-out split,
+    max_* caps, eval sets with unique names, tokenized when `encoder` (a PairTokenizer) is given.
+
+    report: filled with {set name: {"pairs": n, "skipped": {reason: n}}} (the dry run prints it), and the
+    training data's input format ('chat' or 'text', `input_format_of`) under report["train_data"]."""
+    report = {} if report is None else report
+    keys = dict(prompt_key=cfg.prompt_key, chosen_key=cfg.chosen_key, rejected_key=cfg.rejected_key,
+                strength_key=cfg.strength_key, hub_split=cfg.hub_split)
+    train_skips = SkipCounter()
+    pool = load_pairs(cfg.train_data, what="train_data", skips=train_skips, **keys)
+    train, id_val = split_pairs(pool, cfg.eval_split_fraction, cfg.split_seed)
+    if cfg.max_train_pairs:
+        train = train[:cfg.max_train_pairs]
+    cap = (lambda pairs: pairs[:cfg.max_eval_pairs]) if cfg.max_eval_pairs else (lambda pairs: pairs)
+    sets = [("train_data", train, train_skips)] + ([("id_val", cap(id_val), SkipCounter())] if id_val else [])
+    for name, path in parse_eval_specs(cfg.eval_data, reserved=("id_val",) if cfg.eval_split_fraction > 0 else ()):
+        skips = SkipCounter()
+        sets.append((name, cap(load_pairs(path, what=f"eval_data {name}", skips=skips, **keys)), skips))
+    out = {}
+    for name, pairs, skips in sets:
+        if encoder is not None:
+            pairs = encoder.encode_pairs(pairs, "train_data" if name == "train_data" else f"eval set {name}",
+                                         skips=skips)
+        out[name] = pairs
+        report[name] = {"pairs": len(pairs), "skipped": dict(skips.counts)}
+    train_pairs = out.pop("train_data")
+    report["train_data"]["input_format"] = input_format_of(train, cfg.chat_template)  # the export records it
+    if cfg.loss == "margin" and all(p["strength"] is None for p in train_pairs):
+        raise DataError(f"loss 'margin' needs a {cfg.strength_key!r} column, but every training pair lacks it")
+    return train_pairs, out
 
 
 # ---------------------------------------------------------------------------------- tokenization
@@ -275,9 +341,11 @@ class PairTokenizer:
             return self.prefix_ids + ids + self.suffix_ids, len(self.prefix_ids) + len(head)
         return ids, len(head)
 
-    def encode_pairs(self, pairs: list[dict], what: str = "data") -> list[dict]:
-        """-> list of {chosen_ids, rejected_ids, strength, origin}; raises if no pair survives."""
-        skips = SkipCounter()
+    def encode_pairs(self, pairs: list[dict], what: str = "data", skips: SkipCounter | None = None) -> list[dict]:
+        """-> list of {chosen_ids, rejected_ids, strength, origin}; raises if no pair survives.
+
+        skips: a counter to fill (the dry run reports it); one is made if not given."""
+        skips = SkipCounter() if skips is None else skips
         out = []
         for p in pairs:
             c = self.encode(p["prompt"], p["chosen"], skips)

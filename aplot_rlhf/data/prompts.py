@@ -26,9 +26,11 @@ def hh_to_messages(transcript: str) -> list[dict] | None:
     return messages
 
 
-def load_prompts(paths, prompt_key: str = "prompt", what: str = "prompt_data") -> list[dict]:
-    """-> [{"prompt": str | messages, "origin": "file:line"}]; empty prompts are counted skips."""
-    skips = SkipCounter()
+def load_prompts(paths, prompt_key: str = "prompt", what: str = "prompt_data",
+                 skips: SkipCounter | None = None) -> list[dict]:
+    """-> [{"prompt": str | messages, "origin": "file:line"}]; empty prompts are counted skips (in `skips`
+    when given: the dry run reports them)."""
+    skips = SkipCounter() if skips is None else skips
     out = []
     for path in paths:
         for origin, rec in _read_records(path):

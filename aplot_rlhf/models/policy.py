@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .reward import drop_gguf_quantizer, split_gguf
+from .reward import drop_gguf_quantizer, load_scoring_model, split_gguf
 
 
 def load_actor(path: str, *, gguf_file: str = "", dtype=torch.float32, gradient_checkpointing: bool = False,
@@ -54,8 +54,8 @@ def normalized_head(head: nn.Linear, mean: float, std: float) -> nn.Linear:
 
 def load_critic(init: str, *, reward_path: str, actor_path: str, actor_gguf_file: str = "", dtype=torch.float32,
                 gradient_checkpointing: bool = False, attn_implementation: str = "sdpa",
-                actor_backbone: nn.Module | None = None, reward_mean: float | None = None,
-                reward_std: float | None = None) -> Critic:
+                actor_backbone: nn.Module | None = None, allow_untrained_head: bool = False,
+                reward_mean: float | None = None, reward_std: float | None = None) -> Critic:
     """Critic from the reward model (backbone + its scalar head) or from the actor (backbone + a zero head).
 
     The critic reads the actor's tokens, so initializing from the reward model needs the same vocabulary
@@ -64,10 +64,10 @@ def load_critic(init: str, *, reward_path: str, actor_path: str, actor_gguf_file
     reward_mean / reward_std: the statistics PPO normalizes the reward model's scores with; given, the
     reward model's head is folded into (score - mean) / std.
     """
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel
     if init == "reward":
-        rm = AutoModelForSequenceClassification.from_pretrained(reward_path, num_labels=1, dtype=dtype,
-                                                                attn_implementation=attn_implementation)
+        rm = load_scoring_model(reward_path, allow_untrained_head=allow_untrained_head, what="critic_init 'reward':",
+                                dtype=dtype, attn_implementation=attn_implementation)
         if not hasattr(rm, "score"):
             raise ValueError(f"{reward_path}: critic_init 'reward' needs a decoder reward model with a per-token "
                              "`score` head; use --critic_init actor")

@@ -22,7 +22,8 @@ from ..data.prompts import PromptFormatter, load_prompts, reward_model_prompt
 from ..metrics import MetricsLogger, MetricsWindow
 from ..models.dropout import disable_dropout
 from ..models.policy import load_actor, load_critic
-from ..models.reward import RewardModel, load_tokenizer
+from ..errors import ModelError
+from ..models.reward import RewardModel, check_max_length, load_model_config, load_scoring_model, load_tokenizer
 from ..rollout.base import sample_seeds
 from .ppo_math import (AdaptiveKLController, FixedKLController, aggregate, discounted_returns, entropy_from_logits,
                        gae, group_statistics, grpo_scores, kl_per_token, logprobs_of, masked_mean, masked_moments,
@@ -56,10 +57,10 @@ class RuleReward:
 class ModelReward:
     """A reward model saved by train_rm, with its own tokenizer: decode, re-tokenize, score."""
 
-    def __init__(self, path: str, ds_cfg: dict, dtype, batch_size: int):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    def __init__(self, path: str, ds_cfg: dict, dtype, batch_size: int, allow_untrained_head: bool = False):
+        from transformers import AutoTokenizer
         self.tok = AutoTokenizer.from_pretrained(path)
-        hf = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        hf = load_scoring_model(path, allow_untrained_head=allow_untrained_head, dtype=dtype)
         cfg = hf.config
         # the same PairTokenizer, built from the same export fields, that train_rm tokenized its pairs with
         self.encoder, self.input_format = encoder_from_export(self.tok, cfg)
@@ -142,12 +143,29 @@ def iter_gathered_named_params(module: torch.nn.Module, zero3: bool):
                 yield name, p.data
 
 
-def check_same_vocabulary(actor_config, reference_config) -> None:
-    """The per-token KL compares log-probs of the same token ids: the vocabularies must match."""
-    if actor_config.vocab_size != reference_config.vocab_size:
-        raise ValueError(f"actor vocabulary ({actor_config.vocab_size} tokens) != reference vocabulary "
-                         f"({reference_config.vocab_size} tokens): the KL penalty needs the same tokenizer; "
-                         "pass a --reference_model that shares the actor's tokenizer")
+def check_same_vocabulary(actor_tok, reference_tok, actor_config, reference_config) -> None:
+    """The per-token KL compares log-probs of the same token ids: the tokenizers must map every token to
+    the same id. Embedding matrices may be padded beyond the tokenizer (vocab_size > len(tokenizer))."""
+    if actor_tok is not reference_tok:
+        a, r = actor_tok.get_vocab(), reference_tok.get_vocab()
+        if a != r:
+            differ = sorted(t for t in set(a) | set(r) if a.get(t) != r.get(t))
+            shown = ", ".join(f"{t!r}: {a.get(t)} vs {r.get(t)}" for t in differ[:5])
+            raise ModelError(f"the reference model's tokenizer is not the actor's ({len(differ)} of "
+                             f"{max(len(a), len(r))} tokens map to different ids, e.g. {shown}): the KL penalty "
+                             "compares the same token ids; pass a --reference_model that shares the actor's tokenizer")
+    n = len(actor_tok)
+    for who, config in (("actor", actor_config), ("reference", reference_config)):
+        if config.vocab_size < n:
+            raise ModelError(f"the {who}'s embedding has {config.vocab_size} rows but its tokenizer has {n} "
+                             "tokens: some token ids have no logits")
+
+
+def reference_tokenizer(cfg, actor_tok):
+    """The reference's own tokenizer when it has its own folder (the actor's when it is the actor)."""
+    if cfg.reference_model in ("", cfg.actor_model):
+        return actor_tok
+    return load_tokenizer(cfg.reference_model)
 
 
 # what a PPO mini-batch reads from the experience (the rest are per-sequence statistics for the log);
@@ -185,6 +203,13 @@ class PPOTrainer:
         if eng.is_rank0():
             save_config(cfg, os.path.join(cfg.output_dir, "config.json"))
         self.tok = load_tokenizer(cfg.actor_model, "", cfg.actor_gguf_file)
+        # start-up checks on configs and tokenizers, before any weights load
+        actor_config = load_model_config(cfg.actor_model, cfg.actor_gguf_file)
+        check_max_length(cfg.max_prompt_length + cfg.max_new_tokens, actor_config, self.tok,
+                         flag="--max_prompt_length + --max_new_tokens", what=f"actor {cfg.actor_model}")
+        ref_config = (actor_config if cfg.reference_model in ("", cfg.actor_model)
+                      else load_model_config(cfg.reference_model))
+        check_same_vocabulary(self.tok, reference_tokenizer(cfg, self.tok), actor_config, ref_config)
         ensure_pad_token(self.tok)
         prompts = load_prompts(cfg.prompt_data)
         if cfg.max_prompts:
@@ -221,13 +246,13 @@ class PPOTrainer:
                 reference = load_actor(cfg.reference_model or cfg.actor_model,
                                        gguf_file="" if cfg.reference_model else cfg.actor_gguf_file, dtype=dtype,
                                        attn_implementation=cfg.attn_implementation)
-            check_same_vocabulary(actor.config, reference.config)
             if cfg.disable_dropout:
                 disable_dropout(reference)
             if cfg.reward_model.startswith("rule:"):
                 self.reward = RuleReward(cfg.reward_model)
             else:
-                self.reward = ModelReward(cfg.reward_model, frozen_ds_cfg, dtype, cfg.reward_batch_size)
+                self.reward = ModelReward(cfg.reward_model, frozen_ds_cfg, dtype, cfg.reward_batch_size,
+                                          allow_untrained_head=cfg.allow_untrained_reward_head)
             critic = self._load_critic(actor, critic_ds_cfg, frozen_ds_cfg, dtype, copy_actor) if self.uses_critic else None
             if not (critic_ds_cfg is frozen_ds_cfg is self.ds_cfg):
                 self._hf_ds_config = eng.zero3_context(self.ds_cfg)  # the actor's again, for the rest of the run
@@ -279,6 +304,7 @@ class PPOTrainer:
                              actor_gguf_file=cfg.actor_gguf_file, dtype=dtype,
                              gradient_checkpointing=cfg.gradient_checkpointing,
                              attn_implementation=cfg.attn_implementation,
+                             allow_untrained_head=cfg.allow_untrained_reward_head,
                              actor_backbone=copy.deepcopy(actor.base_model) if copy_actor and critic_init == "actor" else None,
                              # values regress to the normalized rewards: start the head on their scale
                              reward_mean=self.reward.mean if cfg.normalize_reward else None,

@@ -15,13 +15,12 @@ import torch
 
 from .. import engine as eng
 from ..config import RMConfig, save_config
-from ..data.preference import (DataError, PairSampler, PairTokenizer, collate_pairs, input_format_of, load_pairs,
-                               parse_eval_specs, rm_export_fields, split_pairs)
+from ..data.preference import DataError, PairSampler, PairTokenizer, collate_pairs, load_rm_data, rm_export_fields
 from ..eval import score_pairs, summarize
 from ..losses import bt_loss, fixed_margin, gamma_at, margin_diagnostics, pair_metrics
 from ..metrics import MetricsLogger, MetricsWindow
 from ..models.dropout import disable_dropout
-from ..models.reward import load_reward_model, load_tokenizer
+from ..models.reward import check_max_length, load_model_config, load_reward_model, load_tokenizer
 from ..ot import sinkhorn_margin
 
 log = logging.getLogger(__name__)
@@ -47,25 +46,13 @@ class RewardModelTrainer:
 
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.tokenizer_name_or_path, cfg.gguf_file,
                                         cfg.trust_remote_code)
+        check_max_length(cfg.max_length, load_model_config(cfg.model_name_or_path, cfg.gguf_file, cfg.trust_remote_code),
+                         self.tokenizer, what=f"model {cfg.model_name_or_path}")  # else export crashes after training
         encoder = PairTokenizer(self.tokenizer, cfg.max_length, cfg.chat_template, cfg.response_separator,
                                 cfg.long_response)
-        keys = dict(prompt_key=cfg.prompt_key, chosen_key=cfg.chosen_key, rejected_key=cfg.rejected_key,
-                    strength_key=cfg.strength_key, hub_split=cfg.hub_split)
-        pool = load_pairs(cfg.train_data, what="train_data", **keys)
-        train, id_val = split_pairs(pool, cfg.eval_split_fraction, cfg.split_seed)
-        if cfg.max_train_pairs:
-            train = train[:cfg.max_train_pairs]
-        self.train_pairs = encoder.encode_pairs(train, "train_data")
-        self.input_format = input_format_of(train, cfg.chat_template)  # recorded in the export for PPO
-        self.eval_sets = {}
-        evals = ([("id_val", id_val)] if id_val else []) + [
-            (name, load_pairs(path, what=f"eval_data {name}", **keys)) for name, path in parse_eval_specs(cfg.eval_data)]
-        for name, pairs in evals:
-            if cfg.max_eval_pairs:
-                pairs = pairs[:cfg.max_eval_pairs]
-            self.eval_sets[name] = encoder.encode_pairs(pairs, f"eval set {name}")
-        if cfg.loss == "margin" and all(p["strength"] is None for p in self.train_pairs):
-            raise DataError(f"loss 'margin' needs a {cfg.strength_key!r} column, but every training pair lacks it")
+        data_report = {}  # the dry run reads data the same way
+        self.train_pairs, self.eval_sets = load_rm_data(cfg, encoder, data_report)
+        self.input_format = data_report["train_data"]["input_format"]  # recorded in the export for PPO
 
         self.ds_cfg = eng.build_ds_config(cfg, self.world)
         eng.check_ds_config(self.ds_cfg, self.world)

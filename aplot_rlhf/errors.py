@@ -1,0 +1,67 @@
+"""Errors the user caused, and the CLI wrapper that reports them as one message instead of a traceback.
+
+A `UserError` means "your input is wrong and this says how": a data file, a config value, a model folder
+or a checkpoint. The command-line entry points print its message once (rank 0; other ranks one line) and
+exit with status 2. Anything else is a bug and keeps its traceback. APLOT_DEBUG=1 shows tracebacks for
+user errors too.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+USER_ERROR_EXIT = 2
+
+
+class UserError(Exception):
+    """Bad input from the user; the message names the file, line, field or flag and what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value (flag, YAML key, DeepSpeed JSON) that cannot work."""
+
+
+class InputNotFoundError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
+
+
+class ModelError(UserError, ValueError):
+    """A model folder that cannot serve the role it was given (e.g. a reward model with an untrained head)."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be resumed from (missing, incomplete, from a different run)."""
+
+
+def _rank() -> int:
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def _shutdown_process_group() -> None:
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # exiting anyway: a failed teardown must not replace the user's message
+            pass
+
+
+def run_cli(main, argv=None):
+    """Call main(argv); a UserError becomes one message on stderr and exit status 2 (bugs still raise)."""
+    try:
+        return main(argv)
+    except UserError as exc:
+        if os.environ.get("APLOT_DEBUG", "") not in ("", "0"):
+            raise
+        rank = _rank()
+        message = str(exc) or type(exc).__name__
+        if rank == 0:
+            print(f"error: {message}", file=sys.stderr)
+        else:  # every rank usually hits the same input: one short line each, the full text once on rank 0
+            print(f"[rank {rank}] error: {message.splitlines()[0]}", file=sys.stderr)
+        sys.stderr.flush()
+        _shutdown_process_group()
+        sys.exit(USER_ERROR_EXIT)
