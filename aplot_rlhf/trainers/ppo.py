@@ -25,9 +25,9 @@ from ..models.policy import load_actor, load_critic
 from ..errors import ModelError
 from ..models.reward import RewardModel, check_max_length, load_model_config, load_scoring_model, load_tokenizer
 from ..rollout.base import sample_seeds
-from .ppo_math import (AdaptiveKLController, FixedKLController, aggregate, discounted_returns, entropy_from_logits,
-                       gae, group_statistics, grpo_scores, kl_per_token, logprobs_of, masked_mean, masked_moments,
-                       moments_to_mean_var, normalize_scores, policy_loss, rloo_scores, tempered, token_rewards,
+from .ppo_math import (AdaptiveKLController, FixedKLController, aggregate, critic_free_advantages,
+                       entropy_from_logits, gae, group_statistics, kl_per_token, logprobs_of, masked_mean,
+                       masked_moments, moments_to_mean_var, normalize_scores, policy_loss, tempered, token_rewards,
                        value_loss, whiten)
 
 log = logging.getLogger(__name__)
@@ -433,13 +433,9 @@ class PPOTrainer:
             if cfg.whiten_advantages:  # over the global batch: every rank's tokens, one all-reduce
                 adv = whiten(adv, mask, moments=eng.all_reduce_sum(masked_moments(adv, mask)))
             out.update(old_values=values, ret=ret)
-        elif estimator in ("grpo", "rloo"):
-            # the baselined score at the response's end, KL penalties (kl_mode 'reward') on every token, as returns
-            baselined = grpo_scores(scores, K, cfg.grpo_std_normalize) if estimator == "grpo" else rloo_scores(scores, K)
-            adv = discounted_returns(token_rewards(baselined, kl, mask, beta), mask, cfg.gamma)
-        else:  # reinforce_pp: KL-penalized returns-to-go, normalized over the whole global batch
-            adv = discounted_returns(token_rewards(scores, kl, mask, beta), mask, cfg.gamma)
-            adv = whiten(adv, mask, moments=eng.all_reduce_sum(masked_moments(adv, mask)))
+        else:  # grpo, rloo, reinforce_pp: no critic, the baseline comes from the rollout itself
+            adv = critic_free_advantages(estimator, scores, kl, mask, K, beta, cfg.gamma, cfg.grpo_std_normalize,
+                                         reduce_sum=eng.all_reduce_sum)
         out["adv"] = adv
         return experience_on(dev, **out)
 

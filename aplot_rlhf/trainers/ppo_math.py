@@ -244,3 +244,27 @@ def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "token_mean") -> t
         has = (mask.sum(1) > 0).to(x.dtype)
         return (per_seq * has).sum() / has.sum().clamp_min(1.0)
     raise ValueError(f"loss aggregation must be token_mean or seq_mean, got {how!r}")
+
+
+def critic_free_advantages(estimator: str, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, k: int,
+                           beta: float, gamma: float = 1.0, grpo_std_normalize: bool = True,
+                           reduce_sum=lambda t: t) -> torch.Tensor:
+    """Token advantages [B, T] of the critic-free estimators.
+
+    grpo / rloo: the group-baselined score sits at the response's last token, -beta * KL on every token
+    (beta = 0 when the KL is a loss term instead), and each token's advantage is its return-to-go.
+    reinforce_pp: the same returns-to-go from the raw score, whitened over the global batch
+    (`reduce_sum` sums `masked_moments` over ranks; the identity for one process).
+    scores [B] (normalized RM scores), kl [B, T] per-token KL estimates, mask [B, T]."""
+    if estimator == "grpo":
+        baselined = grpo_scores(scores, k, grpo_std_normalize)
+    elif estimator == "rloo":
+        baselined = rloo_scores(scores, k)
+    elif estimator == "reinforce_pp":
+        baselined = scores
+    else:
+        raise ValueError(f"not a critic-free estimator: {estimator!r}")
+    adv = discounted_returns(token_rewards(baselined, kl, mask, beta), mask, gamma)
+    if estimator == "reinforce_pp":
+        adv = whiten(adv, mask, moments=reduce_sum(masked_moments(adv, mask)))
+    return adv
