@@ -269,6 +269,13 @@ def test_kernel_tiled_path(G, B, d, dtype, case):
                       tile_b=16)
 
 
+@interpreted
+def test_kernel_fp32_b128_takes_tiled_path():
+    # default thresholds: fp32 embeddings at B_pad 128 run the tiled path in 64 x 64 tiles; bf16 stays fused
+    kernel_vs_float64(1, 70, 24, dtype=torch.float32, iters=4, want_path="triton-tiled")
+    kernel_vs_float64(1, 70, 24, dtype=torch.bfloat16, iters=4, want_path="triton-fused")
+
+
 def test_path_selection():
     cuda = torch.device("cuda")
     assert kernel.select_path(1, cuda) == "triton-fused"
@@ -276,6 +283,10 @@ def test_path_selection():
     assert kernel.select_path(kernel.FUSED_MAX_B + 1, cuda) == "triton-tiled"
     assert kernel.select_path(kernel.TILED_MAX_B, cuda) == "triton-tiled"
     assert kernel.select_path(kernel.TILED_MAX_B + 1, cuda) == "torch-fallback"
+    # fp32 embeddings leave the fused path earlier (its FMA dot spilled at B_pad 128)
+    assert kernel.select_path(kernel.FUSED_MAX_B_FP32, cuda, torch.float32) == "triton-fused"
+    assert kernel.select_path(kernel.FUSED_MAX_B_FP32 + 1, cuda, torch.float32) == "triton-tiled"
+    assert kernel.select_path(kernel.FUSED_MAX_B_FP32 + 1, cuda, torch.float16) == "triton-fused"
     rc, rr, hc, hr = make_inputs(1, 6, 8)
     m, path = kernel.sinkhorn_margin_triton(rc, rr, hc, hr, tiled_max_b=4, fused_max_b=4)
     assert path == "torch-fallback"
