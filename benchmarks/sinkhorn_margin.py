@@ -181,7 +181,7 @@ def run_size(G, B, d, methods, device, args, bw_gbps):
             entry["finite"] = bool(torch.isfinite(got).all())
             if name == "kernel":
                 from aplot_rlhf.ot.kernel import select_path
-                entry["path"] = select_path(B, device)
+                entry["path"] = select_path(B, device, dtype)
             # the CPU interpreter runs the kernel as numpy: one timed call says enough
             interpreted = name == "kernel" and device.type != "cuda"
             entry["ms"] = time_ms(lambda: fn(rc, rr, hc, hr), device, 0.0 if interpreted else args.budget_s,

