@@ -27,8 +27,9 @@ def main():
         trainer.train()  # iterations, checkpoints, and the final export of the policy
         with open(os.path.join(cfg.output_dir, "metrics.jsonl")) as fh:
             rows = [json.loads(line) for line in fh]
-        rewards = [r["ppo/reward/raw_mean"] for r in rows]  # appended across resumes: one row per iteration
-        syncs = [r["ppo/sync_s"] for r in rows]
+        by_step = {r["step"]: r for r in rows}  # one row per iteration (a resume drops rows past its checkpoint)
+        rewards = [by_step[k]["ppo/reward/raw_mean"] for k in sorted(by_step)]
+        syncs = [by_step[k]["ppo/sync_s"] for k in sorted(by_step)]
         prompts = [p[0] for p in trainer.eval_prompts]
         engine_tokens = trainer.generate(prompts, temperature=0.0)
         reference = HFRollout(trainer.actor.module, trainer.tok, zero3=trainer.zero3)
@@ -45,7 +46,11 @@ def main():
                            for k, v in start.items())
         hf_tokens = reference.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0,
                                        seeds=[0] * len(prompts))
-        print("RESULT " + json.dumps({"rank": trainer.rank, "rewards": rewards, "sync_s": syncs,
+        import gc
+        from aplot_rlhf.models.policy import Critic
+        critics = sum(isinstance(o, Critic) for o in gc.get_objects())  # built anywhere in this process
+        print("RESULT " + json.dumps({"critic_objects": critics, "has_critic": trainer.critic is not None,
+                                      "checkpointed": sorted(trainer.trained_engines),"rank": trainer.rank, "rewards": rewards, "sync_s": syncs,
                                       "backend": trainer.backend.name, "greedy_equal": engine_tokens == hf_tokens, "reference_max_diff": ref_diff,
                                       "n_prompts": len(prompts), "sample_seeds": sampled_seeds,
                                       "engine": engine_tokens[:2], "hf": hf_tokens[:2]}), flush=True)

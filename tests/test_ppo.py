@@ -102,3 +102,42 @@ def test_trainer_log_probs_are_those_of_the_tempered_policy_vllm_sampled(char_ll
     assert r["tokens"] > 20, r
     assert r["tempered_max_diff"] < 2e-3, r
     assert r["untempered_max_diff"] > 0.05, r  # the check can tell the two policies apart
+
+
+GROUP_FLAGS = dict(rollout_batch_size=4, samples_per_prompt=4, ppo_mini_batch_size=16, micro_batch_size=8)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_critic_free_estimators_raise_reward_without_a_critic(char_llama_dir, tmp_path, estimator):
+    """2 ranks, 4 prompts x 4 samples each: the group baseline alone moves the policy toward the rule."""
+    results = run_check(ppo_flags(char_llama_dir, tmp_path / estimator, "hf", advantage_estimator=estimator,
+                                  **GROUP_FLAGS), free_port())
+    for r in results:
+        assert r["critic_objects"] == 0 and not r["has_critic"], r  # never built, not even transiently
+        assert r["checkpointed"] == ["actor"]
+        assert r["greedy_equal"]
+    assert_reward_rises(results[0]["rewards"])
+    assert not list((tmp_path / estimator / "checkpoints").glob("*/critic"))
+
+
+def test_grpo_resumed_after_a_kill_reproduces_the_run(char_llama_dir, tmp_path):
+    import os
+    import signal
+    import time
+    flags = lambda out: ppo_flags(char_llama_dir, out, "hf", advantage_estimator="grpo", kl_mode="loss",  # noqa: E731
+                                  **GROUP_FLAGS)
+    full = run_check(flags(tmp_path / "full"), free_port())
+    out = tmp_path / "killed"
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "tests" / "ppo_check.py"), *flags(out)]
+    proc = subprocess.Popen(cmd, env=python_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    pointer = out / "checkpoints" / "latest_checkpoint.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (pointer.exists() and json.loads(pointer.read_text())["step"] >= 2):
+        assert proc.poll() is None, "run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = run_check(flags(out) + ["--resume"], free_port())
+    assert resumed[0]["rewards"] == pytest.approx(full[0]["rewards"], abs=1e-6)
