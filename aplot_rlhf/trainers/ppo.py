@@ -16,7 +16,7 @@ import time
 import torch
 
 from .. import engine as eng
-from ..config import PPOConfig, save_config
+from ..config import PPOConfig, save_config, to_dict
 from ..data.preference import PairSampler, PairTokenizer, ensure_pad_token
 from ..data.prompts import PromptFormatter, load_prompts
 from ..metrics import MetricsLogger
@@ -150,6 +150,7 @@ class PPOTrainer:
         self.rank, self.world, self.local_rank = eng.init_distributed(cfg.dist_backend, cfg.timeout_s)
         eng.seed_everything(cfg.seed)
         os.makedirs(cfg.output_dir, exist_ok=True)
+        eng.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir)
         if eng.is_rank0():
             save_config(cfg, os.path.join(cfg.output_dir, "config.json"))
         self.tok = load_tokenizer(cfg.actor_model, "", cfg.actor_gguf_file)
@@ -217,10 +218,16 @@ class PPOTrainer:
         self.logger = MetricsLogger(cfg.output_dir, eng.is_rank0(), cfg.tensorboard, cfg.wandb_project,
                                     run_config=vars(cfg), resume=cfg.resume)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+        # after gradient_accumulation_steps is derived above, so saved and current configs compare alike
+        self.checkpoints = eng.Checkpointer(self.ckpt_root, to_dict(cfg), self.world, cfg.save_total_limit,
+                                            cfg.resume_allow_config_change)
         if cfg.resume:
-            state = eng.load_checkpoint({"actor": self.actor, "critic": self.critic}, self.ckpt_root)
-            if state is not None:
+            state = self.checkpoints.load({"actor": self.actor, "critic": self.critic})
+            if state is None:
+                log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_root)
+            else:
                 self.iteration = state["iteration"]
+                self.logger.resume_at(self.iteration, state.get("metrics_rows"))
                 self.kl_ctl.load_state_dict(state["kl"])
                 log.info("resumed at PPO iteration %d", self.iteration)
         self.backend = self._make_backend()
@@ -426,8 +433,9 @@ class PPOTrainer:
         return metrics
 
     def save(self) -> None:
-        eng.save_checkpoint({"actor": self.actor, "critic": self.critic}, self.ckpt_root, self.iteration,
-                            {"iteration": self.iteration, "kl": self.kl_ctl.state_dict()}, keep=self.cfg.save_total_limit)
+        self.checkpoints.save({"actor": self.actor, "critic": self.critic}, self.iteration,
+                              {"iteration": self.iteration, "kl": self.kl_ctl.state_dict(),
+                               "metrics_rows": self.logger.rows_at(self.iteration)})
 
     def close(self) -> None:
         self.logger.close()
