@@ -151,8 +151,6 @@ class PPOTrainer:
         eng.seed_everything(cfg.seed)
         os.makedirs(cfg.output_dir, exist_ok=True)
         eng.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir)
-        if eng.is_rank0():
-            save_config(cfg, os.path.join(cfg.output_dir, "config.json"))
         self.tok = load_tokenizer(cfg.actor_model, "", cfg.actor_gguf_file)
         ensure_pad_token(self.tok)
         prompts = load_prompts(cfg.prompt_data)
@@ -230,6 +228,8 @@ class PPOTrainer:
                 self.logger.resume_at(self.iteration, state.get("metrics_rows"))
                 self.kl_ctl.load_state_dict(state["kl"])
                 log.info("resumed at PPO iteration %d", self.iteration)
+        if eng.is_rank0():  # only now: a refused resume or a refused folder keeps the earlier run's file
+            save_config(cfg, os.path.join(cfg.output_dir, "config.json"))
         self.backend = self._make_backend()
         log.info("rollout backend %s; torch uses %d CPU threads", cfg.rollout_backend, torch.get_num_threads())
         if cfg.rollout_backend == "vllm":

@@ -40,8 +40,6 @@ class RewardModelTrainer:
         self.device = eng.device()
         os.makedirs(cfg.output_dir, exist_ok=True)
         eng.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir)
-        if eng.is_rank0():
-            save_config(cfg, os.path.join(cfg.output_dir, "config.json"))
 
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.tokenizer_name_or_path, cfg.gguf_file,
                                         cfg.trust_remote_code)
@@ -100,6 +98,8 @@ class RewardModelTrainer:
                 self.step, self.micro_step = state["step"], state["micro_step"]
                 self.logger.resume_at(self.step, state.get("metrics_rows"))
                 log.info("resumed at optimizer step %d (micro step %d)", self.step, self.micro_step)
+        if eng.is_rank0():  # only now: a refused resume or a refused folder keeps the earlier run's file
+            save_config(cfg, os.path.join(cfg.output_dir, "config.json"))
         if eng.is_rank0():
             log.info("train pairs %d, eval sets %s, world %d, optimizer steps %d, precision %s, ZeRO-%d",
                      len(self.train_pairs), {k: len(v) for k, v in self.eval_sets.items()}, self.world,
