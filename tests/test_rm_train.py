@@ -38,6 +38,21 @@ def read_metrics(out):
     return {r["step"]: r for r in rows if "train/loss" in r}
 
 
+def kill_run(proc):
+    """SIGKILL torchrun and every worker at once: torchrun starts its workers in sessions of their own,
+    so killing its process group alone leaves them training."""
+    import psutil
+    root = psutil.Process(proc.pid)
+    tree = root.children(recursive=True) + [root]
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(tree, timeout=60)
+
+
 def assert_each_step_once(out):
     """Every training step has exactly one row, and no eval set has two rows at one step."""
     rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
@@ -107,8 +122,7 @@ def test_resume_after_kill_continues_the_same_loss_curve(full_run, tiny_llama_di
         if proc.poll() is not None:
             pytest.fail("run ended before it could be killed")
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_run(proc)
     latest = json.loads((out / "checkpoints" / "latest_checkpoint.json").read_text())
     assert latest["step"] in (2, 4, 6)
     resumed = subprocess.run(torchrun(rm_args(tiny_llama_dir, out) + ["--resume"], free_port()), env=python_env(),
@@ -151,8 +165,7 @@ def test_kills_during_saving_and_damaged_checkpoints_resume_to_the_same_losses(f
                 assert time.time() < deadline
                 time.sleep(0.005)
             time.sleep(0.0 if round_ == 0 else rng.uniform(0.0, 0.3))  # the first kill lands as a save starts
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_run(proc)
         text = log_path.read_text()
         if expected_resume is not None:  # what this round resumed from, after the damage done before it
             assert f"resumed at optimizer step {expected_resume} " in text, (seed, text[-4000:])

@@ -225,7 +225,7 @@ class PPOTrainer:
                 log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_root)
             else:
                 self.iteration = state["iteration"]
-                self.logger.resume_at(self.iteration, state.get("metrics_rows"))
+                self.logger.resume_at(self.iteration)
                 self.kl_ctl.load_state_dict(state["kl"])
                 log.info("resumed at PPO iteration %d", self.iteration)
         if eng.is_rank0():  # only now: a refused resume or a refused folder keeps the earlier run's file
@@ -434,8 +434,7 @@ class PPOTrainer:
 
     def save(self) -> None:
         self.checkpoints.save({"actor": self.actor, "critic": self.critic}, self.iteration,
-                              {"iteration": self.iteration, "kl": self.kl_ctl.state_dict(),
-                               "metrics_rows": self.logger.rows_at(self.iteration)})
+                              {"iteration": self.iteration, "kl": self.kl_ctl.state_dict()})
 
     def close(self) -> None:
         self.logger.close()

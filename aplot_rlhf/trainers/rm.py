@@ -96,7 +96,7 @@ class RewardModelTrainer:
                 log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_root)
             else:
                 self.step, self.micro_step = state["step"], state["micro_step"]
-                self.logger.resume_at(self.step, state.get("metrics_rows"))
+                self.logger.resume_at(self.step)
                 log.info("resumed at optimizer step %d (micro step %d)", self.step, self.micro_step)
         if eng.is_rank0():  # only now: a refused resume or a refused folder keeps the earlier run's file
             save_config(cfg, os.path.join(cfg.output_dir, "config.json"))
@@ -247,8 +247,7 @@ class RewardModelTrainer:
 
     # ------------------------------------------------------------------------------------- save
     def save(self) -> None:
-        self.checkpoints.save({"model": self.engine}, self.step, {"step": self.step, "micro_step": self.micro_step,
-                                                                  "metrics_rows": self.logger.rows_at(self.step)})
+        self.checkpoints.save({"model": self.engine}, self.step, {"step": self.step, "micro_step": self.micro_step})
 
     def export(self, results: dict) -> str | None:
         """HF folder under output_dir/model with reward mean/std (over the first eval set) in its config."""
