@@ -114,6 +114,8 @@ class RunConfig:
     wandb_project: str = knob("", "log to this Weights & Biases project (needs wandb installed)")
     progress: bool = knob(True, "tqdm progress bar on rank 0")
     dry_run: bool = knob(False, "validate the config, read every data file as training would, print the memory plan, and exit")
+    overwrite_output_dir: bool = knob(False, "without --resume, move an earlier run found in output_dir aside (to previous_run.<time>) instead of refusing to start")
+    resume_allow_config_change: bool = knob(False, "--resume even if the config differs from the checkpoint's in keys that change the model, the data order or the step arithmetic")
 
 
 def _finite(v) -> bool:

@@ -29,8 +29,9 @@ class ModelError(UserError, ValueError):
     """A model folder that cannot serve the role it was given (e.g. a reward model with an untrained head)."""
 
 
-class CheckpointError(UserError):
-    """A checkpoint that cannot be resumed from (missing, incomplete, from a different run)."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint that cannot be resumed from (missing, incomplete, from a different run); the message
+    names the path and the reason."""
 
 
 def _rank() -> int:

@@ -11,12 +11,13 @@ log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
-    """Append-only JSONL (survives resume), plus tensorboard and wandb when enabled."""
+    """Append-only JSONL (a resume drops the rows past its checkpoint), plus tensorboard and wandb when enabled."""
 
     def __init__(self, output_dir: str, enabled: bool, tensorboard: bool = True, wandb_project: str = "",
                  run_config: dict | None = None, resume: bool = False):
         self.enabled = enabled
         self.tb = self.wandb = None
+        self.resumed_step, self.resumed_rows = None, set()
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
@@ -43,6 +44,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": step, **{prefix + k: v for k, v in metrics.items()}}
+        if step == self.resumed_step and frozenset(row) in self.resumed_rows:
+            self._drop_resumed(step, frozenset(row))
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         for k, v in row.items():
@@ -51,6 +54,59 @@ class MetricsLogger:
                     self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log(row, step=step)
+
+    def resume_at(self, step: int) -> None:
+        """Drop the rows a killed run logged after its checkpoint at `step`, so every step appears once.
+
+        Rows past `step` go, and so does a last row cut by the kill; other lines stay, and the file is
+        replaced atomically. Rows at `step` stay until a row with the same keys is logged again at
+        `step` (a run resumed at its last step repeats the final eval): that one replaces them.
+        """
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        kept, dropped = [], 0
+        with open(self.path) as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                    if not line.endswith("\n"):  # the last row, cut by the kill
+                        dropped += 1
+                        continue
+                row_step = row.get("step") if isinstance(row, dict) else None
+                if isinstance(row_step, int) and row_step > step:
+                    dropped += 1
+                    continue
+                if row_step == step:
+                    self.resumed_rows.add(frozenset(row))
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if dropped:
+            self._rewrite(kept)
+            log.warning("%s: dropped %d row(s) logged after the checkpoint at step %d", self.path, dropped, step)
+        self.resumed_step = step
+
+    def _rewrite(self, lines: list[str]) -> None:
+        tmp = f"{self.path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as fh:
+            fh.writelines(lines)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    def _drop_resumed(self, step: int, keys: frozenset) -> None:
+        """Remove the rows at the resumed step with these keys: the row being logged supersedes them."""
+        self.resumed_rows.discard(keys)
+        with open(self.path) as fh:
+            lines = fh.readlines()
+
+        def same(line):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                return False
+            return isinstance(row, dict) and row.get("step") == step and frozenset(row) == keys
+        self._rewrite([line for line in lines if not same(line)])
 
     def close(self) -> None:
         if self.tb is not None:

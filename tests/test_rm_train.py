@@ -1,6 +1,7 @@
 """Real DeepSpeed ZeRO-3 reward-model training over 2 CPU processes (gloo), export, reload, resume."""
 import json
-import os
+import random
+import re
 import signal
 import subprocess
 import time
@@ -34,6 +35,30 @@ def torchrun(flags, port):
 def read_metrics(out):
     rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows if "train/loss" in r}
+
+
+def kill_run(proc):
+    """SIGKILL torchrun and every worker at once: torchrun starts its workers in sessions of their own,
+    so killing its process group alone leaves them training."""
+    import psutil
+    root = psutil.Process(proc.pid)
+    tree = root.children(recursive=True) + [root]
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(tree, timeout=60)
+
+
+def assert_each_step_once(out):
+    """Every training step has exactly one row, and no eval set has two rows at one step."""
+    rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    train = sorted(r["step"] for r in rows if "train/loss" in r)
+    assert train == list(range(1, STEPS + 1)), f"training rows by step: {train}"
+    evals = [(r["step"], next(k for k in r if k.startswith("eval/"))) for r in rows if "train/loss" not in r]
+    assert len(evals) == len(set(evals)), f"duplicated eval rows: {sorted(evals)}"
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +121,13 @@ def test_resume_after_kill_continues_the_same_loss_curve(full_run, tiny_llama_di
         if proc.poll() is not None:
             pytest.fail("run ended before it could be killed")
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_run(proc)
     latest = json.loads((out / "checkpoints" / "latest_checkpoint.json").read_text())
     assert latest["step"] in (2, 4, 6)
     resumed = subprocess.run(torchrun(rm_args(tiny_llama_dir, out) + ["--resume"], free_port()), env=python_env(),
                              cwd=REPO, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert_each_step_once(out)  # the rows the killed run logged past its checkpoint are gone
     full, mine = read_metrics(full_out), read_metrics(out)
     for step in range(latest["step"] + 1, STEPS + 1):
         assert abs(full[step]["train/loss"] - mine[step]["train/loss"]) < 1e-5, (step, full[step], mine[step])
@@ -148,3 +173,73 @@ def test_log_row_is_the_mean_of_its_interval(tiny_llama_dir, tmp_path):
         for key in ("train/loss", "train/accuracy", "train/aplot/margin_mean", "train/rewards/margins"):
             mean = (rows[1][step - 1][key] + rows[1][step][key]) / 2
             assert rows[2][step][key] == pytest.approx(mean, abs=1e-6), (step, key)
+
+
+def newest_step_dirs(ckpts):
+    """step_N folders (exact name: what resume may load), newest first."""
+    found = [(int(m.group(1)), p) for p in ckpts.iterdir() if (m := re.fullmatch(r"step_(\d+)", p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def test_kills_during_saving_and_damaged_checkpoints_resume_to_the_same_losses(full_run, tiny_llama_dir, tmp_path):
+    """SIGKILL a 2-rank ZeRO-3 run while it saves (three times), damage what the kill left in each way a
+    user meets (deleted file, truncated file, garbage pointer, missing pointer, temp leftovers), resume:
+    it falls back to the newest complete checkpoint and ends with the uninterrupted run's losses."""
+    full_out, _ = full_run
+    out = tmp_path / "rm_killed"
+    ckpts = out / "checkpoints"
+    seed = int(time.time())
+    rng = random.Random(seed)
+    args = rm_args(tiny_llama_dir, out, save_steps=1)
+    killed_mid_save = []
+    expected_resume, expected_warnings = None, []
+    for round_, (kill_at, damage) in enumerate([(3, "delete"), (5, "truncate+garbage_pointer"),
+                                                (7, "missing_pointer+tmp")]):
+        log_path = tmp_path / f"round{round_}.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(torchrun(args + (["--resume"] if round_ else []), free_port()), env=python_env(),
+                                    cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            deadline = time.time() + 600
+            while not (ckpts.is_dir() and any(re.fullmatch(r"step_(\d+)(\.partial)?", p.name) and
+                                              int(p.name.split("_")[1].split(".")[0]) >= kill_at for p in ckpts.iterdir())):
+                assert proc.poll() is None, f"round {round_} ended before its kill:\n{log_path.read_text()[-4000:]}"
+                assert time.time() < deadline
+                time.sleep(0.005)
+            time.sleep(0.0 if round_ == 0 else rng.uniform(0.0, 0.3))  # the first kill lands as a save starts
+            kill_run(proc)
+        text = log_path.read_text()
+        if expected_resume is not None:  # what this round resumed from, after the damage done before it
+            assert f"resumed at optimizer step {expected_resume} " in text, (seed, text[-4000:])
+            for line in expected_warnings:
+                assert line in text, (seed, line, text[-4000:])
+        killed_mid_save.append(any(p.name.endswith(".partial") for p in ckpts.iterdir()))
+        complete = newest_step_dirs(ckpts)
+        assert len(complete) >= 2, (seed, round_, [p.name for p in ckpts.iterdir()])
+        newest = complete[0]
+        victim = max(newest.rglob("*.pt"), key=lambda p: p.stat().st_size)
+        size = victim.stat().st_size
+        pointer = ckpts / "latest_checkpoint.json"
+        if damage == "delete":
+            victim.unlink()
+            expected_resume = int(complete[1].name.split("_")[1])
+            expected_warnings = [f"{victim}: missing (manifest lists {size} bytes)", f"falling back to {complete[1].name}"]
+        elif damage == "truncate+garbage_pointer":
+            victim.write_bytes(victim.read_bytes()[:size // 3])
+            pointer.write_text('{"tag": "step_')
+            expected_resume = int(complete[1].name.split("_")[1])
+            expected_warnings = [f"{victim}: {size // 3} bytes, manifest says {size}", f"{pointer}: unreadable"]
+        else:
+            pointer.unlink(missing_ok=True)
+            (ckpts / "latest_checkpoint.json.tmp.99999").write_text('{"tag": "step_99"}')
+            expected_resume = int(newest.name.split("_")[1])
+            expected_warnings = []
+    assert killed_mid_save[0], "the first kill should have left a half-written checkpoint folder"
+    final = subprocess.run(torchrun(args + ["--resume"], free_port()), env=python_env(), cwd=REPO,
+                           capture_output=True, text=True, timeout=900)
+    assert final.returncode == 0, final.stderr[-6000:]
+    assert f"resumed at optimizer step {expected_resume} " in final.stderr
+    assert not [p.name for p in ckpts.iterdir() if ".partial" in p.name or ".tmp." in p.name]
+    assert_each_step_once(out)
+    full, mine = read_metrics(full_out), read_metrics(out)
+    for step in range(1, STEPS + 1):
+        assert abs(full[step]["train/loss"] - mine[step]["train/loss"]) < 1e-5, (seed, step, full[step], mine[step])

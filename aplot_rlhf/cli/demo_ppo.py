@@ -48,6 +48,7 @@ def main(argv=None) -> dict:
              "--max_prompt_length", "64", "--ppo_iterations", "8", "--learning_rate", "5e-5",
              "--critic_learning_rate", "5e-5", "--kl_coef", "0.01", "--zero_stage", "2", "--warmup_ratio", "0",
              "--lr_scheduler", "constant", "--output_dir", str(runs / "demo_ppo"), "--save_total_limit", "1",
+             "--overwrite_output_dir",
              "--log_steps", "1", *([] if torch.cuda.is_available() else ["--vllm_gpu_memory_utilization", "0.1"])]
     from ..config import PPOConfig, load_config
     cfg = load_config(PPOConfig, flags + list(argv if argv is not None else sys.argv[1:]))

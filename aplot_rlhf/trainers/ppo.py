@@ -16,7 +16,7 @@ import time
 import torch
 
 from .. import engine as eng
-from ..config import PPOConfig, save_config
+from ..config import PPOConfig, save_config, to_dict
 from ..data.preference import PairSampler, SkipCounter, collate_pairs, encoder_from_export, ensure_pad_token
 from ..data.prompts import PromptFormatter, load_prompts, reward_model_prompt
 from ..metrics import MetricsLogger, MetricsWindow
@@ -200,8 +200,7 @@ class PPOTrainer:
         self.rank, self.world, self.local_rank = eng.init_distributed(cfg.dist_backend, cfg.timeout_s)
         eng.seed_everything(cfg.seed)
         os.makedirs(cfg.output_dir, exist_ok=True)
-        if eng.is_rank0():
-            save_config(cfg, os.path.join(cfg.output_dir, "config.json"))
+        eng.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir)
         self.tok = load_tokenizer(cfg.actor_model, "", cfg.actor_gguf_file)
         # start-up checks on configs and tokenizers, before any weights load
         actor_config = load_model_config(cfg.actor_model, cfg.actor_gguf_file)
@@ -271,12 +270,20 @@ class PPOTrainer:
         self.logger = MetricsLogger(cfg.output_dir, eng.is_rank0(), cfg.tensorboard, cfg.wandb_project,
                                     run_config=vars(cfg), resume=cfg.resume)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+        # after gradient_accumulation_steps is derived above, so saved and current configs compare alike
+        self.checkpoints = eng.Checkpointer(self.ckpt_root, to_dict(cfg), self.world, cfg.save_total_limit,
+                                            cfg.resume_allow_config_change)
         if cfg.resume:
-            state = eng.load_checkpoint(self.trained_engines, self.ckpt_root)
-            if state is not None:
+            state = self.checkpoints.load(self.trained_engines)
+            if state is None:
+                log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_root)
+            else:
                 self.iteration = state["iteration"]
+                self.logger.resume_at(self.iteration)
                 self.kl_ctl.load_state_dict(state["kl"])
                 log.info("resumed at PPO iteration %d", self.iteration)
+        if eng.is_rank0():  # only now: a refused resume or a refused folder keeps the earlier run's file
+            save_config(cfg, os.path.join(cfg.output_dir, "config.json"))
         self.backend = self._make_backend()
         log.info("rollout backend %s; torch uses %d CPU threads", cfg.rollout_backend, torch.get_num_threads())
         if cfg.rollout_backend == "vllm":
@@ -564,8 +571,8 @@ class PPOTrainer:
         return metrics
 
     def save(self) -> None:
-        eng.save_checkpoint(self.trained_engines, self.ckpt_root, self.iteration,
-                            {"iteration": self.iteration, "kl": self.kl_ctl.state_dict()}, keep=self.cfg.save_total_limit)
+        self.checkpoints.save(self.trained_engines, self.iteration,
+                              {"iteration": self.iteration, "kl": self.kl_ctl.state_dict()})
 
     def close(self) -> None:
         self.logger.close()

@@ -14,7 +14,7 @@ import time
 import torch
 
 from .. import engine as eng
-from ..config import RMConfig, save_config
+from ..config import RMConfig, save_config, to_dict
 from ..data.preference import DataError, PairSampler, PairTokenizer, collate_pairs, load_rm_data, rm_export_fields
 from ..eval import score_pairs, summarize
 from ..losses import bt_loss, fixed_margin, gamma_at, margin_diagnostics, pair_metrics
@@ -41,8 +41,7 @@ class RewardModelTrainer:
         eng.seed_everything(cfg.seed)
         self.device = eng.device()
         os.makedirs(cfg.output_dir, exist_ok=True)
-        if eng.is_rank0():
-            save_config(cfg, os.path.join(cfg.output_dir, "config.json"))
+        eng.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir)
 
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.tokenizer_name_or_path, cfg.gguf_file,
                                         cfg.trust_remote_code)
@@ -78,13 +77,18 @@ class RewardModelTrainer:
         self.logger = MetricsLogger(cfg.output_dir, eng.is_rank0(), cfg.tensorboard, cfg.wandb_project,
                                     run_config=vars(cfg), resume=cfg.resume)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+        self.checkpoints = eng.Checkpointer(self.ckpt_root, to_dict(cfg), self.world, cfg.save_total_limit,
+                                            cfg.resume_allow_config_change)
         if cfg.resume:
-            state = eng.load_checkpoint({"model": self.engine}, self.ckpt_root)
+            state = self.checkpoints.load({"model": self.engine})
             if state is None:
                 log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_root)
             else:
                 self.step, self.micro_step = state["step"], state["micro_step"]
+                self.logger.resume_at(self.step)
                 log.info("resumed at optimizer step %d (micro step %d)", self.step, self.micro_step)
+        if eng.is_rank0():  # only now: a refused resume or a refused folder keeps the earlier run's file
+            save_config(cfg, os.path.join(cfg.output_dir, "config.json"))
         if eng.is_rank0():
             log.info("train pairs %d, eval sets %s, world %d, optimizer steps %d, precision %s, ZeRO-%d",
                      len(self.train_pairs), {k: len(v) for k, v in self.eval_sets.items()}, self.world,
@@ -249,8 +253,7 @@ class RewardModelTrainer:
 
     # ------------------------------------------------------------------------------------- save
     def save(self) -> None:
-        eng.save_checkpoint({"model": self.engine}, self.ckpt_root, self.step,
-                            {"step": self.step, "micro_step": self.micro_step}, keep=self.cfg.save_total_limit)
+        self.checkpoints.save({"model": self.engine}, self.step, {"step": self.step, "micro_step": self.micro_step})
 
     def export(self, results: dict) -> str | None:
         """HF folder under output_dir/model with reward mean/std (over the first eval set) in its config."""
