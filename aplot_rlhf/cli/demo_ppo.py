@@ -24,13 +24,8 @@ def smollm2_gguf() -> Path:
     return sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))[0]
 
 
-def main(argv=None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    runs = REPO / "runs" if (REPO / "setup.py").exists() else Path.cwd() / "runs"
-    rm = runs / "demo" / "model"
-    if not (rm / "config.json").exists():
-        raise SystemExit(f"{rm} not found: run `python -m aplot_rlhf.cli.demo` (or `make demo`) first")
+def demo_flags(rm: Path, output_dir: Path) -> tuple[str, list[str]]:
+    """(rollout backend, the demo's PPO flags): SmolLM2-135M-Instruct against the reward model `rm`."""
     gguf = smollm2_gguf()
     try:
         import vllm  # noqa: F401
@@ -47,9 +42,20 @@ def main(argv=None) -> dict:
              "--ppo_mini_batch_size", "8", "--micro_batch_size", "8", "--max_new_tokens", "24",
              "--max_prompt_length", "64", "--ppo_iterations", "8", "--learning_rate", "5e-5",
              "--critic_learning_rate", "5e-5", "--kl_coef", "0.01", "--zero_stage", "2", "--warmup_ratio", "0",
-             "--lr_scheduler", "constant", "--output_dir", str(runs / "demo_ppo"), "--save_total_limit", "1",
+             "--lr_scheduler", "constant", "--output_dir", str(output_dir), "--save_total_limit", "1",
              "--overwrite_output_dir",
              "--log_steps", "1", *([] if torch.cuda.is_available() else ["--vllm_gpu_memory_utilization", "0.1"])]
+    return backend, flags
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    runs = REPO / "runs" if (REPO / "setup.py").exists() else Path.cwd() / "runs"
+    rm = runs / "demo" / "model"
+    if not (rm / "config.json").exists():
+        raise SystemExit(f"{rm} not found: run `python -m aplot_rlhf.cli.demo` (or `make demo`) first")
+    backend, flags = demo_flags(rm, runs / "demo_ppo")
     from ..config import PPOConfig, load_config
     cfg = load_config(PPOConfig, flags + list(argv if argv is not None else sys.argv[1:]))
     from ..trainers.ppo import PPOTrainer
