@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from ..data.preference import PairTokenizer, load_pairs, parse_eval_specs
+    from ..data.preference import encoder_from_export, load_pairs, parse_eval_specs
     from ..errors import InputNotFoundError
     from ..eval import score_pairs, summarize
     from ..models.reward import check_max_length, load_model_config, load_scoring_model
@@ -47,13 +47,9 @@ def main(argv=None) -> dict:
     specs = parse_eval_specs(args.data)  # duplicate names fail before the model loads
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model_config = load_model_config(args.model)
-    max_length = args.max_length or getattr(model_config, "aplot_rlhf_max_length", 512)
-    check_max_length(max_length, model_config, tokenizer, what=f"model {args.model}")
+    encoder, _ = encoder_from_export(tokenizer, model_config, args.max_length)  # as train_rm tokenized
+    check_max_length(encoder.max_length, model_config, tokenizer, what=f"model {args.model}")
     model = load_scoring_model(args.model, allow_untrained_head=args.allow_untrained_reward_head).eval()
-    cfg = model.config
-    encoder = PairTokenizer(tokenizer, max_length, getattr(cfg, "aplot_rlhf_chat_template", "auto"),
-                            getattr(cfg, "aplot_rlhf_response_separator", " "),
-                            getattr(cfg, "aplot_rlhf_long_response", "keep_end"))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 

@@ -443,10 +443,14 @@ def rm_export_fields(cfg, input_format: str) -> dict:
             f"{EXPORT_PREFIX}input_format": input_format}
 
 
-def encoder_from_export(tokenizer, hf_config, max_length: int = 0) -> tuple["PairTokenizer", str | None]:
-    """(PairTokenizer built as train_rm built it, the training data's input format or None if unrecorded)."""
+def encoder_from_export(tokenizer, hf_config, max_length: int = 0,
+                        long_response: str = "") -> tuple["PairTokenizer", str | None]:
+    """(PairTokenizer built as train_rm built it, the training data's input format or None if unrecorded).
+
+    long_response: override the recorded policy (PPO must score every response, so it keeps the end of
+    one too long for the window instead of skipping it)."""
     get = lambda k, d: getattr(hf_config, EXPORT_PREFIX + k, d)  # noqa: E731
     encoder = PairTokenizer(tokenizer, max_length or get("max_length", 512), get("chat_template", "auto"),
-                            get("response_separator", " "), get("long_response", "keep_end"))
+                            get("response_separator", " "), long_response or get("long_response", "keep_end"))
     return encoder, get("input_format", None)
 

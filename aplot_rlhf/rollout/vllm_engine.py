@@ -51,7 +51,7 @@ class VLLMRollout:
             from vllm import LLM
         except Exception as exc:  # ImportError, or a broken install (e.g. CUDA torchvision beside CPU torch)
             raise VLLMStartError(f"vLLM is not importable ({type(exc).__name__}: {exc}); install it "
-                                 "(pip install 'aplot_rlhf[vllm]') or pass --rollout_backend hf") from exc
+                                 "(GPU: make install-gpu or pip install 'aplot_rlhf[gpu]'; CPU: 'aplot_rlhf[cpu]') or pass --rollout_backend hf") from exc
         if gguf_file:
             raise VLLMStartError("start vLLM from an HF folder; the trainer converts GGUF actors first")
         # token ids in, token ids out: vLLM never needs the tokenizer (any tokenizer the actor has works)

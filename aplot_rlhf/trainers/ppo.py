@@ -63,7 +63,8 @@ class ModelReward:
         hf = load_scoring_model(path, allow_untrained_head=allow_untrained_head, dtype=dtype)
         cfg = hf.config
         # the same PairTokenizer, built from the same export fields, that train_rm tokenized its pairs with
-        self.encoder, self.input_format = encoder_from_export(self.tok, cfg)
+        # (every response gets a score: one longer than the window keeps its end, as it always did here)
+        self.encoder, self.input_format = encoder_from_export(self.tok, cfg, long_response="keep_end")
         disable_dropout(hf)
         if hf.config.pad_token_id is None:
             hf.config.pad_token_id = self.tok.pad_token_id
