@@ -155,9 +155,9 @@ def test_packed_ppo_logprobs_and_values_equal_padded(attn, capacity, tiny_llama_
 
 # ------------------------------------------------------------------------------- end to end
 
-def run_rm(model_dir, out, packing):
+def run_rm(model_dir, out, packing, zero_stage):
     from test_rm_train import rm_args
-    flags = rm_args(model_dir, out, zero_stage=2, max_steps=3, save_steps=0, loss="aplot", max_train_pairs=12,
+    flags = rm_args(model_dir, out, zero_stage=zero_stage, max_steps=3, save_steps=0, loss="aplot", max_train_pairs=12,
                     max_eval_pairs=6, micro_batch_size=3, gradient_accumulation_steps=1) + ["--no-export"]
     if packing:
         flags.append("--packing")
@@ -170,8 +170,9 @@ def run_rm(model_dir, out, packing):
 
 
 def test_train_rm_with_packing_matches_the_padded_run(tiny_llama_dir, tmp_path):
-    padded, padded_eval = run_rm(tiny_llama_dir, tmp_path / "padded", packing=False)
-    packed, packed_eval = run_rm(tiny_llama_dir, tmp_path / "packed", packing=True)
+    # the packed run under ZeRO-3 (partitioned weights gathered by DeepSpeed's hooks around the packed forward)
+    padded, padded_eval = run_rm(tiny_llama_dir, tmp_path / "padded", packing=False, zero_stage=2)
+    packed, packed_eval = run_rm(tiny_llama_dir, tmp_path / "packed", packing=True, zero_stage=3)
     assert sorted(packed) == [1, 2, 3]
     for step in packed:  # same data, same updates: the same loss curve and token counts
         assert packed[step]["train/loss"] == pytest.approx(padded[step]["train/loss"], abs=1e-4)
