@@ -38,6 +38,8 @@ class ModelConfig:
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
     attn_implementation: str = knob("sdpa", "attention kernel passed to transformers (sdpa, eager, flash_attention_2)")
     disable_dropout: bool = knob(True, "set every dropout to 0 (reward scores should not be noisy)")
+    packing: bool = knob(False, "padding-free batches: several sequences share a row, attention stays within each "
+                         "(flash_attention_2 varlen when the model runs it, else a block-diagonal mask for sdpa/eager)")
 
 
 @dataclass
@@ -392,6 +394,8 @@ class PPOSpecific:
     loss_aggregation: str = knob("token_mean", "policy loss over tokens: 'token_mean' (every token of the mini-batch "
                                  "weighs the same) or 'seq_mean' (mean per sequence, then over sequences)")
     drop_uniform_groups: bool = knob(False, "leave groups whose K rewards are all equal (no signal) out of the loss")
+    packing: bool = knob(False, "padding-free experience and training forwards (actor, reference, critic): prompt+response "
+                         "sequences share rows, attention stays within each (flash_attention_2 varlen, else a block mask)")
 
 
 @dataclass

@@ -6,20 +6,26 @@ import math
 import torch
 
 from .data.preference import collate_pairs
+from .models.packing import to_device
 
 
 @torch.no_grad()
-def score_pairs(forward, encoded: list[dict], batch_size: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(forward, encoded: list[dict], batch_size: int, pad_id: int, device,
+                pack=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of every pair's chosen and rejected response.
 
-    forward(input_ids, attention_mask, response_start) -> rewards [2b]. Returns (chosen [n], rejected [n]) fp32 CPU.
+    forward(input_ids, attention_mask, response_start) -> rewards [2b]; with `pack` (pairs -> a
+    collate_pairs_packed batch), forward(packed=layout on `device`) instead. Returns (chosen [n], rejected [n]) fp32 CPU.
     """
     chosen, rejected = [], []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
-        batch = collate_pairs(chunk, pad_id)
-        rewards = forward(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                          batch["response_start"].to(device)).float().cpu()
+        if pack is not None:
+            rewards = forward(packed=to_device(pack(chunk)["packed"], device)).float().cpu()
+        else:
+            batch = collate_pairs(chunk, pad_id)
+            rewards = forward(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                              batch["response_start"].to(device)).float().cpu()
         chosen.append(rewards[:len(chunk)])
         rejected.append(rewards[len(chunk):])
     return torch.cat(chosen), torch.cat(rejected)

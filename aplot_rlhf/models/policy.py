@@ -28,10 +28,11 @@ class Critic(nn.Module):
         super().__init__()
         self.backbone, self.value_head = backbone, value_head
 
-    def forward(self, input_ids, attention_mask, position_ids=None):
+    def forward(self, input_ids, attention_mask, position_ids=None, **attn_kwargs):
         extra = {} if position_ids is None else {"position_ids": position_ids}  # left-padded rows need them
+        # attn_kwargs: flash attention's varlen boundaries for packed rows (models.packing)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                               **extra).last_hidden_state
+                               **extra, **attn_kwargs).last_hidden_state
         return self.value_head(hidden).squeeze(-1).float()
 
 

@@ -12,6 +12,8 @@ import os
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -73,7 +75,9 @@ class RewardModel(nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         return (positions * non_pad).argmax(-1)
 
-    def forward(self, input_ids, attention_mask, response_start=None):
+    def forward(self, input_ids=None, attention_mask=None, response_start=None, packed=None):
+        if packed is not None:
+            return self.forward_packed(packed)
         out = self.hf(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
                       use_cache=False)
         rewards = out.logits[:, 0].float()
@@ -87,6 +91,50 @@ class RewardModel(nn.Module):
             idx = self.reward_token_index(input_ids)
             emb = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
         return rewards, emb.float()
+
+    def check_packable(self, requested_attn: str = "") -> None:
+        """ConfigError unless forward_packed reproduces this model's own head (see _packed_head)."""
+        from .packing import check_packing_support
+        check_packing_support(self.hf.config, requested_attn)
+        if not self.reads_last_token and self.hf.config.model_type not in PACKABLE_ENCODERS:
+            raise ConfigError(f"--packing: encoder reward models of type {self.hf.config.model_type!r} are not "
+                              f"supported (their head or position ids differ from BERT's); supported encoders: "
+                              f"{', '.join(PACKABLE_ENCODERS)}, and decoders with a `score` head")
+
+    def _packed_head(self, h: torch.Tensor) -> torch.Tensor:
+        """The sequence-classification head on each sequence's reward-token hidden state [S, d] -> [S]:
+        transformers' heads read one token per row, so in a packed row we apply them ourselves."""
+        if self.reads_last_token:
+            return self.hf.score(h)[:, 0]
+        base = getattr(self.hf, self.hf.base_model_prefix)
+        pooled = base.pooler(h[:, None]) if getattr(base, "pooler", None) is not None else h  # BERT: [CLS] pooler
+        return self.hf.classifier(self.hf.dropout(pooled))[:, 0]
+
+    def forward_packed(self, layout: dict):
+        """A packed batch (data.preference.collate_pairs_packed, on the device) -> rewards [S], embeddings [S, d],
+        S sequences in batch order, equal to forward() on the same sequences padded."""
+        from .packing import attention_kwargs
+        base = getattr(self.hf, self.hf.base_model_prefix)
+        dtype = next(self.hf.parameters()).dtype
+        kwargs = attention_kwargs(layout, self.hf.config, causal=self.reads_last_token, dtype=dtype)
+        hidden = base(input_ids=layout["input_ids"], use_cache=False, **kwargs).last_hidden_state
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        at = flat[layout["reward_index"]]
+        rewards = self._packed_head(at).float()
+        flat = flat.detach()
+        if self.pooling == "mean":  # per sequence, over its response tokens
+            w = layout["pool_weight"].to(flat.dtype)
+            seg = layout["segment"].reshape(-1).clamp_min(0)
+            S = layout["reward_index"].shape[0]
+            total = torch.zeros(S, flat.shape[-1], dtype=flat.dtype, device=flat.device).index_add_(0, seg, flat * w[:, None])
+            count = torch.zeros(S, dtype=flat.dtype, device=flat.device).index_add_(0, seg, w)
+            emb = total / count.clamp_min(1.0)[:, None]
+        else:
+            emb = at.detach()
+        return rewards, emb.float()
+
+
+PACKABLE_ENCODERS = ("bert",)  # absolute positions from 0 and a pooler + classifier head over [CLS]
 
 
 def load_reward_model(model_name_or_path: str, *, tokenizer, dtype: torch.dtype = torch.float32,

@@ -21,6 +21,7 @@ from ..data.preference import PairSampler, SkipCounter, collate_pairs, encoder_f
 from ..data.prompts import PromptFormatter, load_prompts, reward_model_prompt
 from ..metrics import MetricsLogger, MetricsWindow
 from ..models.dropout import disable_dropout
+from ..models.packing import attention_kwargs, capacity_for, check_packing_support, pack_prompt_response, to_device
 from ..models.policy import load_actor, load_critic
 from ..errors import ModelError
 from ..models.reward import RewardModel, check_max_length, load_model_config, load_scoring_model, load_tokenizer
@@ -129,6 +130,34 @@ def response_logprobs(model, ids, attn, position_ids, tokens, with_entropy: bool
 def response_values(critic, ids, attn, position_ids, T: int):
     """Critic values [B, T] at the positions that predict each response token (columns -T-1 .. -2)."""
     return critic(ids, attn, position_ids)[:, -T - 1:-1]
+
+
+def _packed_inputs(model, layout: dict, config=None) -> dict:
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
+    config = config if config is not None else module.config
+    return {"input_ids": layout["input_ids"],
+            **attention_kwargs(layout, config, causal=True, dtype=next(module.parameters()).dtype)}
+
+
+def packed_response_logprobs(model, layout, tokens, with_entropy: bool = False, temperature: float = 1.0):
+    """response_logprobs on a `pack_prompt_response` layout: the same [B, T] log-probs (and entropies),
+    with only the kept columns (`logits_to_keep` as indices) projected onto the vocabulary."""
+    if _accepts_logits_to_keep(model):
+        logits = model(use_cache=False, logits_to_keep=layout["keep_cols"], **_packed_inputs(model, layout)).logits
+        index = layout["resp_keep"]
+    else:
+        logits, index = model(use_cache=False, **_packed_inputs(model, layout)).logits, layout["resp_pos"]
+    logits = tempered(logits.reshape(-1, logits.shape[-1])[index], temperature)
+    lp = logprobs_of(logits, tokens)
+    return (lp, entropy_from_logits(logits)) if with_entropy else lp
+
+
+def packed_response_values(critic, layout):
+    """response_values on a `pack_prompt_response` layout: [B, T] values at the positions predicting each token."""
+    module = getattr(critic, "module", critic)
+    kwargs = _packed_inputs(critic, layout, module.backbone.config)
+    values = critic(kwargs.pop("input_ids"), kwargs.pop("attention_mask"), kwargs.pop("position_ids"), **kwargs)
+    return values.reshape(-1)[layout["resp_pos"]]
 
 
 def iter_gathered_named_params(module: torch.nn.Module, zero3: bool):
@@ -265,6 +294,11 @@ class PPOTrainer:
         # from_pretrained returns eval mode; gradient checkpointing only runs on modules in train mode
         for e in self.trained_engines.values():
             e.train()
+        self.pack_capacity = None
+        if cfg.packing:  # every model that runs a packed forward must keep attention inside sequences
+            for model in (actor, reference) + ((critic.backbone,) if critic is not None else ()):
+                check_packing_support(model.config, cfg.attn_implementation)
+            self.pack_capacity = capacity_for(actor.config, cfg.max_prompt_length + cfg.max_new_tokens)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
 
@@ -398,6 +432,10 @@ class PPOTrainer:
         position_ids = (attn.cumsum(1) - 1).clamp(min=0)
         return ids, attn, position_ids, tokens, mask
 
+    def packed_layout(self, prompts, responses) -> dict:
+        """--packing: prompt+response sequences packed (models.packing), on the trainer's device."""
+        return to_device(pack_prompt_response(prompts, responses, self.tok.pad_token_id, self.pack_capacity), eng.device())
+
     @torch.no_grad()
     def make_experience(self, prompts, rm_prompts, responses) -> dict:
         """Rollout -> the tensors training reads: log-probs, advantages (and, with a critic, values and
@@ -413,6 +451,13 @@ class PPOTrainer:
                 e.eval()
             for i in range(0, ids.shape[0], cfg.micro_batch_size):  # vocab-sized logits: one micro-batch at a time
                 sl = slice(i, i + cfg.micro_batch_size)
+                if cfg.packing:
+                    layout = self.packed_layout(prompts[sl], responses[sl])
+                    old_lp.append(packed_response_logprobs(self.actor, layout, tokens[sl], temperature=temperature))
+                    ref_lp.append(packed_response_logprobs(self.reference, layout, tokens[sl], temperature=temperature))
+                    if self.critic is not None:
+                        values.append(packed_response_values(self.critic, layout))
+                    continue
                 seqs = trim_left_padding(ids[sl], attn[sl], posids[sl])
                 old_lp.append(response_logprobs(self.actor, *seqs, tokens[sl], temperature=temperature))
                 ref_lp.append(response_logprobs(self.reference, *seqs, tokens[sl], temperature=temperature))
@@ -425,7 +470,7 @@ class PPOTrainer:
         kl = kl_per_token(old_lp, ref_lp, cfg.kl_estimator) * mask
         beta = self.kl_ctl.beta if cfg.kl_mode == "reward" else 0.0  # else the KL is a loss term in train_on
         out = dict(ids=ids, attn=attn, posids=posids, tokens=tokens, mask=mask, old_lp=old_lp, raw_scores=raw,
-                   scores=scores, kl_seq=kl.sum(1), loss_mask=mask)
+                   scores=scores, kl_seq=kl.sum(1), loss_mask=mask, prompts=prompts, responses=responses)
         if cfg.kl_mode == "loss":
             out["ref_lp"] = ref_lp
         K = cfg.samples_per_prompt
@@ -460,11 +505,18 @@ class PPOTrainer:
                 for start in range(0, n, cfg.micro_batch_size):
                     # rows in experience order within a micro-batch: same set, and the same padding layout
                     # as the experience forward when a micro-batch spans the rollout
-                    idx = order[start:start + cfg.micro_batch_size].sort().values.to(exp["ids"].device)
+                    rows = order[start:start + cfg.micro_batch_size].sort().values
+                    idx = rows.to(exp["ids"].device)
                     mb = {k: exp[k][idx] for k in keys}
-                    seqs = trim_left_padding(mb["ids"], mb["attn"], mb["posids"])
-                    lp, ent = response_logprobs(self.actor, *seqs, mb["tokens"], with_entropy=True,
-                                                temperature=cfg.temperature)
+                    if cfg.packing:  # the micro-batch's token lists, on the host: no device sync
+                        rows = rows.tolist()
+                        layout = self.packed_layout([exp["prompts"][r] for r in rows], [exp["responses"][r] for r in rows])
+                        lp, ent = packed_response_logprobs(self.actor, layout, mb["tokens"], with_entropy=True,
+                                                           temperature=cfg.temperature)
+                    else:
+                        seqs = trim_left_padding(mb["ids"], mb["attn"], mb["posids"])
+                        lp, ent = response_logprobs(self.actor, *seqs, mb["tokens"], with_entropy=True,
+                                                    temperature=cfg.temperature)
                     pl, clip_frac, approx_kl = policy_loss(lp, mb["old_lp"], mb["adv"], mb["loss_mask"], cfg.clip_ratio,
                                                            cfg.loss_aggregation)
                     entropy = masked_mean(ent, mb["mask"])
@@ -478,7 +530,8 @@ class PPOTrainer:
                     self.actor.step()
                     vl = vclip = zero
                     if self.critic is not None:
-                        values = response_values(self.critic, *seqs, mb["tokens"].shape[1])
+                        values = (packed_response_values(self.critic, layout) if cfg.packing
+                                  else response_values(self.critic, *seqs, mb["tokens"].shape[1]))
                         vl, vclip = value_loss(values, mb["old_values"], mb["ret"], mb["mask"], cfg.value_clip)
                         self.critic.backward(vl)
                         self.critic.step()

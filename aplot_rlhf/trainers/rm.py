@@ -15,11 +15,13 @@ import torch
 
 from .. import engine as eng
 from ..config import RMConfig, save_config, to_dict
-from ..data.preference import DataError, PairSampler, PairTokenizer, collate_pairs, load_rm_data, rm_export_fields
+from ..data.preference import (DataError, PairSampler, PairTokenizer, collate_pairs, collate_pairs_packed, load_rm_data,
+                               rm_export_fields)
 from ..eval import score_pairs, summarize
 from ..losses import bt_loss, fixed_margin, gamma_at, margin_diagnostics, pair_metrics
 from ..metrics import MetricsLogger, MetricsWindow
 from ..models.dropout import disable_dropout
+from ..models.packing import capacity_for, to_device
 from ..models.reward import check_max_length, load_model_config, load_reward_model, load_tokenizer
 from ..ot import sinkhorn_margin
 
@@ -64,6 +66,11 @@ class RewardModelTrainer:
         if cfg.disable_dropout:
             disable_dropout(model)
         self.hf_model = model.hf
+        self.pack = None  # --packing: pairs -> a packed batch (rows of at most max_length tokens, or one varlen row)
+        if cfg.packing:
+            model.check_packable(cfg.attn_implementation)
+            capacity, reads_last = capacity_for(model.hf.config, cfg.max_length), model.reads_last_token
+            self.pack = lambda pairs: collate_pairs_packed(pairs, self.tokenizer.pad_token_id, capacity, reads_last)
 
         self.sampler = PairSampler(len(self.train_pairs), cfg.micro_batch_size, self.world, self.rank, cfg.seed)
         steps_per_epoch = self.sampler.batches_per_rank // cfg.gradient_accumulation_steps
@@ -130,11 +137,18 @@ class RewardModelTrainer:
         Metrics come back as 0-dim tensors on the device: nothing here waits for the accelerator except
         the non-finite check, once per optimizer step, just before the weights change."""
         cfg = self.cfg
-        batch = collate_pairs(pairs, self.tokenizer.pad_token_id)
         B = len(pairs)
-        with eng.Phase.of("forward"):
-            rewards, emb = self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                                       batch["response_start"].to(self.device))
+        if self.pack is not None:
+            batch = self.pack(pairs)
+            n_tokens = float(batch["packed"]["n_tokens"])
+            with eng.Phase.of("forward"):
+                rewards, emb = self.engine(packed=to_device(batch["packed"], self.device))
+        else:
+            batch = collate_pairs(pairs, self.tokenizer.pad_token_id)
+            n_tokens = float(batch["attention_mask"].sum())
+            with eng.Phase.of("forward"):
+                rewards, emb = self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                                           batch["response_start"].to(self.device))
         nonfinite = (~torch.isfinite(rewards.detach())).sum()
         self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite + nonfinite
         self._window_origins += [p["origin"] for p in pairs]
@@ -149,7 +163,7 @@ class RewardModelTrainer:
         with eng.Phase.of("optimizer_step"):
             self.engine.step()
         metrics = {"loss": loss.detach(), **pair_metrics(chosen, rejected),
-                   "tokens": float(batch["attention_mask"].sum())}  # a CPU tensor: no device sync
+                   "tokens": n_tokens}  # counted on the host: no device sync
         if margin is not None:
             metrics.update(margin_diagnostics(margin, chosen, rejected, cfg.aplot_hard_threshold))
             if cfg.loss == "aplot":
@@ -225,8 +239,8 @@ class RewardModelTrainer:
         return dict(zip(keys, total.cpu().tolist()))
 
     # ------------------------------------------------------------------------------------- eval
-    def forward_rewards(self, input_ids, attention_mask, response_start):
-        return self.engine(input_ids, attention_mask, response_start)[0]
+    def forward_rewards(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)[0]
 
     def evaluate(self) -> dict:
         """Every eval set, sharded over ranks (all ranks run the same number of forwards for ZeRO-3)."""
@@ -237,7 +251,7 @@ class RewardModelTrainer:
                 per_rank = math.ceil(len(pairs) / self.world)
                 shard = [pairs[min(i, len(pairs) - 1)] for i in range(self.rank * per_rank, (self.rank + 1) * per_rank)]
                 c, r = score_pairs(self.forward_rewards, shard, self.cfg.eval_batch_size,
-                                   self.tokenizer.pad_token_id, self.device)
+                                   self.tokenizer.pad_token_id, self.device, pack=self.pack)
                 c = eng.all_gather_no_grad(c.to(self.device)).cpu()[:len(pairs)]
                 r = eng.all_gather_no_grad(r.to(self.device)).cpu()[:len(pairs)]
                 results[name] = {**summarize(c, r), "_chosen": c, "_rejected": r}
@@ -263,7 +277,7 @@ class RewardModelTrainer:
         else:
             sample = self.train_pairs[:256]
             c, r = score_pairs(self.forward_rewards, sample, self.cfg.eval_batch_size,
-                               self.tokenizer.pad_token_id, self.device)
+                               self.tokenizer.pad_token_id, self.device, pack=self.pack)
             rewards = torch.cat([c, r])
         extra = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
                  **rm_export_fields(self.cfg, self.input_format)}

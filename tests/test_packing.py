@@ -1,0 +1,199 @@
+"""--packing: packed rows (several sequences per row, positions restarting, block-diagonal attention) give
+the padded batch's rewards, embeddings, loss, gradients, PPO log-probs and values; real models on CPU
+(SDPA and eager with the 4D block mask; flash attention's varlen path needs flash_attn and a GPU).
+
+Tolerances (fp32): rewards, embeddings, log-probs, values within 1e-5 absolute; loss within 1e-6;
+gradients within 1e-4 of the largest gradient entry (the reduction order differs between layouts).
+"""
+import json
+import logging
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import HH_PAIRS, PYTHON, REPO, free_port, python_env
+
+from aplot_rlhf.data.preference import PairTokenizer, collate_pairs, collate_pairs_packed, load_pairs
+from aplot_rlhf.errors import ConfigError
+from aplot_rlhf.losses import bt_loss
+from aplot_rlhf.models.packing import attention_kwargs, check_packing_support, first_fit_rows, pack, pack_prompt_response
+from aplot_rlhf.models.reward import load_reward_model, load_tokenizer
+
+ATOL = 1e-5
+
+
+def encoded_pairs(tok, n=6, max_length=48):
+    pairs = PairTokenizer(tok, max_length).encode_pairs(load_pairs(str(HH_PAIRS))[:n + 4])[:n]
+    # pad == eos for Llama tokenizers: a response ending in eos is read at its last non-pad token, as padded
+    pairs[0] = dict(pairs[0], chosen_ids=pairs[0]["chosen_ids"][:-2] + [tok.pad_token_id] * 2)
+    return pairs
+
+
+def rm_outputs(model, pairs, pad_id, packed_capacity=None):
+    """rewards, embeddings, loss and gradients of one BT step, padded (capacity None) or packed."""
+    model.zero_grad()
+    if packed_capacity is None:
+        b = collate_pairs(pairs, pad_id)
+        rewards, emb = model(b["input_ids"], b["attention_mask"], b["response_start"])
+    else:
+        b = collate_pairs_packed(pairs, pad_id, packed_capacity, model.reads_last_token)
+        assert b["packed"]["input_ids"].shape[0] < 2 * len(pairs)  # several sequences really share rows
+        rewards, emb = model(packed=b["packed"])
+    B = len(pairs)
+    loss = bt_loss(rewards[:B], rewards[B:], None, 0.0)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return rewards.detach(), emb, loss.detach(), grads
+
+
+def assert_same(padded, packed):
+    (r0, e0, l0, g0), (r1, e1, l1, g1) = padded, packed
+    assert (r0 - r1).abs().max() < ATOL, (r0, r1)
+    assert (e0 - e1).abs().max() < ATOL
+    assert abs(l0 - l1) < 1e-6
+    assert set(g0) == set(g1) and g0
+    scale = max(g.abs().max() for g in g0.values())
+    worst = max((g0[n] - g1[n]).abs().max() for n in g0)
+    assert worst <= 1e-4 * scale, (worst, scale)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pooling", ["token", "mean"])
+@pytest.mark.parametrize("which", ["decoder", "encoder"])
+def test_packed_rm_equals_padded(which, pooling, attn, tiny_llama_dir, minilm_path):
+    path = tiny_llama_dir if which == "decoder" else minilm_path
+    tok = load_tokenizer(path)
+    torch.manual_seed(0)
+    model = load_reward_model(path, tokenizer=tok, pooling=pooling, attn_implementation=attn)
+    model.eval()  # dropout off: both layouts see the same function
+    model.check_packable(attn)
+    with torch.no_grad():  # a head that is not ~0, so differences in the head's input show
+        head = model.hf.score if which == "decoder" else model.hf.classifier
+        head.weight.normal_(0, 1.0)
+    pairs = encoded_pairs(tok)
+    pad = tok.pad_token_id
+    padded = rm_outputs(model, pairs, pad)
+    assert_same(padded, rm_outputs(model, pairs, pad, packed_capacity=96))
+    # the failure this guards against: attention leaking across the sequences of a row changes the rewards
+    b = collate_pairs_packed(pairs, pad, 96, model.reads_last_token)
+    leaky = dict(b["packed"], segment=torch.zeros_like(b["packed"]["segment"]))
+    with torch.no_grad():
+        r_leak, _ = model(packed=leaky)
+    assert (r_leak - padded[0]).abs().max() > 1e-3
+
+
+def test_first_fit_rows_respects_capacity_and_keeps_every_sequence():
+    lengths = [30, 10, 50, 20, 40, 5, 64]
+    rows = first_fit_rows(lengths, 64)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 64 for r in rows)
+    assert len(rows) == 4  # 219 tokens: first fit decreasing needs 4 rows of 64
+    assert first_fit_rows([100, 3], 64) == [[0], [1]]  # longer than a row: a row of its own
+    layout = pack([[5, 6, 7], [8, 9]], pad_id=0, capacity=None)
+    assert layout["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert layout["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert layout["cu_seq_lens"].tolist() == [0, 3, 5] and layout["max_length"] == 3
+
+
+class _Cfg:
+    def __init__(self, impl):
+        self._attn_implementation = impl
+
+
+def test_flash_attention_gets_varlen_kwargs_and_other_kernels_are_refused(caplog):
+    layout = pack([[5, 6, 7], [8, 9]], pad_id=0, capacity=None)
+    kw = attention_kwargs(layout, _Cfg("flash_attention_2"), causal=True, dtype=torch.float32)
+    assert kw["attention_mask"] is None and kw["cu_seq_lens_q"].dtype == torch.int32
+    assert kw["cu_seq_lens_k"].tolist() == [0, 3, 5] and kw["max_length_q"] == 3
+    with pytest.raises(ValueError, match="one-row"):
+        attention_kwargs(pack([[5, 6], [8, 9]], 0, capacity=2), _Cfg("flash_attention_2"), True, torch.float32)
+    mask = attention_kwargs(pack([[5, 6], [8, 9]], 0, capacity=4), _Cfg("sdpa"), True, torch.float32)["attention_mask"]
+    assert mask[0, 0].tolist() == [[True, False, False, False], [True, True, False, False],
+                                   [False, False, True, False], [False, False, True, True]]
+    with pytest.raises(ConfigError, match="flex_attention"):
+        check_packing_support(_Cfg("flex_attention"))
+    with caplog.at_level(logging.WARNING):
+        check_packing_support(_Cfg("sdpa"), requested="flash_attention_2")
+    assert "flash_attn installed" in caplog.text
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("capacity", [None, 40])
+def test_packed_ppo_logprobs_and_values_equal_padded(attn, capacity, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+    from aplot_rlhf.models.policy import Critic
+    from aplot_rlhf.trainers.ppo import (PPOTrainer, packed_response_logprobs, packed_response_values,
+                                         response_logprobs, response_values, trim_left_padding)
+    torch.manual_seed(0)
+    actor = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation=attn).eval()
+    head = torch.nn.Linear(actor.config.hidden_size, 1)
+    critic = Critic(actor.model, head).eval()
+    pad = actor.config.pad_token_id
+    g = torch.Generator().manual_seed(1)
+    lens = [(9, 5), (3, 12), (17, 1), (6, 0), (12, 8)]  # one empty response: prompt only, all masked
+    prompts = [torch.randint(3, 500, (p,), generator=g).tolist() for p, _ in lens]
+    responses = [torch.randint(3, 500, (r,), generator=g).tolist() for _, r in lens]
+    responses[1][-1] = pad  # an eos (== pad) that the policy sampled is a real token of the response
+    ids, attn_mask, posids, tokens, mask = PPOTrainer.pack(prompts, responses, pad)
+    seqs = trim_left_padding(ids, attn_mask, posids)
+    layout = pack_prompt_response(prompts, responses, pad, capacity)
+    if capacity is not None:
+        assert 1 < layout["input_ids"].shape[0] < len(prompts)
+    with torch.no_grad():
+        lp0, ent0 = response_logprobs(actor, *seqs, tokens, with_entropy=True, temperature=0.7)
+        lp1, ent1 = packed_response_logprobs(actor, layout, tokens, with_entropy=True, temperature=0.7)
+        v0 = response_values(critic, *seqs, tokens.shape[1])
+        v1 = packed_response_values(critic, layout)
+    m = mask.bool()
+    assert lp1.shape == lp0.shape and v1.shape == v0.shape
+    assert (lp0 - lp1)[m].abs().max() < ATOL
+    assert (ent0 - ent1)[m].abs().max() < ATOL
+    assert (v0 - v1)[m].abs().max() < ATOL
+
+
+# ------------------------------------------------------------------------------- end to end
+
+def run_rm(model_dir, out, packing, zero_stage):
+    from test_rm_train import rm_args
+    flags = rm_args(model_dir, out, zero_stage=zero_stage, max_steps=3, save_steps=0, loss="aplot", max_train_pairs=12,
+                    max_eval_pairs=6, micro_batch_size=3, gradient_accumulation_steps=1) + ["--no-export"]
+    if packing:
+        flags.append("--packing")
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
+           "-m", "aplot_rlhf.cli.train_rm", *flags]
+    proc = subprocess.run(cmd, env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "train/loss" in r}, torch.load(Path(out) / "eval_rewards.pt")
+
+
+def test_train_rm_with_packing_matches_the_padded_run(tiny_llama_dir, tmp_path):
+    # the packed run under ZeRO-3 (partitioned weights gathered by DeepSpeed's hooks around the packed forward)
+    padded, padded_eval = run_rm(tiny_llama_dir, tmp_path / "padded", packing=False, zero_stage=2)
+    packed, packed_eval = run_rm(tiny_llama_dir, tmp_path / "packed", packing=True, zero_stage=3)
+    assert sorted(packed) == [1, 2, 3]
+    for step in packed:  # same data, same updates: the same loss curve and token counts
+        assert packed[step]["train/loss"] == pytest.approx(padded[step]["train/loss"], abs=1e-4)
+        assert packed[step]["train/tokens_per_s"] > 0
+    for name in padded_eval:  # evaluation (score_pairs) runs packed too
+        for side in ("chosen", "rejected"):
+            assert torch.allclose(packed_eval[name][side], padded_eval[name][side], atol=1e-3)
+
+
+def test_ppo_with_packing_matches_the_padded_run(char_llama_dir, tmp_path):
+    from test_ppo import ppo_flags, run_check
+    rows = {}
+    for name, extra in (("padded", []), ("packed", ["--packing"])):
+        out = tmp_path / name
+        (r,) = run_check(ppo_flags(char_llama_dir, out, "hf", zero_stage=2, ppo_iterations=2) + extra,
+                         free_port(), nproc=1)
+        assert len(r["rewards"]) == 2 and r["greedy_equal"]
+        rows[name] = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    # the first iteration samples from the same weights: the same rollout, so experience (log-probs, KL,
+    # values, advantages) and the losses of the PPO epoch agree; afterwards sampling may diverge
+    first_padded, first_packed = rows["padded"][0], rows["packed"][0]
+    for key in ("ppo/reward/raw_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/entropy",
+                "ppo/clip_frac"):
+        assert first_packed[key] == pytest.approx(first_padded[key], rel=1e-3, abs=1e-6), key
