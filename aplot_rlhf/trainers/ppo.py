@@ -250,8 +250,7 @@ class PPOTrainer:
             if frozen_ds_cfg is not self.ds_cfg:  # ZeRO-3 partitions the frozen models by their own file
                 self._hf_ds_config = eng.zero3_context(frozen_ds_cfg)
             # LoRA: the reference is the actor itself with its adapters disabled (no second copy of the weights)
-            self.reference_is_base = bool(cfg.lora_rank) and cfg.reference_model in ("", cfg.actor_model)
-            if self.reference_is_base:
+            if cfg.lora_rank and cfg.reference_model in ("", cfg.actor_model):
                 reference = None
             elif copy_actor and cfg.reference_model in ("", cfg.actor_model):
                 reference = copy.deepcopy(actor)
