@@ -14,6 +14,7 @@ setup(
         "tokenizers",
         "safetensors",
         "accelerate",
+        "peft==0.21.0",
         "pyyaml",
         "tqdm",
         "numpy",

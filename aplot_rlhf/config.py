@@ -40,6 +40,13 @@ class ModelConfig:
     disable_dropout: bool = knob(True, "set every dropout to 0 (reward scores should not be noisy)")
     packing: bool = knob(False, "padding-free batches: several sequences share a row, attention stays within each "
                          "(flash_attention_2 varlen when the model runs it, else a block-diagonal mask for sdpa/eager)")
+    lora_rank: int = knob(0, "LoRA (peft) rank of the adapters; 0 = full fine-tuning. With LoRA the base weights are "
+                          "frozen and only the adapters and the score head train")
+    lora_alpha: float = knob(16.0, "LoRA alpha: the adapters' update is scaled by lora_alpha / lora_rank")
+    lora_dropout: float = knob(0.0, "dropout on the adapters' inputs (kept even with --disable_dropout)")
+    lora_target_modules: list = knob(["auto"], "modules that get adapters: 'auto' (every linear layer of the blocks: "
+                                     "q/k/v/o/gate/up/down_proj for Llama-family, query/key/value/dense for BERT-family, "
+                                     "else peft's all-linear), 'all-linear', or module names")
 
 
 @dataclass
@@ -175,6 +182,14 @@ def check_engine_and_run(cfg) -> list[str]:
     return errors
 
 
+def lora_errors(cfg) -> list[str]:
+    """Range checks of the LoRA knobs (both jobs)."""
+    errors = check_ranges(cfg, {"lora_rank": _at_least(0), "lora_alpha": _above(0.0), "lora_dropout": (0.0, 1.0, False, True)})
+    if not cfg.lora_target_modules or not all(isinstance(t, str) and t.strip() for t in cfg.lora_target_modules):
+        errors.append(f"lora_target_modules must be 'auto', 'all-linear' or module names, got {cfg.lora_target_modules!r}")
+    return errors
+
+
 @dataclass
 class RMConfig(ModelConfig, DataConfig, LossConfig, EngineConfig, RunConfig):
     """Reward-model training: every knob of the job."""
@@ -221,7 +236,7 @@ class RMConfig(ModelConfig, DataConfig, LossConfig, EngineConfig, RunConfig):
             "max_train_pairs": _at_least(0), "max_eval_pairs": _at_least(0), "margin_scale": _at_least(0.0),
             "aplot_gamma": _at_least(0.0), "aplot_gamma_warmup_steps": _at_least(0),
             "aplot_hard_threshold": _at_least(0.0)})
-        errors += check_engine_and_run(self)
+        errors += check_engine_and_run(self) + lora_errors(self)
         from .data.preference import parse_eval_specs
         try:  # two eval sets under one explicit name: refused before anything loads
             parse_eval_specs(self.eval_data, reserved=("id_val",) if self.eval_split_fraction > 0 else ())
@@ -396,6 +411,15 @@ class PPOSpecific:
     drop_uniform_groups: bool = knob(False, "leave groups whose K rewards are all equal (no signal) out of the loss")
     packing: bool = knob(False, "padding-free experience and training forwards (actor, reference, critic): prompt+response "
                          "sequences share rows, attention stays within each (flash_attention_2 varlen, else a block mask)")
+    lora_rank: int = knob(0, "LoRA (peft) rank for the actor and the critic (the same knobs for both); 0 = full "
+                          "fine-tuning. With LoRA the KL reference is the actor with its adapters disabled (no second "
+                          "copy), the critic trains its own adapters and value head, and vLLM receives merged weights")
+    lora_alpha: float = knob(16.0, "LoRA alpha (actor and critic): the update is scaled by lora_alpha / lora_rank")
+    lora_dropout: float = knob(0.0, "dropout on the adapters' inputs (actor and critic); needs --no-disable_dropout, "
+                               "since rollout and training log-probs must agree")
+    lora_target_modules: list = knob(["auto"], "modules that get adapters (actor and critic backbones): 'auto' (every "
+                                     "linear layer of the blocks: q/k/v/o/gate/up/down_proj for Llama-family), "
+                                     "'all-linear', or module names")
 
 
 @dataclass
@@ -462,6 +486,10 @@ class PPOConfig(PPOSpecific, EngineConfig, RunConfig):
             errors.append(f"kl_loss_estimator must be one of {KL_ESTIMATORS}, got {self.kl_loss_estimator!r}")
         if self.loss_aggregation not in ("token_mean", "seq_mean"):
             errors.append(f"loss_aggregation must be token_mean or seq_mean, got {self.loss_aggregation!r}")
+        errors += lora_errors(self)
+        if self.lora_rank and self.lora_dropout > 0 and self.disable_dropout:
+            errors.append("lora_dropout > 0 with --disable_dropout: the rollout (eval mode) and training log-probs "
+                          "would differ; use --lora_dropout 0 or --no-disable_dropout")
         if self.drop_uniform_groups and self.samples_per_prompt < 2:
             errors.append("drop_uniform_groups needs samples_per_prompt >= 2")
         # the divisibility checks divide by these sizes: only once the ranges hold

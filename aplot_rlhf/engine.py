@@ -715,25 +715,41 @@ def gathered_params(params, enabled: bool = True):
 
 
 def export_pretrained(hf_model, tokenizer, out_dir: str, extra_config: dict | None = None) -> str | None:
-    """Consolidate (from ZeRO-3 if needed) and write a transformers folder atomically (rank 0)."""
+    """Consolidate (from ZeRO-3 if needed) and write a transformers folder atomically (rank 0).
+
+    A LoRA (peft) model is written merged (a plain transformers folder) and its adapter folder beside
+    it, `<out_dir>_adapter`."""
+    from .models import lora
+    peft_model = hf_model if lora.is_lora(hf_model) else None
     with Phase.of("export"):
-        state = gathered_state_dict(hf_model)
+        if peft_model is not None:  # merged one layer at a time; the adapters gathered one tensor at a time
+            state, adapter = lora.merged_state_dict(peft_model), lora.adapter_state_dict(peft_model)
+            hf_model = peft_model.get_base_model()
+        else:
+            state = gathered_state_dict(hf_model)
         if is_rank0():
-            tmp = out_dir.rstrip("/") + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
             config = hf_model.config
             for k, v in (extra_config or {}).items():
                 setattr(config, k, v)
-            hf_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            old = out_dir.rstrip("/") + ".old"
-            if os.path.exists(out_dir):
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            _replace_dir(out_dir, lambda tmp: (hf_model.save_pretrained(tmp, state_dict=state, safe_serialization=True),
+                                               tokenizer.save_pretrained(tmp)))
+            if peft_model is not None:
+                _replace_dir(out_dir.rstrip("/") + "_adapter", lambda tmp: lora.save_adapter(peft_model, adapter, tmp))
         barrier()
     return out_dir if is_rank0() else None
+
+
+def _replace_dir(out_dir: str, write) -> None:
+    """write(tmp) into a temporary folder, then swap it in for out_dir."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    old = out_dir.rstrip("/") + ".old"
+    if os.path.exists(out_dir):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------- config parse

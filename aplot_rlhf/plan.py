@@ -112,10 +112,35 @@ class ModelShape:
             return body + self.hidden_size  # nn.Linear(h, 1, bias=False), as transformers' score head
         raise ValueError(f"head must be 'lm' or 'scalar', got {head!r}")
 
+    def lora_params(self, rank: int, targets: tuple[str, ...], head: str) -> int:
+        """Trainable parameters with LoRA: rank x (in + out) per targeted linear per layer, plus a scalar head
+        (trained fully); the lm head is not adapted."""
+        h, d, a, kv, i = self.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, self.intermediate_size
+        in_out = {"q_proj": (h, a * d), "k_proj": (h, kv * d), "v_proj": (h, kv * d), "o_proj": (a * d, h),
+                  "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        per_layer = sum(rank * sum(in_out[t]) for t in targets)
+        return self.num_layers * per_layer + (h if head == "scalar" else 0)
+
     def largest_layer_params(self, head: str) -> int:
         """Params of the largest single module, as DeepSpeed's `model_to_params` counts it (ZeRO-3 gathers it whole)."""
         embed = self.vocab_size * self.hidden_size  # a tied lm_head is the same module's weight
         return max(embed, max(self._layer_linears().values()))
+
+
+LORA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_target_names(spec) -> tuple[str, ...]:
+    """--lora_target_modules (a list or a comma-separated string) -> the adapted Llama-family linears;
+    'auto' and 'all-linear' adapt all seven."""
+    names = [n.strip() for part in ([spec] if isinstance(spec, str) else spec) for n in str(part).split(",") if n.strip()]
+    if not names or set(names) & {"auto", "all-linear", "all"}:
+        return LORA_LINEARS
+    unknown = sorted(set(names) - set(LORA_LINEARS))
+    if unknown:
+        raise ValueError(f"lora targets {unknown} are not linears the planner knows: {', '.join(LORA_LINEARS)}, "
+                         "auto or all-linear")
+    return tuple(n for n in LORA_LINEARS if n in names)
 
 
 def _known(name, h, layers, heads, kv, inter, vocab, tied, bias=False) -> ModelShape:
@@ -408,6 +433,8 @@ class PlanInput:
     gen_len: int = 1024
     cpu_mem_gib: float | None = None
     max_nodes: int = 16
+    lora_rank: int = 0  # > 0: trained roles hold frozen base weights plus trainable adapters (and scalar heads)
+    lora_targets: str = "auto"  # comma-separated linears (q_proj,...,down_proj), auto or all-linear
 
     def validate(self) -> "PlanInput":
         checks = [
@@ -427,6 +454,7 @@ class PlanInput:
             (self.job != "ppo" or self.vllm_tp <= self.gpus_per_node, "vllm_tp must fit inside one node"),
             (self.job != "ppo" or (self.nodes * self.gpus_per_node) % self.vllm_tp == 0,
              "total GPUs must be a multiple of vllm_tp"),
+            (self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -490,12 +518,34 @@ def _role_list(inp: PlanInput) -> list[tuple[str, ModelShape, str, bool]]:
     if inp.job == "rm":
         return [("reward_model", inp.model, "scalar", True)]
     reward = inp.reward_model or inp.model
+    # LoRA without a --reference_model: the reference is the actor with its adapters disabled (no copy)
+    base_reference = inp.lora_rank > 0 and inp.reference_model is None
     return [
         ("actor", inp.model, "lm", True),
         *([("critic", inp.critic_model or reward, "scalar", True)] if inp.critic else []),
-        ("reference", inp.reference_model or inp.model, "lm", False),
+        *([] if base_reference else [("reference", inp.reference_model or inp.model, "lm", False)]),
         ("reward_model", reward, "scalar", False),
     ]
+
+
+def _add_states(a: StateBytes, b: StateBytes) -> StateBytes:
+    return StateBytes(*(x + y for x, y in zip(dataclasses.astuple(a), dataclasses.astuple(b))))
+
+
+def _role_states(inp: PlanInput, shape: ModelShape, head: str, trainable: bool, offload_param: bool) -> tuple[StateBytes, int]:
+    """(states, trainable parameter count) of one role; LoRA: frozen base + trained adapters and head."""
+    kw = dict(zero=inp.zero, offload_optimizer=inp.offload_optimizer and trainable, offload_param=offload_param,
+              dtype=inp.dtype, gpus_per_node=inp.gpus_per_node, nodes=inp.nodes)
+    n = shape.num_params(head)
+    if not (trainable and inp.lora_rank):
+        return model_state_bytes(n, shape.largest_layer_params(head), trainable=trainable, **kw), n if trainable else 0
+    adapters = shape.lora_params(inp.lora_rank, lora_target_names(inp.lora_targets), head)
+    largest_adapter = inp.lora_rank * (shape.hidden_size + max(shape.intermediate_size, shape.num_heads * shape.head_dim))
+    base = model_state_bytes(n, shape.largest_layer_params(head), trainable=False,
+                             **dict(kw, offload_optimizer=False))
+    if inp.zero < 3:  # frozen base weights: whole on every GPU below ZeRO-3, as a trained model's are
+        base = dataclasses.replace(base, params_bytes=DTYPE_BYTES[inp.dtype] * n)
+    return _add_states(base, model_state_bytes(adapters, largest_adapter, trainable=True, **kw)), adapters
 
 
 def estimate(inp: PlanInput) -> Estimate:
@@ -510,11 +560,7 @@ def estimate(inp: PlanInput) -> Estimate:
     for role, shape, head, trainable in _role_list(inp):
         # Frozen models follow --offload-param too; --offload-frozen offloads only them.
         frozen_offload = (not trainable) and (inp.offload_frozen or inp.offload_param) and inp.zero == 3
-        st = model_state_bytes(
-            shape.num_params(head), shape.largest_layer_params(head), trainable=trainable, zero=inp.zero,
-            offload_optimizer=inp.offload_optimizer and trainable,
-            offload_param=(inp.offload_param if trainable else frozen_offload),
-            dtype=inp.dtype, gpus_per_node=inp.gpus_per_node, nodes=inp.nodes)
+        st, n_trainable = _role_states(inp, shape, head, trainable, inp.offload_param if trainable else frozen_offload)
         train_act = activation_bytes(shape, batch_seqs=batch_seqs, seq_len=seq, dtype=inp.dtype,
                                      grad_ckpt=inp.grad_ckpt, head=head,
                                      attn_implementation=inp.attn_implementation, training=trainable)
@@ -522,6 +568,7 @@ def estimate(inp: PlanInput) -> Estimate:
         states.append(st)
         activations.append(train_act.total_bytes)
         roles[role] = {"model": shape.name, "params": shape.num_params(head), "trainable": trainable,
+                       "trainable_params": n_trainable,
                        "gpu_gib": round(st.gpu_bytes / GIB, 3),
                        "activations_gib": round(train_act.total_bytes / GIB, 3),
                        "cpu_gib_per_node": round(st.cpu_bytes_per_node / GIB, 3)}
@@ -694,7 +741,7 @@ def make_plan(inp: PlanInput) -> Plan:
 _NAMESPACE_KEYS = {
     "model": ("model", "model_name_or_path"), "zero": ("zero", "zero_stage"), "dtype": ("dtype", "precision"),
     "micro_batch": ("micro_batch", "micro_batch_size"), "seq_len": ("seq_len", "max_length"),
-    "grad_ckpt": ("grad_ckpt", "gradient_checkpointing"),
+    "grad_ckpt": ("grad_ckpt", "gradient_checkpointing"), "lora_targets": ("lora_targets", "lora_target_modules"),
 }
 
 
@@ -711,6 +758,8 @@ def plan_from_namespace(ns: Any, **overrides: Any) -> Plan:
                 values[f.name] = getattr(ns, attr)
                 break
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if not isinstance(values.get("lora_targets", ""), str):  # the training config's list form
+        values["lora_targets"] = ",".join(values["lora_targets"])
     if "model" not in values:
         raise ValueError("no model given (model / model_name_or_path)")
     for key in ("model", "critic_model", "reference_model", "reward_model"):
@@ -738,6 +787,8 @@ def _setup_line(inp: PlanInput) -> str:
              f"micro-batch {inp.micro_batch}" + (" pairs" if inp.job == "rm" else ""),
              f"seq {inp.seq_len if inp.job == 'rm' else inp.prompt_len + inp.gen_len}",
              "grad-ckpt" if inp.grad_ckpt else "no grad-ckpt", inp.attn_implementation]
+    if inp.lora_rank:
+        parts.append(f"LoRA rank {inp.lora_rank} ({inp.lora_targets})")
     if inp.job == "ppo":
         util = "auto" if inp.vllm_gpu_util is None else f"{inp.vllm_gpu_util:g}"
         parts.append(f"vLLM tp {inp.vllm_tp} util {util}" + (" sleep" if inp.vllm_sleep else ""))
@@ -762,6 +813,8 @@ def format_plan(plan: Plan) -> str:
                          f"KV needed {info['kv_needed_gib']:.2f} GiB/GPU")
         else:
             kind = "trained" if info["trainable"] else "frozen"
+            if info["trainable"] and info["trainable_params"] < info["params"]:
+                kind = f"LoRA rank {inp.lora_rank}: {info['trainable_params'] / 1e6:.1f} M trained"
             lines.append(f"  {role}: {info['model']} ({info['params'] / 1e9:.2f} B params, {kind}): "
                          f"states {info['gpu_gib']:.2f} GiB/GPU, activations {info['activations_gib']:.2f} GiB")
     if inp.job == "ppo":

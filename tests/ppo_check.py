@@ -38,8 +38,12 @@ def main():
         from safetensors.torch import load_file
         from aplot_rlhf import engine as eng
         start = load_file(os.path.join(cfg.actor_model, "model.safetensors"))
-        ref_module = getattr(trainer.reference, "module", trainer.reference)
-        ref_params = dict(ref_module.named_parameters())
+        if trainer.reference is None:  # LoRA: the reference is the actor's frozen base weights, adapters aside
+            from aplot_rlhf.models.lora import hf_name
+            ref_params = {hf_name(n): p for n, p in trainer.actor.module.named_parameters() if ".lora_" not in n}
+        else:
+            ref_module = getattr(trainer.reference, "module", trainer.reference)
+            ref_params = dict(ref_module.named_parameters())
         assert set(start) <= set(ref_params), sorted(set(start) - set(ref_params))[:5]
         with eng.gathered_params(list(ref_params.values()), enabled=trainer.zero3):
             ref_diff = max((ref_params[k].detach().float().cpu() - v.float()).abs().max().item()

@@ -184,7 +184,8 @@ def dry_run_ppo(cfg) -> int:
         actor = _model_folder(cfg.actor_model)
         reward = None if cfg.reward_model.startswith("rule:") else _model_folder(cfg.reward_model)
         common = SimpleNamespace(zero_stage=cfg.zero_stage, precision=cfg.precision,
-                                 micro_batch_size=cfg.micro_batch_size, gradient_checkpointing=cfg.gradient_checkpointing)
+                                 micro_batch_size=cfg.micro_batch_size, gradient_checkpointing=cfg.gradient_checkpointing,
+                                 lora_rank=cfg.lora_rank, lora_target_modules=cfg.lora_target_modules)
         plan = plan_from_namespace(common, model=actor, job="ppo", nodes=hw.nodes, gpus_per_node=hw.gpus_per_node,
                                    gpu_mem_gib=hw.gpu_mem_gib, cpu_mem_gib=hw.cpu_mem_gib, reward_model=reward,
                                    critic_model=actor if cfg.critic_init == "actor" or reward is None else reward,

@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     ppo.add_argument("--gen-batch", type=int, default=d["gen_batch"], help="sequences in flight per vLLM engine")
     ppo.add_argument("--prompt-len", type=int, default=d["prompt_len"], help="max prompt tokens")
     ppo.add_argument("--gen-len", type=int, default=d["gen_len"], help="max generated tokens")
+    p.add_argument("--lora-rank", type=int, default=d["lora_rank"],
+                   help="LoRA rank (0 = full fine-tuning): optimizer states and gradients for the adapters only")
+    p.add_argument("--lora-targets", default=d["lora_targets"],
+                   help="adapted linears, comma-separated (q_proj,k_proj,...,down_proj), auto or all-linear")
     p.add_argument("--cpu-mem-gib", type=float, default=None, help="host RAM per node: checked, and the fix search respects it (else offload may need TBs)")
     p.add_argument("--max-nodes", type=int, default=d["max_nodes"], help="search bound when suggesting more nodes")
     p.add_argument("--json", action="store_true", help="also print one JSON object as the last line")

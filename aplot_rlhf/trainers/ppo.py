@@ -22,6 +22,7 @@ from ..data.prompts import PromptFormatter, load_prompts, reward_model_prompt
 from ..metrics import MetricsLogger, MetricsWindow
 from ..models.dropout import disable_dropout
 from ..models.packing import attention_kwargs, capacity_for, check_packing_support, pack_prompt_response, to_device
+from ..models.lora import apply_lora, is_lora, iter_merged_named_params, trainable_summary
 from ..models.policy import load_actor, load_critic
 from ..errors import ModelError
 from ..models.reward import RewardModel, check_max_length, load_model_config, load_scoring_model, load_tokenizer
@@ -104,6 +105,7 @@ def trim_left_padding(ids, attn, position_ids):
 
 def _accepts_logits_to_keep(model) -> bool:
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
+    module = module.get_base_model() if is_lora(module) else module  # peft forwards the keyword
     flag = getattr(module, "_aplot_logits_to_keep", None)
     if flag is None:
         flag = "logits_to_keep" in inspect.signature(module.forward).parameters
@@ -161,7 +163,14 @@ def packed_response_values(critic, layout):
 
 
 def iter_gathered_named_params(module: torch.nn.Module, zero3: bool):
-    """(HF name, full tensor) for every parameter, gathered one decoder layer at a time under ZeRO-3."""
+    """(HF name, full tensor) for every parameter, gathered one decoder layer at a time under ZeRO-3.
+
+    LoRA: merged weights (W + scale * B @ A) under the plain names. vLLM gets merged weights rather than
+    its own LoRA path: the engine keeps serving an ordinary model (same kernels, CUDA graphs, tensor
+    parallel layout and weight loader as without LoRA), and merging costs one layer's matmuls per sync."""
+    if is_lora(module):
+        yield from iter_merged_named_params(module, zero3)
+        return
     groups: dict[str, list] = {}
     for name, p in module.named_parameters():
         parts = name.split(".")
@@ -269,13 +278,16 @@ class PPOTrainer:
             copy_actor = not self.zero3
             if frozen_ds_cfg is not self.ds_cfg:  # ZeRO-3 partitions the frozen models by their own file
                 self._hf_ds_config = eng.zero3_context(frozen_ds_cfg)
-            if copy_actor and cfg.reference_model in ("", cfg.actor_model):
+            # LoRA: the reference is the actor itself with its adapters disabled (no second copy of the weights)
+            if cfg.lora_rank and cfg.reference_model in ("", cfg.actor_model):
+                reference = None
+            elif copy_actor and cfg.reference_model in ("", cfg.actor_model):
                 reference = copy.deepcopy(actor)
             else:
                 reference = load_actor(cfg.reference_model or cfg.actor_model,
                                        gguf_file="" if cfg.reference_model else cfg.actor_gguf_file, dtype=dtype,
                                        attn_implementation=cfg.attn_implementation)
-            if cfg.disable_dropout:
+            if cfg.disable_dropout and reference is not None:
                 disable_dropout(reference)
             if cfg.reward_model.startswith("rule:"):
                 self.reward = RuleReward(cfg.reward_model)
@@ -283,6 +295,10 @@ class PPOTrainer:
                 self.reward = ModelReward(cfg.reward_model, frozen_ds_cfg, dtype, cfg.reward_batch_size,
                                           allow_untrained_head=cfg.allow_untrained_reward_head)
             critic = self._load_critic(actor, critic_ds_cfg, frozen_ds_cfg, dtype, copy_actor) if self.uses_critic else None
+            if cfg.lora_rank:  # after the critic copied the actor's backbone: each gets its own adapters
+                actor = self._lora(actor, "actor")
+                if critic is not None:  # its own backbone copy (two engines cannot share parameters); value head trains
+                    critic.backbone = self._lora(critic.backbone, "critic backbone")
             if not (critic_ds_cfg is frozen_ds_cfg is self.ds_cfg):
                 self._hf_ds_config = eng.zero3_context(self.ds_cfg)  # the actor's again, for the rest of the run
         steps_per_iter = cfg.ppo_epochs * (cfg.rollout_batch_size * cfg.samples_per_prompt // cfg.ppo_mini_batch_size)
@@ -290,13 +306,13 @@ class PPOTrainer:
         self.actor, self.actor_sched = eng.initialize(actor, self.ds_cfg, cfg, total)
         if critic is not None:
             self.critic, _ = eng.initialize(critic, critic_ds_cfg, cfg, total, learning_rate=cfg.critic_learning_rate)
-        self.reference = eng.initialize_frozen(reference, frozen_ds_cfg)
+        self.reference = None if reference is None else eng.initialize_frozen(reference, frozen_ds_cfg)
         # from_pretrained returns eval mode; gradient checkpointing only runs on modules in train mode
         for e in self.trained_engines.values():
             e.train()
         self.pack_capacity = None
         if cfg.packing:  # every model that runs a packed forward must keep attention inside sequences
-            for model in (actor, reference) + ((critic.backbone,) if critic is not None else ()):
+            for model in [m for m in (actor, reference, critic.backbone if critic is not None else None) if m is not None]:
                 check_packing_support(model.config, cfg.attn_implementation)
             self.pack_capacity = capacity_for(actor.config, cfg.max_prompt_length + cfg.max_new_tokens)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
@@ -324,6 +340,22 @@ class PPOTrainer:
         if cfg.rollout_backend == "vllm":
             self.sync_weights()  # the engine starts from the files on disk; a resumed actor differs
         return self
+
+    def _lora(self, model, what: str):
+        cfg = self.cfg
+        model = apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           targets=cfg.lora_target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
+        if eng.is_rank0():
+            log.info("LoRA rank %d on the %s: %d of %d parameters train", cfg.lora_rank, what, *trainable_summary(model))
+        return model
+
+    def reference_logprobs(self, logprobs_under):
+        """logprobs_under(model) under the KL reference: its own model, or (LoRA) the actor with its
+        adapters disabled (padded and packed layouts alike)."""
+        if self.reference is not None:
+            return logprobs_under(self.reference)
+        with self.actor.module.disable_adapter():
+            return logprobs_under(self.actor)
 
     @property
     def uses_critic(self) -> bool:
@@ -454,13 +486,15 @@ class PPOTrainer:
                 if cfg.packing:
                     layout = self.packed_layout(prompts[sl], responses[sl])
                     old_lp.append(packed_response_logprobs(self.actor, layout, tokens[sl], temperature=temperature))
-                    ref_lp.append(packed_response_logprobs(self.reference, layout, tokens[sl], temperature=temperature))
+                    ref_lp.append(self.reference_logprobs(
+                        lambda m: packed_response_logprobs(m, layout, tokens[sl], temperature=temperature)))
                     if self.critic is not None:
                         values.append(packed_response_values(self.critic, layout))
                     continue
                 seqs = trim_left_padding(ids[sl], attn[sl], posids[sl])
                 old_lp.append(response_logprobs(self.actor, *seqs, tokens[sl], temperature=temperature))
-                ref_lp.append(response_logprobs(self.reference, *seqs, tokens[sl], temperature=temperature))
+                ref_lp.append(self.reference_logprobs(
+                    lambda m: response_logprobs(m, *seqs, tokens[sl], temperature=temperature)))
                 if self.critic is not None:
                     values.append(response_values(self.critic, *seqs, tokens.shape[1]))
             for e in self.trained_engines.values():

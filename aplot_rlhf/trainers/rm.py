@@ -22,6 +22,7 @@ from ..losses import bt_loss, fixed_margin, gamma_at, margin_diagnostics, pair_m
 from ..metrics import MetricsLogger, MetricsWindow
 from ..models.dropout import disable_dropout
 from ..models.packing import capacity_for, to_device
+from ..models.lora import HEAD_NAMES, apply_lora, trainable_summary
 from ..models.reward import check_max_length, load_model_config, load_reward_model, load_tokenizer
 from ..ot import sinkhorn_margin
 
@@ -65,6 +66,13 @@ class RewardModelTrainer:
                                   attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
         if cfg.disable_dropout:
             disable_dropout(model)
+        if cfg.lora_rank:  # after disable_dropout: --lora_dropout is the adapters' own and is kept
+            model.hf = apply_lora(model.hf, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                  targets=cfg.lora_target_modules, heads=HEAD_NAMES,
+                                  gradient_checkpointing=cfg.gradient_checkpointing)
+            if eng.is_rank0():
+                log.info("LoRA rank %d: %d of %d parameters train (adapters + score head)", cfg.lora_rank,
+                         *trainable_summary(model))
         self.hf_model = model.hf
         self.pack = None  # --packing: pairs -> a packed batch (rows of at most max_length tokens, or one varlen row)
         if cfg.packing:

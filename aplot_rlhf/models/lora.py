@@ -1,0 +1,158 @@
+"""LoRA adapters (peft) on the reward model, the PPO actor and the critic, and their merged weights.
+
+The base weights stay frozen (no gradients, no optimizer states); only the adapters and the scalar head
+(reward model's `score`/`classifier`, critic's value head, kept outside peft) train. Merged weights
+(W + scale * B @ A) are computed one decoder layer at a time, gathered under ZeRO-3, and named as the
+plain transformers model names them: the export and the vLLM weight sync see an ordinary model.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from torch import nn
+
+from .. import engine as eng
+
+# every linear layer of a decoder block / an encoder block, per model_type; others: peft's 'all-linear'
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_TARGETS = {
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "smollm3")},
+    **{t: ["query", "key", "value", "dense"] for t in ("bert", "roberta", "xlm-roberta", "electra")},
+}
+HEAD_NAMES = ("score", "classifier")  # transformers' sequence-classification heads: trained fully, never adapted
+_LORA_PARTS = re.compile(r"\.(base_layer|lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.|$)")
+_PREFIX = "base_model.model."
+
+
+def resolve_targets(spec, model_type: str):
+    """--lora_target_modules -> peft's target_modules: 'auto' (this table), 'all-linear', or names."""
+    names = [s for part in ([spec] if isinstance(spec, str) else spec) for s in str(part).split(",") if s.strip()]
+    if names in (["auto"], []):
+        return DEFAULT_TARGETS.get(model_type, "all-linear")
+    if names == ["all-linear"]:
+        return "all-linear"
+    return [n.strip() for n in names]
+
+
+def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, targets, heads=(),
+               gradient_checkpointing: bool = False):
+    """Wrap `model` in a peft LoRA model; only the adapters and the named head modules stay trainable.
+
+    heads: attribute names of head modules on `model` (trained fully, excluded from the adapters)."""
+    from peft import LoraConfig, get_peft_model
+    present = [h for h in heads if isinstance(getattr(model, h, None), nn.Module)]
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                        target_modules=resolve_targets(targets, getattr(model.config, "model_type", "")),
+                        exclude_modules=rf"(.*\.)?({'|'.join(present)})(\..*)?" if present else None)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+        from ..errors import ConfigError
+        raise ConfigError(f"--lora_target_modules {targets!r}: {exc}") from exc
+    for h in present:
+        for p in getattr(model, h).parameters():
+            p.requires_grad_(True)
+    if gradient_checkpointing:  # checkpointed blocks need an input that requires grad when only adapters train
+        peft_model.enable_input_require_grads()
+    return peft_model
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def hf_name(name: str) -> str:
+    """peft's parameter name -> the plain transformers name ('...q_proj.base_layer.weight' -> '...q_proj.weight')."""
+    name = name[len(_PREFIX):] if name.startswith(_PREFIX) else name
+    return name.replace(".base_layer.", ".")
+
+
+def _owner(name: str) -> str:
+    """The group a parameter is gathered with: its decoder layer ('model.layers.3'), else its module."""
+    plain = _LORA_PARTS.split(name[len(_PREFIX):] if name.startswith(_PREFIX) else name)[0]
+    parts = plain.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i + 1])
+    return ".".join(parts[:-1]) if len(parts) > 1 else plain
+
+
+def _lora_layers(model) -> dict:
+    from peft.tuners.lora import LoraLayer
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def iter_merged_named_params(model: nn.Module, zero3: bool):
+    """(plain HF name, merged full tensor) per parameter, one layer gathered at a time under ZeRO-3.
+
+    A LoRA-wrapped linear yields W + scale * B @ A (peft's own delta), on the parameter's device; the
+    adapters themselves are not yielded. Tensors are valid until the next item is requested."""
+    layers = _lora_layers(model)
+    groups: dict[str, list] = {}
+    for name, p in model.named_parameters():
+        groups.setdefault(_owner(name), []).append((name, p))
+    for members in groups.values():
+        with eng.gathered_params([p for _, p in members], enabled=zero3):
+            for name, p in members:
+                if ".lora_" in name:
+                    continue
+                if name.endswith(".base_layer.weight"):
+                    layer = layers[name[:-len(".base_layer.weight")]]
+                    delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters)
+                    yield hf_name(name), p.data + delta.to(p.dtype)
+                else:
+                    yield hf_name(name), p.data
+
+
+def merged_state_dict(model: nn.Module) -> dict | None:
+    """The merged model's full state dict (plain HF names, CPU) on rank 0, None elsewhere."""
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    out = {} if eng.is_rank0() else None
+    for name, tensor in iter_merged_named_params(model, zero3):
+        if out is not None:
+            out[name] = tensor.detach().cpu().clone()
+    persistent = set(model.state_dict().keys())
+    for name, buf in model.named_buffers():  # buffers are never partitioned
+        if name in persistent and out is not None:
+            out[hf_name(name)] = buf.detach().cpu().clone()
+    return out
+
+
+def adapter_state_dict(model: nn.Module, heads=HEAD_NAMES) -> dict | None:
+    """Adapter (and head) tensors in peft's saved-file naming, on rank 0 (None elsewhere)."""
+    base = model.get_base_model()
+    head_prefixes = tuple(f"{_PREFIX}{h}." for h in heads if isinstance(getattr(base, h, None), nn.Module))
+    out = {} if eng.is_rank0() else None
+    for name, p in model.named_parameters():
+        if ".lora_" not in name and not name.startswith(head_prefixes):
+            continue
+        with eng.gathered_params([p], enabled=hasattr(p, "ds_id")):
+            if out is not None:
+                out[name.replace(".default.", ".")] = p.data.detach().cpu().clone()
+    return out
+
+
+def save_adapter(model: nn.Module, state: dict, out_dir: str, heads=HEAD_NAMES) -> None:
+    """Write a peft adapter folder (adapter_config.json + adapter_model.safetensors) that
+    `PeftModel.from_pretrained(base, out_dir)` loads; the trained head is saved as peft's modules_to_save."""
+    import copy
+    from safetensors.torch import save_file
+    config = copy.deepcopy(model.peft_config["default"])
+    base = model.get_base_model()
+    present = [h for h in heads if isinstance(getattr(base, h, None), nn.Module)]
+    config.modules_to_save = present or None
+    if isinstance(config.target_modules, set):
+        config.target_modules = sorted(config.target_modules)
+    config.base_model_name_or_path = getattr(base, "name_or_path", None)
+    os.makedirs(out_dir, exist_ok=True)
+    config.save_pretrained(out_dir)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out_dir, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def trainable_summary(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts (ZeRO-3 partitioned parameters count their full size)."""
+    numel = lambda p: p.ds_numel if hasattr(p, "ds_numel") else p.numel()  # noqa: E731
+    params = list(model.parameters())
+    return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)
