@@ -627,15 +627,17 @@ class Checkpointer:
         if changes and is_rank0():
             log.warning("resuming %s with a changed config (--resume_allow_config_change): %s", step_dir, "; ".join(changes))
         self.run_id = manifest["run_id"]
-        client_state, failed = None, None
+        client_state, failed = None, []
         with Phase.of("load_checkpoint"):
-            for name, engine in engines.items():
-                path, client_state = engine.load_checkpoint(step_dir, tag=name)
+            for name, engine in engines.items():  # every rank loads every engine: their collectives stay matched
+                path, state = engine.load_checkpoint(step_dir, tag=name)
+                client_state = state if state is not None else client_state
                 if path is None:
-                    failed = f"{step_dir}/{name}: DeepSpeed could not load this checkpoint"
-                    break
-        if failed:
-            raise CheckpointError(failed)
+                    failed.append(f"{step_dir}/{name}: DeepSpeed could not load this checkpoint")
+            # one rank's failure (storage not shared, say) stops every rank, instead of leaving the others waiting
+            anywhere = all_reduce_sum(torch.tensor([float(len(failed))], device=device())).item()
+        if anywhere:
+            raise CheckpointError("; ".join(failed) or f"{step_dir}: another rank could not load this checkpoint")
         rank = dist.get_rank() if dist.is_initialized() else 0
         rng_file = os.path.join(step_dir, f"rng_rank{rank}.pt")
         if os.path.exists(rng_file):

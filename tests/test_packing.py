@@ -197,3 +197,51 @@ def test_ppo_with_packing_matches_the_padded_run(char_llama_dir, tmp_path):
     for key in ("ppo/reward/raw_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/entropy",
                 "ppo/clip_frac"):
         assert first_packed[key] == pytest.approx(first_padded[key], rel=1e-3, abs=1e-6), key
+
+
+def test_packed_micro_batch_of_short_responses_lines_up_with_the_rollout(tiny_llama_dir):
+    """A micro-batch whose responses all stopped early still yields [b, T] with the rollout's T (the
+    experience tensors' width), equal to the padded path, whose first column comes from the host."""
+    from transformers import AutoModelForCausalLM
+    from aplot_rlhf.trainers.ppo import (PPOTrainer, first_column, packed_response_logprobs, response_logprobs,
+                                         trim_left_padding)
+    torch.manual_seed(0)
+    actor = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    pad = actor.config.pad_token_id
+    g = torch.Generator().manual_seed(2)
+    lens = [(4, 12), (7, 2), (5, 3), (20, 9)]  # rows 1-2: short responses and short prompts
+    prompts = [torch.randint(3, 500, (p,), generator=g).tolist() for p, _ in lens]
+    responses = [torch.randint(3, 500, (r,), generator=g).tolist() for _, r in lens]
+    ids, attn_mask, posids, tokens, mask = PPOTrainer.pack(prompts, responses, pad)
+    rows = [1, 2]
+    P = ids.shape[1] - tokens.shape[1]
+    first = first_column(prompts, rows, P)
+    assert first == int(attn_mask[rows].any(0).nonzero()[0])  # what the device would have said
+    seqs = trim_left_padding(ids[rows], attn_mask[rows], posids[rows], first)
+    layout = pack_prompt_response([prompts[r] for r in rows], [responses[r] for r in rows], pad, None,
+                                  width=tokens.shape[1])
+    with torch.no_grad():
+        lp0 = response_logprobs(actor, *seqs, tokens[rows])
+        lp1 = packed_response_logprobs(actor, layout, tokens[rows])
+    assert lp1.shape == lp0.shape == (2, 12)
+    m = mask[rows].bool()
+    assert (lp0 - lp1)[m].abs().max() < ATOL
+
+
+@pytest.mark.parametrize("which", ["decoder", "encoder"])
+def test_packed_rm_with_lora_adapters_equals_padded(which, tiny_llama_dir, minilm_path):
+    """--lora_rank with --packing: the head and backbone are found through peft's wrapper."""
+    from aplot_rlhf.models.lora import HEAD_NAMES, apply_lora
+    path = tiny_llama_dir if which == "decoder" else minilm_path
+    tok = load_tokenizer(path)
+    torch.manual_seed(0)
+    model = load_reward_model(path, tokenizer=tok)
+    model.hf = apply_lora(model.hf, rank=4, alpha=8.0, dropout=0.0, targets=["auto"], heads=HEAD_NAMES)
+    model.eval()
+    with torch.no_grad():  # adapters that change the function, so a wrong path would show
+        for name, p in model.hf.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    pairs = encoded_pairs(tok)
+    pad = tok.pad_token_id
+    assert_same(rm_outputs(model, pairs, pad), rm_outputs(model, pairs, pad, packed_capacity=96))

@@ -135,16 +135,18 @@ def capacity_for(config, max_tokens: int) -> int | None:
 # ------------------------------------------------------------------------------------ PPO layout
 
 def pack_prompt_response(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                         capacity: int | None) -> dict:
+                         capacity: int | None, width: int | None = None) -> dict:
     """prompt+response sequences packed, plus where the logits that predict each response token sit:
     resp_pos [B, T] (flat index into the R*L tokens; 0 where t >= len(response), masked later),
+    T = `width` (the rollout's response width, so a micro-batch of short responses lines up with the
+    rollout's [B, T] tensors) or this batch's longest response,
     keep_cols (the columns any row needs logits at: `logits_to_keep`) and resp_keep [B, T] (flat
     index into the R*len(keep_cols) kept logits)."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("packing: an empty prompt leaves no position to predict the first response token")
     layout = pack([p + r for p, r in zip(prompts, responses)], pad_id, capacity)
     L = layout["input_ids"].shape[1]
-    B, T = len(prompts), max(1, max(len(r) for r in responses))
+    B, T = len(prompts), width or max(1, max(len(r) for r in responses))
     starts = layout["start"].tolist()  # a CPU tensor built above: no device sync
     pos = [[0] * T for _ in range(B)]
     cols = set()

@@ -101,20 +101,27 @@ class RewardModel(nn.Module):
                               f"supported (their head or position ids differ from BERT's); supported encoders: "
                               f"{', '.join(PACKABLE_ENCODERS)}, and decoders with a `score` head")
 
+    def _transformers_model(self):
+        """The sequence-classification model itself (under LoRA, the one peft wraps: attribute lookups on
+        a PeftModel would reach its LoraModel, whose `.model` is the whole classifier, not the backbone)."""
+        return self.hf.get_base_model() if hasattr(self.hf, "get_base_model") else self.hf
+
     def _packed_head(self, h: torch.Tensor) -> torch.Tensor:
         """The sequence-classification head on each sequence's reward-token hidden state [S, d] -> [S]:
         transformers' heads read one token per row, so in a packed row we apply them ourselves."""
+        hf = self._transformers_model()
         if self.reads_last_token:
-            return self.hf.score(h)[:, 0]
-        base = getattr(self.hf, self.hf.base_model_prefix)
+            return hf.score(h)[:, 0]
+        base = getattr(hf, hf.base_model_prefix)
         pooled = base.pooler(h[:, None]) if getattr(base, "pooler", None) is not None else h  # BERT: [CLS] pooler
-        return self.hf.classifier(self.hf.dropout(pooled))[:, 0]
+        return hf.classifier(hf.dropout(pooled))[:, 0]
 
     def forward_packed(self, layout: dict):
         """A packed batch (data.preference.collate_pairs_packed, on the device) -> rewards [S], embeddings [S, d],
         S sequences in batch order, equal to forward() on the same sequences padded."""
         from .packing import attention_kwargs
-        base = getattr(self.hf, self.hf.base_model_prefix)
+        hf = self._transformers_model()
+        base = getattr(hf, hf.base_model_prefix)
         dtype = next(self.hf.parameters()).dtype
         kwargs = attention_kwargs(layout, self.hf.config, causal=self.reads_last_token, dtype=dtype)
         hidden = base(input_ids=layout["input_ids"], use_cache=False, **kwargs).last_hidden_state
@@ -123,11 +130,13 @@ class RewardModel(nn.Module):
         rewards = self._packed_head(at).float()
         flat = flat.detach()
         if self.pooling == "mean":  # per sequence, over its response tokens
-            w = layout["pool_weight"].to(flat.dtype)
+            # sums in fp32: a bf16 count stops at 256 and bf16 atomic adds drift with their order
+            w = layout["pool_weight"].float()
             seg = layout["segment"].reshape(-1).clamp_min(0)
             S = layout["reward_index"].shape[0]
-            total = torch.zeros(S, flat.shape[-1], dtype=flat.dtype, device=flat.device).index_add_(0, seg, flat * w[:, None])
-            count = torch.zeros(S, dtype=flat.dtype, device=flat.device).index_add_(0, seg, w)
+            total = torch.zeros(S, flat.shape[-1], dtype=torch.float32, device=flat.device).index_add_(
+                0, seg, flat.float() * w[:, None])
+            count = torch.zeros(S, dtype=torch.float32, device=flat.device).index_add_(0, seg, w)
             emb = total / count.clamp_min(1.0)[:, None]
         else:
             emb = at.detach()

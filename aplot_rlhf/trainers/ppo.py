@@ -97,10 +97,20 @@ class ModelReward:
         return torch.cat(scores)
 
 
-def trim_left_padding(ids, attn, position_ids):
-    """Drop the leading columns that are padding in every row of this (micro-)batch."""
-    first = int(attn.any(0).nonzero()[0]) if attn.any() else 0
+def trim_left_padding(ids, attn, position_ids, first: int | None = None):
+    """Drop the leading columns that are padding in every row of this (micro-)batch.
+
+    first: that column, when the caller knows it from the host-side prompt lengths (`first_column`):
+    reading it from `attn` waits for the device."""
+    if first is None:
+        first = int(attn.any(0).nonzero()[0]) if attn.any() else 0
     return ids[:, first:], attn[:, first:], position_ids[:, first:]
+
+
+def first_column(prompts: list[list[int]], rows, width: int) -> int:
+    """First non-padding column of `rows` of a `PPOTrainer.pack`ed batch whose prompts are left-padded to
+    `width` (the rollout's longest prompt), from the token lists alone."""
+    return width - max(len(prompts[r]) for r in rows)
 
 
 def _accepts_logits_to_keep(model) -> bool:
@@ -464,9 +474,11 @@ class PPOTrainer:
         position_ids = (attn.cumsum(1) - 1).clamp(min=0)
         return ids, attn, position_ids, tokens, mask
 
-    def packed_layout(self, prompts, responses) -> dict:
-        """--packing: prompt+response sequences packed (models.packing), on the trainer's device."""
-        return to_device(pack_prompt_response(prompts, responses, self.tok.pad_token_id, self.pack_capacity), eng.device())
+    def packed_layout(self, prompts, responses, width: int) -> dict:
+        """--packing: prompt+response sequences packed (models.packing), on the trainer's device, with
+        `width` response columns (the rollout's)."""
+        return to_device(pack_prompt_response(prompts, responses, self.tok.pad_token_id, self.pack_capacity, width),
+                         eng.device())
 
     @torch.no_grad()
     def make_experience(self, prompts, rm_prompts, responses) -> dict:
@@ -484,14 +496,16 @@ class PPOTrainer:
             for i in range(0, ids.shape[0], cfg.micro_batch_size):  # vocab-sized logits: one micro-batch at a time
                 sl = slice(i, i + cfg.micro_batch_size)
                 if cfg.packing:
-                    layout = self.packed_layout(prompts[sl], responses[sl])
+                    layout = self.packed_layout(prompts[sl], responses[sl], tokens.shape[1])
                     old_lp.append(packed_response_logprobs(self.actor, layout, tokens[sl], temperature=temperature))
                     ref_lp.append(self.reference_logprobs(
                         lambda m: packed_response_logprobs(m, layout, tokens[sl], temperature=temperature)))
                     if self.critic is not None:
                         values.append(packed_response_values(self.critic, layout))
                     continue
-                seqs = trim_left_padding(ids[sl], attn[sl], posids[sl])
+                P = ids.shape[1] - tokens.shape[1]  # the rollout's longest prompt
+                seqs = trim_left_padding(ids[sl], attn[sl], posids[sl],
+                                         first_column(prompts, range(i, min(i + cfg.micro_batch_size, len(prompts))), P))
                 old_lp.append(response_logprobs(self.actor, *seqs, tokens[sl], temperature=temperature))
                 ref_lp.append(self.reference_logprobs(
                     lambda m: response_logprobs(m, *seqs, tokens[sl], temperature=temperature)))
@@ -544,11 +558,14 @@ class PPOTrainer:
                     mb = {k: exp[k][idx] for k in keys}
                     if cfg.packing:  # the micro-batch's token lists, on the host: no device sync
                         rows = rows.tolist()
-                        layout = self.packed_layout([exp["prompts"][r] for r in rows], [exp["responses"][r] for r in rows])
+                        layout = self.packed_layout([exp["prompts"][r] for r in rows], [exp["responses"][r] for r in rows],
+                                                    mb["tokens"].shape[1])
                         lp, ent = packed_response_logprobs(self.actor, layout, mb["tokens"], with_entropy=True,
                                                            temperature=cfg.temperature)
                     else:
-                        seqs = trim_left_padding(mb["ids"], mb["attn"], mb["posids"])
+                        P = exp["ids"].shape[1] - exp["tokens"].shape[1]
+                        seqs = trim_left_padding(mb["ids"], mb["attn"], mb["posids"],
+                                                 first_column(exp["prompts"], rows.tolist(), P))
                         lp, ent = response_logprobs(self.actor, *seqs, mb["tokens"], with_entropy=True,
                                                     temperature=cfg.temperature)
                     pl, clip_frac, approx_kl = policy_loss(lp, mb["old_lp"], mb["adv"], mb["loss_mask"], cfg.clip_ratio,
@@ -624,11 +641,17 @@ class PPOTrainer:
 
     @torch.no_grad()
     def evaluate_reward(self, prompts) -> float:
-        """Mean raw RM score of greedy responses to `prompts` (list of (ids, rm_text, origin)), over ranks."""
-        shard = prompts[self.rank::self.world] or prompts[:1]
+        """Mean raw RM score of greedy responses to `prompts` (list of (ids, prompt, origin)), over ranks.
+
+        Every rank runs the same number of forwards (ZeRO-3 gathers are collective): shards are padded
+        with the last prompt, whose extra scores do not count."""
+        per_rank = math.ceil(len(prompts) / self.world)
+        own = range(self.rank * per_rank, (self.rank + 1) * per_rank)
+        shard = [prompts[min(i, len(prompts) - 1)] for i in own]
+        counted = torch.tensor([float(i < len(prompts)) for i in own], device=eng.device())
         responses = self.generate([p[0] for p in shard], temperature=0.0)  # greedy: seeds unused
         raw, _ = self.score([p[1] for p in shard], responses)
-        total = eng.all_reduce_sum(torch.tensor([raw.sum().item(), float(len(raw))], device=eng.device())).cpu()
+        total = eng.all_reduce_sum(torch.stack([(raw * counted).sum(), counted.sum()]))
         return (total[0] / total[1]).item()
 
     def train(self) -> dict:

@@ -91,7 +91,7 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, be
     """
     rewards = -beta * kl * mask
     last = (mask.long().sum(1) - 1).clamp_min(0)
-    rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype)
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores.to(rewards.dtype)
     return rewards * mask
 
 
