@@ -69,12 +69,13 @@ def test_two_namespace_nodes_match_single_node(two_hosts, tiny_llama_dir, tmp_pa
     multi = tmp_path / "multi"
     master = two_hosts[0][2]
     procs, logs = [], []
+    port = free_port()  # one rendezvous port for both nodes (the master's namespace has nothing else bound)
     try:
         for node_rank, (ns, dev, _) in enumerate(two_hosts):
             env = python_env() | {"GLOO_SOCKET_IFNAME": dev}  # gloo binds to the veth, the only link between them
             cmd = ["ip", "netns", "exec", ns, PYTHON, "-m", "torch.distributed.run", "--nnodes", "2",
                    "--nproc_per_node", "1", "--node_rank", str(node_rank), "--master_addr", master,
-                   "--master_port", str(free_port()), "-m", "aplot_rlhf.cli.train_rm", *flags(multi)]
+                   "--master_port", str(port), "-m", "aplot_rlhf.cli.train_rm", *flags(multi)]
             logs.append(tmp_path / f"node{node_rank}.log")  # files, not pipes: a full pipe would stall a node
             procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                                           stderr=open(logs[-1], "w"), start_new_session=True))
