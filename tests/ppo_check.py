@@ -52,7 +52,8 @@ def main():
                                        seeds=[0] * len(prompts))
         import gc
         from aplot_rlhf.models.policy import Critic
-        critics = sum(isinstance(o, Critic) for o in gc.get_objects())  # built anywhere in this process
+        # built anywhere in this process (type(), not isinstance: a dead weak proxy in the heap raises on isinstance)
+        critics = sum(type(o) is Critic for o in gc.get_objects())
         print("RESULT " + json.dumps({"critic_objects": critics, "has_critic": trainer.critic is not None,
                                       "checkpointed": sorted(trainer.trained_engines),"rank": trainer.rank, "rewards": rewards, "sync_s": syncs,
                                       "backend": trainer.backend.name, "greedy_equal": engine_tokens == hf_tokens, "reference_max_diff": ref_diff,
