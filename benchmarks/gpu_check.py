@@ -139,11 +139,13 @@ print("OFFLOAD " + json.dumps(dict(device=str(eng.device()), offload_called=cuda
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-smoke", action="store_true", help="the same steps at tiny sizes on CPU")
-    p.add_argument("--out_dir", default=os.path.join(ROOT, "benchmarks", "results", "gpu_check"))
+    p.add_argument("--out_dir", default="", help="report folder (default: benchmarks/results/gpu_check, or a "
+                   "temporary folder with --cpu-smoke: smoke numbers are not results)")
     p.add_argument("--steps", default="kernel,rm,ppo,offload")
     args = p.parse_args(argv)
     smoke = args.cpu_smoke
-    out_dir = args.out_dir if not smoke else os.path.join(tempfile.gettempdir(), "gpu_check_smoke")
+    out_dir = args.out_dir or (os.path.join(tempfile.gettempdir(), "gpu_check_smoke") if smoke
+                               else os.path.join(ROOT, "benchmarks", "results", "gpu_check"))
     os.makedirs(out_dir, exist_ok=True)
     want = set(args.steps.split(","))
     py = sys.executable
