@@ -125,6 +125,7 @@ class RunConfig:
     dry_run: bool = knob(False, "validate the config, read every data file as training would, print the memory plan, and exit")
     overwrite_output_dir: bool = knob(False, "without --resume, move an earlier run found in output_dir aside (to previous_run.<time>) instead of refusing to start")
     resume_allow_config_change: bool = knob(False, "--resume even if the config differs from the checkpoint's in keys that change the model, the data order or the step arithmetic")
+    preempt_signals: list = knob(["SIGTERM", "SIGUSR1"], "on these signals (or a file output_dir/PREEMPT) every rank finishes its optimizer step, all save one checkpoint, and the run exits with status 75 (requeue it; --resume continues)")
 
 
 def _finite(v) -> bool:

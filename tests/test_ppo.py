@@ -141,3 +141,32 @@ def test_grpo_resumed_after_a_kill_reproduces_the_run(char_llama_dir, tmp_path):
     proc.wait()
     resumed = run_check(flags(out) + ["--resume"], free_port())
     assert resumed[0]["rewards"] == pytest.approx(full[0]["rewards"], abs=1e-6)
+
+
+def test_ppo_preempted_by_a_signal_checkpoints_exits_75_and_resumes_the_run(char_llama_dir, tmp_path):
+    """SIGUSR1 (slurm's --signal) mid-run: the iteration finishes, a checkpoint is written, exit 75;
+    --resume gives the uninterrupted run's rewards."""
+    import signal
+    import time
+    from aplot_rlhf.engine import PREEMPT_EXIT_CODE
+    from test_rm_train import start_ranks
+    flags = lambda out: ppo_flags(char_llama_dir, out, "hf", zero_stage=2, ppo_iterations=5, save_steps=0)  # noqa: E731
+    rewards = lambda out: {r["step"]: r["ppo/reward/raw_mean"] for r in  # noqa: E731
+                           map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    full = tmp_path / "full"
+    (proc,), _ = start_ranks(flags(full), 1, "aplot_rlhf.cli.train_ppo")
+    assert proc.wait(timeout=900) == 0
+    out = tmp_path / "preempted"
+    (proc,), (log,) = start_ranks(flags(out), 1, "aplot_rlhf.cli.train_ppo")
+    deadline = time.time() + 600
+    while not ((out / "metrics.jsonl").exists() and rewards(out)):
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=600) == PREEMPT_EXIT_CODE, log.read_text()[-3000:]
+    stopped = json.loads((out / "PREEMPTED").read_text())["step"]
+    assert 1 <= stopped < 5 and not (out / "policy").exists()  # stopped early: no export
+    (proc,), (log,) = start_ranks(flags(out) + ["--resume"], 1, "aplot_rlhf.cli.train_ppo")
+    assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+    assert f"resumed at PPO iteration {stopped}" in log.read_text()
+    assert rewards(out) == pytest.approx(rewards(full), abs=1e-6)

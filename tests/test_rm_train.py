@@ -243,3 +243,65 @@ def test_kills_during_saving_and_damaged_checkpoints_resume_to_the_same_losses(f
     full, mine = read_metrics(full_out), read_metrics(out)
     for step in range(1, STEPS + 1):
         assert abs(full[step]["train/loss"] - mine[step]["train/loss"]) < 1e-5, (seed, step, full[step], mine[step])
+
+
+def start_ranks(flags, world: int, module: str = "aplot_rlhf.cli.train_rm"):
+    """`world` ranks as plain processes (no torchrun): a signal sent to one reaches the trainer itself,
+    as slurm's does, and each rank's exit status is its own. -> (procs, stderr log paths)."""
+    import tempfile
+    port, procs, logs = free_port(), [], []
+    for rank in range(world):
+        env = python_env() | {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                              "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        logs.append(Path(tempfile.mkstemp(suffix=f".rank{rank}.log")[1]))
+        procs.append(subprocess.Popen([PYTHON, "-m", module, *flags], env=env, cwd=REPO,
+                                      stdout=subprocess.DEVNULL, stderr=open(logs[-1], "w")))
+    return procs, logs
+
+
+def test_sigterm_checkpoints_every_rank_together_and_resume_continues_the_curve(full_run, tiny_llama_dir, tmp_path):
+    """SIGTERM (slurm's warning) to both ranks of a ZeRO-3 run mid-training, and a second SIGTERM while it
+    saves: each rank finishes its step, one checkpoint is written, both exit 75; --resume continues
+    the uninterrupted run's loss curve."""
+    from aplot_rlhf.engine import PREEMPT_EXIT_CODE
+    full_out, _ = full_run
+    out = tmp_path / "preempted"
+    procs, logs = start_ranks(rm_args(tiny_llama_dir, out), 2)
+    try:
+        deadline = time.time() + 600
+        while not ((out / "metrics.jsonl").exists() and any(s >= 3 for s in read_metrics(out))):
+            assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.1)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        ckpts = out / "checkpoints"
+        while not (ckpts.is_dir() and any(d.name.endswith(".partial") for d in ckpts.iterdir())):
+            if any(p.poll() is not None for p in procs):  # saved before this loop looked: no second signal
+                break
+            assert time.time() < deadline, logs[0].read_text()[-3000:]
+            time.sleep(0.002)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)  # again, while the checkpoint is being written
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [PREEMPT_EXIT_CODE] * 2, (codes, logs[0].read_text()[-3000:])
+    marker = json.loads((out / "PREEMPTED").read_text())
+    assert marker["signal"] == "SIGTERM" and marker["exit_code"] == PREEMPT_EXIT_CODE
+    stopped = marker["step"]
+    assert 3 <= stopped < STEPS
+    assert (out / "checkpoints" / f"step_{stopped}" / "manifest.json").exists()
+    assert "Traceback" not in logs[0].read_text()
+    resumed = subprocess.run(torchrun(rm_args(tiny_llama_dir, out) + ["--resume"], free_port()), env=python_env(),
+                             cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert f"resumed at optimizer step {stopped} " in resumed.stderr
+    assert not (out / "PREEMPTED").exists()  # the requeued run served it
+    assert_each_step_once(out)
+    full, mine = read_metrics(full_out), read_metrics(out)
+    for step in range(1, STEPS + 1):
+        assert abs(full[step]["train/loss"] - mine[step]["train/loss"]) < 1e-5, (step, full[step], mine[step])

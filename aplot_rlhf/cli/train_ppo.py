@@ -14,10 +14,13 @@ def main(argv=None) -> dict:
     if cfg.dry_run:
         from .dry_run import dry_run_ppo
         return dry_run_ppo(cfg)
+    from ..engine import PREEMPT_EXIT_CODE
     from ..trainers.ppo import PPOTrainer
     trainer = PPOTrainer(cfg).setup()
     try:
         metrics = trainer.train()
+        if trainer.preempted:  # a checkpoint is written: exit so the scheduler requeues the job
+            raise SystemExit(PREEMPT_EXIT_CODE)
         if trainer.rank == 0:
             print(json.dumps({k: metrics[k] for k in ("reward/raw_mean", "kl", "response_length") if k in metrics}))
         return metrics

@@ -14,10 +14,13 @@ def main(argv=None) -> dict:
     if cfg.dry_run:
         from .dry_run import dry_run_rm
         return dry_run_rm(cfg)
+    from ..engine import PREEMPT_EXIT_CODE
     from ..trainers.rm import RewardModelTrainer  # heavy imports after flag parsing, so --help is fast
     trainer = RewardModelTrainer(cfg).setup()
     try:
         results = trainer.train()
+        if trainer.preempted:  # a checkpoint is written: exit so the scheduler requeues the job
+            raise SystemExit(PREEMPT_EXIT_CODE)
         if trainer.rank == 0:
             print(json.dumps({name: {"accuracy": r["accuracy"], "n": r["n"]} for name, r in results.items()}))
         return results

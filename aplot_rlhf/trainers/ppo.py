@@ -349,6 +349,8 @@ class PPOTrainer:
         log.info("rollout backend %s; torch uses %d CPU threads", cfg.rollout_backend, torch.get_num_threads())
         if cfg.rollout_backend == "vllm":
             self.sync_weights()  # the engine starts from the files on disk; a resumed actor differs
+        # last: the rollout engine may install signal handlers of its own while it starts
+        self.preempt, self.preempted = eng.Preemption(cfg.output_dir, cfg.preempt_signals), False
         return self
 
     def _lora(self, model, what: str):
@@ -672,10 +674,19 @@ class PPOTrainer:
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(reward=f"{metrics['reward/raw_mean']:.3f}", kl=f"{metrics['kl']:.3f}")
-            if cfg.save_steps and self.iteration % cfg.save_steps == 0 and self.iteration < cfg.ppo_iterations:
+            saved = cfg.save_steps and self.iteration % cfg.save_steps == 0 and self.iteration < cfg.ppo_iterations
+            if saved:
                 self.save()
+            if self.preempt.requested():  # all ranks agree, after the same iteration
+                if not saved:
+                    self.save()
+                self.preempt.finish(self.iteration)
+                self.preempted = True
+                break
         if progress is not None:
             progress.close()
+        if self.preempted:
+            return metrics
         self.save()
         if cfg.export:
             eng.export_pretrained(self.actor.module, self.tok, os.path.join(cfg.output_dir, "policy"))
@@ -686,6 +697,8 @@ class PPOTrainer:
                               {"iteration": self.iteration, "kl": self.kl_ctl.state_dict()})
 
     def close(self) -> None:
+        if not self.preempted:  # a preempted run ignores further signals until it has exited (Preemption.finish)
+            self.preempt.restore()
         self.logger.close()
         if hasattr(self.backend, "close"):
             self.backend.close()

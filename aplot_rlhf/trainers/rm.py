@@ -45,6 +45,7 @@ class RewardModelTrainer:
         self.device = eng.device()
         os.makedirs(cfg.output_dir, exist_ok=True)
         eng.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir)
+        self.preempt, self.preempted = eng.Preemption(cfg.output_dir, cfg.preempt_signals), False
 
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.tokenizer_name_or_path, cfg.gguf_file,
                                         cfg.trust_remote_code)
@@ -224,10 +225,19 @@ class RewardModelTrainer:
                 progress.update(1)
             if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
                 self.log_eval(self.evaluate())
-            if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+            saved = cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps
+            if saved:
                 self.save()
+            if self.preempt.requested():  # all ranks agree, after the same optimizer step
+                if not saved:
+                    self.save()
+                self.preempt.finish(self.step)
+                self.preempted = True
+                break
         if progress is not None:
             progress.close()
+        if self.preempted:
+            return {}
         results = self.evaluate()
         self.log_eval(results)
         self.last_eval = results
@@ -295,5 +305,7 @@ class RewardModelTrainer:
         return out
 
     def close(self) -> None:
+        if not self.preempted:  # a preempted run ignores further signals until it has exited (Preemption.finish)
+            self.preempt.restore()
         self.logger.close()
         eng.shutdown()
