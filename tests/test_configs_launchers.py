@@ -191,3 +191,29 @@ def test_ppo_role_config_must_match_the_actors_stage(tmp_path, monkeypatch, caps
         train_ppo.main(flags)
     assert exc.value.code == 2
     assert f"{path}: the critic config has ZeRO stage 2 / bf16, the actor's has ZeRO stage 3 / bf16" in capsys.readouterr().err
+
+
+def test_slurm_requeue_wrapper_turns_the_warning_signal_into_a_checkpoint_request(tmp_path):
+    """launchers/_slurm.sh on this machine: slurm itself cannot run here, so `scontrol` is a stand-in
+    script that records its arguments; the job step is a real process that waits for the PREEMPT file
+    (as the trainer ranks do), writes PREEMPTED and exits 75. Covers the trap, the wait loop and the
+    requeue decision, not slurm's delivery of --signal."""
+    import signal
+    import time
+    out, bin_dir = tmp_path / "run", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/scontrol.args\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    step = ("import os, sys, time\nout = sys.argv[1]\nwhile not os.path.exists(out + '/PREEMPT'): time.sleep(0.05)\n"
+            "open(out + '/PREEMPTED', 'w').write('{\"step\": 3}')\nsys.exit(75)\n")
+    script = f"source launchers/_slurm.sh; run_requeueable {out} {PYTHON} -c \"$STEP\" {out}"
+    env = python_env() | {"PATH": f"{bin_dir}:" + python_env()["PATH"], "SLURM_JOB_ID": "4242", "STEP": step}
+    proc = subprocess.Popen(["bash", "-c", script], env=env, cwd=REPO)
+    deadline = time.time() + 60
+    while not out.exists():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@180` delivers to the batch shell
+    assert proc.wait(timeout=60) == 0
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
