@@ -57,6 +57,7 @@ class DataConfig:
     max_length: int = knob(512, "tokens per sequence (prompt + response); prompts are cut from the left to fit")
     response_separator: str = knob(" ", "text between prompt and response in the plain-text format")
     long_response: str = knob("keep_end", "a response longer than max_length: 'keep_end' (drop the prompt and the response's start, counted) or 'skip' (drop the pair, counted)")
+    group_by_length: bool = knob(False, "put pairs of similar length in one micro-batch (less padding; the same pairs per epoch, order still seeded and resumable)")
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 
 from .. import engine as eng
 from ..config import RMConfig, save_config
-from ..data.preference import DataError, PairSampler, PairTokenizer, collate_pairs, load_rm_data, rm_export_fields
+from ..data.preference import DataError, PairSampler, PairTokenizer, collate_pairs, load_rm_data, pair_length, rm_export_fields
 from ..eval import score_pairs, summarize
 from ..losses import bt_loss, fixed_margin, gamma_at, margin_diagnostics, pair_metrics
 from ..metrics import MetricsLogger, MetricsWindow
@@ -66,7 +66,9 @@ class RewardModelTrainer:
             disable_dropout(model)
         self.hf_model = model.hf
 
-        self.sampler = PairSampler(len(self.train_pairs), cfg.micro_batch_size, self.world, self.rank, cfg.seed)
+        lengths = [pair_length(p) for p in self.train_pairs] if cfg.group_by_length else None
+        self.sampler = PairSampler(len(self.train_pairs), cfg.micro_batch_size, self.world, self.rank, cfg.seed,
+                                   lengths)
         steps_per_epoch = self.sampler.batches_per_rank // cfg.gradient_accumulation_steps
         if steps_per_epoch == 0:
             raise DataError(f"{len(self.train_pairs)} training pairs make no full optimizer step "
