@@ -95,6 +95,7 @@ class EngineConfig:
     max_grad_norm: float = knob(1.0, "gradient clipping (0 = off)")
     timeout_s: int = knob(600, "collective timeout: a rank that dies or hangs fails the others after this")
     dist_backend: str = knob("auto", "auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
+    fused_torch_adam: bool = knob(True, "torch AdamW (optimizer adamw_torch, or auto on CPU): its fused one-kernel step instead of the per-tensor loop")
 
 
 @dataclass
