@@ -15,7 +15,7 @@ OUR PairTokenizer (the same load_rm_data call our trainer makes) and TRL gets th
 columns chosen_ids / rejected_ids. Both workers report the real (non-pad) and padded tokens of every step.
 
   python benchmarks/peer_trl.py                                   # TRL vs ours (--group_by_length --zero_stage 0)
-  python benchmarks/peer_trl.py --ours "" --ours "--group_by_length"  # several configurations of ours
+  python benchmarks/peer_trl.py --ours= --ours=--group_by_length    # several configurations of ours (use --ours=...)
   python benchmarks/peer_trl.py --max_steps 6 --chunk 6 --profile_step 5 --profile_dir benchmarks/results/peer_trl
 """
 from __future__ import annotations
