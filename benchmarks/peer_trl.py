@@ -296,13 +296,14 @@ def main() -> None:
     p.add_argument("--trl_python", "--trl-python", default=os.path.join(REPO, ".venv-trl", "bin", "python"))
     p.add_argument("--ours", action="append", default=None,
                    help="extra train_rm flags for one configuration of ours (repeatable; default: --group_by_length)")
-    p.add_argument("--chunk", type=int, default=25, help="steps a side runs before the next side's turn")
+    p.add_argument("--chunk", type=int, default=5, help="steps a side runs before the next side's turn")
     p.add_argument("--max_steps", type=int, default=0, help="stop each side after N steps (0 = the epoch)")
     p.add_argument("--max_length", type=int, default=128)
     p.add_argument("--profile_step", type=int, default=0, help="profile this step (1-based) on every side")
     p.add_argument("--profile_dir", default="")
     p.add_argument("--no_trl", action="store_true", help="ours only (no TRL venv needed)")
     p.add_argument("--json", default="", help="write every side's raw numbers here")
+    p.add_argument("--from_json", default="", help="only reprint the table of a run saved with --json")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -312,6 +313,9 @@ def main() -> None:
         (worker_ours if args.worker == "ours" else worker_trl)(spec)
         return
 
+    if args.from_json:
+        report_from_json(args.from_json, args)
+        return
     ours_configs = args.ours if args.ours is not None else ["--group_by_length --zero_stage 0"]
     if not args.no_trl and not os.path.exists(args.trl_python):
         raise SystemExit(f"{args.trl_python} missing: run `make trl-venv` first (TRL's own venv)")
@@ -347,7 +351,8 @@ def main() -> None:
         for s in sides:
             prof = s.result.get("profile")
             if prof:
-                stem = os.path.join(args.profile_dir, s.name.split(" ")[0].lower())
+                stem = os.path.join(args.profile_dir, "_".join(w.strip("-") for w in s.name.lower().split()
+                                                                if w.strip("-()")))
                 with open(stem + "_profile.txt", "w") as fh:
                     fh.write(prof.pop("table"))
                 with open(stem + "_profile.json", "w") as fh:
@@ -356,6 +361,8 @@ def main() -> None:
 
 
 def report(sides, args, wall, n_train) -> None:
+    """The issue's table. pairs/s is pairs over summed step time (length grouping makes step times vary
+    by batch, so the mean, not the median, is what an epoch costs); the ratio is of pairs/s."""
     import platform
     print(f"\n{platform.node()}: {os.cpu_count()} CPU(s); {n_train} train pairs, {PAIRS_PER_STEP} pairs/step, "
           f"max_length {args.max_length}; chunks of {args.chunk} steps alternated; {wall:.0f} s of timed training")
@@ -364,24 +371,40 @@ def report(sides, args, wall, n_train) -> None:
         steps = [r for chunk in s.rounds for r in chunk]
         timed = steps[1:] if len(steps) > 1 else steps  # the first includes each trainer's train() start-up
         med = statistics.median(r["s"] for r in timed)
-        rows.append((s, med, [statistics.median(r["s"] for r in c) for c in s.rounds],
+        pairs_s = PAIRS_PER_STEP * len(timed) / sum(r["s"] for r in timed)
+        rows.append((s, med, pairs_s, [sum(r["s"] for r in c) for c in s.rounds],
                      statistics.mean(r["real"] for r in steps), statistics.mean(r["padded"] for r in steps)))
-    ref = rows[0][1] if not args.no_trl else None
-    print(f"| run | s/step (median) | pairs/s | vs TRL | val accuracy ({rows[0][0].result['val_n']}) "
+    ref = rows[0][2] if not args.no_trl else None
+    print(f"| run | s/step (median) | pairs/s (epoch) | vs TRL | val accuracy ({rows[0][0].result['val_n']}) "
           f"| real tokens/step | padded tokens/step |")
     print("|---|---|---|---|---|---|---|")
-    for s, med, _, real, padded in rows:
-        ratio = f"{ref / med:.2f}x" if ref else "-"
-        print(f"| {s.name} | {med:.3f} | {PAIRS_PER_STEP / med:.2f} | {ratio} | {s.result['val_accuracy']:.3f} "
+    for s, med, pairs_s, _, real, padded in rows:
+        ratio = f"{pairs_s / ref:.2f}x" if ref else "-"
+        print(f"| {s.name} | {med:.3f} | {pairs_s:.2f} | {ratio} | {s.result['val_accuracy']:.3f} "
               f"| {real:.1f} | {padded:.1f} |")
     if ref:
-        trl_rounds = rows[0][2]
-        for s, _, rounds, _, _ in rows[1:]:
-            per = ", ".join(f"{t / o:.2f}x" for t, o in zip(trl_rounds, rounds))
-            print(f"{s.name}: ours/TRL speed per round (round medians): {per}")
+        trl_rounds = rows[0][3]
+        for s, _, _, rounds, _, _ in rows[1:]:
+            per = [t / o for t, o in zip(trl_rounds, rounds)]
+            print(f"{s.name}: ours/TRL speed per round (TRL's round time / this side's next round): "
+                  f"{', '.join(f'{r:.2f}' for r in per)}; median over rounds {statistics.median(per):.2f}x")
+        print("epoch totals (equal work check): " + "; ".join(
+            f"{s.name}: {sum(r['real'] for c in s.rounds for r in c)} real / "
+            f"{sum(r['padded'] for c in s.rounds for r in c)} padded tokens" for s in sides))
     for s in sides:
         print(f"{s.name}: ready {json.dumps(s.ready)}; result "
               f"{json.dumps({k: v for k, v in s.result.items() if k != 'profile'})}")
+
+
+def report_from_json(path: str, args) -> None:
+    """Reprint the table of a saved run (--json)."""
+    class Saved:
+        def __init__(self, d):
+            self.name, self.ready, self.rounds, self.result = d["name"], d["ready"], d["rounds"], d["result"]
+    with open(path) as fh:
+        saved = [Saved(d) for d in json.load(fh)]
+    wall = sum(r["s"] for s in saved for c in s.rounds for r in c)
+    report(saved, args, wall, sum(len(c) for c in saved[0].rounds) * PAIRS_PER_STEP)
 
 
 if __name__ == "__main__":
