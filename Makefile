@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-ppo test install install-gpu check-gpu-deps check-compile gpu-check gpu-check-smoke clean-venv
+.PHONY: demo demo-ppo test install install-gpu check-gpu-deps check-compile gpu-check gpu-check-smoke trl-venv peer-trl clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -69,6 +69,26 @@ gpu-check:
 # the same steps at tiny sizes on CPU
 gpu-check-smoke: $(STAMP)
 	$(PY) benchmarks/gpu_check.py --cpu-smoke
+
+# TRL in its own venv for benchmarks/peer_trl.py only; never a dependency of the package. torch first and
+# pinned to ours so TRL's requirements cannot pull a second (CUDA) torch; the last line fails if one came in.
+TRL_VENV := .venv-trl
+TRL_STAMP := $(TRL_VENV)/.installed
+$(TRL_STAMP):
+	$(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/pip install -q torch==2.13.0
+	@# transformers/accelerate/datasets at our pins (requirements/base.txt): both sides run the same BERT code
+	$(TRL_VENV)/bin/pip install -q trl==1.16.0 torch==2.13.0 \
+	  $$(grep -E '^(transformers|accelerate|datasets)==' requirements/base.txt | cut -d' ' -f1)
+	$(TRL_VENV)/bin/python -c "import torch, trl; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__; print('trl', trl.__version__, 'torch', torch.__version__)"
+	@test "$$($(TRL_VENV)/bin/pip list 2>/dev/null | grep -ciE '^(torch|nvidia-)')" = 1 || { echo "a second torch or CUDA libraries came in"; exit 1; }
+	touch $(TRL_STAMP)
+
+trl-venv: $(TRL_STAMP)
+
+# ours vs TRL RewardTrainer, alternated, at issue 14's settings (prints the table)
+peer-trl: $(STAMP) $(TRL_STAMP)
+	$(PY) benchmarks/peer_trl.py --trl-python $(TRL_VENV)/bin/python
 
 clean-venv:
 	rm -rf $(VENV)

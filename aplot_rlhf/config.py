@@ -66,6 +66,7 @@ class DataConfig:
     max_length: int = knob(512, "tokens per sequence (prompt + response); prompts are cut from the left to fit")
     response_separator: str = knob(" ", "text between prompt and response in the plain-text format")
     long_response: str = knob("keep_end", "a response longer than max_length: 'keep_end' (drop the prompt and the response's start, counted) or 'skip' (drop the pair, counted)")
+    group_by_length: bool = knob(False, "put pairs of similar length in one micro-batch (less padding; the same pairs per epoch, order still seeded and resumable)")
 
 
 @dataclass
@@ -103,6 +104,7 @@ class EngineConfig:
     max_grad_norm: float = knob(1.0, "gradient clipping (0 = off)")
     timeout_s: int = knob(600, "collective timeout: a rank that dies or hangs fails the others after this")
     dist_backend: str = knob("auto", "auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
+    fused_torch_adam: bool = knob(True, "torch AdamW (optimizer adamw_torch, or auto on CPU): its fused one-kernel step instead of the per-tensor loop")
 
 
 @dataclass

@@ -202,7 +202,9 @@ def build_ds_config(cfg, world_size: int, precision: str | None = None) -> dict:
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "optimizer": {"type": "AdamW", "params": {
             "lr": cfg.learning_rate, "betas": list(cfg.adam_betas), "eps": 1e-8,
-            "weight_decay": cfg.weight_decay, "torch_adam": torch_adam}},
+            "weight_decay": cfg.weight_decay, "torch_adam": torch_adam,
+            # torch's one-kernel AdamW (CPU and CUDA) instead of its per-tensor loop; DeepSpeed passes it through
+            **({"fused": True} if torch_adam and cfg.fused_torch_adam else {})}},
         "zero_optimization": {
             "stage": cfg.zero_stage,
             "contiguous_gradients": True,
@@ -294,6 +296,9 @@ def initialize(model: torch.nn.Module, ds_cfg: dict, cfg, total_steps: int, lear
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=groups, config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    if engine.zero_optimization_stage() == 0 and (not dist.is_initialized() or dist.get_world_size() == 1):
+        # one rank has nothing to average: DeepSpeed would still flatten, all-reduce and copy back every gradient
+        engine.enable_backward_allreduce = False
     return engine, scheduler
 
 

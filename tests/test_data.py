@@ -1,5 +1,6 @@
 """Preference data: formats, keys, chat templates, truncation, padding, and every kind of bad input."""
 import json
+import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -181,3 +182,38 @@ def test_sampler_is_resumable_and_rank_disjoint():
     e0, e1 = s0.epoch_batches(0), s1.epoch_batches(0)
     assert not {i for b in e0 for i in b} & {i for b in e1 for i in b}
     assert e0 == PairSampler(20, 3, 2, 0, seed=1).epoch_batches(0) and e0 != s0.epoch_batches(1)
+
+
+def _epoch_pairs(n, mbs, world, seed, epoch, lengths=None):
+    """Per rank, the epoch's micro-batches; plus every index the epoch touches over all ranks."""
+    per_rank = [PairSampler(n, mbs, world, r, seed, lengths).epoch_batches(epoch) for r in range(world)]
+    return per_rank, [i for batches in per_rank for b in batches for i in b]
+
+
+@pytest.mark.parametrize("n,mbs,world", [(203, 4, 2), (1600, 16, 1), (37, 5, 1)])
+def test_length_grouping_sees_the_same_pairs_and_pads_less(n, mbs, world):
+    lengths = [random.Random(i).randint(5, 128) for i in range(n)]
+    for epoch in (0, 1):
+        plain, plain_all = _epoch_pairs(n, mbs, world, 3, epoch)
+        grouped, grouped_all = _epoch_pairs(n, mbs, world, 3, epoch, lengths)
+        assert len(grouped_all) == len(set(grouped_all)) == len(plain_all)  # no pair twice, none lost
+        assert set(grouped_all) == set(plain_all)  # exactly the pairs the ungrouped epoch sees (same tail dropped)
+        assert all(len(b) == mbs for batches in grouped for b in batches)
+        # a global micro-batch pads to its longest pair: grouping must cut that
+        pad = lambda per_rank: sum(max(lengths[i] for r in per_rank for i in r[b])  # noqa: E731
+                                   for b in range(len(per_rank[0])))
+        assert pad(grouped) < 0.9 * pad(plain), (pad(grouped), pad(plain))
+    assert _epoch_pairs(n, mbs, world, 3, 0, lengths)[0] != _epoch_pairs(n, mbs, world, 3, 1, lengths)[0]
+    assert _epoch_pairs(n, mbs, world, 3, 0, lengths)[0] != _epoch_pairs(n, mbs, world, 4, 0, lengths)[0]
+
+
+def test_length_grouping_resumes_at_the_same_micro_batch():
+    lengths = [random.Random(i).randint(5, 128) for i in range(300)]
+    run = PairSampler(300, 8, 2, 1, seed=5, lengths=lengths)
+    # a restarted process builds a new sampler and indexes the epoch by the saved micro step
+    seen = [b for e in (0, 1) for b in run.epoch_batches(e)]
+    restarted = PairSampler(300, 8, 2, 1, seed=5, lengths=list(lengths))
+    per_epoch = restarted.batches_per_rank
+    assert [restarted.epoch_batches(k // per_epoch)[k % per_epoch] for k in range(7, 2 * per_epoch)] == seen[7:]
+    with pytest.raises(ValueError, match="lengths"):
+        PairSampler(300, 8, 2, 1, seed=5, lengths=lengths[:-1])

@@ -16,7 +16,7 @@ import torch
 from .. import engine as eng
 from ..config import RMConfig, save_config, to_dict
 from ..data.preference import (DataError, PairSampler, PairTokenizer, collate_pairs, collate_pairs_packed, load_rm_data,
-                               rm_export_fields)
+                               pair_length, rm_export_fields)
 from ..eval import score_pairs, summarize
 from ..losses import bt_loss, fixed_margin, gamma_at, margin_diagnostics, pair_metrics
 from ..metrics import MetricsLogger, MetricsWindow
@@ -81,7 +81,9 @@ class RewardModelTrainer:
             capacity, reads_last = capacity_for(model.hf.config, cfg.max_length), model.reads_last_token
             self.pack = lambda pairs: collate_pairs_packed(pairs, self.tokenizer.pad_token_id, capacity, reads_last)
 
-        self.sampler = PairSampler(len(self.train_pairs), cfg.micro_batch_size, self.world, self.rank, cfg.seed)
+        lengths = [pair_length(p) for p in self.train_pairs] if cfg.group_by_length else None
+        self.sampler = PairSampler(len(self.train_pairs), cfg.micro_batch_size, self.world, self.rank, cfg.seed,
+                                   lengths)
         steps_per_epoch = self.sampler.batches_per_rank // cfg.gradient_accumulation_steps
         if steps_per_epoch == 0:
             raise DataError(f"{len(self.train_pairs)} training pairs make no full optimizer step "
