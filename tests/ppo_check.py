@@ -1,6 +1,7 @@
 """Run under torchrun by tests/test_ppo.py: a few PPO iterations, then check the generation engine
-against the DeepSpeed actor. Prints one JSON line per rank: rewards per iteration and whether greedy
-tokens from the rollout backend equal HF greedy decoding on the gathered actor weights."""
+against the DeepSpeed actor. Writes one JSON file per rank (output_dir/ppo_check_rank{rank}.json):
+rewards per iteration and whether greedy tokens from the rollout backend equal HF greedy decoding on
+the gathered actor weights."""
 import json
 import os
 import sys
@@ -54,11 +55,14 @@ def main():
         from aplot_rlhf.models.policy import Critic
         # built anywhere in this process (type(), not isinstance: a dead weak proxy in the heap raises on isinstance)
         critics = sum(type(o) is Critic for o in gc.get_objects())
-        print("RESULT " + json.dumps({"critic_objects": critics, "has_critic": trainer.critic is not None,
-                                      "checkpointed": sorted(trainer.trained_engines),"rank": trainer.rank, "rewards": rewards, "sync_s": syncs,
-                                      "backend": trainer.backend.name, "greedy_equal": engine_tokens == hf_tokens, "reference_max_diff": ref_diff,
-                                      "n_prompts": len(prompts), "sample_seeds": sampled_seeds,
-                                      "engine": engine_tokens[:2], "hf": hf_tokens[:2]}), flush=True)
+        result = {"rank": trainer.rank, "rewards": rewards, "sync_s": syncs, "backend": trainer.backend.name,
+                  "greedy_equal": engine_tokens == hf_tokens, "reference_max_diff": ref_diff,
+                  "n_prompts": len(prompts), "sample_seeds": sampled_seeds, "engine": engine_tokens[:2],
+                  "hf": hf_tokens[:2], "critic_objects": critics, "has_critic": trainer.critic is not None,
+                  "checkpointed": sorted(trainer.trained_engines)}
+        # one file per rank: the ranks' stdout lines can interleave under torchrun
+        with open(os.path.join(cfg.output_dir, f"ppo_check_rank{trainer.rank}.json"), "w") as fh:
+            json.dump(result, fh)
     finally:
         trainer.close()
 

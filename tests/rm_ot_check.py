@@ -1,6 +1,7 @@
 """Run by tests/test_rm_train.py (torchrun, any world size): one APLOT micro-step on the first
-micro-batch, printing this rank's margins and loss. Prints RESULT {"rank", "margins", "loss", "ot_batch"}."""
+micro-batch; writes this rank's margins and loss to output_dir/ot_check_rank{rank}.json."""
 import json
+import os
 import sys
 
 from aplot_rlhf.config import RMConfig, load_config
@@ -22,7 +23,9 @@ def main():
 
         trainer.margin = recording_margin
         trainer.train_micro_step(trainer._micro_batch(0))
-        print("RESULT " + json.dumps({"rank": trainer.rank, "ot_batch": trainer.ot_batch_size, **seen}), flush=True)
+        # one file per rank: the ranks' stdout lines can interleave under torchrun
+        with open(os.path.join(cfg.output_dir, f"ot_check_rank{trainer.rank}.json"), "w") as fh:
+            json.dump({"rank": trainer.rank, "ot_batch": trainer.ot_batch_size, **seen}, fh)
     finally:
         trainer.close()
 

@@ -140,8 +140,7 @@ def _ot_run(model_dir, out, nproc, micro_batch_size):
            str(REPO / "tests" / "rm_ot_check.py"), *flags]
     proc = subprocess.run(cmd, env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    rows = [json.loads(l.split("RESULT ", 1)[1]) for l in proc.stdout.splitlines() if "RESULT " in l]
-    return sorted(rows, key=lambda r: r["rank"])
+    return [json.loads((Path(out) / f"ot_check_rank{r}.json").read_text()) for r in range(nproc)]
 
 
 def test_global_ot_batch_over_two_ranks_equals_one_rank_with_the_whole_batch(tiny_llama_dir, tmp_path):
