@@ -145,8 +145,8 @@ def test_grpo_resumed_after_a_kill_reproduces_the_run(char_llama_dir, tmp_path):
 
 
 def test_ppo_preempted_by_a_signal_checkpoints_exits_75_and_resumes_the_run(char_llama_dir, tmp_path):
-    """SIGUSR1 (slurm's --signal) mid-run: the iteration finishes, a checkpoint is written, exit 75;
-    --resume gives the uninterrupted run's rewards."""
+    """SIGTERM mid-run: the iteration finishes, a checkpoint is written, exit 75; --resume gives the
+    uninterrupted run's rewards."""
     import signal
     import time
     from aplot_rlhf.engine import PREEMPT_EXIT_CODE
@@ -163,7 +163,7 @@ def test_ppo_preempted_by_a_signal_checkpoints_exits_75_and_resumes_the_run(char
     while not ((out / "metrics.jsonl").exists() and rewards(out)):
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.1)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=600) == PREEMPT_EXIT_CODE, log.read_text()[-3000:]
     stopped = json.loads((out / "PREEMPTED").read_text())["step"]
     assert 1 <= stopped < 5 and not (out / "policy").exists()  # stopped early: no export
