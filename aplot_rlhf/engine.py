@@ -801,11 +801,12 @@ class Preemption:
         self.stop_file = os.path.join(output_dir, STOP_FILE)
         self.marker = os.path.join(output_dir, PREEMPTED_FILE)
         self.signalled = None
+        bad = [name for name in signals if not isinstance(getattr(signal, str(name), None), signal.Signals)]
+        if bad:  # all checked before any handler is installed
+            raise ConfigError(f"preempt_signals: {bad} not signal names (e.g. SIGTERM, SIGUSR1)")
         self._previous = {}
         for name in signals:
-            sig = getattr(signal, name, None)
-            if sig is None:
-                raise ConfigError(f"preempt_signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+            sig = getattr(signal, name)
             self._previous[sig] = signal.signal(sig, self._on_signal)
         if is_rank0():  # a requeued run starts clean: the previous stop request is served
             for path in (self.stop_file, self.marker):
