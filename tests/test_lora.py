@@ -138,11 +138,11 @@ def _ppo_rewards(out: Path) -> dict:
     return {r["step"]: r["ppo/reward/raw_mean"] for r in rows if "ppo/reward/raw_mean" in r}
 
 
-def test_lora_ppo_zero2_resume_after_kill_reproduces_the_run(char_llama_dir, tmp_path):
+def test_lora_ppo_zero3_resume_after_kill_reproduces_the_run(char_llama_dir, tmp_path):
     iters = 5
 
     def cmd(out, *extra):
-        flags = ppo_flags(char_llama_dir, out, "hf", zero_stage=2, ppo_iterations=iters, save_steps=2) + LORA
+        flags = ppo_flags(char_llama_dir, out, "hf", zero_stage=3, ppo_iterations=iters, save_steps=2) + LORA
         return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                 "-m", "aplot_rlhf.cli.train_ppo", *flags, "--no-export", *extra]
 
