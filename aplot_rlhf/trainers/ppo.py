@@ -594,8 +594,10 @@ class PPOTrainer:
         names = ["policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl", "entropy", "kl_loss"]
         if self.critic is None:
             names[1] = names[3] = None  # no critic: no value statistics to report
-        self.first_micro_batch_stats = {k: v for k, v in zip(names, stats[0].tolist()) if k}  # ratio check: 0 clip, 0 KL
-        return {k: v for k, v in zip(names, torch.stack(stats).mean(0).tolist()) if k}
+        stacked = torch.stack(stats)
+        first, mean = torch.stack([stacked[0], stacked.mean(0)]).tolist()  # one host sync per iteration
+        self.first_micro_batch_stats = {k: v for k, v in zip(names, first) if k}  # ratio check: 0 clip, 0 KL
+        return {k: v for k, v in zip(names, mean) if k}
 
     # ------------------------------------------------------------------------------------- loop
     def batch_for(self, iteration: int):
