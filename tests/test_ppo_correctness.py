@@ -98,7 +98,8 @@ def trainer_factory():
             return trainer
 
         yield make
-        for t in made:
+        for t in reversed(made):  # newest first: each restores the handler the one before it found
+            t.preempt.restore()
             t.logger.close()
         eng.shutdown()
 

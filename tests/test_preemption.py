@@ -10,6 +10,7 @@ def test_sigusr1_and_the_stop_file_request_a_stop_and_a_requeued_run_starts_clea
     from aplot_rlhf import engine as eng
     (tmp_path / eng.STOP_FILE).write_text("")
     (tmp_path / eng.PREEMPTED_FILE).write_text("{}")
+    before = signal.getsignal(signal.SIGUSR1)  # whatever this process had: restore() must give it back
     p = eng.Preemption(str(tmp_path), ["SIGUSR1"])
     try:
         assert not (tmp_path / eng.STOP_FILE).exists() and not (tmp_path / eng.PREEMPTED_FILE).exists()
@@ -28,7 +29,7 @@ def test_sigusr1_and_the_stop_file_request_a_stop_and_a_requeued_run_starts_clea
         assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN  # a late signal cannot kill the exit
     finally:
         q.restore()
-    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGUSR1) == before
 
 
 def test_an_unknown_signal_name_is_a_config_error(tmp_path):
