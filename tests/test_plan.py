@@ -8,6 +8,7 @@ Run `python tests/test_plan.py` to print the activation check as a markdown tabl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -256,7 +257,7 @@ def test_search_prefers_first_single_change_then_shortest_combination():
     capped = P.make_plan(capped_input)
     nodes = capped.suggestion.input.nodes
     assert capped.suggestion.steps == (f"1 -> {nodes} nodes (--nodes {nodes}, {8 * nodes} GPUs)",)
-    assert not P.make_plan(P.dataclasses.replace(capped_input, nodes=nodes - 1)).fits
+    assert not P.make_plan(dataclasses.replace(capped_input, nodes=nodes - 1)).fits
 
 
 def test_ppo_vllm_share_sleep_and_start_failure():
