@@ -27,7 +27,7 @@ Modules, each importing only those above it:
     report      format_plan, plan_to_dict
 This package re-exports their public names: `from aplot_rlhf.plan import make_plan` is the usual import.
 """
-from .breakdown import JOBS, Estimate, Phase, PlanInput, estimate
+from .breakdown import JOBS, Estimate, MemoryPhase, PlanInput, estimate
 from .memory import (
     ATTN_IMPLEMENTATIONS,
     DS_CPU_BUFFER_FACTOR,
@@ -55,7 +55,7 @@ __all__ = [
     "VLLM_WORKSPACE_GIB", "DTYPE_BYTES", "ATTN_IMPLEMENTATIONS", "StateBytes", "model_state_bytes",
     "layer_saved_bytes", "ActivationBytes", "activation_bytes",
     # breakdown
-    "JOBS", "PlanInput", "Phase", "Estimate", "estimate",
+    "JOBS", "PlanInput", "MemoryPhase", "Estimate", "estimate",
     # search
     "Change", "CHANGES", "Suggestion", "find_smallest_change", "Plan", "make_plan", "plan_from_namespace",
     # report

@@ -97,8 +97,10 @@ class PlanInput:
 
 
 @dataclass(frozen=True)
-class Phase:
+class MemoryPhase:
     """Per-GPU bytes in one phase of the job (RM: 'train'; PPO: 'train' and 'generate').
+
+    Named apart from aplot_rlhf.engine.Phase, the profiler's timing phase: this one holds bytes, not seconds.
 
     vllm_kv_cache_bytes: all of vLLM's share beyond its weights (KV blocks and its workspace), or the
     residual of a sleeping vLLM during 'train'.
@@ -123,14 +125,14 @@ class Phase:
 class Estimate:
     """What one PlanInput needs: phases per GPU, host RAM per node, and the verdict."""
 
-    phases: tuple[Phase, ...]
+    phases: tuple[MemoryPhase, ...]
     cpu_bytes_per_node: float
     roles: dict[str, dict[str, Any]]
     notes: tuple[str, ...]
     vllm_starts: bool = True
 
     @property
-    def peak(self) -> Phase:
+    def peak(self) -> MemoryPhase:
         return max(self.phases, key=lambda p: p.total_bytes)
 
     def fits(self, inp: PlanInput) -> bool:
@@ -216,7 +218,7 @@ def estimate(inp: PlanInput) -> Estimate:
     cpu = sum(s.cpu_bytes_per_node for s in states)
 
     if inp.job == "rm":
-        phase = Phase("train", params, grads, optim, act, 0.0, 0.0, _reserve_bytes(act))
+        phase = MemoryPhase("train", params, grads, optim, act, 0.0, 0.0, _reserve_bytes(act))
         return Estimate((phase,), cpu, roles, tuple(notes))
 
     # vLLM: one engine per vllm_tp GPUs, weights and KV heads split over its GPUs.
@@ -244,11 +246,11 @@ def estimate(inp: PlanInput) -> Estimate:
     asleep = VLLM_ASLEEP_GIB * GIB if inp.vllm_sleep else None
     if inp.vllm_sleep:
         cpu += weights * inp.gpus_per_node  # sleep level 1 parks the weights in pinned host memory
-    train = Phase("train", params, grads, optim, act,
-                  0.0 if asleep is not None else weights, asleep if asleep is not None else kv_cache,
-                  _reserve_bytes(act))
-    generate = Phase("generate", params - top.gathered_params_bytes, grads - top.gathered_grads_bytes, optim,
-                     0.0, weights, kv_cache, _reserve_bytes(0.0))
+    train = MemoryPhase("train", params, grads, optim, act,
+                        0.0 if asleep is not None else weights, asleep if asleep is not None else kv_cache,
+                        _reserve_bytes(act))
+    generate = MemoryPhase("generate", params - top.gathered_params_bytes, grads - top.gathered_grads_bytes, optim,
+                           0.0, weights, kv_cache, _reserve_bytes(0.0))
     roles["vllm"] = {"model": actor.name, "tp": inp.vllm_tp, "weights_gib": round(weights / GIB, 3),
                      "kv_cache_gib": round(kv_cache / GIB, 3), "kv_needed_gib": round(kv_needed / GIB, 3)}
     return Estimate((train, generate), cpu, roles, tuple(notes), vllm_starts)

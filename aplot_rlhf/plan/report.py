@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .breakdown import Phase, PlanInput
+from .breakdown import MemoryPhase, PlanInput
 from .memory import FRAGMENTATION_SHARE_OF_ACTIVATIONS, GIB, RESERVE_FIXED_GIB, VLLM_ASLEEP_GIB
 from .search import Plan
 from .shapes import ModelShape
@@ -86,7 +86,7 @@ def _input_dict(inp: PlanInput) -> dict[str, Any]:
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     """JSON-ready form: inputs, per-phase GiB, peak, verdict, host RAM, roles, notes, suggestion."""
-    def phase_dict(p: Phase) -> dict[str, float]:
+    def phase_dict(p: MemoryPhase) -> dict[str, float]:
         d = {attr.replace("_bytes", "_gib"): round(getattr(p, attr) / GIB, 3) for _, attr in _ROWS}
         d["total_gib"] = round(p.total_bytes / GIB, 3)
         return d
