@@ -2,7 +2,7 @@
 the activation formula against peak memory measured on CPU at tiny sizes, verdicts, suggestions and the CLI.
 
 Not covered here: GPU peak memory (CUDA context, NCCL buffers, flash-attention kernels, vLLM); the reserve
-constants in aplot_rlhf/plan.py are stated assumptions until a GPU run checks them.
+constants in aplot_rlhf/plan/memory.py are stated assumptions until a GPU run checks them.
 Run `python tests/test_plan.py` to print the activation check as a markdown table.
 """
 from __future__ import annotations
