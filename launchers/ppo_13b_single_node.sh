@@ -1,20 +1,14 @@
 #!/usr/bin/env bash
-# PPO, Llama-2-13B class actor + reference, 8B reward model and critic, on ONE node: 8 GPUs x 80 GB,
-# >= 768 GiB host RAM (the actor's optimizer states are offloaded to CPU; the plan: ~710 GiB). vLLM TP 2 per engine.
+# PPO, Llama-2-13B class actor + reference (critic from the actor), 8B reward model, on ONE node: 8 GPUs x 80 GB,
+# >= 768 GiB host RAM (actor and critic optimizer states offloaded to CPU; the plan: ~710 GiB). vLLM TP 2 per engine.
+# recipes/ppo_13b.yaml holds the hyper-parameters and, in its header, the memory plan for this hardware.
 # Use:  ACTOR=/models/sft-13b RM=runs/rm-8b/model PROMPTS=/data/prompts.jsonl bash launchers/ppo_13b_single_node.sh
 #       DRY_RUN=1 bash launchers/ppo_13b_single_node.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launchers/_common.sh
 export APLOT_PLAN_NODES=1 APLOT_PLAN_GPUS_PER_NODE=8 APLOT_PLAN_GPU_MEM_GIB=80 APLOT_PLAN_CPU_MEM_GIB=768
-run_job aplot_rlhf.cli.train_ppo \
+run_job aplot_rlhf.cli.train_ppo --config recipes/ppo_13b.yaml \
   --actor_model "${ACTOR:-ds_configs/model_shapes/llama2-13b}" --reward_model "${RM:-ds_configs/model_shapes/llama3-8b}" \
-  --critic_init actor \
   --prompt_data "${PROMPTS:-aplot_rlhf/demo_data/hh-rlhf/harmless-base-test.pairs.jsonl}" \
-  --ds_config ds_configs/ppo_actor_zero3_offload_bf16.json --reference_ds_config ds_configs/ppo_ref_zero3_bf16.json \
-  --zero_stage 3 --precision bf16 --offload_optimizer \
-  --gradient_checkpointing \
-  --rollout_backend vllm --vllm_tensor_parallel_size 2 --vllm_gpu_memory_utilization 0.35 --vllm_sleep \
-  --rollout_batch_size 32 --ppo_mini_batch_size 16 --micro_batch_size 1 \
-  --max_prompt_length 1024 --max_new_tokens 1024 --learning_rate 5e-7 --critic_learning_rate 9e-6 \
-  --kl_coef 0.01 --ppo_iterations 1000 --output_dir "${OUT:-runs/ppo-13b}" --save_steps 50
+  --output_dir "${OUT:-runs/ppo-13b}"

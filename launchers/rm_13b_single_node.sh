@@ -3,7 +3,8 @@
 #   assumes:  1 node x 8 GPUs x 80 GB (A100/H100 80GB), >= 256 GiB host RAM
 #   model:    MODEL=/path/to/Llama-2-13b-hf (a local Hugging Face folder: config.json, weights, tokenizer)
 #   data:     DATA=/path/to/pairs.jsonl
-#   plan:     ZeRO-3 bf16, gradient checkpointing, 2 pairs x 2048 tokens per GPU: peak ~36 GiB per GPU.
+#   recipe:   recipes/rm_13b.yaml: the hyper-parameters (ZeRO-3 bf16, 2 pairs x 2048 tokens per GPU, ...)
+#             and, in its header, the memory plan for this hardware.
 # Use:  MODEL=/models/Llama-2-13b-hf DATA=/data/pairs.jsonl bash launchers/rm_13b_single_node.sh
 #       DRY_RUN=1 bash launchers/rm_13b_single_node.sh
 set -euo pipefail
@@ -12,9 +13,5 @@ source launchers/_common.sh
 export APLOT_PLAN_NODES=1 APLOT_PLAN_GPUS_PER_NODE=8 APLOT_PLAN_GPU_MEM_GIB=80 APLOT_PLAN_CPU_MEM_GIB=256
 MODEL=${MODEL:-ds_configs/model_shapes/llama2-13b}  # the default is a shape only: enough for DRY_RUN
 DATA=${DATA:-aplot_rlhf/demo_data/hh-rlhf/harmless-base-test.pairs.jsonl}
-run_job aplot_rlhf.cli.train_rm \
-  --model_name_or_path "$MODEL" --train_data "$DATA" --eval_split_fraction 0.02 \
-  --ds_config ds_configs/rm_zero3_bf16.json --zero_stage 3 --precision bf16 \
-  --micro_batch_size 2 --gradient_accumulation_steps 8 --max_length 2048 --gradient_checkpointing \
-  --learning_rate 5e-6 --loss aplot --aplot_ot_batch global --timeout_s 1200 \
-  --output_dir "${OUT:-runs/rm-13b}" --save_steps 500 --eval_steps 500
+run_job aplot_rlhf.cli.train_rm --config recipes/rm_13b.yaml \
+  --model_name_or_path "$MODEL" --train_data "$DATA" --output_dir "${OUT:-runs/rm-13b}"

@@ -4,10 +4,9 @@
 #             from the first node to the others, the same repo path and .venv on every node
 #   model:    MODEL=/path/to/Meta-Llama-3-70B (a local folder, visible at the same path on every node)
 #   data:     DATA=/path/to/pairs.jsonl
-#   plan:     ZeRO-3 bf16 with optimizer states AND parameters offloaded to CPU: peak ~14 GiB per GPU,
-#             ~440 GiB host RAM per node, leaving GPU memory for longer sequences or bigger micro-batches.
-#             Without offload the same run plans ~50 GiB per GPU and steps faster (use rm_zero3_bf16.json
-#             and drop --offload_*); on 2 nodes only the offloaded setup fits (see docs/scaling.md).
+#   recipe:   recipes/rm_70b.yaml (shared with rm_70b_slurm.sbatch): the hyper-parameters (ZeRO-3 bf16,
+#             optimizer and parameters offloaded to CPU, 1 pair x 2048 tokens per GPU, ...) and, in its
+#             header, the memory plan for this hardware and the faster no-offload alternative.
 # Use (on the first node):
 #       HOSTFILE=launchers/hostfile MODEL=/models/Meta-Llama-3-70B DATA=/data/pairs.jsonl \
 #         bash launchers/rm_70b_multinode_hostfile.sh
@@ -19,10 +18,5 @@ export APLOT_PLAN_NODES=4 APLOT_PLAN_GPUS_PER_NODE=8 APLOT_PLAN_GPU_MEM_GIB=80 A
 export HOSTFILE=${HOSTFILE:-launchers/hostfile.example}
 MODEL=${MODEL:-ds_configs/model_shapes/llama3-70b}  # the default is a shape only: enough for DRY_RUN
 DATA=${DATA:-aplot_rlhf/demo_data/hh-rlhf/harmless-base-test.pairs.jsonl}
-run_job aplot_rlhf.cli.train_rm \
-  --model_name_or_path "$MODEL" --train_data "$DATA" --eval_split_fraction 0.02 \
-  --ds_config ds_configs/rm_zero3_offload_bf16.json --zero_stage 3 --precision bf16 \
-  --offload_optimizer --offload_param \
-  --micro_batch_size 1 --gradient_accumulation_steps 8 --max_length 2048 --gradient_checkpointing \
-  --learning_rate 2e-6 --loss aplot --aplot_ot_batch global --timeout_s 1800 \
-  --output_dir "${OUT:-runs/rm-70b}" --save_steps 200 --eval_steps 200
+run_job aplot_rlhf.cli.train_rm --config recipes/rm_70b.yaml \
+  --model_name_or_path "$MODEL" --train_data "$DATA" --output_dir "${OUT:-runs/rm-70b}"

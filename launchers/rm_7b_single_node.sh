@@ -3,19 +3,15 @@
 #   assumes:  1 node x 8 GPUs x 80 GB (A100/H100 80GB), >= 128 GiB host RAM
 #   model:    MODEL=/path/to/Meta-Llama-3-8B (a local Hugging Face folder: config.json, weights, tokenizer)
 #   data:     DATA=/path/to/pairs.jsonl (prompt/chosen/rejected; see README)
-#   plan:     ZeRO-3 bf16 shards weights, gradients and Adam states over the 8 GPUs; gradient
-#             checkpointing, 4 pairs x 2048 tokens per GPU: peak ~29 GiB per GPU, ~24 GiB host RAM.
+#   recipe:   recipes/rm_8b.yaml: the hyper-parameters (ZeRO-3 bf16, 4 pairs x 2048 tokens per GPU, lr,
+#             APLOT loss, save/eval steps) and, in its header, the memory plan for this hardware.
 # Use:  MODEL=/models/Meta-Llama-3-8B DATA=/data/pairs.jsonl bash launchers/rm_7b_single_node.sh
-#       DRY_RUN=1 bash launchers/rm_7b_single_node.sh   # flags, DeepSpeed JSON, data, memory plan; no GPU
+#       DRY_RUN=1 bash launchers/rm_7b_single_node.sh   # flags, recipe, DeepSpeed JSON, data, memory plan; no GPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launchers/_common.sh
 export APLOT_PLAN_NODES=1 APLOT_PLAN_GPUS_PER_NODE=8 APLOT_PLAN_GPU_MEM_GIB=80 APLOT_PLAN_CPU_MEM_GIB=128
 MODEL=${MODEL:-ds_configs/model_shapes/llama3-8b}  # the default is a shape only: enough for DRY_RUN
 DATA=${DATA:-aplot_rlhf/demo_data/hh-rlhf/harmless-base-test.pairs.jsonl}
-run_job aplot_rlhf.cli.train_rm \
-  --model_name_or_path "$MODEL" --train_data "$DATA" --eval_split_fraction 0.02 \
-  --ds_config ds_configs/rm_zero3_bf16.json --zero_stage 3 --precision bf16 \
-  --micro_batch_size 4 --gradient_accumulation_steps 4 --max_length 2048 --gradient_checkpointing \
-  --learning_rate 9e-6 --loss aplot --aplot_ot_batch global --timeout_s 1200 \
-  --output_dir "${OUT:-runs/rm-8b}" --save_steps 500 --eval_steps 500
+run_job aplot_rlhf.cli.train_rm --config recipes/rm_8b.yaml \
+  --model_name_or_path "$MODEL" --train_data "$DATA" --output_dir "${OUT:-runs/rm-8b}"

@@ -1,12 +1,13 @@
-"""Every shipped DeepSpeed JSON parses with DeepSpeed's own parser; every launcher's flags are accepted by
-the CLI it calls (its DRY_RUN mode runs the CLI's parsing, validation and dry run) and its plan fits the
-hardware the launcher states; wrong configs fail the dry run with one clear line."""
+"""Every shipped DeepSpeed JSON parses with DeepSpeed's own parser; every launcher's flags and recipe are
+accepted by the CLI it calls (its DRY_RUN mode runs the CLI's parsing, validation and dry run) and its plan
+fits the hardware the launcher states; wrong configs fail the dry run with one clear line."""
 import copy
 import json
 import re
 import subprocess
 
 import pytest
+import yaml
 
 from conftest import PYTHON, REPO, python_env
 
@@ -175,6 +176,12 @@ def test_launcher_dry_run_accepts_flags_and_fits(path):
     else:
         assert launch.startswith("DRY_RUN=1: would run: deepspeed ") and "--module aplot_rlhf.cli." in launch
         assert ("--hostfile" in launch) == ("hostfile" in path.name)
+    # the launcher's recipe reached the trainer: the dry run's resolved config holds every value of it
+    recipe = re.search(r" --config (recipes/\S+\.yaml)", launch)
+    assert recipe, launch
+    resolved = json.loads(proc.stdout.split("resolved config:\n", 1)[1].split("\ndata (as training reads it):", 1)[0])
+    raw = yaml.safe_load((REPO / recipe.group(1)).read_text())
+    assert {k: resolved[k] for k in raw} == raw
 
 
 def test_ppo_role_config_must_match_the_actors_stage(tmp_path, monkeypatch, capsys):
