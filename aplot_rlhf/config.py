@@ -66,6 +66,8 @@ class DataConfig:
     max_length: int = knob(512, "tokens per sequence (prompt + response); prompts are cut from the left to fit")
     response_separator: str = knob(" ", "text between prompt and response in the plain-text format")
     long_response: str = knob("keep_end", "a response longer than max_length: 'keep_end' (drop the prompt and the response's start, counted) or 'skip' (drop the pair, counted)")
+    export_reward_stats_pairs: int = knob(256, "without an eval set, the export's reward mean/std (PPO normalizes "
+                                          "scores with them) come from the first N training pairs")
     group_by_length: bool = knob(False, "put pairs of similar length in one micro-batch (less padding; the same pairs per epoch, order still seeded and resumable)")
 
 
@@ -82,7 +84,8 @@ class LossConfig:
     aplot_signed: bool = knob(False, "APLOT: signed reward term 1 - sigmoid(rc_i - rr_j) instead of |.|")
     aplot_ot_batch: str = knob("global", "APLOT: 'global' (all-gather across data-parallel ranks) or 'local' (per rank)")
     aplot_backend: str = knob("auto", "APLOT: Sinkhorn backend: auto | triton | torch")
-    aplot_hard_threshold: float = knob(0.3, "APLOT diagnostics: margins above this count as 'hard' pairs, below 0.05 as 'easy'")
+    aplot_hard_threshold: float = knob(0.3, "APLOT diagnostics: margins above this count as 'hard' pairs (aplot/hard_frac)")
+    aplot_easy_threshold: float = knob(0.05, "APLOT diagnostics: margins below this count as 'easy' pairs (aplot/easy_frac)")
 
 
 @dataclass
@@ -281,9 +284,9 @@ def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description or cls.__doc__)
     parser.add_argument("--config", default="", help="YAML file with any of the fields below (flags override it)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    unused = getattr(cls, "UNUSED", {})
+    not_flags = {**getattr(cls, "UNUSED", {}), **getattr(cls, "DERIVED", {})}
     for f in dataclasses.fields(cls):
-        if f.name in unused:  # not a flag of this job: argparse then rejects it instead of ignoring it
+        if f.name in not_flags:  # not a flag of this job: argparse then rejects it instead of ignoring it
             continue
         flag = "--" + f.name
         typ = _field_type(f)
@@ -301,11 +304,13 @@ def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
 
 def _coerce(cls, name: str, value: Any, where: str):
     f = {x.name: x for x in dataclasses.fields(cls)}.get(name)
-    unused = getattr(cls, "UNUSED", {})
+    unused, derived = getattr(cls, "UNUSED", {}), getattr(cls, "DERIVED", {})
     if name in unused:
         raise ConfigError(f"{where}: key {name!r} is not used by this job ({unused[name]})")
+    if name in derived:
+        raise ConfigError(f"{where}: key {name!r} is not set directly in this job ({derived[name]})")
     if f is None:
-        known = ", ".join(sorted(x.name for x in dataclasses.fields(cls) if x.name not in unused))
+        known = ", ".join(sorted(x.name for x in dataclasses.fields(cls) if x.name not in {**unused, **derived}))
         raise ConfigError(f"{where}: unknown key {name!r}; known keys: {known}")
     typ = _field_type(f)
     if typ is list and not isinstance(value, list):
@@ -340,7 +345,10 @@ def load_config(cls, argv=None, description: str = ""):
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config that runs, as saved in config.json and checkpoint manifests: without the fields of
+    shared groups that this job does not use."""
+    unused = getattr(cfg, "UNUSED", {})
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in unused}
 
 
 def save_config(cfg, path: str) -> None:
@@ -396,10 +404,6 @@ class PPOSpecific:
     entropy_coef: float = knob(0.0, "entropy bonus in the policy loss")
     ppo_iterations: int = knob(10, "rollout -> train -> sync cycles")
     reward_batch_size: int = knob(16, "sequences per reward-model forward")
-    gradient_checkpointing: bool = knob(False, "recompute activations in backward (actor and critic)")
-    attn_implementation: str = knob("sdpa", "attention kernel passed to transformers (sdpa, eager, flash_attention_2)")
-    disable_dropout: bool = knob(True, "set every dropout of actor, critic, reference and reward model to 0, so "
-                                 "rollout log-probs (eval mode) and training log-probs (train mode) agree")
     advantage_estimator: str = knob("gae", "gae: PPO with a critic (GAE over its values); grpo: (r - group mean) / "
                                     "group std; rloo: r - mean of the other samples of the prompt; reinforce_pp: "
                                     "KL-penalized returns-to-go whitened over the global batch. Only gae builds a critic")
@@ -412,31 +416,28 @@ class PPOSpecific:
     loss_aggregation: str = knob("token_mean", "policy loss over tokens: 'token_mean' (every token of the mini-batch "
                                  "weighs the same) or 'seq_mean' (mean per sequence, then over sequences)")
     drop_uniform_groups: bool = knob(False, "leave groups whose K rewards are all equal (no signal) out of the loss")
-    packing: bool = knob(False, "padding-free experience and training forwards (actor, reference, critic): prompt+response "
-                         "sequences share rows, attention stays within each (flash_attention_2 varlen, else a block mask)")
-    lora_rank: int = knob(0, "LoRA (peft) rank for the actor and the critic (the same knobs for both); 0 = full "
-                          "fine-tuning. With LoRA the KL reference is the actor with its adapters disabled (no second "
-                          "copy), the critic trains its own adapters and value head, and vLLM receives merged weights")
-    lora_alpha: float = knob(16.0, "LoRA alpha (actor and critic): the update is scaled by lora_alpha / lora_rank")
-    lora_dropout: float = knob(0.0, "dropout on the adapters' inputs (actor and critic); needs --no-disable_dropout, "
-                               "since rollout and training log-probs must agree")
-    lora_target_modules: list = knob(["auto"], "modules that get adapters (actor and critic backbones): 'auto' (every "
-                                     "linear layer of the blocks: q/k/v/o/gate/up/down_proj for Llama-family), "
-                                     "'all-linear', or module names")
 
 
 @dataclass
-class PPOConfig(PPOSpecific, EngineConfig, RunConfig):
+class PPOConfig(PPOSpecific, ModelConfig, EngineConfig, RunConfig):
     """PPO alignment: every knob of the job."""
 
     output_dir: str = knob("runs/ppo", "where checkpoints, metrics.jsonl, tensorboard logs and the policy go")
-    # RunConfig / EngineConfig fields PPO has no use for: not flags of train_ppo, refused in its YAML
+    # fields of the shared groups PPO has no use for: not flags of train_ppo, refused in its YAML, not saved
     UNUSED: ClassVar[dict] = {
+        "model_name_or_path": "PPO's models are --actor_model, --reference_model and --reward_model",
+        "gguf_file": "PPO reads a GGUF actor through --actor_gguf_file",
+        "tokenizer_name_or_path": "PPO uses each model's own tokenizer",
+        "trust_remote_code": "PPO loads models with transformers' own code only",
+        "embedding_pooling": "an APLOT embedding is a reward-model training knob",
         "epochs": "PPO runs --ppo_iterations rollout/train cycles",
         "max_steps": "PPO runs --ppo_iterations rollout/train cycles",
         "eval_steps": "PPO measures the held-out --eval_prompts reward",
         "eval_at_start": "PPO measures the held-out --eval_prompts reward",
         "eval_batch_size": "PPO measures the held-out --eval_prompts reward",
+    }
+    # derived by validate from other fields: not flags, refused in YAML, saved in config.json as they ran
+    DERIVED: ClassVar[dict] = {
         "gradient_accumulation_steps": "PPO sets it to ppo_mini_batch_size / micro_batch_size",
     }
     # help lines whose RM wording is wrong for PPO
@@ -450,6 +451,19 @@ class PPOConfig(PPOSpecific, EngineConfig, RunConfig):
         "export": "write the aligned policy as a transformers folder (output_dir/policy) at the end",
         "resume": "resume from the latest checkpoint in output_dir (iteration, actor, critic, KL controller)",
         "dry_run": "validate the config, read every prompt file, print the memory plan, and exit",
+        "gradient_checkpointing": "recompute activations in backward (actor and critic)",
+        "disable_dropout": "set every dropout of actor, critic, reference and reward model to 0, so rollout "
+                           "log-probs (eval mode) and training log-probs (train mode) agree",
+        "packing": "padding-free experience and training forwards (actor, reference, critic): prompt+response "
+                   "sequences share rows, attention stays within each (flash_attention_2 varlen, else a block mask)",
+        "lora_rank": "LoRA (peft) rank for the actor and the critic (the same knobs for both); 0 = full fine-tuning. "
+                     "With LoRA the KL reference is the actor with its adapters disabled (no second copy), the critic "
+                     "trains its own adapters and value head, and vLLM receives merged weights",
+        "lora_alpha": "LoRA alpha (actor and critic): the update is scaled by lora_alpha / lora_rank",
+        "lora_dropout": "dropout on the adapters' inputs (actor and critic); needs --no-disable_dropout, since "
+                        "rollout and training log-probs must agree",
+        "lora_target_modules": "modules that get adapters (actor and critic backbones): 'auto' (every linear layer "
+                               "of the blocks: q/k/v/o/gate/up/down_proj for Llama-family), 'all-linear', or module names",
     }
 
     def validate(self) -> "PPOConfig":
@@ -503,6 +517,8 @@ class PPOConfig(PPOSpecific, EngineConfig, RunConfig):
         if not ranges and self.ppo_mini_batch_size % self.micro_batch_size:
             errors.append(f"ppo_mini_batch_size {self.ppo_mini_batch_size} must be a multiple of micro_batch_size "
                           f"{self.micro_batch_size}")
+        elif not ranges:  # DERIVED: one optimizer step per mini-batch
+            self.gradient_accumulation_steps = self.ppo_mini_batch_size // self.micro_batch_size
         if self.max_new_tokens < 1 or self.max_prompt_length < 1:
             errors.append("max_new_tokens and max_prompt_length must be >= 1")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:

@@ -175,7 +175,6 @@ def dry_run_ppo(cfg) -> int:
     def check():
         from ..plan import plan_from_namespace
         hw = hardware()
-        cfg.gradient_accumulation_steps = cfg.ppo_mini_batch_size // cfg.micro_batch_size  # as the trainer sets it
         ds_cfg = check_deepspeed_json(cfg, hw.nodes * hw.gpus_per_node)
         for path, role in ((cfg.critic_ds_config, "critic"), (cfg.reference_ds_config, "reference")):
             if path and (role != "critic" or cfg.advantage_estimator == "gae"):  # accepted by DeepSpeed, and the actor's stage and precision
