@@ -721,6 +721,27 @@ def gathered_params(params, enabled: bool = True):
         yield
 
 
+def iter_gathered_named_params(module: torch.nn.Module, zero3: bool):
+    """(HF name, full tensor) for every parameter, gathered one decoder layer at a time under ZeRO-3.
+
+    LoRA: merged weights (W + scale * B @ A) under the plain names. vLLM gets merged weights rather than
+    its own LoRA path: the engine keeps serving an ordinary model (same kernels, CUDA graphs, tensor
+    parallel layout and weight loader as without LoRA), and merging costs one layer's matmuls per sync."""
+    from .models.lora import is_lora, iter_merged_named_params  # models.lora imports this module
+    if is_lora(module):
+        yield from iter_merged_named_params(module, zero3)
+        return
+    groups: dict[str, list] = {}
+    for name, p in module.named_parameters():
+        parts = name.split(".")
+        key = ".".join(parts[:3]) if "layers" in parts[:3] else parts[0]  # model.layers.N, or a top-level module
+        groups.setdefault(key, []).append((name, p))
+    for members in groups.values():
+        with gathered_params([p for _, p in members], enabled=zero3):
+            for name, p in members:
+                yield name, p.data
+
+
 def export_pretrained(hf_model, tokenizer, out_dir: str, extra_config: dict | None = None) -> str | None:
     """Consolidate (from ZeRO-3 if needed) and write a transformers folder atomically (rank 0).
 

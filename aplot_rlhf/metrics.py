@@ -145,6 +145,11 @@ class MetricsWindow:
                                           for k in keys]) for r in self.rows])
         return table.nanmean(0)
 
+    def means(self, device=None) -> dict:
+        """{key: this rank's mean over the window} as 0-dim fp64 tensors on `device` (no host sync)."""
+        keys = self.keys()
+        return dict(zip(keys, self.local_means(keys, device)))
+
     def clear(self) -> None:
         self.rows = []
 

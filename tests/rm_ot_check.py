@@ -22,7 +22,7 @@ def main():
             return m
 
         trainer.margin = recording_margin
-        trainer.train_micro_step(trainer._micro_batch(0))
+        trainer.train_micro_step(trainer.micro_batch(0))
         # one file per rank: the ranks' stdout lines can interleave under torchrun
         with open(os.path.join(cfg.output_dir, f"ot_check_rank{trainer.rank}.json"), "w") as fh:
             json.dump({"rank": trainer.rank, "ot_batch": trainer.ot_batch_size, **seen}, fh)

@@ -67,7 +67,7 @@ def test_ppo_reward_model_and_critic_refuse_an_untrained_head(tiny_llama_dir, tm
     import torch
     from transformers import LlamaForSequenceClassification
     from aplot_rlhf.models.policy import load_critic
-    from aplot_rlhf.trainers.ppo import ModelReward
+    from aplot_rlhf.models.rewards import ModelReward
     frozen = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}
     with pytest.raises(ValueError, match=r"reward model .*no trained score head \(score.weight newly initialized"):
         ModelReward(tiny_llama_dir, frozen, torch.float32, 4)
@@ -158,7 +158,7 @@ def _char_tokenizer(chars: str):
 def test_reference_tokenizer_is_compared_not_only_its_size(char_llama_dir, tmp_path):
     from transformers import AutoTokenizer, LlamaConfig
     from aplot_rlhf.config import PPOConfig
-    from aplot_rlhf.trainers.ppo import check_same_vocabulary, reference_tokenizer
+    from aplot_rlhf.models.policy import check_same_vocabulary, reference_tokenizer
     actor_tok = AutoTokenizer.from_pretrained(char_llama_dir)
     actor_cfg = LlamaConfig.from_pretrained(char_llama_dir)
     # same size, other ids: a reversed alphabet (what a different model family's tokenizer looks like to the KL)

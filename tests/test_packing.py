@@ -124,8 +124,9 @@ def test_flash_attention_gets_varlen_kwargs_and_other_kernels_are_refused(caplog
 def test_packed_ppo_logprobs_and_values_equal_padded(attn, capacity, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
     from aplot_rlhf.models.policy import Critic
-    from aplot_rlhf.trainers.ppo import (PPOTrainer, packed_response_logprobs, packed_response_values,
-                                         response_logprobs, response_values, trim_left_padding)
+    from aplot_rlhf.trainers.ppo_layout import (pad_prompt_response, packed_response_logprobs,
+                                                packed_response_values, response_logprobs, response_values,
+                                                trim_left_padding)
     torch.manual_seed(0)
     actor = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation=attn).eval()
     head = torch.nn.Linear(actor.config.hidden_size, 1)
@@ -136,7 +137,7 @@ def test_packed_ppo_logprobs_and_values_equal_padded(attn, capacity, tiny_llama_
     prompts = [torch.randint(3, 500, (p,), generator=g).tolist() for p, _ in lens]
     responses = [torch.randint(3, 500, (r,), generator=g).tolist() for _, r in lens]
     responses[1][-1] = pad  # an eos (== pad) that the policy sampled is a real token of the response
-    ids, attn_mask, posids, tokens, mask = PPOTrainer.pack(prompts, responses, pad)
+    ids, attn_mask, posids, tokens, mask = pad_prompt_response(prompts, responses, pad)
     seqs = trim_left_padding(ids, attn_mask, posids)
     layout = pack_prompt_response(prompts, responses, pad, capacity)
     if capacity is not None:
@@ -203,8 +204,8 @@ def test_packed_micro_batch_of_short_responses_lines_up_with_the_rollout(tiny_ll
     """A micro-batch whose responses all stopped early still yields [b, T] with the rollout's T (the
     experience tensors' width), equal to the padded path, whose first column comes from the host."""
     from transformers import AutoModelForCausalLM
-    from aplot_rlhf.trainers.ppo import (PPOTrainer, first_column, packed_response_logprobs, response_logprobs,
-                                         trim_left_padding)
+    from aplot_rlhf.trainers.ppo_layout import (first_column, packed_response_logprobs, pad_prompt_response,
+                                                response_logprobs, trim_left_padding)
     torch.manual_seed(0)
     actor = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     pad = actor.config.pad_token_id
@@ -212,7 +213,7 @@ def test_packed_micro_batch_of_short_responses_lines_up_with_the_rollout(tiny_ll
     lens = [(4, 12), (7, 2), (5, 3), (20, 9)]  # rows 1-2: short responses and short prompts
     prompts = [torch.randint(3, 500, (p,), generator=g).tolist() for p, _ in lens]
     responses = [torch.randint(3, 500, (r,), generator=g).tolist() for _, r in lens]
-    ids, attn_mask, posids, tokens, mask = PPOTrainer.pack(prompts, responses, pad)
+    ids, attn_mask, posids, tokens, mask = pad_prompt_response(prompts, responses, pad)
     rows = [1, 2]
     P = ids.shape[1] - tokens.shape[1]
     first = first_column(prompts, rows, P)

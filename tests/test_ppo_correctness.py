@@ -105,7 +105,7 @@ def trainer_factory():
 
 
 def first_rollout(trainer):
-    batch = trainer.batch_for(0)
+    batch = trainer.prompt_batch(0)
     prompts, rm_prompts = [b[0] for b in batch], [b[1] for b in batch]
     return trainer.make_experience(prompts, rm_prompts, trainer.generate(prompts))
 
@@ -131,7 +131,7 @@ def test_experience_tensors_are_checked_to_live_on_the_trainers_device(dropout_l
 @pytest.mark.parametrize("model", ["dropout_llama_dir", "dropout_gpt2_dir"])
 def test_first_mini_batch_ratio_is_exactly_one_with_dropout_in_the_config(model, prompt_file, tmp_path,
                                                                           trainer_factory, request):
-    from aplot_rlhf.trainers.ppo import response_logprobs, trim_left_padding
+    from aplot_rlhf.trainers.ppo_layout import response_logprobs, trim_left_padding
     trainer = trainer_factory(ppo_config(request.getfixturevalue(model), prompt_file, tmp_path))
     exp = first_rollout(trainer)
     # the training forward of the same rows, in train mode, must reproduce the rollout's log-probs exactly

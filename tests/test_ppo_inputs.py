@@ -7,7 +7,9 @@ import torch
 
 from aplot_rlhf.data.preference import DataError
 from aplot_rlhf.data.prompts import PromptFormatter, hh_to_messages, load_prompts
-from aplot_rlhf.trainers.ppo import PPOTrainer, RuleReward, check_same_vocabulary
+from aplot_rlhf.models.policy import check_same_vocabulary
+from aplot_rlhf.models.rewards import RuleReward
+from aplot_rlhf.trainers.ppo import PPOTrainer
 
 
 def write(tmp_path, rows):

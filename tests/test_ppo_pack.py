@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from aplot_rlhf.models.policy import Critic
-from aplot_rlhf.trainers.ppo import PPOTrainer, response_logprobs, response_values, trim_left_padding
+from aplot_rlhf.trainers.ppo_layout import pad_prompt_response, response_logprobs, response_values, trim_left_padding
 from aplot_rlhf.trainers.ppo_math import logprobs_of
 
 
@@ -19,7 +19,7 @@ RESPONSES = [[20, 21, 22], [23, 24, 25, 26, 27], [], [28]]
 
 
 def test_pack_layout():
-    ids, attn, posids, tokens, mask = PPOTrainer.pack(PROMPTS, RESPONSES, pad_id=2)
+    ids, attn, posids, tokens, mask = pad_prompt_response(PROMPTS, RESPONSES, pad_id=2)
     assert ids.shape == (4, 7 + 5) and tokens.shape == (4, 5)
     # row 1: 5 columns of left padding, the prompt ends at column 6, the response follows from column 7
     assert ids[1].tolist() == [2] * 5 + [12, 13, 23, 24, 25, 26, 27]
@@ -34,7 +34,7 @@ def test_packed_logprobs_and_values_equal_unpadded_forwards(char_llama_dir):
     model = _model(char_llama_dir)
     torch.manual_seed(1)
     critic = Critic(model.model, nn.Linear(model.config.hidden_size, 1)).eval()
-    ids, attn, posids, tokens, mask = PPOTrainer.pack(PROMPTS, RESPONSES, pad_id=2)
+    ids, attn, posids, tokens, mask = pad_prompt_response(PROMPTS, RESPONSES, pad_id=2)
     with torch.no_grad():
         seqs = trim_left_padding(ids, attn, posids)
         lp, ent = response_logprobs(model, *seqs, tokens, with_entropy=True)

@@ -10,14 +10,15 @@ import torch
 
 from aplot_rlhf.config import PPOConfig, load_config
 from aplot_rlhf.rollout.base import sample_seeds
-from aplot_rlhf.trainers.ppo import PPOTrainer, response_logprobs, trim_left_padding
+from aplot_rlhf.trainers.ppo import PPOTrainer
+from aplot_rlhf.trainers.ppo_layout import response_logprobs, trim_left_padding
 
 
 def main():
     cfg = load_config(PPOConfig, sys.argv[1:])
     trainer = PPOTrainer(cfg).setup()
     try:
-        batch = trainer.batch_for(0)
+        batch = trainer.prompt_batch(0)
         prompts, rm_prompts = [b[0] for b in batch], [b[1] for b in batch]
         responses, engine_lp = trainer.backend.generate(
             prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,

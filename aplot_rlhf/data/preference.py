@@ -451,6 +451,7 @@ class PairSampler:
         if lengths is not None and len(lengths) != n_pairs:
             raise ValueError(f"lengths has {len(lengths)} entries for {n_pairs} pairs")
         self.lengths = lengths
+        self._epoch_cache = None  # (epoch, its batches): one shuffle per epoch, not one per batch
         self.batches_per_rank = n_pairs // (micro_batch_size * world_size)
         if self.batches_per_rank == 0:
             raise DataError(f"{n_pairs} training pairs are fewer than one global micro-batch "
@@ -475,6 +476,13 @@ class PairSampler:
             start = b * per_step + self.rank * self.mbs
             out.append(order[start:start + self.mbs])
         return out
+
+    def batch(self, position: int) -> list[int]:
+        """The indices of this rank's `position`-th batch of the run, counted across epochs."""
+        epoch, b = divmod(position, self.batches_per_rank)
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, self.epoch_batches(epoch))
+        return self._epoch_cache[1][b]
 
 
 # ------------------------------------------------------------------ the reward model's input contract

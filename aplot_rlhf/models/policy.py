@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .reward import drop_gguf_quantizer, load_scoring_model, split_gguf
+from ..errors import ModelError
+from .reward import drop_gguf_quantizer, load_scoring_model, load_tokenizer, split_gguf
 
 
 def load_actor(path: str, *, gguf_file: str = "", dtype=torch.float32, gradient_checkpointing: bool = False,
@@ -90,3 +91,28 @@ def load_critic(init: str, *, reward_path: str, actor_path: str, actor_gguf_file
     if gradient_checkpointing:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Critic(backbone, head)
+
+
+def check_same_vocabulary(actor_tok, reference_tok, actor_config, reference_config) -> None:
+    """The per-token KL compares log-probs of the same token ids: the tokenizers must map every token to
+    the same id. Embedding matrices may be padded beyond the tokenizer (vocab_size > len(tokenizer))."""
+    if actor_tok is not reference_tok:
+        a, r = actor_tok.get_vocab(), reference_tok.get_vocab()
+        if a != r:
+            differ = sorted(t for t in set(a) | set(r) if a.get(t) != r.get(t))
+            shown = ", ".join(f"{t!r}: {a.get(t)} vs {r.get(t)}" for t in differ[:5])
+            raise ModelError(f"the reference model's tokenizer is not the actor's ({len(differ)} of "
+                             f"{max(len(a), len(r))} tokens map to different ids, e.g. {shown}): the KL penalty "
+                             "compares the same token ids; pass a --reference_model that shares the actor's tokenizer")
+    n = len(actor_tok)
+    for who, config in (("actor", actor_config), ("reference", reference_config)):
+        if config.vocab_size < n:
+            raise ModelError(f"the {who}'s embedding has {config.vocab_size} rows but its tokenizer has {n} "
+                             "tokens: some token ids have no logits")
+
+
+def reference_tokenizer(cfg, actor_tok):
+    """The reference's own tokenizer when it has its own folder (the actor's when it is the actor)."""
+    if cfg.reference_model in ("", cfg.actor_model):
+        return actor_tok
+    return load_tokenizer(cfg.reference_model)

@@ -2,29 +2,29 @@
 
 One RM step, top to bottom: pairs -> one forward over chosen+rejected -> rewards and embeddings ->
 (APLOT: gather across ranks without grad -> cost -> Sinkhorn -> margin) -> BT loss with margin ->
-backward -> step -> metrics.
+backward -> step -> metrics. Starting, logging, checkpointing and resuming are the run scaffold's
+(trainers/run.py); this file is the job itself.
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
-import time
 
 import torch
 
 from .. import engine as eng
-from ..config import RMConfig, save_config, to_dict
+from ..config import RMConfig
 from ..data.preference import (DataError, PairSampler, PairTokenizer, collate_pairs, collate_pairs_packed, load_rm_data,
                                pair_length, rm_export_fields)
 from ..eval import score_pairs, summarize
 from ..losses import bt_loss, fixed_margin, gamma_at, margin_diagnostics, pair_metrics
-from ..metrics import MetricsLogger, MetricsWindow
 from ..models.dropout import disable_dropout
-from ..models.packing import capacity_for, to_device
 from ..models.lora import HEAD_NAMES, apply_lora, trainable_summary
+from ..models.packing import capacity_for, to_device
 from ..models.reward import check_max_length, load_model_config, load_reward_model, load_tokenizer
 from ..ot import sinkhorn_margin
+from .run import Run
 
 log = logging.getLogger(__name__)
 
@@ -37,29 +37,55 @@ class RewardModelTrainer:
         self._nonfinite = None       # NaN/inf rewards counted on the device since the last optimizer step
         self._window_origins = []    # the pairs of those micro-batches, for the error message
 
+    # the run scaffold's view of this trainer (trainers/run.py)
+    position = property(lambda self: self.step)
+    logger = property(lambda self: self.run.logger)
+    preempt = property(lambda self: self.run.preempt)
+    preempted = property(lambda self: self.run.preempted)
+
     # ------------------------------------------------------------------------------------- setup
     def setup(self) -> "RewardModelTrainer":
-        cfg = self.cfg
-        self.rank, self.world, _ = eng.init_distributed(cfg.dist_backend, cfg.timeout_s)
-        eng.seed_everything(cfg.seed)
-        self.device = eng.device()
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        eng.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir)
-        self.preempt, self.preempted = eng.Preemption(cfg.output_dir, cfg.preempt_signals), False
+        self.run = Run(self.cfg, "rm")
+        self.rank, self.world, self.device = self.run.rank, self.run.world, self.run.device
+        self.run.watch_preemption()  # nothing to save yet, but a signal now must not kill a later checkpoint
+        self._setup_data()
+        self._setup_model()
+        self._setup_engine()
+        self._resume()
+        if self.run.is_rank0:
+            log.info("train pairs %d, eval sets %s, world %d, optimizer steps %d, precision %s, ZeRO-%d",
+                     len(self.train_pairs), {k: len(v) for k, v in self.eval_sets.items()}, self.world,
+                     self.total_steps, self.precision, self.cfg.zero_stage)
+        return self
 
+    def _setup_data(self) -> None:
+        """Tokenizer, the training pairs and eval sets (read as the dry run reads them), the sampler."""
+        cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.tokenizer_name_or_path, cfg.gguf_file,
                                         cfg.trust_remote_code)
         check_max_length(cfg.max_length, load_model_config(cfg.model_name_or_path, cfg.gguf_file, cfg.trust_remote_code),
                          self.tokenizer, what=f"model {cfg.model_name_or_path}")  # else export crashes after training
         encoder = PairTokenizer(self.tokenizer, cfg.max_length, cfg.chat_template, cfg.response_separator,
                                 cfg.long_response)
-        data_report = {}  # the dry run reads data the same way
+        data_report = {}
         self.train_pairs, self.eval_sets = load_rm_data(cfg, encoder, data_report)
         self.input_format = data_report["train_data"]["input_format"]  # recorded in the export for PPO
+        lengths = [pair_length(p) for p in self.train_pairs] if cfg.group_by_length else None
+        self.sampler = PairSampler(len(self.train_pairs), cfg.micro_batch_size, self.world, self.rank, cfg.seed,
+                                   lengths)
+        steps_per_epoch = self.sampler.batches_per_rank // cfg.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise DataError(f"{len(self.train_pairs)} training pairs make no full optimizer step "
+                            f"(micro batch {cfg.micro_batch_size} x accumulation {cfg.gradient_accumulation_steps}"
+                            f" x {self.world} ranks)")
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
+    def _setup_model(self) -> None:
+        """The reward model, partitioned at load under ZeRO-3; dropout off, LoRA adapters, packing."""
+        cfg = self.cfg
         self.ds_cfg = eng.build_ds_config(cfg, self.world)
         eng.check_ds_config(self.ds_cfg, self.world)
-        self._hf_ds_config = eng.zero3_context(self.ds_cfg)  # keep referenced: ZeRO-3 partitions at load
+        self.run.use_ds_config(self.ds_cfg)
         self.precision = eng.effective_precision(cfg.precision)
         model = load_reward_model(cfg.model_name_or_path, tokenizer=self.tokenizer,
                                   dtype=eng.torch_dtype(self.precision), gguf_file=cfg.gguf_file,
@@ -71,47 +97,27 @@ class RewardModelTrainer:
             model.hf = apply_lora(model.hf, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                   targets=cfg.lora_target_modules, heads=HEAD_NAMES,
                                   gradient_checkpointing=cfg.gradient_checkpointing)
-            if eng.is_rank0():
+            if self.run.is_rank0:
                 log.info("LoRA rank %d: %d of %d parameters train (adapters + score head)", cfg.lora_rank,
                          *trainable_summary(model))
-        self.hf_model = model.hf
+        self.model, self.hf_model = model, model.hf
         self.pack = None  # --packing: pairs -> a packed batch (rows of at most max_length tokens, or one varlen row)
         if cfg.packing:
             model.check_packable(cfg.attn_implementation)
             capacity, reads_last = capacity_for(model.hf.config, cfg.max_length), model.reads_last_token
             self.pack = lambda pairs: collate_pairs_packed(pairs, self.tokenizer.pad_token_id, capacity, reads_last)
 
-        lengths = [pair_length(p) for p in self.train_pairs] if cfg.group_by_length else None
-        self.sampler = PairSampler(len(self.train_pairs), cfg.micro_batch_size, self.world, self.rank, cfg.seed,
-                                   lengths)
-        steps_per_epoch = self.sampler.batches_per_rank // cfg.gradient_accumulation_steps
-        if steps_per_epoch == 0:
-            raise DataError(f"{len(self.train_pairs)} training pairs make no full optimizer step "
-                            f"(micro batch {cfg.micro_batch_size} x accumulation {cfg.gradient_accumulation_steps}"
-                            f" x {self.world} ranks)")
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-        self.engine, self.scheduler = eng.initialize(model, self.ds_cfg, cfg, self.total_steps)
+    def _setup_engine(self) -> None:
+        self.engine, self.scheduler = eng.initialize(self.model, self.ds_cfg, self.cfg, self.total_steps)
 
-        self.logger = MetricsLogger(cfg.output_dir, eng.is_rank0(), cfg.tensorboard, cfg.wandb_project,
-                                    run_config=vars(cfg), resume=cfg.resume)
-        self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-        self.checkpoints = eng.Checkpointer(self.ckpt_root, to_dict(cfg), self.world, cfg.save_total_limit,
-                                            cfg.resume_allow_config_change)
-        if cfg.resume:
-            state = self.checkpoints.load({"model": self.engine})
-            if state is None:
-                log.warning("--resume: no checkpoint in %s, starting from scratch", self.ckpt_root)
-            else:
-                self.step, self.micro_step = state["step"], state["micro_step"]
-                self.logger.resume_at(self.step)
-                log.info("resumed at optimizer step %d (micro step %d)", self.step, self.micro_step)
-        if eng.is_rank0():  # only now: a refused resume or a refused folder keeps the earlier run's file
-            save_config(cfg, os.path.join(cfg.output_dir, "config.json"))
-        if eng.is_rank0():
-            log.info("train pairs %d, eval sets %s, world %d, optimizer steps %d, precision %s, ZeRO-%d",
-                     len(self.train_pairs), {k: len(v) for k, v in self.eval_sets.items()}, self.world,
-                     self.total_steps, self.precision, cfg.zero_stage)
-        return self
+    def _resume(self) -> None:
+        state = self.run.resume({"model": self.engine})
+        if state is not None:
+            self.step, self.micro_step = state["step"], state["micro_step"]
+            self.run.resumed_at(self.step, f"optimizer step {self.step} (micro step {self.micro_step})")
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        return {"model": self.engine}, {"step": self.step, "micro_step": self.micro_step}
 
     # ------------------------------------------------------------------------------------- margins
     def margin(self, chosen, rejected, chosen_emb, rejected_emb, strength):
@@ -137,10 +143,22 @@ class RewardModelTrainer:
         return m
 
     # ------------------------------------------------------------------------------------- train
-    def _micro_batch(self, micro_step: int):
-        per_epoch = self.sampler.batches_per_rank
-        idxs = self.sampler.epoch_batches(micro_step // per_epoch)[micro_step % per_epoch]
-        return [self.train_pairs[i] for i in idxs]
+    def micro_batch(self, micro_step: int) -> list[dict]:
+        """The pairs of this rank's `micro_step`-th micro-batch of the run (epochs follow one another)."""
+        return [self.train_pairs[i] for i in self.sampler.batch(micro_step)]
+
+    def forward(self, pairs: list[dict]):
+        """(rewards [2B]: chosen then rejected, embeddings [2B, d], the batch, its real token count)."""
+        if self.pack is not None:
+            batch = self.pack(pairs)
+            with eng.Phase.of("forward"):
+                rewards, emb = self.engine(packed=to_device(batch["packed"], self.device))
+            return rewards, emb, batch, float(batch["packed"]["n_tokens"])
+        batch = collate_pairs(pairs, self.tokenizer.pad_token_id)
+        with eng.Phase.of("forward"):
+            rewards, emb = self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                                       batch["response_start"].to(self.device))
+        return rewards, emb, batch, float(batch["attention_mask"].sum())  # counted on the host: no device sync
 
     def train_micro_step(self, pairs: list[dict], boundary: bool = True) -> dict:
         """Forward, loss, backward and (at an accumulation boundary) the optimizer step of one micro-batch.
@@ -149,17 +167,7 @@ class RewardModelTrainer:
         the non-finite check, once per optimizer step, just before the weights change."""
         cfg = self.cfg
         B = len(pairs)
-        if self.pack is not None:
-            batch = self.pack(pairs)
-            n_tokens = float(batch["packed"]["n_tokens"])
-            with eng.Phase.of("forward"):
-                rewards, emb = self.engine(packed=to_device(batch["packed"], self.device))
-        else:
-            batch = collate_pairs(pairs, self.tokenizer.pad_token_id)
-            n_tokens = float(batch["attention_mask"].sum())
-            with eng.Phase.of("forward"):
-                rewards, emb = self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                                           batch["response_start"].to(self.device))
+        rewards, emb, batch, n_tokens = self.forward(pairs)
         nonfinite = (~torch.isfinite(rewards.detach())).sum()
         self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite + nonfinite
         self._window_origins += [p["origin"] for p in pairs]
@@ -173,10 +181,10 @@ class RewardModelTrainer:
             self._check_finite()
         with eng.Phase.of("optimizer_step"):
             self.engine.step()
-        metrics = {"loss": loss.detach(), **pair_metrics(chosen, rejected),
-                   "tokens": n_tokens}  # counted on the host: no device sync
+        metrics = {"loss": loss.detach(), **pair_metrics(chosen, rejected), "tokens": n_tokens}
         if margin is not None:
-            metrics.update(margin_diagnostics(margin, chosen, rejected, cfg.aplot_hard_threshold))
+            metrics.update(margin_diagnostics(margin, chosen, rejected, cfg.aplot_hard_threshold,
+                                              cfg.aplot_easy_threshold))
             if cfg.loss == "aplot":
                 metrics["aplot/ot_batch_size"] = float(self.ot_batch_size)
                 metrics["aplot/gamma"] = gamma_at(self.step, cfg.aplot_gamma, cfg.aplot_gamma_warmup_steps)
@@ -192,71 +200,48 @@ class RewardModelTrainer:
                 f"micro-batches across ranks (this rank's pairs: {origins}); lower the learning rate, use bf16 "
                 "instead of fp16, or check the model weights")
 
+    def train_step(self) -> list[dict]:
+        """One optimizer step: gradient_accumulation_steps micro-steps; their metrics."""
+        ga = self.cfg.gradient_accumulation_steps
+        out = []
+        for _ in range(ga):
+            boundary = (self.micro_step + 1) % ga == 0
+            out.append(self.train_micro_step(self.micro_batch(self.micro_step), boundary))
+            self.micro_step += 1
+        self.step += 1
+        return out
+
+    def log_row(self, window, seconds: float) -> dict:
+        """A log interval's row: the mean over its micro-steps and over all ranks, with rates."""
+        metrics = self.run.reduce(window.means(self.device))
+        steps = len(window) / self.cfg.gradient_accumulation_steps
+        tokens = metrics.pop("tokens") * len(window) * self.world
+        metrics.update({"lr": self.scheduler.get_last_lr()[0], "step_s": seconds / steps,
+                        "tokens_per_s": tokens / seconds, "epoch": self.micro_step / self.sampler.batches_per_rank})
+        return metrics
+
+    def after_step(self) -> None:
+        cfg = self.cfg
+        if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
+            self.log_eval(self.evaluate())
+
     def train(self) -> dict:
         cfg = self.cfg
-        ga = cfg.gradient_accumulation_steps
         if cfg.eval_at_start and self.step == 0:
             self.log_eval(self.evaluate())
-        progress = None
-        if cfg.progress and eng.is_rank0():
-            from tqdm import tqdm
-            progress = tqdm(total=self.total_steps, initial=self.step, desc="rm", dynamic_ncols=True)
-        window, steps_in_window, t0 = MetricsWindow(), 0, time.perf_counter()
         self.engine.module.train()
-        while self.step < self.total_steps:
-            boundary = (self.micro_step + 1) % ga == 0
-            window.add(self.train_micro_step(self._micro_batch(self.micro_step), boundary))
-            self.micro_step += 1
-            if not boundary:
-                continue
-            self.step += 1
-            steps_in_window += 1
-            if self.step % cfg.log_steps == 0 or self.step == self.total_steps:
-                # one row per log interval: the mean over its steps (and micro-steps), over all ranks
-                metrics = self._reduce(window)
-                window_s = time.perf_counter() - t0
-                tokens = metrics.pop("tokens") * len(window) * self.world
-                metrics.update({"lr": self.scheduler.get_last_lr()[0], "step_s": window_s / steps_in_window,
-                                "tokens_per_s": tokens / window_s,
-                                "epoch": self.micro_step / self.sampler.batches_per_rank})
-                self.logger.log(self.step, metrics, prefix="train/")
-                if progress is not None:
-                    progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
-                window, steps_in_window, t0 = MetricsWindow(), 0, time.perf_counter()
-            if progress is not None:
-                progress.update(1)
-            if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
-                self.log_eval(self.evaluate())
-            saved = cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps
-            if saved:
-                self.save()
-            if self.preempt.requested():  # all ranks agree, after the same optimizer step
-                if not saved:
-                    self.save()
-                self.preempt.finish(self.step)
-                self.preempted = True
-                break
-        if progress is not None:
-            progress.close()
-        if self.preempted:
-            return {}
+        postfix = lambda row: {"loss": f"{row['loss']:.4f}", "acc": f"{row['accuracy']:.2f}"}  # noqa: E731
+        if self.run.loop(self, self.total_steps, "train/", postfix):
+            return {}  # preempted: checkpointed, the job exits for a requeue
         results = self.evaluate()
         self.log_eval(results)
         self.last_eval = results
-        if eng.is_rank0() and results:  # per-pair rewards, for plots and for checking exports
+        if self.run.is_rank0 and results:  # per-pair rewards, for plots and for checking exports
             torch.save({n: {"chosen": r["_chosen"], "rejected": r["_rejected"]} for n, r in results.items()},
                        os.path.join(cfg.output_dir, "eval_rewards.pt"))
-        self.save()
         if cfg.export:
             self.export(results)
         return {name: {k: v for k, v in r.items() if not k.startswith("_")} for name, r in results.items()}
-
-    def _reduce(self, window: MetricsWindow) -> dict:
-        """Means over the window and over ranks; a rank whose value is NaN (e.g. a correlation over a
-        constant batch) is left out of that key's mean instead of turning it NaN. One host sync."""
-        keys = window.keys()
-        total = eng.all_reduce_finite_mean(window.local_means(keys, self.device))
-        return dict(zip(keys, total.cpu().tolist()))
 
     # ------------------------------------------------------------------------------------- eval
     def forward_rewards(self, *args, **kwargs):
@@ -268,8 +253,7 @@ class RewardModelTrainer:
         self.engine.module.eval()
         with eng.Phase.of("evaluate"):
             for name, pairs in self.eval_sets.items():
-                per_rank = math.ceil(len(pairs) / self.world)
-                shard = [pairs[min(i, len(pairs) - 1)] for i in range(self.rank * per_rank, (self.rank + 1) * per_rank)]
+                shard, _ = self.run.shard(pairs)
                 c, r = score_pairs(self.forward_rewards, shard, self.cfg.eval_batch_size,
                                    self.tokenizer.pad_token_id, self.device, pack=self.pack)
                 c = eng.all_gather_no_grad(c.to(self.device)).cpu()[:len(pairs)]
@@ -281,21 +265,22 @@ class RewardModelTrainer:
     def log_eval(self, results: dict) -> None:
         for name, r in results.items():
             self.logger.log(self.step, {k: v for k, v in r.items() if not k.startswith("_")}, prefix=f"eval/{name}/")
-        if eng.is_rank0() and results:
+        if self.run.is_rank0 and results:
             log.info("step %d eval: %s", self.step,
                      ", ".join(f"{n} acc {r['accuracy']:.3f} (n={r['n']})" for n, r in results.items()))
 
     # ------------------------------------------------------------------------------------- save
     def save(self) -> None:
-        self.checkpoints.save({"model": self.engine}, self.step, {"step": self.step, "micro_step": self.micro_step})
+        self.run.save(self)
 
     def export(self, results: dict) -> str | None:
-        """HF folder under output_dir/model with reward mean/std (over the first eval set) in its config."""
+        """HF folder under output_dir/model with reward mean/std in its config: over the first eval set, or
+        without one over the first export_reward_stats_pairs training pairs."""
         if results:
             first = next(iter(results.values()))
             rewards = torch.cat([first["_chosen"], first["_rejected"]])
         else:
-            sample = self.train_pairs[:256]
+            sample = self.train_pairs[:self.cfg.export_reward_stats_pairs]
             c, r = score_pairs(self.forward_rewards, sample, self.cfg.eval_batch_size,
                                self.tokenizer.pad_token_id, self.device, pack=self.pack)
             rewards = torch.cat([c, r])
@@ -307,7 +292,4 @@ class RewardModelTrainer:
         return out
 
     def close(self) -> None:
-        if not self.preempted:  # a preempted run ignores further signals until it has exited (Preemption.finish)
-            self.preempt.restore()
-        self.logger.close()
-        eng.shutdown()
+        self.run.close()
