@@ -32,6 +32,17 @@ from ..metrics import MetricsLogger, MetricsWindow
 log = logging.getLogger(__name__)
 
 
+def rank_shard(items: list, rank: int, world: int) -> tuple[list, list[bool]]:
+    """Rank `rank`'s share of `items`, and which of its entries count.
+
+    Every rank gets the same number of entries (ZeRO-3 gathers are collective): the last shards are padded
+    with the last item, whose extra results do not count; the ranks' results gathered in rank order, first
+    len(items) kept, are the items' results in order."""
+    per_rank = math.ceil(len(items) / world)
+    own = range(rank * per_rank, (rank + 1) * per_rank)
+    return [items[min(i, len(items) - 1)] for i in own], [i < len(items) for i in own]
+
+
 class _NoProgress:
     def update(self, n: int = 1) -> None:
         pass
@@ -116,14 +127,8 @@ class Run:
         return dict(zip(keys, eng.all_reduce_finite_mean(values).cpu().tolist()))
 
     def shard(self, items: list) -> tuple[list, list[bool]]:
-        """This rank's share of `items` for a sharded evaluation, and which of its entries count.
-
-        Every rank gets the same number of entries (ZeRO-3 gathers are collective): the last shards are
-        padded with the last item, whose extra results do not count; gathering the ranks' results in rank
-        order and keeping the first len(items) gives back the items' order."""
-        per_rank = math.ceil(len(items) / self.world)
-        own = range(self.rank * per_rank, (self.rank + 1) * per_rank)
-        return [items[min(i, len(items) - 1)] for i in own], [i < len(items) for i in own]
+        """This rank's share of `items` for a sharded evaluation (`rank_shard`)."""
+        return rank_shard(items, self.rank, self.world)
 
     def progress(self, total: int, initial: int):
         if not (self.cfg.progress and self.is_rank0):
