@@ -499,13 +499,20 @@ def input_format_of(pairs: list[dict], chat_template: str) -> str:
     return "chat" if any(_is_messages(p["prompt"]) or _is_messages(p["chosen"]) for p in pairs) else "text"
 
 
-def rm_export_fields(cfg, input_format: str) -> dict:
-    """The keys a reward model's export carries so every later reader tokenizes as train_rm did."""
-    return {f"{EXPORT_PREFIX}max_length": cfg.max_length, f"{EXPORT_PREFIX}loss": cfg.loss,
+def rm_export_fields(cfg, input_format: str, reward_mean: float, reward_std: float) -> dict:
+    """The keys train_rm writes into its export's config.json: the reward statistics PPO normalizes scores
+    with (`export_reward_statistics` reads them) and how the pairs were tokenized (`encoder_from_export`)."""
+    return {"reward_mean": reward_mean, "reward_std": reward_std,
+            f"{EXPORT_PREFIX}max_length": cfg.max_length, f"{EXPORT_PREFIX}loss": cfg.loss,
             f"{EXPORT_PREFIX}chat_template": cfg.chat_template,
             f"{EXPORT_PREFIX}response_separator": cfg.response_separator,
             f"{EXPORT_PREFIX}long_response": cfg.long_response,
             f"{EXPORT_PREFIX}input_format": input_format}
+
+
+def export_reward_statistics(hf_config) -> tuple[float | None, float | None]:
+    """(mean, std) of the exported model's rewards (`rm_export_fields`); None where the export lacks them."""
+    return getattr(hf_config, "reward_mean", None), getattr(hf_config, "reward_std", None)
 
 
 def encoder_from_export(tokenizer, hf_config, max_length: int = 0,

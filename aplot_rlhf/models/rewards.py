@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import engine as eng
-from ..data.preference import SkipCounter, collate_pairs, encoder_from_export
+from ..data.preference import SkipCounter, collate_pairs, encoder_from_export, export_reward_statistics
 from ..data.prompts import reward_model_prompt
 from .dropout import disable_dropout
 from .reward import RewardModel, load_scoring_model
@@ -49,7 +49,7 @@ class ModelReward:
         disable_dropout(hf)
         if hf.config.pad_token_id is None:
             hf.config.pad_token_id = self.tok.pad_token_id
-        self.mean, self.std = getattr(cfg, "reward_mean", None), getattr(cfg, "reward_std", None)
+        self.mean, self.std = export_reward_statistics(cfg)
         self.model = eng.initialize_frozen(RewardModel(hf), ds_cfg)
         self.batch_size = batch_size
 

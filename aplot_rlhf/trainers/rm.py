@@ -284,8 +284,7 @@ class RewardModelTrainer:
             c, r = score_pairs(self.forward_rewards, sample, self.cfg.eval_batch_size,
                                self.tokenizer.pad_token_id, self.device, pack=self.pack)
             rewards = torch.cat([c, r])
-        extra = {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-                 **rm_export_fields(self.cfg, self.input_format)}
+        extra = rm_export_fields(self.cfg, self.input_format, rewards.mean().item(), rewards.std().item())
         out = eng.export_pretrained(self.hf_model, self.tokenizer, os.path.join(self.cfg.output_dir, "model"), extra)
         if out:
             log.info("exported reward model to %s", out)
