@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 

@@ -34,6 +34,7 @@ def main(argv=None) -> dict:
         p.error("--batch_size must be >= 1")
 
     import os
+
     import torch
     from transformers import AutoTokenizer
 

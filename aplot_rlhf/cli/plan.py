@@ -10,8 +10,16 @@ import dataclasses
 import json
 import sys
 
-from ..plan import (ATTN_IMPLEMENTATIONS, DTYPE_BYTES, JOBS, KNOWN_MODELS, PlanInput, format_plan,
-                    plan_from_namespace, plan_to_dict)
+from ..plan import (
+    ATTN_IMPLEMENTATIONS,
+    DTYPE_BYTES,
+    JOBS,
+    KNOWN_MODELS,
+    PlanInput,
+    format_plan,
+    plan_from_namespace,
+    plan_to_dict,
+)
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(PlanInput)}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import re
 
-from .preference import DataError, SkipCounter, _read_records, _is_messages
+from .preference import DataError, SkipCounter, _is_messages, _read_records
 
 log = logging.getLogger(__name__)
 

@@ -137,6 +137,7 @@ def save_adapter(model: nn.Module, state: dict, out_dir: str, heads=HEAD_NAMES) 
     """Write a peft adapter folder (adapter_config.json + adapter_model.safetensors) that
     `PeftModel.from_pretrained(base, out_dir)` loads; the trained head is saved as peft's modules_to_save."""
     import copy
+
     from safetensors.torch import save_file
     config = copy.deepcopy(model.peft_config["default"])
     base = model.get_base_model()

@@ -27,11 +27,32 @@ from ..models.policy import check_same_vocabulary, load_actor, load_critic, refe
 from ..models.reward import check_max_length, load_model_config, load_tokenizer
 from ..models.rewards import ModelReward, RuleReward
 from ..rollout.base import sample_seeds
-from .ppo_layout import (first_column, packed_response_logprobs, packed_response_values, pad_prompt_response,
-                         response_logprobs, response_values, trim_left_padding)
-from .ppo_math import (AdaptiveKLController, FixedKLController, aggregate, critic_free_advantages, gae,
-                       group_statistics, kl_per_token, masked_mean, masked_moments, moments_to_mean_var,
-                       normalize_scores, policy_loss, token_rewards, value_loss, whiten)
+from .ppo_layout import (
+    first_column,
+    packed_response_logprobs,
+    packed_response_values,
+    pad_prompt_response,
+    response_logprobs,
+    response_values,
+    trim_left_padding,
+)
+from .ppo_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    aggregate,
+    critic_free_advantages,
+    gae,
+    group_statistics,
+    kl_per_token,
+    masked_mean,
+    masked_moments,
+    moments_to_mean_var,
+    normalize_scores,
+    policy_loss,
+    token_rewards,
+    value_loss,
+    whiten,
+)
 from .run import Run
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,16 @@ import torch
 
 from .. import engine as eng
 from ..config import RMConfig
-from ..data.preference import (DataError, PairSampler, PairTokenizer, collate_pairs, collate_pairs_packed, load_rm_data,
-                               pair_length, rm_export_fields)
+from ..data.preference import (
+    DataError,
+    PairSampler,
+    PairTokenizer,
+    collate_pairs,
+    collate_pairs_packed,
+    load_rm_data,
+    pair_length,
+    rm_export_fields,
+)
 from ..eval import score_pairs, summarize
 from ..losses import bt_loss, fixed_margin, gamma_at, margin_diagnostics, pair_metrics
 from ..models.dropout import disable_dropout
