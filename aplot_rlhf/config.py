@@ -34,7 +34,8 @@ class ModelConfig:
     gguf_file: str = knob("", "GGUF file name inside model_name_or_path (or a full path) to load weights from")
     tokenizer_name_or_path: str = knob("", "tokenizer folder; defaults to the model's")
     trust_remote_code: bool = knob(False, "allow custom model code from the model folder")
-    embedding_pooling: str = knob("token", "APLOT embedding: 'token' (hidden state at the reward token) or 'mean' (mean over response tokens)")
+    embedding_pooling: str = knob("token", "APLOT embedding: 'token' (hidden state at the reward token) or 'mean' "
+                                           "(mean over response tokens)")
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
     attn_implementation: str = knob("sdpa", "attention kernel passed to transformers (sdpa, eager, flash_attention_2)")
     disable_dropout: bool = knob(True, "set every dropout to 0 (reward scores should not be noisy)")
@@ -45,15 +46,16 @@ class ModelConfig:
     lora_alpha: float = knob(16.0, "LoRA alpha: the adapters' update is scaled by lora_alpha / lora_rank")
     lora_dropout: float = knob(0.0, "dropout on the adapters' inputs (kept even with --disable_dropout)")
     lora_target_modules: list = knob(["auto"], "modules that get adapters: 'auto' (every linear layer of the blocks: "
-                                     "q/k/v/o/gate/up/down_proj for Llama-family, query/key/value/dense for BERT-family, "
-                                     "else peft's all-linear), 'all-linear', or module names")
+                                     "q/k/v/o/gate/up/down_proj for Llama-family, query/key/value/dense for "
+                                     "BERT-family, else peft's all-linear), 'all-linear', or module names")
 
 
 @dataclass
 class DataConfig:
     train_data: list = knob([], "training pair files (jsonl/json/parquet/arrow) or hub dataset names; repeatable")
     eval_data: list = knob([], "eval sets as FILE or NAME=FILE; repeatable; each is reported by name")
-    eval_split_fraction: float = knob(0.0, "hold out this fraction of the training pool as eval set 'id_val' (fixed seed)")
+    eval_split_fraction: float = knob(0.0, "hold out this fraction of the training pool as eval set 'id_val' (fixed "
+                                           "seed)")
     split_seed: int = knob(1234, "seed of the train/validation split (independent of the training seed)")
     max_train_pairs: int = knob(0, "use only the first N training pairs after the split (0 = all)")
     max_eval_pairs: int = knob(0, "use only the first N pairs of each eval set (0 = all)")
@@ -62,13 +64,16 @@ class DataConfig:
     rejected_key: str = knob("rejected", "key of the dispreferred response")
     strength_key: str = knob("strength", "key of the graded preference strength, used by the 'margin' loss")
     hub_split: str = knob("train", "split to read when a data entry is a hub dataset name")
-    chat_template: str = knob("auto", "'auto' (use the tokenizer's chat template for message lists), 'always', or 'never'")
+    chat_template: str = knob("auto", "'auto' (use the tokenizer's chat template for message lists), 'always', or "
+                                      "'never'")
     max_length: int = knob(512, "tokens per sequence (prompt + response); prompts are cut from the left to fit")
     response_separator: str = knob(" ", "text between prompt and response in the plain-text format")
-    long_response: str = knob("keep_end", "a response longer than max_length: 'keep_end' (drop the prompt and the response's start, counted) or 'skip' (drop the pair, counted)")
+    long_response: str = knob("keep_end", "a response longer than max_length: 'keep_end' (drop the prompt and the "
+                                          "response's start, counted) or 'skip' (drop the pair, counted)")
     export_reward_stats_pairs: int = knob(256, "without an eval set, the export's reward mean/std (PPO normalizes "
                                           "scores with them) come from the first N training pairs")
-    group_by_length: bool = knob(False, "put pairs of similar length in one micro-batch (less padding; the same pairs per epoch, order still seeded and resumable)")
+    group_by_length: bool = knob(False, "put pairs of similar length in one micro-batch (less padding; the same pairs "
+                                        "per epoch, order still seeded and resumable)")
 
 
 @dataclass
@@ -82,10 +87,13 @@ class LossConfig:
     aplot_gamma: float = knob(1.0, "APLOT: margin scale gamma")
     aplot_gamma_warmup_steps: int = knob(0, "APLOT: linear warm-up of gamma from 0 over this many optimizer steps")
     aplot_signed: bool = knob(False, "APLOT: signed reward term 1 - sigmoid(rc_i - rr_j) instead of |.|")
-    aplot_ot_batch: str = knob("global", "APLOT: 'global' (all-gather across data-parallel ranks) or 'local' (per rank)")
+    aplot_ot_batch: str = knob("global", "APLOT: 'global' (all-gather across data-parallel ranks) or 'local' (per "
+                                         "rank)")
     aplot_backend: str = knob("auto", "APLOT: Sinkhorn backend: auto | triton | torch")
-    aplot_hard_threshold: float = knob(0.3, "APLOT diagnostics: margins above this count as 'hard' pairs (aplot/hard_frac)")
-    aplot_easy_threshold: float = knob(0.05, "APLOT diagnostics: margins below this count as 'easy' pairs (aplot/easy_frac)")
+    aplot_hard_threshold: float = knob(0.3, "APLOT diagnostics: margins above this count as 'hard' pairs "
+                                            "(aplot/hard_frac)")
+    aplot_easy_threshold: float = knob(0.05, "APLOT diagnostics: margins below this count as 'easy' pairs "
+                                             "(aplot/easy_frac)")
 
 
 @dataclass
@@ -94,7 +102,8 @@ class EngineConfig:
     precision: str = knob("bf16", "bf16 | fp16 | fp32 (bf16 and fp16 fall back to fp32 on CPU)")
     offload_optimizer: bool = knob(False, "ZeRO: keep optimizer states on CPU")
     offload_param: bool = knob(False, "ZeRO-3: keep parameters on CPU")
-    optimizer: str = knob("auto", "auto | adamw_torch | fused_adam | cpu_adam (auto: cpu_adam with offload, fused on CUDA, torch AdamW on CPU)")
+    optimizer: str = knob("auto", "auto | adamw_torch | fused_adam | cpu_adam (auto: cpu_adam with offload, fused on "
+                                  "CUDA, torch AdamW on CPU)")
     ds_config: str = knob("", "DeepSpeed JSON to start from (values 'auto' are filled from this config)")
     micro_batch_size: int = knob(4, "pairs per GPU per micro-step (each pair is two sequences)")
     gradient_accumulation_steps: int = knob(1, "micro-steps per optimizer step")
@@ -107,7 +116,8 @@ class EngineConfig:
     max_grad_norm: float = knob(1.0, "gradient clipping (0 = off)")
     timeout_s: int = knob(600, "collective timeout: a rank that dies or hangs fails the others after this")
     dist_backend: str = knob("auto", "auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
-    fused_torch_adam: bool = knob(True, "torch AdamW (optimizer adamw_torch, or auto on CPU): its fused one-kernel step instead of the per-tensor loop")
+    fused_torch_adam: bool = knob(True, "torch AdamW (optimizer adamw_torch, or auto on CPU): its fused one-kernel "
+                                        "step instead of the per-tensor loop")
 
 
 @dataclass
@@ -127,10 +137,16 @@ class RunConfig:
     tensorboard: bool = knob(True, "write tensorboard event files under output_dir/tb")
     wandb_project: str = knob("", "log to this Weights & Biases project (needs wandb installed)")
     progress: bool = knob(True, "tqdm progress bar on rank 0")
-    dry_run: bool = knob(False, "validate the config, read every data file as training would, print the memory plan, and exit")
-    overwrite_output_dir: bool = knob(False, "without --resume, move an earlier run found in output_dir aside (to previous_run.<time>) instead of refusing to start")
-    resume_allow_config_change: bool = knob(False, "--resume even if the config differs from the checkpoint's in keys that change the model, the data order or the step arithmetic")
-    preempt_signals: list = knob(["SIGTERM", "SIGUSR1"], "on these signals (or a file output_dir/PREEMPT) every rank finishes its optimizer step, all save one checkpoint, and the run exits with status 75 (requeue it; --resume continues)")
+    dry_run: bool = knob(False, "validate the config, read every data file as training would, print the memory plan, "
+                                "and exit")
+    overwrite_output_dir: bool = knob(False, "without --resume, move an earlier run found in output_dir aside (to "
+                                             "previous_run.<time>) instead of refusing to start")
+    resume_allow_config_change: bool = knob(False, "--resume even if the config differs from the checkpoint's in keys "
+                                                   "that change the model, the data order or the step arithmetic")
+    preempt_signals: list = knob(["SIGTERM", "SIGUSR1"], "on these signals (or a file output_dir/PREEMPT) every rank "
+                                                         "finishes its optimizer step, all save one checkpoint, and "
+                                                         "the run exits with status 75 (requeue it; --resume "
+                                                         "continues)")
 
 
 def _finite(v) -> bool:
@@ -190,9 +206,11 @@ def check_engine_and_run(cfg) -> list[str]:
 
 def lora_errors(cfg) -> list[str]:
     """Range checks of the LoRA knobs (both jobs)."""
-    errors = check_ranges(cfg, {"lora_rank": _at_least(0), "lora_alpha": _above(0.0), "lora_dropout": (0.0, 1.0, False, True)})
+    errors = check_ranges(cfg, {"lora_rank": _at_least(0), "lora_alpha": _above(0.0),
+                                "lora_dropout": (0.0, 1.0, False, True)})
     if not cfg.lora_target_modules or not all(isinstance(t, str) and t.strip() for t in cfg.lora_target_modules):
-        errors.append(f"lora_target_modules must be 'auto', 'all-linear' or module names, got {cfg.lora_target_modules!r}")
+        errors.append(f"lora_target_modules must be 'auto', 'all-linear' or module names, "
+                      f"got {cfg.lora_target_modules!r}")
     return errors
 
 
@@ -367,27 +385,33 @@ class PPOSpecific:
     actor_model: str = knob("", "policy to align (SFT causal LM): local folder, hub name, or .gguf file")
     actor_gguf_file: str = knob("", "GGUF file name inside actor_model, if the actor is a GGUF")
     reward_model: str = knob("", "reward model folder saved by train_rm (any tokenizer)")
-    allow_untrained_reward_head: bool = knob(False, "accept a reward model whose score head is not in its checkpoint (random scores: debugging only)")
+    allow_untrained_reward_head: bool = knob(False, "accept a reward model whose score head is not in its checkpoint "
+                                                    "(random scores: debugging only)")
     reference_model: str = knob("", "frozen KL reference; defaults to actor_model")
     critic_init: str = knob("reward", "initialize the critic from the 'reward' model or the 'actor'")
-    critic_ds_config: str = knob("", "DeepSpeed JSON for the critic ('auto' filled as for the actor); default: the actor's")
-    reference_ds_config: str = knob("", "DeepSpeed JSON for the frozen reference and reward model; default: the actor's")
+    critic_ds_config: str = knob("", "DeepSpeed JSON for the critic ('auto' filled as for the actor); default: the "
+                                     "actor's")
+    reference_ds_config: str = knob("", "DeepSpeed JSON for the frozen reference and reward model; default: the "
+                                        "actor's")
     prompt_data: list = knob([], "prompt files (jsonl/json/parquet/arrow, key prompt_key); repeatable")
-    prompt_format: str = knob("auto", "'auto' (HH transcripts become chat messages when the actor has a chat template), 'text' or 'chat'")
+    prompt_format: str = knob("auto", "'auto' (HH transcripts become chat messages when the actor has a chat "
+                                      "template), 'text' or 'chat'")
     max_prompts: int = knob(0, "use only the first N prompts (0 = all)")
     eval_prompts: int = knob(16, "hold out the last N prompts: never trained on, used to measure the policy's reward")
     max_prompt_length: int = knob(256, "prompt tokens; longer prompts lose their oldest tokens (counted)")
     max_new_tokens: int = knob(64, "generation length limit")
     temperature: float = knob(1.0, "sampling temperature (0 = greedy)")
     top_p: float = knob(1.0, "nucleus sampling")
-    rollout_backend: str = knob("vllm", "'vllm' (in-process engine on each rank, weights synced from the actor) or 'hf' (generate on the gathered actor)")
+    rollout_backend: str = knob("vllm", "'vllm' (in-process engine on each rank, weights synced from the actor) or "
+                                        "'hf' (generate on the gathered actor)")
     vllm_gpu_memory_utilization: float = knob(0.3, "vLLM's share of GPU memory (KV cache + weights)")
     vllm_tensor_parallel_size: int = knob(1, "vLLM tensor-parallel size (ranks in a group share one engine)")
     vllm_sleep: bool = knob(True, "put vLLM to sleep during training to hand its memory to DeepSpeed")
     vllm_enforce_eager: bool = knob(True, "disable CUDA graphs in vLLM (faster start, less memory)")
     rollout_batch_size: int = knob(8, "prompts per rank per PPO iteration")
     ppo_epochs: int = knob(1, "passes over each rollout")
-    ppo_mini_batch_size: int = knob(8, "sequences per rank per optimizer step in the PPO epochs")  # K samples count K times
+    # K samples count K times
+    ppo_mini_batch_size: int = knob(8, "sequences per rank per optimizer step in the PPO epochs")
     critic_learning_rate: float = knob(5e-6, "critic peak learning rate (actor uses learning_rate)")
     clip_ratio: float = knob(0.2, "PPO policy clip")
     value_clip: float = knob(0.2, "value-function clip")
@@ -406,7 +430,8 @@ class PPOSpecific:
     reward_batch_size: int = knob(16, "sequences per reward-model forward")
     advantage_estimator: str = knob("gae", "gae: PPO with a critic (GAE over its values); grpo: (r - group mean) / "
                                     "group std; rloo: r - mean of the other samples of the prompt; reinforce_pp: "
-                                    "KL-penalized returns-to-go whitened over the global batch. Only gae builds a critic")
+                                    "KL-penalized returns-to-go whitened over the global batch. Only gae builds a "
+                                    "critic")
     samples_per_prompt: int = knob(1, "K: every prompt is sampled K times per rollout (grpo and rloo need K >= 2); "
                                    "the rollout holds rollout_batch_size * K sequences per rank")
     grpo_std_normalize: bool = knob(True, "grpo: divide by the group's reward std (off: the 'Dr. GRPO' variant)")
@@ -463,7 +488,8 @@ class PPOConfig(PPOSpecific, ModelConfig, EngineConfig, RunConfig):
         "lora_dropout": "dropout on the adapters' inputs (actor and critic); needs --no-disable_dropout, since "
                         "rollout and training log-probs must agree",
         "lora_target_modules": "modules that get adapters (actor and critic backbones): 'auto' (every linear layer "
-                               "of the blocks: q/k/v/o/gate/up/down_proj for Llama-family), 'all-linear', or module names",
+                               "of the blocks: q/k/v/o/gate/up/down_proj for Llama-family), 'all-linear', or "
+                               "module names",
     }
 
     def validate(self) -> "PPOConfig":
@@ -493,7 +519,8 @@ class PPOConfig(PPOSpecific, ModelConfig, EngineConfig, RunConfig):
             "temperature": _at_least(0.0), "samples_per_prompt": _at_least(1)}) + check_engine_and_run(self)
         errors += ranges
         if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-            errors.append(f"advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got {self.advantage_estimator!r}")
+            errors.append(f"advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, "
+                          f"got {self.advantage_estimator!r}")
         elif self.advantage_estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
             errors.append(f"advantage_estimator {self.advantage_estimator} compares the samples of one prompt: "
                           f"samples_per_prompt must be >= 2, got {self.samples_per_prompt}")
@@ -512,8 +539,9 @@ class PPOConfig(PPOSpecific, ModelConfig, EngineConfig, RunConfig):
         # the divisibility checks divide by these sizes: only once the ranges hold
         sequences = self.rollout_batch_size * self.samples_per_prompt
         if not ranges and sequences % self.ppo_mini_batch_size:
-            errors.append(f"rollout_batch_size {self.rollout_batch_size} x samples_per_prompt {self.samples_per_prompt} "
-                          f"= {sequences} sequences must be a multiple of ppo_mini_batch_size {self.ppo_mini_batch_size}")
+            errors.append(f"rollout_batch_size {self.rollout_batch_size} x samples_per_prompt "
+                          f"{self.samples_per_prompt} = {sequences} sequences must be a multiple of "
+                          f"ppo_mini_batch_size {self.ppo_mini_batch_size}")
         if not ranges and self.ppo_mini_batch_size % self.micro_batch_size:
             errors.append(f"ppo_mini_batch_size {self.ppo_mini_batch_size} must be a multiple of micro_batch_size "
                           f"{self.micro_batch_size}")

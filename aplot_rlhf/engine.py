@@ -105,7 +105,8 @@ class Phase:
 
     @classmethod
     def collective(cls, op: str):
-        """For our own collectives: inside a phase that phase names a failure; between phases, say which one it follows."""
+        """For our own collectives: inside a phase that phase names a failure; between phases, say which one it
+        follows."""
         return contextlib.nullcontext() if cls.depth else cls.of(f"{op} after {cls.last}", record=False)
 
 
@@ -159,7 +160,8 @@ def torch_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def role_ds_config(cfg, world_size: int, path: str, role: str, actor_ds_cfg: dict, precision: str | None = None) -> dict:
+def role_ds_config(cfg, world_size: int, path: str, role: str, actor_ds_cfg: dict,
+                   precision: str | None = None) -> dict:
     """A PPO role's own DeepSpeed JSON (critic, reference), or the actor's when `path` is empty.
 
     Every role must use the actor's ZeRO stage and precision: models are created under one
@@ -190,7 +192,8 @@ def build_ds_config(cfg, world_size: int, precision: str | None = None) -> dict:
     precision: override (dry runs plan the requested dtype, not the CPU fallback)."""
     precision = precision or effective_precision(cfg.precision)
     on_cuda = torch.cuda.is_available()
-    torch_adam = cfg.optimizer == "adamw_torch" or (cfg.optimizer == "auto" and not on_cuda and not cfg.offload_optimizer)
+    torch_adam = cfg.optimizer == "adamw_torch" or (cfg.optimizer == "auto" and not on_cuda
+                                                    and not cfg.offload_optimizer)
     ours = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -559,7 +562,8 @@ class Checkpointer:
                     for rel, size in view.items():
                         files[rel] = max(size, files.get(rel, 0))
                 if any(set(v) != set(files) for v in views):
-                    log.warning("%s: the ranks see different files; checkpoints need a folder every rank shares", partial)
+                    log.warning("%s: the ranks see different files; checkpoints need a folder every rank shares",
+                                partial)
                 for rel, size in files.items():
                     entry = files[rel] = {"size": size}
                     if size <= HASH_LIMIT and os.path.isfile(os.path.join(partial, rel)):
@@ -627,10 +631,12 @@ class Checkpointer:
         changes = config_changes({**manifest.get("config", {}), "world_size": manifest.get("world_size")},
                                  {**self.config, "world_size": self.world_size})
         if changes and not self.allow_config_change:
-            raise ResumeConfigError(f"{step_dir}: --resume with a config that changes the run:\n  " + "\n  ".join(changes)
+            raise ResumeConfigError(f"{step_dir}: --resume with a config that changes the run:\n  "
+                                    + "\n  ".join(changes)
                                     + "\npass the saved values, or --resume_allow_config_change to resume anyway")
         if changes and is_rank0():
-            log.warning("resuming %s with a changed config (--resume_allow_config_change): %s", step_dir, "; ".join(changes))
+            log.warning("resuming %s with a changed config (--resume_allow_config_change): %s", step_dir,
+                        "; ".join(changes))
         self.run_id = manifest["run_id"]
         client_state, failed = None, []
         with Phase.of("load_checkpoint"):

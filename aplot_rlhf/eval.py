@@ -15,7 +15,8 @@ def score_pairs(forward, encoded: list[dict], batch_size: int, pad_id: int, devi
     """Rewards of every pair's chosen and rejected response.
 
     forward(input_ids, attention_mask, response_start) -> rewards [2b]; with `pack` (pairs -> a
-    collate_pairs_packed batch), forward(packed=layout on `device`) instead. Returns (chosen [n], rejected [n]) fp32 CPU.
+    collate_pairs_packed batch), forward(packed=layout on `device`) instead. Returns (chosen [n], rejected [n])
+    fp32 CPU.
     """
     chosen, rejected = [], []
     for start in range(0, len(encoded), batch_size):

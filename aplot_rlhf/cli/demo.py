@@ -60,7 +60,8 @@ def main(argv=None) -> dict:
             print()
             print(f"{'eval set':<10} {'n':>5} {'acc before':>11} {'acc after':>10}")
             for name in after:
-                print(f"{name:<10} {after[name]['n']:>5} {before[name]['accuracy']:>11.3f} {after[name]['accuracy']:>10.3f}")
+                print(f"{name:<10} {after[name]['n']:>5} {before[name]['accuracy']:>11.3f} "
+                      f"{after[name]['accuracy']:>10.3f}")
             print(f"\ntrained {trainer.step} steps on {len(trainer.train_pairs)} pairs in {train_s:.0f} s "
                   f"(wall, including evaluation and start-up)")
             print(f"reward distributions: {png}")

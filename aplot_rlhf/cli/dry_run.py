@@ -3,7 +3,8 @@
 No GPU, no process group, no weights: validates the config, builds the DeepSpeed JSON and runs it
 through DeepSpeed's own parser, reads every data file through the loader training uses (tokenized
 with the model's tokenizer when the folder has one: skip counts as training would log them), checks
-max_length against the model's positions, reads the model's config.json, and prints the memory plan for the hardware the launchers export:
+max_length against the model's positions, reads the model's config.json, and prints the memory plan
+for the hardware the launchers export:
 APLOT_PLAN_NODES, APLOT_PLAN_GPUS_PER_NODE, APLOT_PLAN_GPU_MEM_GIB (default 1 x 1 x 80 GiB; without
 APLOT_PLAN_GPUS_PER_NODE, WORLD_SIZE / nodes) and, optionally, APLOT_PLAN_CPU_MEM_GIB (host RAM per
 node, checked when set). Exit 0 if it fits, 1 if not (with the planner's smallest change that fits),
@@ -58,7 +59,8 @@ def _check_flags_match_json(cfg, ds_cfg: dict) -> None:
     json_precision = eng.ds_precision(ds_cfg)
     pairs = [("zero_stage", cfg.zero_stage, "zero_optimization.stage", zero.get("stage", 0)),
              ("precision", cfg.precision, "bf16/fp16.enabled", json_precision),
-             ("offload_optimizer", cfg.offload_optimizer, "zero_optimization.offload_optimizer", offload("offload_optimizer")),
+             ("offload_optimizer", cfg.offload_optimizer, "zero_optimization.offload_optimizer",
+              offload("offload_optimizer")),
              ("offload_param", cfg.offload_param, "zero_optimization.offload_param", offload("offload_param"))]
     wrong = [f"--{flag} {ours} but {cfg.ds_config or 'the DeepSpeed JSON'} has {key} = {theirs}"
              for flag, ours, key, theirs in pairs if ours != theirs]
@@ -89,7 +91,8 @@ def _check_rm_data(cfg, world: int) -> dict:
     from ..models.reward import check_max_length, load_model_config
     tok = _tokenizer_or_none(cfg.model_name_or_path, cfg.tokenizer_name_or_path, cfg.gguf_file, cfg.trust_remote_code)
     if os.path.exists(os.path.join(cfg.model_name_or_path, "config.json")):  # a missing one is reported later
-        check_max_length(cfg.max_length, load_model_config(cfg.model_name_or_path, cfg.gguf_file, cfg.trust_remote_code),
+        check_max_length(cfg.max_length,
+                         load_model_config(cfg.model_name_or_path, cfg.gguf_file, cfg.trust_remote_code),
                          tok, what=f"model {cfg.model_name_or_path}")
     encoder = None
     if tok is not None:
@@ -114,7 +117,8 @@ def _check_prompt_data(cfg, world: int) -> dict:
         prompts = prompts[:cfg.max_prompts]
     tok = _tokenizer_or_none(cfg.actor_model, "", cfg.actor_gguf_file)
     if cfg.actor_gguf_file or os.path.exists(os.path.join(cfg.actor_model, "config.json")):
-        check_max_length(cfg.max_prompt_length + cfg.max_new_tokens, load_model_config(cfg.actor_model, cfg.actor_gguf_file),
+        check_max_length(cfg.max_prompt_length + cfg.max_new_tokens,
+                         load_model_config(cfg.actor_model, cfg.actor_gguf_file),
                          tok, flag="--max_prompt_length + --max_new_tokens", what=f"actor {cfg.actor_model}")
     if tok is not None:
         formatter = PromptFormatter(tok, cfg.max_prompt_length, cfg.prompt_format)
@@ -177,13 +181,15 @@ def dry_run_ppo(cfg) -> int:
         hw = hardware()
         ds_cfg = check_deepspeed_json(cfg, hw.nodes * hw.gpus_per_node)
         for path, role in ((cfg.critic_ds_config, "critic"), (cfg.reference_ds_config, "reference")):
-            if path and (role != "critic" or cfg.advantage_estimator == "gae"):  # accepted by DeepSpeed, and the actor's stage and precision
+            # accepted by DeepSpeed, and the actor's stage and precision
+            if path and (role != "critic" or cfg.advantage_estimator == "gae"):
                 _check_role_json(cfg, path, role, ds_cfg, hw.nodes * hw.gpus_per_node)
         data = _check_prompt_data(cfg, hw.nodes * hw.gpus_per_node)
         actor = _model_folder(cfg.actor_model)
         reward = None if cfg.reward_model.startswith("rule:") else _model_folder(cfg.reward_model)
         common = SimpleNamespace(zero_stage=cfg.zero_stage, precision=cfg.precision,
-                                 micro_batch_size=cfg.micro_batch_size, gradient_checkpointing=cfg.gradient_checkpointing,
+                                 micro_batch_size=cfg.micro_batch_size,
+                                 gradient_checkpointing=cfg.gradient_checkpointing,
                                  lora_rank=cfg.lora_rank, lora_target_modules=cfg.lora_target_modules)
         plan = plan_from_namespace(common, model=actor, job="ppo", nodes=hw.nodes, gpus_per_node=hw.gpus_per_node,
                                    gpu_mem_gib=hw.gpu_mem_gib, cpu_mem_gib=hw.cpu_mem_gib, reward_model=reward,

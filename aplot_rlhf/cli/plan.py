@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA rank (0 = full fine-tuning): optimizer states and gradients for the adapters only")
     p.add_argument("--lora-targets", default=d["lora_targets"],
                    help="adapted linears, comma-separated (q_proj,k_proj,...,down_proj), auto or all-linear")
-    p.add_argument("--cpu-mem-gib", type=float, default=None, help="host RAM per node: checked, and the fix search respects it (else offload may need TBs)")
+    p.add_argument("--cpu-mem-gib", type=float, default=None,
+                   help="host RAM per node: checked, and the fix search respects it (else offload may need TBs)")
     p.add_argument("--max-nodes", type=int, default=d["max_nodes"], help="search bound when suggesting more nodes")
     p.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
     return p

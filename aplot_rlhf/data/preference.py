@@ -200,7 +200,8 @@ def parse_eval_specs(specs, reserved=()) -> list[tuple[str, str]]:
 
     The name defaults to the file stem. Results are keyed by name, so two inputs must never share one:
     an explicit NAME given twice (or equal to a `reserved` name such as 'id_val') is an error; derived
-    names that collide take their parent folder ('folder_stem'; no '/', metric keys split on it), then a '-2', '-3', ... suffix.
+    names that collide take their parent folder ('folder_stem'; no '/', metric keys split on it), then a
+    '-2', '-3', ... suffix.
     """
     explicit, entries = {}, []
     for spec in specs:

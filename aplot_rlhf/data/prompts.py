@@ -78,7 +78,8 @@ class PromptFormatter:
     def __init__(self, tokenizer, max_prompt_length: int, prompt_format: str = "auto"):
         self.tok = tokenizer
         self.max_len = max_prompt_length
-        self.use_chat = prompt_format == "chat" or (prompt_format == "auto" and getattr(tokenizer, "chat_template", None))
+        self.use_chat = prompt_format == "chat" or (prompt_format == "auto"
+                                                    and getattr(tokenizer, "chat_template", None))
         if prompt_format == "chat" and not getattr(tokenizer, "chat_template", None):
             raise DataError("prompt_format 'chat' needs an actor tokenizer with a chat template")
         self.skips = SkipCounter()
@@ -86,7 +87,8 @@ class PromptFormatter:
     def __call__(self, prompt) -> tuple[list[int], str | list[dict]]:
         rm_text = prompt if isinstance(prompt, str) else hh_transcript(prompt)
         if self.use_chat:
-            messages = prompt if _is_messages(prompt) else (hh_to_messages(prompt) or [{"role": "user", "content": prompt}])
+            messages = (prompt if _is_messages(prompt)
+                        else (hh_to_messages(prompt) or [{"role": "user", "content": prompt}]))
             text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = self.tok.encode(text, add_special_tokens=False)
         else:

