@@ -13,7 +13,7 @@ import pytest
 
 from aplot_rlhf import engine as eng
 from aplot_rlhf.metrics import MetricsLogger
-from conftest import HH_PAIRS, PYTHON, REPO, python_env
+from helpers import HH_PAIRS, PYTHON, REPO, python_env
 
 STEPS = 4
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import PYTHON, REPO, python_env
+from helpers import PYTHON, REPO, python_env
 
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 LAUNCHERS = sorted(p for p in (REPO / "launchers").iterdir() if p.suffix in (".sh", ".sbatch") and not p.name.startswith("_"))

@@ -9,7 +9,7 @@ import torch
 
 from aplot_rlhf.data.preference import (DataError, PairSampler, PairTokenizer, collate_pairs, load_pairs,
                                         parse_eval_specs, split_pairs)
-from conftest import HH_PAIRS
+from helpers import HH_PAIRS
 
 ROWS = [
     {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": "Hello!", "rejected": "Go away.", "strength": 2},

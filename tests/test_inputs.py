@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHARS, PYTHON, REPO, python_env
+from helpers import CHARS, PYTHON, REPO, python_env
 
 SHAPES = REPO / "ds_configs" / "model_shapes"
 DEMO_PAIRS = REPO / "aplot_rlhf" / "demo_data" / "hh-rlhf" / "harmless-base-test.pairs.jsonl"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port, HH_PAIRS, PYTHON, REPO, python_env
+from helpers import free_port, HH_PAIRS, PYTHON, REPO, python_env
 from test_ppo import ppo_flags, run_check
 from test_rm_train import STEPS, read_metrics, rm_args, torchrun
 

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import free_port, PYTHON, REPO, python_env
+from helpers import free_port, PYTHON, REPO, python_env
 from test_rm_train import read_metrics, rm_args, torchrun
 
 STEPS = 4

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import HH_PAIRS, PYTHON, REPO, free_port, python_env
+from helpers import HH_PAIRS, PYTHON, REPO, free_port, python_env
 
 from aplot_rlhf.data.preference import PairTokenizer, collate_pairs, collate_pairs_packed, load_pairs
 from aplot_rlhf.errors import ConfigError

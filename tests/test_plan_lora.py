@@ -7,7 +7,7 @@ import pytest
 
 from aplot_rlhf.plan import (LORA_LINEARS, KNOWN_MODELS, PlanInput, estimate, lora_target_names,
                              plan_from_namespace, resolve_model)
-from conftest import PYTHON, REPO, python_env
+from helpers import PYTHON, REPO, python_env
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, HH_PAIRS, PYTHON, REPO, python_env
+from helpers import free_port, HH_PAIRS, PYTHON, REPO, python_env
 
 ITERS = 6
 

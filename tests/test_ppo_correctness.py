@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import CHARS, PYTHON, REPO, free_port, python_env
+from helpers import CHARS, PYTHON, REPO, free_port, python_env
 
 PROMPT_ROWS = [{"prompt": "\n\nHuman: " + w + "\n\nAssistant:"} for w in
                ("hello there", "what is rain", "tell me a joke", "how are you", "name a colour", "why is the sky",

@@ -3,7 +3,7 @@ torch_adam path, and ZeRO-0 on one rank without DeepSpeed's gradient all-reduce.
 import json
 import subprocess
 
-from conftest import PYTHON, REPO, free_port, python_env
+from helpers import PYTHON, REPO, free_port, python_env
 
 SCRIPT = r"""
 import copy, json, os, sys

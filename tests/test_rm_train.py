@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port, HH_PAIRS, PYTHON, REPO, python_env
+from helpers import free_port, HH_PAIRS, PYTHON, REPO, python_env
 
 STEPS = 8
 
