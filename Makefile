@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-ppo test install install-gpu check-gpu-deps check-compile gpu-check gpu-check-smoke trl-venv peer-trl clean-venv
+.PHONY: demo demo-ppo test lint install install-gpu check-gpu-deps check-compile gpu-check gpu-check-smoke trl-venv peer-trl clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: $(STAMP)
 	@# the multi-node test builds network namespaces with iproute2 (present on most images; installed if not)
 	@command -v ip >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq iproute2; } || true
 	$(PY) -m pytest -q
+
+# the rules (pycodestyle, pyflakes, import order; 120 columns) are in pyproject.toml, [tool.ruff]
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # ---- GPU nodes (Linux x86_64, NVIDIA). The CUDA torch 2.13.0 wheel needs a CUDA 13 driver; for a CUDA 12
 # driver pass TORCH_INDEX_URL=<PyTorch's cu128 wheel index>. Same versions as the CPU set (requirements/gpu.txt).

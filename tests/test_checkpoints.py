@@ -71,7 +71,8 @@ def biggest_file(step_dir: Path) -> Path:
 
 # --------------------------------------------------------------------------- 1. no pointer, no foreign deletion
 
-def test_resume_without_pointer_finds_the_newest_checkpoint_and_deletes_no_foreign_one(tiny_llama_dir, run_copy, base_run):
+def test_resume_without_pointer_finds_the_newest_checkpoint_and_deletes_no_foreign_one(tiny_llama_dir, run_copy,
+                                                                                        base_run):
     ckpts = run_copy / "checkpoints"
     (ckpts / "latest_checkpoint.json").unlink()
     foreign = ckpts / "step_1"  # another run's (or an older version's) folder: no manifest of this run
@@ -214,7 +215,8 @@ def test_fresh_run_into_a_used_folder_is_refused_then_moved_aside(tiny_llama_dir
     config_before = (run_copy / "config.json").read_text()
     proc = train_rm(flags(tiny_llama_dir, run_copy, seed=5), check=False)
     assert proc.returncode != 0
-    assert "holds an earlier run" in proc.stderr and "--resume" in proc.stderr and "--overwrite_output_dir" in proc.stderr
+    assert "holds an earlier run" in proc.stderr and "--resume" in proc.stderr
+    assert "--overwrite_output_dir" in proc.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (run_copy / "checkpoints").iterdir()} == before
     assert (run_copy / "config.json").read_text() == config_before
     train_rm(flags(tiny_llama_dir, run_copy, seed=5) + ["--overwrite_output_dir"])

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from helpers import PYTHON, free_port, REPO, python_env
+from helpers import PYTHON, REPO, free_port, python_env
 from test_rm_train import read_metrics, rm_args
 
 TIMEOUT_S = 30  # --timeout_s: every collective fails after this

@@ -8,8 +8,9 @@ from helpers import PYTHON, REPO, python_env
 
 
 def test_gpu_check_cpu_smoke_runs_every_step_and_writes_the_report(tmp_path):
-    proc = subprocess.run([PYTHON, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out_dir", str(tmp_path)],
-                          env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([PYTHON, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke",
+                           "--out_dir", str(tmp_path)], env=python_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all steps passed" in proc.stdout + proc.stderr
     report = (tmp_path / "report.md").read_text()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import free_port, HH_PAIRS, PYTHON, REPO, python_env
+from helpers import HH_PAIRS, PYTHON, REPO, free_port, python_env
 
 ITERS = 6
 
@@ -67,7 +67,8 @@ def test_ppo_with_hf_rollouts_raises_reward_and_resumes(char_llama_dir, tmp_path
 
 def test_ppo_zero2_single_process_copies_the_actor_for_reference_and_critic(char_llama_dir, tmp_path):
     # without ZeRO-3 the trainer reads the actor once and copies it into the reference and the critic backbone
-    (r,) = run_check(ppo_flags(char_llama_dir, tmp_path / "z2", "hf", zero_stage=2, ppo_iterations=2), free_port(), nproc=1)
+    (r,) = run_check(ppo_flags(char_llama_dir, tmp_path / "z2", "hf", zero_stage=2, ppo_iterations=2), free_port(),
+                     nproc=1)
     assert len(r["rewards"]) == 2 and r["greedy_equal"]
 
 
@@ -98,7 +99,7 @@ def test_trainer_log_probs_are_those_of_the_tempered_policy_vllm_sampled(char_ll
     proc = subprocess.run([PYTHON, str(REPO / "tests" / "vllm_logprob_check.py"), *flags], env=python_env(),
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    (r,) = [json.loads(l.split("RESULT ", 1)[1]) for l in proc.stdout.splitlines() if "RESULT " in l]
+    (r,) = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
     print("vLLM vs trainer log-probs at temperature 0.7:", r)
     assert r["tokens"] > 20, r
     assert r["tempered_max_diff"] < 1e-4, r
@@ -149,6 +150,7 @@ def test_ppo_preempted_by_a_signal_checkpoints_exits_75_and_resumes_the_run(char
     uninterrupted run's rewards."""
     import signal
     import time
+
     from aplot_rlhf.engine import PREEMPT_EXIT_CODE
     from test_rm_train import start_ranks
     flags = lambda out: ppo_flags(char_llama_dir, out, "hf", zero_stage=2, ppo_iterations=5, save_steps=0)  # noqa: E731

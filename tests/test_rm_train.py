@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import free_port, HH_PAIRS, PYTHON, REPO, python_env
+from helpers import HH_PAIRS, PYTHON, REPO, free_port, python_env
 
 STEPS = 8
 
@@ -18,7 +18,8 @@ STEPS = 8
 def rm_args(model_dir, out, **extra):
     args = {"model_name_or_path": model_dir, "train_data": str(HH_PAIRS), "output_dir": str(out),
             "eval_split_fraction": 0.5, "max_train_pairs": 16, "max_eval_pairs": 12, "max_length": 64,
-            "micro_batch_size": 2, "long_response": "skip", "gradient_accumulation_steps": 2, "learning_rate": 2e-3, "warmup_ratio": 0.0,
+            "micro_batch_size": 2, "long_response": "skip", "gradient_accumulation_steps": 2, "learning_rate": 2e-3,
+            "warmup_ratio": 0.0,
             "lr_scheduler": "constant", "max_steps": STEPS, "zero_stage": 3, "loss": "aplot", "save_steps": 2,
             "eval_batch_size": 4, **extra}
     flags = []
@@ -33,7 +34,7 @@ def torchrun(flags, port):
 
 
 def read_metrics(out):
-    rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows if "train/loss" in r}
 
 
@@ -54,7 +55,7 @@ def kill_run(proc):
 
 def assert_each_step_once(out):
     """Every training step has exactly one row, and no eval set has two rows at one step."""
-    rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     train = sorted(r["step"] for r in rows if "train/loss" in r)
     assert train == list(range(1, STEPS + 1)), f"training rows by step: {train}"
     evals = [(r["step"], next(k for k in r if k.startswith("eval/"))) for r in rows if "train/loss" not in r]
@@ -85,6 +86,7 @@ def test_zero3_two_process_loss_goes_down(full_run):
 
 def test_export_reloads_in_plain_transformers_with_identical_rewards(full_run):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     from aplot_rlhf.data.preference import PairTokenizer, load_pairs, split_pairs
     from aplot_rlhf.eval import score_pairs
     out, _ = full_run
@@ -200,7 +202,8 @@ def test_kills_during_saving_and_damaged_checkpoints_resume_to_the_same_losses(f
                                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             deadline = time.time() + 600
             while not (ckpts.is_dir() and any(re.fullmatch(r"step_(\d+)(\.partial)?", p.name) and
-                                              int(p.name.split("_")[1].split(".")[0]) >= kill_at for p in ckpts.iterdir())):
+                                              int(p.name.split("_")[1].split(".")[0]) >= kill_at
+                                              for p in ckpts.iterdir())):
                 assert proc.poll() is None, f"round {round_} ended before its kill:\n{log_path.read_text()[-4000:]}"
                 assert time.time() < deadline
                 time.sleep(0.005)
@@ -221,7 +224,8 @@ def test_kills_during_saving_and_damaged_checkpoints_resume_to_the_same_losses(f
         if damage == "delete":
             victim.unlink()
             expected_resume = int(complete[1].name.split("_")[1])
-            expected_warnings = [f"{victim}: missing (manifest lists {size} bytes)", f"falling back to {complete[1].name}"]
+            expected_warnings = [f"{victim}: missing (manifest lists {size} bytes)",
+                                 f"falling back to {complete[1].name}"]
         elif damage == "truncate+garbage_pointer":
             victim.write_bytes(victim.read_bytes()[:size // 3])
             pointer.write_text('{"tag": "step_')
