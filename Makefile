@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-ppo test lint install install-gpu check-gpu-deps check-compile gpu-check gpu-check-smoke trl-venv peer-trl clean-venv
+.PHONY: demo demo-ppo test test-fast lint install install-gpu check-gpu-deps check-compile gpu-check gpu-check-smoke trl-venv peer-trl clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: $(STAMP)
 	@# the multi-node test builds network namespaces with iproute2 (present on most images; installed if not)
 	@command -v ip >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq iproute2; } || true
 	$(PY) -m pytest -q
+
+# the quick loop: leaves out the tests marked distributed, vllm or slow (pyproject.toml lists the markers)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not distributed and not vllm and not slow"
 
 # the rules (pycodestyle, pyflakes, import order; 120 columns) are in pyproject.toml, [tool.ruff]
 lint: $(STAMP)

@@ -161,6 +161,7 @@ def test_dry_run_needs_only_a_config_json(tmp_path, monkeypatch, capsys):
     assert code == 2 and "no config.json" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
 def test_launcher_dry_run_accepts_flags_and_fits(path):
     env = python_env() | {"DRY_RUN": "1", "PYTHON": PYTHON}

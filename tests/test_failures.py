@@ -14,6 +14,8 @@ import pytest
 from helpers import PYTHON, REPO, free_port, python_env
 from test_rm_train import read_metrics, rm_args
 
+pytestmark = pytest.mark.distributed
+
 TIMEOUT_S = 30  # --timeout_s: every collective fails after this
 SLACK_S = 60    # process exit, stack unwinding and a busy shared CPU
 

