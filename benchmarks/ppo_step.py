@@ -93,8 +93,9 @@ def main():
         torch.distributed.broadcast_object_list(folder, src=0)
     folder = folder[0]
     mbs = max(1, min(8, args.prompts))
-    cfg = PPOConfig(actor_model=folder, reward_model="rule:neg_length", prompt_data=[os.path.join(folder, "prompts.jsonl")],
-                    prompt_format="text", eval_prompts=0, rollout_backend=args.step_backend, rollout_batch_size=args.prompts,
+    cfg = PPOConfig(actor_model=folder, reward_model="rule:neg_length",
+                    prompt_data=[os.path.join(folder, "prompts.jsonl")], prompt_format="text", eval_prompts=0,
+                    rollout_backend=args.step_backend, rollout_batch_size=args.prompts,
                     ppo_mini_batch_size=args.prompts, micro_batch_size=mbs, max_new_tokens=args.new_tokens,
                     max_prompt_length=64, ppo_iterations=args.iterations + 1, ppo_epochs=args.ppo_epochs,
                     zero_stage=args.zero_stage, output_dir=os.path.join(folder, "run"), tensorboard=False,
@@ -105,7 +106,8 @@ def main():
     for _ in range(args.iterations + 1):
         phases.append(trainer.step())
     phases = phases[1:]  # the first iteration warms up kernels and allocators
-    med = {k: statistics.median(m[k] for m in phases) for k in ("gen_s", "experience_s", "train_s", "sync_s", "gen_tokens_per_s")}
+    med = {k: statistics.median(m[k] for m in phases)
+           for k in ("gen_s", "experience_s", "train_s", "sync_s", "gen_tokens_per_s")}
     step_s = med["gen_s"] + med["experience_s"] + med["train_s"] + med["sync_s"]
 
     prompts = [pr[0] for pr in trainer.prompts[:args.prompts]]
@@ -129,7 +131,8 @@ def main():
         tokens = sum(len(o) for o in out)
         total = eng.all_reduce_sum(torch.tensor([float(tokens), sec], device=eng.device())).cpu()
         gen_rows.append({"backend": backend.name if name != "hf_zero3_synced" else name, "tokens": int(total[0]),
-                         "seconds": total[1].item() / world, "tokens_per_s": total[0].item() / (total[1].item() / world)})
+                         "seconds": total[1].item() / world,
+                         "tokens_per_s": total[0].item() / (total[1].item() / world)})
     if rank == 0:
         dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
         print(f"\n{dev}, world {world}, policy {args.preset} (random weights), ZeRO-{args.zero_stage}, "

@@ -107,7 +107,7 @@ def oasst_file(preset: str) -> Path:
         return OOD["oasst"]
     subset = preset_dir(preset) / f"oasst_subset{n}_seed0.jsonl"
     if not subset.exists():
-        lines = [l for l in OOD["oasst"].read_text().splitlines() if l.strip()]
+        lines = [line for line in OOD["oasst"].read_text().splitlines() if line.strip()]
         keep = sorted(random.Random(0).sample(range(len(lines)), n))
         subset.parent.mkdir(parents=True, exist_ok=True)
         tmp = subset.with_suffix(".tmp")
@@ -222,7 +222,7 @@ def train_and_eval(preset: str, method: str, seed: int, lr: str, threads: int, o
 
 # ------------------------------------------------------------------------------------------ reading
 def read_metrics(d: Path) -> list[dict]:
-    return [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def eval_curve(rows: list[dict], name: str = "id_val", key: str = "accuracy") -> list[tuple[int, float]]:
@@ -378,7 +378,8 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
     out.append("\n### Paired comparison against BT (same seed: same head init, same data order)\n")
     out.append("Per-seed accuracy difference in points (method − BT), its mean ± 95% t-CI, and the sign count "
                "(wins / ties / losses over seeds).\n")
-    out.append("| method | eval set | per-seed diff (seed: points) | mean ± 95% CI | W / T / L |\n|---|---|---|---|---|")
+    out.append("| method | eval set | per-seed diff (seed: points) | mean ± 95% CI | W / T / L |\n"
+               "|---|---|---|---|---|")
     for m in methods:
         if m == "bt":
             continue
@@ -391,12 +392,12 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
             if not d:
                 continue
             mean, hw = t_ci95(d)
-            w, l = sum(x > 1e-9 for x in d), sum(x < -1e-9 for x in d)
+            w, losses = sum(x > 1e-9 for x in d), sum(x < -1e-9 for x in d)
             paired_json[f"{m}/{k}"] = {"per_seed": dict(zip(ks, d)), "mean": mean, "ci95": hw,
-                                       "wins": w, "ties": len(d) - w - l, "losses": l}
+                                       "wins": w, "ties": len(d) - w - losses, "losses": losses}
             name = f"**{m}**" if m == "aplot" else m
             out.append(f"| {name} | {k} | " + ", ".join(f"{s}: {100 * x:+.1f}" for s, x in zip(ks, d))
-                       + f" | {fmt(mean, hw, sign=True)} | {w} / {len(d) - w - l} / {l} |")
+                       + f" | {fmt(mean, hw, sign=True)} | {w} / {len(d) - w - losses} / {losses} |")
 
     # pooled pair-level check on id_val (McNemar over seeds x pairs): APLOT vs BT
     mc = []
@@ -417,7 +418,8 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
             mc.append(f"| {m} | {b} | {c} | {p:.2f} |")
     if mc:
         out.append("\n### id_val pair-level disagreement with BT, pooled over seeds (McNemar, continuity-corrected)\n")
-        out.append("| method | pairs only the method gets right | pairs only BT gets right | two-sided p |\n|---|---|---|---|")
+        out.append("| method | pairs only the method gets right | pairs only BT gets right | two-sided p |\n"
+                   "|---|---|---|---|")
         out += mc
 
     # reward separation on id_val
@@ -638,7 +640,8 @@ def main() -> None:
             f.result()
         pool.shutdown()
         with open(preset_dir(args.preset) / "study_wall.jsonl", "a") as fh:
-            fh.write(json.dumps({"argv": sys.argv[1:], "end": time.strftime("%Y-%m-%d %H:%M:%S"), "start": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
+            fh.write(json.dumps({"argv": sys.argv[1:], "end": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                 "start": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
                                  "wall_s": time.time() - t0, "jobs": args.jobs, "threads": threads}) + "\n")
         say(f"study finished in {time.time() - t0:.0f} s")
     report(args.preset, methods, seeds)

@@ -59,6 +59,7 @@ def main():
     args = p.parse_args()
 
     from transformers import LlamaConfig, LlamaForCausalLM
+
     from aplot_rlhf import engine as eng
     from aplot_rlhf.config import RMConfig
     from aplot_rlhf.losses import bt_loss
@@ -86,7 +87,8 @@ def main():
         torch.distributed.broadcast_object_list(paths, src=0)
     folder = paths[0]
     config = LlamaConfig.from_pretrained(folder)
-    hidden, layers, inter, vocab = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    inter, vocab = config.intermediate_size, config.vocab_size
     # parameters of the RM: the backbone without the LM head, plus a scalar head
     n_params = vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden) + hidden + hidden
 
@@ -140,8 +142,8 @@ def main():
                "device": torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)"}
         results.append(row)
     if rank == 0:
-        print(f"\n{results[0]['device']}, {args.preset} ({n_params / 1e9:.3f}B params), ZeRO-{args.zero_stage}, {precision}, "
-              f"{pairs} pairs x {seq_len} tokens per GPU, world {world}, grad ckpt {args.grad_ckpt}")
+        print(f"\n{results[0]['device']}, {args.preset} ({n_params / 1e9:.3f}B params), ZeRO-{args.zero_stage}, "
+              f"{precision}, {pairs} pairs x {seq_len} tokens per GPU, world {world}, grad ckpt {args.grad_ckpt}")
         print(f"{'loss':<6} {'step_s':>8} {'tokens/s':>10} {'TFLOP/s/GPU':>12} {'MFU':>6} {'peak GiB':>9}")
         for r in results:
             print(f"{r['loss']:<6} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} {r['model_tflops_per_gpu']:>12.2f} "

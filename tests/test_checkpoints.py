@@ -13,7 +13,7 @@ import pytest
 
 from aplot_rlhf import engine as eng
 from aplot_rlhf.metrics import MetricsLogger
-from conftest import HH_PAIRS, PYTHON, REPO, python_env
+from helpers import HH_PAIRS, PYTHON, REPO, python_env
 
 STEPS = 4
 
@@ -71,7 +71,9 @@ def biggest_file(step_dir: Path) -> Path:
 
 # --------------------------------------------------------------------------- 1. no pointer, no foreign deletion
 
-def test_resume_without_pointer_finds_the_newest_checkpoint_and_deletes_no_foreign_one(tiny_llama_dir, run_copy, base_run):
+@pytest.mark.slow
+def test_resume_without_pointer_finds_the_newest_checkpoint_and_deletes_no_foreign_one(tiny_llama_dir, run_copy,
+                                                                                        base_run):
     ckpts = run_copy / "checkpoints"
     (ckpts / "latest_checkpoint.json").unlink()
     foreign = ckpts / "step_1"  # another run's (or an older version's) folder: no manifest of this run
@@ -167,6 +169,7 @@ def test_no_usable_checkpoint_fails_with_every_path_and_reason(run_copy):
         eng.latest_checkpoint(str(ckpts))
 
 
+@pytest.mark.slow
 def test_resume_past_a_damaged_checkpoint_repeats_the_same_losses(tiny_llama_dir, run_copy, base_run):
     victim = biggest_file(run_copy / "checkpoints" / "step_4")
     victim.write_bytes(victim.read_bytes()[:100])
@@ -179,6 +182,7 @@ def test_resume_past_a_damaged_checkpoint_repeats_the_same_losses(tiny_llama_dir
 
 # --------------------------------------------------------------------------- 3. changed config
 
+@pytest.mark.slow
 def test_resume_with_a_changed_run_is_refused_naming_each_key(tiny_llama_dir, run_copy):
     proc = train_rm(flags(tiny_llama_dir, run_copy, micro_batch_size=1, seed=7, eval_steps=2, max_steps=6,
                           lr_scheduler="cosine") + ["--resume"], check=False)
@@ -209,12 +213,14 @@ def test_resume_config_check_compares_and_can_be_overridden(run_copy, caplog):
 
 # --------------------------------------------------------------------------- 4. fresh run into a used folder
 
+@pytest.mark.slow
 def test_fresh_run_into_a_used_folder_is_refused_then_moved_aside(tiny_llama_dir, run_copy, base_run):
     before = {p.name: p.stat().st_mtime_ns for p in (run_copy / "checkpoints").iterdir()}
     config_before = (run_copy / "config.json").read_text()
     proc = train_rm(flags(tiny_llama_dir, run_copy, seed=5), check=False)
     assert proc.returncode != 0
-    assert "holds an earlier run" in proc.stderr and "--resume" in proc.stderr and "--overwrite_output_dir" in proc.stderr
+    assert "holds an earlier run" in proc.stderr and "--resume" in proc.stderr
+    assert "--overwrite_output_dir" in proc.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (run_copy / "checkpoints").iterdir()} == before
     assert (run_copy / "config.json").read_text() == config_before
     train_rm(flags(tiny_llama_dir, run_copy, seed=5) + ["--overwrite_output_dir"])

@@ -9,10 +9,11 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import PYTHON, REPO, python_env
+from helpers import PYTHON, REPO, python_env
 
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
-LAUNCHERS = sorted(p for p in (REPO / "launchers").iterdir() if p.suffix in (".sh", ".sbatch") and not p.name.startswith("_"))
+LAUNCHERS = sorted(p for p in (REPO / "launchers").iterdir()
+                   if p.suffix in (".sh", ".sbatch") and not p.name.startswith("_"))
 SHAPES = REPO / "ds_configs" / "model_shapes"
 DEMO_PAIRS = REPO / "aplot_rlhf" / "demo_data" / "hh-rlhf" / "harmless-base-test.pairs.jsonl"
 
@@ -29,6 +30,7 @@ def test_there_is_something_to_check():
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
 def test_ds_config_parses_with_deepspeed(path):
     from deepspeed.runtime.config import DeepSpeedConfig
+
     from aplot_rlhf import engine as eng
     from aplot_rlhf.config import RMConfig
     cfg = RMConfig(model_name_or_path="x", train_data=["x"], ds_config=str(path), micro_batch_size=2,
@@ -36,7 +38,8 @@ def test_ds_config_parses_with_deepspeed(path):
     ds = eng.build_ds_config(cfg, world_size=8, precision="bf16")
     assert "auto" not in json.dumps(ds), "every 'auto' must be filled from the flags"
     eng.check_ds_config(ds, 8)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 4, 64)
+    batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert batch == (2, 4, 64)
     raw = json.loads(path.read_text())
     if "optimizer" in raw:
         assert ds["optimizer"]["params"]["lr"] == 3e-6 and ds["gradient_clipping"] == 0.5
@@ -130,8 +133,10 @@ def test_dry_run_world_size_falls_back_to_WORLD_SIZE(monkeypatch, capsys):
 
 
 def test_dry_run_rejects_a_plan_that_does_not_fit(monkeypatch, capsys):
-    code, out, _ = dry_run(rm_flags("llama3-70b", "--zero_stage", "3", "--micro_batch_size", "8", "--max_length", "4096"),
-                           monkeypatch, capsys, APLOT_PLAN_NODES=1, APLOT_PLAN_GPUS_PER_NODE=8, APLOT_PLAN_GPU_MEM_GIB=80)
+    code, out, _ = dry_run(rm_flags("llama3-70b", "--zero_stage", "3", "--micro_batch_size", "8",
+                                    "--max_length", "4096"),
+                           monkeypatch, capsys, APLOT_PLAN_NODES=1, APLOT_PLAN_GPUS_PER_NODE=8,
+                           APLOT_PLAN_GPU_MEM_GIB=80)
     assert code == 1
     assert "DOES NOT FIT" in out and "smallest change that fits" in out
     assert json.loads(out.strip().splitlines()[-1]) == {"dry_run": "ok", "fits": False}
@@ -146,16 +151,18 @@ def test_dry_run_checks_host_ram_when_given(monkeypatch, capsys):
 
 
 def test_dry_run_names_a_missing_data_file(monkeypatch, capsys):
-    code, _, err = dry_run(["--model_name_or_path", str(SHAPES / "llama3-8b"), "--train_data", "/nonexistent/pairs.jsonl"],
-                           monkeypatch, capsys)
+    code, _, err = dry_run(["--model_name_or_path", str(SHAPES / "llama3-8b"),
+                            "--train_data", "/nonexistent/pairs.jsonl"], monkeypatch, capsys)
     assert code == 2 and "dry run failed: data file not found: /nonexistent/pairs.jsonl" in err
 
 
 def test_dry_run_needs_only_a_config_json(tmp_path, monkeypatch, capsys):
-    code, _, err = dry_run(["--model_name_or_path", str(tmp_path), "--train_data", str(DEMO_PAIRS)], monkeypatch, capsys)
+    code, _, err = dry_run(["--model_name_or_path", str(tmp_path), "--train_data", str(DEMO_PAIRS)],
+                           monkeypatch, capsys)
     assert code == 2 and "no config.json" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.name)
 def test_launcher_dry_run_accepts_flags_and_fits(path):
     env = python_env() | {"DRY_RUN": "1", "PYTHON": PYTHON}
@@ -165,12 +172,14 @@ def test_launcher_dry_run_accepts_flags_and_fits(path):
     text = path.read_text()
     # each launcher states the hardware it assumes, and plans exactly that hardware (host RAM included)
     hw = dict(re.findall(r"(APLOT_PLAN_\w+)=\$?\{?(?:SLURM_NNODES:-)?(\d+)", text))
-    assert set(hw) == {"APLOT_PLAN_NODES", "APLOT_PLAN_GPUS_PER_NODE", "APLOT_PLAN_GPU_MEM_GIB", "APLOT_PLAN_CPU_MEM_GIB"}
+    assert set(hw) == {"APLOT_PLAN_NODES", "APLOT_PLAN_GPUS_PER_NODE", "APLOT_PLAN_GPU_MEM_GIB",
+                       "APLOT_PLAN_CPU_MEM_GIB"}
     assert f"{hw['APLOT_PLAN_GPUS_PER_NODE']} GPUs x {hw['APLOT_PLAN_GPU_MEM_GIB']} GB" in text
     assert f">= {hw['APLOT_PLAN_CPU_MEM_GIB']} GiB host RAM" in text
-    assert f"{hw['APLOT_PLAN_NODES']}x{hw['APLOT_PLAN_GPUS_PER_NODE']} GPUs x {hw['APLOT_PLAN_GPU_MEM_GIB']} GiB" in proc.stdout
+    gpus = f"{hw['APLOT_PLAN_NODES']}x{hw['APLOT_PLAN_GPUS_PER_NODE']} GPUs x {hw['APLOT_PLAN_GPU_MEM_GIB']} GiB"
+    assert gpus in proc.stdout
     assert f"of {hw['APLOT_PLAN_CPU_MEM_GIB']} GiB" in proc.stdout  # host RAM was checked, not just reported
-    launch = next(l for l in proc.stderr.splitlines() if l.startswith("DRY_RUN=1: would run: "))
+    launch = next(line for line in proc.stderr.splitlines() if line.startswith("DRY_RUN=1: would run: "))
     if path.suffix == ".sbatch":
         assert "srun torchrun" in launch and "-m aplot_rlhf.cli." in launch
     else:
@@ -197,7 +206,8 @@ def test_ppo_role_config_must_match_the_actors_stage(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit) as exc:
         train_ppo.main(flags)
     assert exc.value.code == 2
-    assert f"{path}: the critic config has ZeRO stage 2 / bf16, the actor's has ZeRO stage 3 / bf16" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{path}: the critic config has ZeRO stage 2 / bf16, the actor's has ZeRO stage 3 / bf16" in err
 
 
 def test_slurm_requeue_wrapper_turns_the_warning_signal_into_a_checkpoint_request(tmp_path):

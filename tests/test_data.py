@@ -7,9 +7,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from aplot_rlhf.data.preference import (DataError, PairSampler, PairTokenizer, collate_pairs, load_pairs,
-                                        parse_eval_specs, split_pairs)
-from conftest import HH_PAIRS
+from aplot_rlhf.data.preference import (
+    DataError,
+    PairSampler,
+    PairTokenizer,
+    collate_pairs,
+    load_pairs,
+    parse_eval_specs,
+    split_pairs,
+)
+from helpers import HH_PAIRS
 
 ROWS = [
     {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": "Hello!", "rejected": "Go away.", "strength": 2},
@@ -44,7 +51,8 @@ def test_file_formats_agree(tmp_path, fmt):
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
             w.write_table(table)
     pairs = load_pairs(str(path))
-    assert [(p["chosen"], p["rejected"], p["strength"]) for p in pairs] == [("Hello!", "Go away.", 2.0), ("4", "5", None)]
+    assert [(p["chosen"], p["rejected"], p["strength"]) for p in pairs] == [("Hello!", "Go away.", 2.0),
+                                                                              ("4", "5", None)]
 
 
 def test_custom_keys(tmp_path):
@@ -106,7 +114,8 @@ def test_split_is_deterministic_and_disjoint():
 
 
 def test_eval_specs():
-    assert parse_eval_specs(["hhh=/a/b.jsonl", "/c/oasst.pairs.jsonl"]) == [("hhh", "/a/b.jsonl"), ("oasst", "/c/oasst.pairs.jsonl")]
+    assert parse_eval_specs(["hhh=/a/b.jsonl", "/c/oasst.pairs.jsonl"]) == [("hhh", "/a/b.jsonl"),
+                                                                            ("oasst", "/c/oasst.pairs.jsonl")]
 
 
 def test_encoder_truncation_keeps_response_end(minilm_path, caplog):
@@ -145,6 +154,7 @@ def test_llama_style_pad_equals_eos_reads_reward_at_last_real_token(smol_tokeniz
     Reading it at a pad position is the classic cause of reward models stuck at 50%.
     """
     from transformers import AutoTokenizer
+
     from aplot_rlhf.models.reward import RewardModel
     tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
     assert tok.pad_token_id == tok.eos_token_id

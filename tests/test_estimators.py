@@ -5,8 +5,14 @@ import math
 import pytest
 import torch
 
-from aplot_rlhf.trainers.ppo_math import (aggregate, critic_free_advantages, discounted_returns, group_statistics,
-                                          grpo_scores, rloo_scores)
+from aplot_rlhf.trainers.ppo_math import (
+    aggregate,
+    critic_free_advantages,
+    discounted_returns,
+    group_statistics,
+    grpo_scores,
+    rloo_scores,
+)
 
 K = 4
 # group A: rewards 1, 2, 3, 6; group B: four equal rewards (no signal)

@@ -11,8 +11,10 @@ import time
 
 import pytest
 
-from conftest import PYTHON, free_port, REPO, python_env
+from helpers import PYTHON, REPO, free_port, python_env
 from test_rm_train import read_metrics, rm_args
+
+pytestmark = pytest.mark.distributed
 
 TIMEOUT_S = 30  # --timeout_s: every collective fails after this
 SLACK_S = 60    # process exit, stack unwinding and a busy shared CPU

@@ -4,12 +4,17 @@ On CPU the offload/reload calls themselves are skipped (DeepSpeed offloads only 
 the GPU memory numbers exist only on a GPU."""
 import subprocess
 
-from conftest import PYTHON, REPO, python_env
+import pytest
+
+from helpers import PYTHON, REPO, python_env
+
+pytestmark = pytest.mark.slow
 
 
 def test_gpu_check_cpu_smoke_runs_every_step_and_writes_the_report(tmp_path):
-    proc = subprocess.run([PYTHON, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out_dir", str(tmp_path)],
-                          env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([PYTHON, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke",
+                           "--out_dir", str(tmp_path)], env=python_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all steps passed" in proc.stdout + proc.stderr
     report = (tmp_path / "report.md").read_text()

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHARS, PYTHON, REPO, python_env
+from helpers import CHARS, PYTHON, REPO, python_env
 
 SHAPES = REPO / "ds_configs" / "model_shapes"
 DEMO_PAIRS = REPO / "aplot_rlhf" / "demo_data" / "hh-rlhf" / "harmless-base-test.pairs.jsonl"
 
 
 def write_pairs(path: Path, n: int = 8, bad_line: str | None = None) -> Path:
-    rows = [json.dumps({"prompt": f"question {i}?", "chosen": f"a good answer {i}", "rejected": "no"}) for i in range(n)]
+    rows = [json.dumps({"prompt": f"question {i}?", "chosen": f"a good answer {i}", "rejected": "no"})
+            for i in range(n)]
     if bad_line is not None:
         rows.insert(1, bad_line)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +55,7 @@ def test_eval_rm_refuses_a_base_model_without_a_trained_head(minilm_path, tmp_pa
 
 def test_a_saved_head_loads_and_train_rm_may_start_from_a_base_model(minilm_path, minilm_rm_dir, tmp_path):
     from transformers import AutoTokenizer
+
     from aplot_rlhf.cli import eval_rm
     from aplot_rlhf.models.reward import load_reward_model
     out = eval_rm.main(["--model", minilm_rm_dir, "--data", str(write_pairs(tmp_path / "pairs.jsonl"))])
@@ -66,6 +68,7 @@ def test_ppo_reward_model_and_critic_refuse_an_untrained_head(tiny_llama_dir, tm
     """A causal-LM folder passed as --reward_model: score.weight is not in it."""
     import torch
     from transformers import LlamaForSequenceClassification
+
     from aplot_rlhf.models.policy import load_critic
     from aplot_rlhf.models.rewards import ModelReward
     frozen = {"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}
@@ -130,7 +133,8 @@ def test_train_rm_refuses_max_length_beyond_the_models_positions_at_start_up(min
 def test_eval_rm_and_ppo_check_lengths_too(minilm_rm_dir, tiny_llama_dir, tmp_path, monkeypatch, capsys):
     from aplot_rlhf.cli import eval_rm
     with pytest.raises(ValueError, match="--max_length 600 is more than the model .*: 512 tokens"):
-        eval_rm.main(["--model", minilm_rm_dir, "--data", str(write_pairs(tmp_path / "p.jsonl")), "--max_length", "600"])
+        eval_rm.main(["--model", minilm_rm_dir, "--data", str(write_pairs(tmp_path / "p.jsonl")),
+                      "--max_length", "600"])
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"hello {i}"}) + "\n" for i in range(20)))
     code, _, err = ppo_dry_run(tiny_llama_dir, prompts, monkeypatch, capsys, "--max_prompt_length", "500",
@@ -157,6 +161,7 @@ def _char_tokenizer(chars: str):
 
 def test_reference_tokenizer_is_compared_not_only_its_size(char_llama_dir, tmp_path):
     from transformers import AutoTokenizer, LlamaConfig
+
     from aplot_rlhf.config import PPOConfig
     from aplot_rlhf.models.policy import check_same_vocabulary, reference_tokenizer
     actor_tok = AutoTokenizer.from_pretrained(char_llama_dir)
@@ -233,7 +238,8 @@ def test_rm_dry_run_rejects_data_training_would_reject(tmp_path, monkeypatch, ca
 
 
 def test_rm_dry_run_reports_counts_and_skips_as_training_would(minilm_path, tmp_path, monkeypatch, capsys):
-    data = write_pairs(tmp_path / "train.jsonl", n=8, bad_line=json.dumps({"prompt": "p", "chosen": " ", "rejected": "x"}))
+    data = write_pairs(tmp_path / "train.jsonl", n=8,
+                       bad_line=json.dumps({"prompt": "p", "chosen": " ", "rejected": "x"}))
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "word " * 200, "chosen": "yes", "rejected": "no"}) + "\n")
     code, out, _ = rm_dry_run(["--model_name_or_path", minilm_path, "--train_data", str(data), "--eval_data",
@@ -348,7 +354,7 @@ def test_a_data_error_is_one_line_without_a_traceback(minilm_path, tmp_path):
     proc = subprocess.run(argv, env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {data}:2: malformed JSON (Expecting value"), errors
     debug = subprocess.run(argv, env=python_env() | {"APLOT_DEBUG": "1"}, cwd=REPO, capture_output=True, text=True,
                            timeout=300)

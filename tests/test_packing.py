@@ -13,13 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import HH_PAIRS, PYTHON, REPO, free_port, python_env
-
 from aplot_rlhf.data.preference import PairTokenizer, collate_pairs, collate_pairs_packed, load_pairs
 from aplot_rlhf.errors import ConfigError
 from aplot_rlhf.losses import bt_loss
-from aplot_rlhf.models.packing import attention_kwargs, check_packing_support, first_fit_rows, pack, pack_prompt_response
+from aplot_rlhf.models.packing import (
+    attention_kwargs,
+    check_packing_support,
+    first_fit_rows,
+    pack,
+    pack_prompt_response,
+)
 from aplot_rlhf.models.reward import load_reward_model, load_tokenizer
+from helpers import HH_PAIRS, PYTHON, REPO, free_port, python_env
 
 ATOL = 1e-5
 
@@ -123,10 +128,16 @@ def test_flash_attention_gets_varlen_kwargs_and_other_kernels_are_refused(caplog
 @pytest.mark.parametrize("capacity", [None, 40])
 def test_packed_ppo_logprobs_and_values_equal_padded(attn, capacity, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
+
     from aplot_rlhf.models.policy import Critic
-    from aplot_rlhf.trainers.ppo_layout import (pad_prompt_response, packed_response_logprobs,
-                                                packed_response_values, response_logprobs, response_values,
-                                                trim_left_padding)
+    from aplot_rlhf.trainers.ppo_layout import (
+        packed_response_logprobs,
+        packed_response_values,
+        pad_prompt_response,
+        response_logprobs,
+        response_values,
+        trim_left_padding,
+    )
     torch.manual_seed(0)
     actor = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation=attn).eval()
     head = torch.nn.Linear(actor.config.hidden_size, 1)
@@ -166,10 +177,11 @@ def run_rm(model_dir, out, packing, zero_stage):
            "-m", "aplot_rlhf.cli.train_rm", *flags]
     proc = subprocess.run(cmd, env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows if "train/loss" in r}, torch.load(Path(out) / "eval_rewards.pt")
 
 
+@pytest.mark.slow
 def test_train_rm_with_packing_matches_the_padded_run(tiny_llama_dir, tmp_path):
     # the packed run under ZeRO-3 (partitioned weights gathered by DeepSpeed's hooks around the packed forward)
     padded, padded_eval = run_rm(tiny_llama_dir, tmp_path / "padded", packing=False, zero_stage=2)
@@ -183,6 +195,7 @@ def test_train_rm_with_packing_matches_the_padded_run(tiny_llama_dir, tmp_path):
             assert torch.allclose(packed_eval[name][side], padded_eval[name][side], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_ppo_with_packing_matches_the_padded_run(char_llama_dir, tmp_path):
     from test_ppo import ppo_flags, run_check
     rows = {}
@@ -191,7 +204,7 @@ def test_ppo_with_packing_matches_the_padded_run(char_llama_dir, tmp_path):
         (r,) = run_check(ppo_flags(char_llama_dir, out, "hf", zero_stage=2, ppo_iterations=2) + extra,
                          free_port(), nproc=1)
         assert len(r["rewards"]) == 2 and r["greedy_equal"]
-        rows[name] = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        rows[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # the first iteration samples from the same weights: the same rollout, so experience (log-probs, KL,
     # values, advantages) and the losses of the PPO epoch agree; afterwards sampling may diverge
     first_padded, first_packed = rows["padded"][0], rows["packed"][0]
@@ -204,8 +217,14 @@ def test_packed_micro_batch_of_short_responses_lines_up_with_the_rollout(tiny_ll
     """A micro-batch whose responses all stopped early still yields [b, T] with the rollout's T (the
     experience tensors' width), equal to the padded path, whose first column comes from the host."""
     from transformers import AutoModelForCausalLM
-    from aplot_rlhf.trainers.ppo_layout import (first_column, packed_response_logprobs, pad_prompt_response,
-                                                response_logprobs, trim_left_padding)
+
+    from aplot_rlhf.trainers.ppo_layout import (
+        first_column,
+        packed_response_logprobs,
+        pad_prompt_response,
+        response_logprobs,
+        trim_left_padding,
+    )
     torch.manual_seed(0)
     actor = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     pad = actor.config.pad_token_id

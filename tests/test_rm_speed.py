@@ -3,7 +3,7 @@ torch_adam path, and ZeRO-0 on one rank without DeepSpeed's gradient all-reduce.
 import json
 import subprocess
 
-from conftest import PYTHON, REPO, free_port, python_env
+from helpers import PYTHON, REPO, free_port, python_env
 
 SCRIPT = r"""
 import copy, json, os, sys
@@ -52,7 +52,7 @@ def test_one_process_fused_adamw_without_allreduce_matches_torch():
     proc = subprocess.run([PYTHON, "-c", SCRIPT, str(free_port())], env=python_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    res = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    res = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     for stage in ("0", "2"):
         r = res[stage]
         assert r["fused"] is True, r  # torch's one-kernel AdamW, as HF's Trainer uses on CPU

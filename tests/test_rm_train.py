@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port, HH_PAIRS, PYTHON, REPO, python_env
+from helpers import HH_PAIRS, PYTHON, REPO, free_port, python_env
 
 STEPS = 8
 
@@ -18,7 +18,8 @@ STEPS = 8
 def rm_args(model_dir, out, **extra):
     args = {"model_name_or_path": model_dir, "train_data": str(HH_PAIRS), "output_dir": str(out),
             "eval_split_fraction": 0.5, "max_train_pairs": 16, "max_eval_pairs": 12, "max_length": 64,
-            "micro_batch_size": 2, "long_response": "skip", "gradient_accumulation_steps": 2, "learning_rate": 2e-3, "warmup_ratio": 0.0,
+            "micro_batch_size": 2, "long_response": "skip", "gradient_accumulation_steps": 2, "learning_rate": 2e-3,
+            "warmup_ratio": 0.0,
             "lr_scheduler": "constant", "max_steps": STEPS, "zero_stage": 3, "loss": "aplot", "save_steps": 2,
             "eval_batch_size": 4, **extra}
     flags = []
@@ -33,7 +34,7 @@ def torchrun(flags, port):
 
 
 def read_metrics(out):
-    rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows if "train/loss" in r}
 
 
@@ -54,7 +55,7 @@ def kill_run(proc):
 
 def assert_each_step_once(out):
     """Every training step has exactly one row, and no eval set has two rows at one step."""
-    rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     train = sorted(r["step"] for r in rows if "train/loss" in r)
     assert train == list(range(1, STEPS + 1)), f"training rows by step: {train}"
     evals = [(r["step"], next(k for k in r if k.startswith("eval/"))) for r in rows if "train/loss" not in r]
@@ -70,6 +71,7 @@ def full_run(tiny_llama_dir, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.distributed
 def test_zero3_two_process_loss_goes_down(full_run):
     out, proc = full_run
     m = read_metrics(out)
@@ -83,8 +85,10 @@ def test_zero3_two_process_loss_goes_down(full_run):
     assert summary["id_val"]["n"] == len(saved["chosen"]) > 0  # pairs too long for the window are counted skips
 
 
+@pytest.mark.distributed
 def test_export_reloads_in_plain_transformers_with_identical_rewards(full_run):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     from aplot_rlhf.data.preference import PairTokenizer, load_pairs, split_pairs
     from aplot_rlhf.eval import score_pairs
     out, _ = full_run
@@ -107,6 +111,7 @@ def test_export_reloads_in_plain_transformers_with_identical_rewards(full_run):
     assert set(last) == {"harmless-base-test"} and 0 < last["harmless-base-test"]["n"] <= 5
 
 
+@pytest.mark.distributed
 def test_resume_after_kill_continues_the_same_loss_curve(full_run, tiny_llama_dir, tmp_path):
     """SIGKILL a run once it has passed a checkpoint, resume with one flag, compare with the uninterrupted run."""
     full_out, _ = full_run
@@ -143,6 +148,7 @@ def _ot_run(model_dir, out, nproc, micro_batch_size):
     return [json.loads((Path(out) / f"ot_check_rank{r}.json").read_text()) for r in range(nproc)]
 
 
+@pytest.mark.distributed
 def test_global_ot_batch_over_two_ranks_equals_one_rank_with_the_whole_batch(tiny_llama_dir, tmp_path):
     """2 ranks x 2 pairs with the global OT batch solve the same problem as 1 rank x 4 pairs: each rank
     keeps its own rows of the margins, and the first step's loss is the same (same data, same init)."""
@@ -156,6 +162,7 @@ def test_global_ot_batch_over_two_ranks_equals_one_rank_with_the_whole_batch(tin
     assert loss_two == pytest.approx(one["loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_log_row_is_the_mean_of_its_interval(tiny_llama_dir, tmp_path):
     """With --log_steps 2 each row averages its two steps, as the per-step rows of the same run show."""
     rows = {}
@@ -180,6 +187,7 @@ def newest_step_dirs(ckpts):
     return [p for _, p in sorted(found, reverse=True)]
 
 
+@pytest.mark.distributed
 def test_kills_during_saving_and_damaged_checkpoints_resume_to_the_same_losses(full_run, tiny_llama_dir, tmp_path):
     """SIGKILL a 2-rank ZeRO-3 run while it saves (three times), damage what the kill left in each way a
     user meets (deleted file, truncated file, garbage pointer, missing pointer, temp leftovers), resume:
@@ -200,7 +208,8 @@ def test_kills_during_saving_and_damaged_checkpoints_resume_to_the_same_losses(f
                                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             deadline = time.time() + 600
             while not (ckpts.is_dir() and any(re.fullmatch(r"step_(\d+)(\.partial)?", p.name) and
-                                              int(p.name.split("_")[1].split(".")[0]) >= kill_at for p in ckpts.iterdir())):
+                                              int(p.name.split("_")[1].split(".")[0]) >= kill_at
+                                              for p in ckpts.iterdir())):
                 assert proc.poll() is None, f"round {round_} ended before its kill:\n{log_path.read_text()[-4000:]}"
                 assert time.time() < deadline
                 time.sleep(0.005)
@@ -221,7 +230,8 @@ def test_kills_during_saving_and_damaged_checkpoints_resume_to_the_same_losses(f
         if damage == "delete":
             victim.unlink()
             expected_resume = int(complete[1].name.split("_")[1])
-            expected_warnings = [f"{victim}: missing (manifest lists {size} bytes)", f"falling back to {complete[1].name}"]
+            expected_warnings = [f"{victim}: missing (manifest lists {size} bytes)",
+                                 f"falling back to {complete[1].name}"]
         elif damage == "truncate+garbage_pointer":
             victim.write_bytes(victim.read_bytes()[:size // 3])
             pointer.write_text('{"tag": "step_')
@@ -258,6 +268,7 @@ def start_ranks(flags, world: int, module: str = "aplot_rlhf.cli.train_rm"):
     return procs, logs
 
 
+@pytest.mark.distributed
 def test_sigterm_checkpoints_every_rank_together_and_resume_continues_the_curve(full_run, tiny_llama_dir, tmp_path):
     """SIGTERM (slurm's warning) to both ranks of a ZeRO-3 run mid-training, and a second SIGTERM while it
     saves: each rank finishes its step, one checkpoint is written, both exit 75; --resume continues

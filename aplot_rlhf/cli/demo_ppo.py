@@ -51,7 +51,7 @@ def demo_flags(rm: Path, output_dir: Path) -> tuple[str, list[str]]:
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    runs = REPO / "runs" if (REPO / "setup.py").exists() else Path.cwd() / "runs"
+    runs = REPO / "runs" if (REPO / "pyproject.toml").exists() else Path.cwd() / "runs"
     rm = runs / "demo" / "model"
     if not (rm / "config.json").exists():
         raise SystemExit(f"{rm} not found: run `python -m aplot_rlhf.cli.demo` (or `make demo`) first")
