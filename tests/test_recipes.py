@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
 from aplot_rlhf.config import PPOConfig, RMConfig, load_config
+from conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*"))
-LAUNCHERS = sorted(p for p in (REPO / "launchers").iterdir() if p.suffix in (".sh", ".sbatch") and not p.name.startswith("_"))
+LAUNCHERS = sorted(p for p in (REPO / "launchers").iterdir()
+                   if p.suffix in (".sh", ".sbatch") and not p.name.startswith("_"))
 # job (the recipe name's prefix) -> config class, trainer module, the path flags a run needs besides the recipe
 JOBS = {"rm": (RMConfig, "train_rm", ["--model_name_or_path", "m", "--train_data", "d.jsonl"]),
         "ppo": (PPOConfig, "train_ppo", ["--actor_model", "a", "--reward_model", "r", "--prompt_data", "p.jsonl"])}
@@ -39,12 +40,14 @@ def test_recipe_loads_through_the_trainers_config_loader(path):
     cls, _, paths = job_of(path)
     raw = yaml.safe_load(path.read_text())
     assert isinstance(raw, dict) and raw, f"{path.name}: a mapping of config keys"
-    assert not raw.keys() & USER_PATHS, f"{path.name} names per-user paths {sorted(raw.keys() & USER_PATHS)}: the launcher passes them"
+    assert not raw.keys() & USER_PATHS, (f"{path.name} names per-user paths {sorted(raw.keys() & USER_PATHS)}: "
+                                         "the launcher passes them")
     cfg = load_config(cls, ["--config", str(path), *paths])  # unknown keys, wrong types and bad values raise here
     assert {k: getattr(cfg, k) for k in raw} == raw
     for key in ("ds_config", "critic_ds_config", "reference_ds_config"):
         if getattr(cfg, key, ""):
-            assert (REPO / getattr(cfg, key)).is_file(), f"{path.name}: {key} {getattr(cfg, key)} not found (relative to the repo root)"
+            assert (REPO / getattr(cfg, key)).is_file(), (f"{path.name}: {key} {getattr(cfg, key)} not found "
+                                                          "(relative to the repo root)")
     override = load_config(cls, ["--config", str(path), *paths, "--learning_rate", "1.5e-5"])
     assert override.learning_rate == 1.5e-5  # a flag given with the recipe wins over it
 
