@@ -117,6 +117,7 @@ def test_eval_rm_reports_one_entry_per_input(minilm_rm_dir, tmp_path, capsys):
 
 # ------------------------------------------------------------------ 8: max_length vs positions
 
+@pytest.mark.slow  # a whole training run in a subprocess
 def test_train_rm_refuses_max_length_beyond_the_models_positions_at_start_up(minilm_path, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl")
     out = tmp_path / "run"
@@ -346,6 +347,7 @@ def test_ppo_refuses_rm_only_flags(tmp_path, capsys):
 
 # ------------------------------------------------------------------ 13: one message, no traceback
 
+@pytest.mark.slow  # a whole training run in a subprocess
 def test_a_data_error_is_one_line_without_a_traceback(minilm_path, tmp_path):
     data = write_pairs(tmp_path / "broken.jsonl", bad_line='{"prompt": "p", "chosen": ')
     argv = [PYTHON, "-m", "aplot_rlhf.cli.train_rm", "--model_name_or_path", minilm_path, "--train_data", str(data),

@@ -271,6 +271,7 @@ def test_critic_from_the_reward_model_starts_at_the_normalized_score(chat_rm_dir
 
 # ------------------------------------------------------------------------------ 9. log averaging
 
+@pytest.mark.slow  # a whole training run in a subprocess
 def test_ppo_log_row_is_the_mean_of_its_iterations(char_llama_dir, prompt_file, tmp_path, trainer_factory):
     rows = {}
     for log_steps in (1, 2):
