@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from aplot_rlhf.config import PPOConfig, RMConfig, load_config
-from conftest import REPO
+from helpers import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*"))
 LAUNCHERS = sorted(p for p in (REPO / "launchers").iterdir()
