@@ -1,16 +1,22 @@
 """Padding-free packed batches: several sequences share one row, positions restart per sequence, and
 attention never crosses a sequence boundary.
 
-Layouts are built on the host from token lists (no device sync) and moved to the device whole. Two
+Layouts are built on the host from token lists (no device sync) and moved to the device whole. Three
 attention paths, chosen from the model's `config._attn_implementation`:
 
 - flash attention (`flash_attention_2`, `flash_attention_3`, kernels-hub variants): every sequence in ONE
   row, no padding at all, and transformers' varlen kwargs (`cu_seq_lens_q/k`, `max_length_q/k`) tell the
   kernel where sequences start;
-- `sdpa` / `eager` (CPU, or GPUs without flash-attn): sequences are first-fit packed into rows of at most
-  `capacity` tokens (dense attention costs rows x capacity^2, so one giant row would be slower than
-  padding), and a 4D block-diagonal mask (causal too for decoders) is passed, which transformers uses
-  as given for both decoders (create_causal_mask) and encoders (create_bidirectional_mask).
+- `varlen_sdpa` (registered here; `--packing` with `sdpa` switches to it, see `use_varlen_sdpa`): the same
+  one-row layout and kwargs, so embeddings, linear layers, norms and activations run on the real tokens
+  only; only the attention op pads, per sequence, to the batch's longest sequence ([n_seq, heads, Lmax, d],
+  a key-padding mask for encoders, `is_causal` for decoders) and gathers its output back. Exact: the
+  same sdpa kernel on the same tokens. Without varlen kwargs it is transformers' `sdpa`, unchanged;
+- `sdpa` / `eager` with a dense mask (eager, or code that asked for `sdpa` and did not switch): sequences
+  are first-fit packed into rows of at most `capacity` tokens (dense attention costs rows x capacity^2,
+  so one giant row would be slower than padding), and a 4D block-diagonal mask (causal too for decoders)
+  is passed, which transformers uses as given for both decoders (create_causal_mask) and encoders
+  (create_bidirectional_mask).
 """
 from __future__ import annotations
 
@@ -23,11 +29,14 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 DENSE_IMPLEMENTATIONS = ("sdpa", "eager")
+VARLEN_SDPA = "varlen_sdpa"  # our attention implementation's name (contains "sdpa": transformers checks sdpa support)
 
 
 def is_varlen(config) -> bool:
-    """True when the model runs a flash-attention kernel, whose varlen entry point packs without a mask."""
-    return "flash" in str(getattr(config, "_attn_implementation", "") or "")
+    """True when the model's attention takes one packed row and the varlen kwargs, without a mask: a
+    flash-attention kernel, or varlen_sdpa."""
+    impl = str(getattr(config, "_attn_implementation", "") or "")
+    return "flash" in impl or impl == VARLEN_SDPA
 
 
 def check_packing_support(config, requested: str = "") -> None:
@@ -35,11 +44,13 @@ def check_packing_support(config, requested: str = "") -> None:
     requested flash attention was replaced (flash_attn not installed) by the dense block mask."""
     impl = str(getattr(config, "_attn_implementation", "") or "")
     if not (is_varlen(config) or impl in DENSE_IMPLEMENTATIONS):
-        raise ConfigError(f"--packing needs attn_implementation flash_attention_2, sdpa or eager; the model runs "
-                          f"{impl!r}")
-    if "flash" in requested and not is_varlen(config):
-        log.warning("--packing: %s was requested but the model runs %s (is flash_attn installed?); packed rows use "
-                    "a dense block-diagonal mask instead of the varlen kernel", requested, impl)
+        raise ConfigError(f"--packing needs attn_implementation flash_attention_2, {VARLEN_SDPA}, sdpa or eager; the "
+                          f"model runs {impl!r}")
+    if "flash" in requested and "flash" not in impl:
+        how = ("one row, attention padded per sequence" if impl == VARLEN_SDPA
+               else "a dense block-diagonal mask")
+        log.warning("--packing: %s was requested but the model runs %s (is flash_attn installed?); packed batches "
+                    "use %s instead of the flash varlen kernel", requested, impl, how)
 
 
 def first_fit_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:
@@ -107,11 +118,12 @@ def to_device(layout: dict, device) -> dict:
 
 
 def attention_kwargs(layout: dict, config, causal: bool, dtype: torch.dtype) -> dict:
-    """The kwargs that make an HF model attend within sequences only: varlen kwargs for flash attention,
-    else a 4D mask [R, 1, L, L] built on the layout's device (bool for sdpa, additive for eager)."""
+    """The kwargs that make an HF model attend within sequences only: varlen kwargs for flash attention
+    and varlen_sdpa, else a 4D mask [R, 1, L, L] built on the layout's device (bool for sdpa, additive for eager)."""
     if is_varlen(config):
         if layout["input_ids"].shape[0] != 1:
-            raise ValueError("packing: flash attention's varlen path needs a one-row layout (capacity None)")
+            raise ValueError(f"packing: the varlen path ({config._attn_implementation}) needs a one-row layout "
+                             "(capacity None)")
         cu = layout["cu_seq_lens"]
         return {"attention_mask": None, "position_ids": layout["position_ids"], "cu_seq_lens_q": cu,
                 "cu_seq_lens_k": cu, "max_length_q": layout["max_length"], "max_length_k": layout["max_length"]}
@@ -128,8 +140,124 @@ def attention_kwargs(layout: dict, config, causal: bool, dtype: torch.dtype) -> 
 
 
 def capacity_for(config, max_tokens: int) -> int | None:
-    """Row capacity: None (one row) for flash attention's varlen path, else `max_tokens` per row."""
+    """Row capacity: None (one row) for the varlen paths (flash attention, varlen_sdpa), else `max_tokens` per row."""
     return None if is_varlen(config) else max_tokens
+
+
+# ------------------------------------------------------------------------------- varlen sdpa
+
+class _GatherRows(torch.autograd.Function):
+    """x[index] along dim 0, whose backward is a gather too: g[inverse], zeroed where `keep` is False.
+
+    Exact when `index` reads every row of x once at the slots `inverse` names, and the other slots'
+    gradients are zero (varlen_sdpa's padded slots: masked keys, dropped queries) or are dropped by
+    `keep`. A gather instead of index_select's scatter-add backward: several times faster on CPU."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, keep):
+        ctx.save_for_backward(inverse, keep)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, keep = ctx.saved_tensors
+        g = grad.index_select(0, inverse)
+        if keep is not None:
+            g = g.masked_fill(~keep.view(-1, *([1] * (g.dim() - 1))), 0)
+        return g, None, None, None
+
+
+def _varlen_slots(cu: torch.Tensor, T: int, Lmax: int):
+    """-> slot_token [S*Lmax] (the token each padded slot reads), valid [S, Lmax], token_slot [T]."""
+    S = cu.shape[0] - 1
+    lengths = cu[1:] - cu[:-1]
+    offset = torch.arange(Lmax, device=cu.device)
+    valid = offset < lengths[:, None]
+    slot_token = (cu[:-1, None] + offset).clamp_max(T - 1).reshape(-1)  # padded slots read some real token
+    seq = torch.repeat_interleave(torch.arange(S, device=cu.device), lengths, output_size=T)  # no sync
+    token_slot = seq * Lmax + torch.arange(T, device=cu.device) - cu[:-1][seq]
+    return slot_token, valid, token_slot
+
+
+def varlen_sdpa_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                                  scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """transformers attention function: with `cu_seq_lens_q` and `max_length_q` (one packed row, as for
+    flash attention's varlen path) attention runs per sequence; otherwise transformers' `sdpa`.
+
+    query/key/value [1, heads, T, d] (T real tokens, sequences back to back) are gathered into
+    [n_seq, heads, Lmax, d] (Lmax = max_length_q, the longest sequence), torch's sdpa runs on that with
+    a key-padding mask (encoders) or `is_causal` (decoders: a real query at offset i sees keys 0..i, all
+    real, so right padding needs no mask), and the real rows are gathered back -> [1, T, heads, d].
+    Padded slots read some real token: their keys are masked, their queries' outputs dropped, so their
+    gradients are exactly zero. Every index is built on the device from cu_seq_lens: no host sync."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if kwargs.get("cu_seq_lens_k") is not None and kwargs["cu_seq_lens_k"] is not cu:
+        raise NotImplementedError(f"{VARLEN_SDPA}: self-attention only (cu_seq_lens_k must be cu_seq_lens_q)")
+    if (kwargs.get("sliding_window") or getattr(module, "sliding_window", None) or kwargs.get("softcap")
+            or kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None):
+        raise NotImplementedError(f"{VARLEN_SDPA}: sliding windows, soft-capping, position biases and attention "
+                                  f"sinks are not supported ({type(module).__name__}); use flash_attention_2 or eager")
+    B, H, T, D = query.shape
+    if B != 1 or key.shape[2] != T:
+        raise ValueError(f"{VARLEN_SDPA}: a packed batch is one row of self-attention, got query {tuple(query.shape)}, "
+                         f"key {tuple(key.shape)}")
+    Lmax = int(kwargs["max_length_q"])  # a Python int in the layout: no sync
+    cu = cu.to(query.device, torch.long)
+    S = cu.shape[0] - 1
+    slot_token, valid, token_slot = _varlen_slots(cu, T, Lmax)
+
+    def to_padded(x):  # [1, h, T, d] -> [S, h, Lmax, d], in the [n, L, h, d] memory layout transformers uses
+        rows = _GatherRows.apply(x[0].transpose(0, 1), slot_token, token_slot, None)
+        return rows.view(S, Lmax, x.shape[1], D).transpose(1, 2)
+
+    q, k, v = to_padded(query), to_padded(key), to_padded(value)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    mask = None if causal else valid[:, None, None, :]  # [S, 1, 1, Lmax]: real keys
+    gqa = {}
+    if k.shape[1] != H:
+        if mask is None:  # torch's kernels take grouped heads without a mask
+            gqa["enable_gqa"] = True
+        else:
+            groups = H // k.shape[1]
+            k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                           is_causal=bool(causal), scale=scaling, **gqa)
+    out = _GatherRows.apply(out.transpose(1, 2).reshape(S * Lmax, H, D), token_slot, slot_token, valid.reshape(-1))
+    return out[None], None
+
+
+def varlen_sdpa_mask(*args, attention_mask=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, **kwargs):
+    """Mask creation for varlen_sdpa: None when there is nothing to mask (no 2D mask, no cache offset),
+    as for flash attention, so a packed row never materializes a [T, T] mask; else transformers' sdpa_mask."""
+    from transformers.masking_utils import sdpa_mask
+    if (attention_mask is None and isinstance(q_offset, int) and isinstance(kv_offset, int)
+            and q_offset == 0 and kv_offset == 0 and q_length == kv_length):
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length,
+                     q_offset=q_offset, kv_offset=kv_offset, **kwargs)
+
+
+def register_varlen_sdpa() -> str:
+    """Register varlen_sdpa with transformers (idempotent); returns its name for attn_implementation=."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, varlen_sdpa_mask)
+    return VARLEN_SDPA
+
+
+def use_varlen_sdpa(model) -> bool:
+    """A transformers model running `sdpa` switches to varlen_sdpa (True); any other implementation is
+    left as it is (False). Padded forwards are unchanged by the switch: varlen_sdpa is sdpa without
+    varlen kwargs."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    model.set_attn_implementation(register_varlen_sdpa())
+    return True
 
 
 # ------------------------------------------------------------------------------------ PPO layout

@@ -92,6 +92,13 @@ class RewardModel(nn.Module):
             emb = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
         return rewards, emb.float()
 
+    def prepare_packing(self, requested_attn: str = "") -> None:
+        """--packing: a model running sdpa switches to varlen_sdpa (models.packing: one packed row, attention
+        padded per sequence; padded forwards unchanged), then check_packable."""
+        from .packing import use_varlen_sdpa
+        use_varlen_sdpa(self._transformers_model())
+        self.check_packable(requested_attn)
+
     def check_packable(self, requested_attn: str = "") -> None:
         """ConfigError unless forward_packed reproduces this model's own head (see _packed_head)."""
         from .packing import check_packing_support
@@ -155,6 +162,9 @@ def load_reward_model(model_name_or_path: str, *, tokenizer, dtype: torch.dtype 
     partitioned while loading instead of materialized on one rank.
     """
     from transformers import AutoModelForSequenceClassification
+    from .packing import VARLEN_SDPA, register_varlen_sdpa
+    if attn_implementation == VARLEN_SDPA:  # ours: transformers must know the name before loading
+        register_varlen_sdpa()
     path, gguf = split_gguf(model_name_or_path, gguf_file)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
