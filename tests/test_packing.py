@@ -170,10 +170,13 @@ def run_rm(model_dir, out, packing, zero_stage):
     return {r["step"]: r for r in rows if "train/loss" in r}, torch.load(Path(out) / "eval_rewards.pt")
 
 
-def test_train_rm_with_packing_matches_the_padded_run(tiny_llama_dir, tmp_path):
-    # the packed run under ZeRO-3 (partitioned weights gathered by DeepSpeed's hooks around the packed forward)
-    padded, padded_eval = run_rm(tiny_llama_dir, tmp_path / "padded", packing=False, zero_stage=2)
-    packed, packed_eval = run_rm(tiny_llama_dir, tmp_path / "packed", packing=True, zero_stage=3)
+@pytest.mark.parametrize("which", ["decoder", "encoder"])
+def test_train_rm_with_packing_matches_the_padded_run(which, tiny_llama_dir, minilm_path, tmp_path):
+    # the packed run under ZeRO-3 (partitioned weights gathered by DeepSpeed's hooks around the packed forward);
+    # --packing with sdpa runs varlen_sdpa, and MiniLM (read at [CLS]) its last layer at [CLS] rows only
+    path = tiny_llama_dir if which == "decoder" else minilm_path
+    padded, padded_eval = run_rm(path, tmp_path / "padded", packing=False, zero_stage=2)
+    packed, packed_eval = run_rm(path, tmp_path / "packed", packing=True, zero_stage=3)
     assert sorted(packed) == [1, 2, 3]
     for step in packed:  # same data, same updates: the same loss curve and token counts
         assert packed[step]["train/loss"] == pytest.approx(padded[step]["train/loss"], abs=1e-4)
@@ -297,7 +300,9 @@ def varlen_model(path, pooling):
 @pytest.mark.parametrize("which", ["decoder", "gqa_decoder", "encoder"])
 def test_varlen_sdpa_rm_equals_padded(which, pooling, tiny_llama_dir, gqa_llama_dir, minilm_path):
     """One row of real tokens, attention padded per sequence: the padded batch's rewards, embeddings,
-    loss and gradients; and a padded forward after the switch is still transformers' sdpa."""
+    loss and gradients; and a padded forward after the switch is still transformers' sdpa. The encoder
+    with token pooling also covers its last layer run at [CLS] only; with mean pooling, the full layer."""
+    from aplot_rlhf.models.packing import trims_bert_last_layer
     path = {"decoder": tiny_llama_dir, "gqa_decoder": gqa_llama_dir, "encoder": minilm_path}[which]
     model, tok, pairs, sdpa_rewards = varlen_model(path, pooling)
     pad = tok.pad_token_id
@@ -306,6 +311,8 @@ def test_varlen_sdpa_rm_equals_padded(which, pooling, tiny_llama_dir, gqa_llama_
     b = collate_pairs_packed(pairs, pad, None, model.reads_last_token)["packed"]
     lengths = b["length"].tolist()
     assert b["input_ids"].shape == (1, sum(lengths)) and len(set(lengths)) > 1  # no padding; sequences differ in length
+    # a BERT encoder read at [CLS] runs its last layer at the [CLS] rows only (packing.bert_last_layer_at)
+    assert trims_bert_last_layer(model.hf.bert if which == "encoder" else model.hf.model) == (which == "encoder")
     assert_same(padded, rm_outputs(model, pairs, pad, varlen=True))
 
 

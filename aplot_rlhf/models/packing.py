@@ -230,6 +230,45 @@ def varlen_sdpa_attention_forward(module, query, key, value, attention_mask, dro
     return out[None], None
 
 
+def bert_last_layer_at(layer, hidden: torch.Tensor, read: torch.Tensor, cu: torch.Tensor, max_length: int):
+    """A BERT encoder layer's output at ONE token per sequence (the token the head reads), from its input
+    `hidden` [1, T, d] in the varlen layout -> [S, d]. Keys and values come from every token of the
+    sequence; the query, attention output, residual, LayerNorms and feed-forward only from the read token.
+    Exact: each of those is row-wise, so the other rows the full layer computes are never read."""
+    sa = layer.attention.self
+    H, hd = sa.num_attention_heads, sa.attention_head_size
+    x = hidden[0]
+    T, S = x.shape[0], cu.shape[0] - 1
+    cu = cu.to(x.device, torch.long)
+    at = x.index_select(0, read)  # [S, d]
+    q = sa.query(at).view(S, 1, H, hd).transpose(1, 2)  # [S, H, 1, hd]
+    slot_token, valid, token_slot = _varlen_slots(cu, T, max_length)
+
+    def to_padded(t):  # [T, H*hd] -> [S, H, Lmax, hd]
+        rows = _GatherRows.apply(t.view(T, H, hd), slot_token, token_slot, None)
+        return rows.view(S, max_length, H, hd).transpose(1, 2)
+    k, v = to_padded(sa.key(x)), to_padded(sa.value(x))
+    dropout = sa.dropout.p if sa.training else 0.0
+    a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], dropout_p=dropout,
+                                                         scale=sa.scaling)  # padded keys masked: zero gradient
+    a = layer.attention.output(a.reshape(S, H * hd), at)
+    return layer.feed_forward_chunk(a)
+
+
+def trims_bert_last_layer(base) -> bool:
+    """True when bert_last_layer_at reproduces `base`'s last layer: a BERT encoder (self-attention only,
+    no feed-forward chunking) whose attention runs one packed row (varlen)."""
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if not layers or not is_varlen(base.config) or base.config.model_type != "bert":
+        return False
+    last = layers[-1]
+    sa = getattr(getattr(last, "attention", None), "self", None)
+    return (sa is not None and all(hasattr(sa, n) for n in ("query", "key", "value", "scaling"))
+            and not getattr(sa, "is_causal", False) and not getattr(last, "is_decoder", False)
+            and not getattr(last, "add_cross_attention", False) and not last.chunk_size_feed_forward
+            and hasattr(last, "feed_forward_chunk"))
+
+
 def varlen_sdpa_mask(*args, attention_mask=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, **kwargs):
     """Mask creation for varlen_sdpa: None when there is nothing to mask (no 2D mask, no cache offset),
     as for flash attention, so a packed row never materializes a [T, T] mask; else transformers' sdpa_mask."""
