@@ -120,8 +120,8 @@ def test_flash_attention_gets_varlen_kwargs_and_other_kernels_are_refused(caplog
     assert "flash_attn installed" in caplog.text
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("capacity", [None, 40])
+@pytest.mark.parametrize("attn,capacity", [("sdpa", None), ("sdpa", 40), ("eager", None), ("eager", 40),
+                                           ("aplot_varlen_sdpa", None)])
 def test_packed_ppo_logprobs_and_values_equal_padded(attn, capacity, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
     from aplot_rlhf.models.policy import Critic
@@ -376,3 +376,56 @@ def test_varlen_sdpa_is_chosen_only_for_sdpa_and_refuses_what_it_cannot_do(tiny_
     with pytest.raises(ValueError, match="one row"):
         varlen_sdpa_attention_forward(torch.nn.Module(), q.expand(2, -1, -1, -1), q, q, None, cu_seq_lens_q=cu,
                                       max_length_q=3)
+
+
+def test_length_buckets_keep_every_sequence_and_cut_the_attention_work():
+    from aplot_rlhf.models.packing import attention_slots, length_buckets
+    lengths = [98, 12, 128, 40, 41, 97, 5, 120]
+    buckets = length_buckets(lengths, groups=3)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths))) and len(buckets) == 3
+    widths = [max(lengths[i] for i in b) for b in buckets]
+    assert widths == sorted(widths, reverse=True)
+    work = sum(len(b) * w * w for b, w in zip(buckets, widths))
+    assert work < len(lengths) * 128 ** 2 * 0.6  # one bucket padded to 128 does much more
+    assert length_buckets([7], groups=4) == [[0]]
+    assert attention_slots([0, 3], [3, 2])["attn_buckets"] == ((1, 3), (1, 2))  # two calls beat padding 2 to 3
+    s = attention_slots([0, 3], [3, 2], groups=1)
+    assert s["attn_buckets"] == ((2, 3),)
+    assert s["attn_slot_token"].tolist() == [0, 1, 2, 3, 4, 4] and s["attn_slot_valid"].tolist() == [1, 1, 1, 1, 1, 0]
+    assert s["attn_token_slot"].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("with_slots", [False, True])
+def test_varlen_sdpa_attention_equals_per_sequence_attention(causal, with_slots):
+    """The attention op alone, its output and input gradients, against sdpa run on each sequence by
+    itself; with the layout's length buckets and with the varlen kwargs only (one bucket)."""
+    from aplot_rlhf.models.packing import SLOTS_KWARG, pack, varlen_sdpa_attention_forward
+    g = torch.Generator().manual_seed(0)
+    lengths = [9, 3, 17, 1, 12, 12, 6]
+    layout = pack([[1] * n for n in lengths], pad_id=0, capacity=None)
+    T, H, D = sum(lengths), 2, 8
+    q, k, v = (torch.randn(1, H, T, D, generator=g, requires_grad=True) for _ in range(3))
+
+    class Attn(torch.nn.Module):
+        is_causal = causal
+    kw = {"cu_seq_lens_q": layout["cu_seq_lens"], "cu_seq_lens_k": layout["cu_seq_lens"],
+          "max_length_q": layout["max_length"]}
+    if with_slots:
+        assert len(layout["attn_buckets"]) > 1 and not layout["attn_slot_valid"].all()  # buckets, with padding
+        kw[SLOTS_KWARG] = tuple(layout[k] for k in ("attn_slot_token", "attn_slot_valid", "attn_token_slot",
+                                                    "attn_buckets"))
+    out, _ = varlen_sdpa_attention_forward(Attn(), q, k, v, None, scaling=0.3, **kw)
+    ref, at = [], 0
+    for n in lengths:
+        sl = slice(at, at + n)
+        ref.append(torch.nn.functional.scaled_dot_product_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl],
+                                                                    is_causal=causal, scale=0.3))
+        at += n
+    ref = torch.cat(ref, dim=2).transpose(1, 2)
+    assert out.shape == (1, T, H, D) and (out - ref).abs().max() < 1e-5
+    w = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        assert (a - b).abs().max() < 1e-5

@@ -152,7 +152,6 @@ class RewardModel(nn.Module):
             emb = at.detach()
         return rewards, emb.float()
 
-
     @staticmethod
     def _bert_read_tokens(base, layout: dict, kwargs: dict) -> torch.Tensor:
         """BertModel's forward on a varlen layout, its last layer at the read ([CLS]) tokens only
