@@ -16,7 +16,7 @@ columns chosen_ids / rejected_ids. Both workers report the real (non-pad) tokens
 token slots the layers ran on (a padded batch's rows x longest, or a packed layout's slots). Both sides'
 fresh score heads are initialized after seeding with 42 (ours: seed_everything; TRL: transformers.set_seed).
 
-  python benchmarks/peer_trl.py                                   # TRL vs ours (--group_by_length --zero_stage 0)
+  python benchmarks/peer_trl.py                                   # TRL vs ours (--packing --zero_stage 0)
   python benchmarks/peer_trl.py --ours= --ours=--group_by_length    # several configurations of ours (use --ours=...)
   python benchmarks/peer_trl.py --max_steps 6 --chunk 6 --profile_step 5 --profile_dir benchmarks/results/peer_trl
 """
@@ -303,7 +303,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trl_python", "--trl-python", default=os.path.join(REPO, ".venv-trl", "bin", "python"))
     p.add_argument("--ours", action="append", default=None,
-                   help="extra train_rm flags for one configuration of ours (repeatable; default: --group_by_length)")
+                   help="extra train_rm flags for one configuration of ours (repeatable; default: --packing --zero_stage 0)")
     p.add_argument("--chunk", type=int, default=5, help="steps a side runs before the next side's turn")
     p.add_argument("--max_steps", type=int, default=0, help="stop each side after N steps (0 = the epoch)")
     p.add_argument("--max_length", type=int, default=128)
@@ -324,7 +324,7 @@ def main() -> None:
     if args.from_json:
         report_from_json(args.from_json, args)
         return
-    ours_configs = args.ours if args.ours is not None else ["--group_by_length --zero_stage 0"]
+    ours_configs = args.ours if args.ours is not None else ["--packing --zero_stage 0"]
     if not args.no_trl and not os.path.exists(args.trl_python):
         raise SystemExit(f"{args.trl_python} missing: run `make trl-venv` first (TRL's own venv)")
     workdir = tempfile.mkdtemp(prefix="peer_trl_")
