@@ -2,10 +2,16 @@
 
 Prints (1) the padding fraction of padded micro-batches over the whole file (every micro-batch of a
 shuffled epoch, as PairSampler draws them), and of packed micro-batches; (2) training tokens/s (forward
-+ backward of the BT loss, real tokens only) padded vs packed, on the same micro-batches, alternating
-the two layouts so that load from other jobs hits both alike.
++ backward of the BT loss, real tokens only) of each layout, on the same micro-batches, rotating the
+layouts so that load from other jobs hits all alike. Layouts (--layouts):
+
+  padded  collate_pairs: every sequence padded to the micro-batch's longest
+  packed  what train_rm --packing runs for --attn: with sdpa, varlen_sdpa (one row of real tokens,
+          attention padded per sequence); with flash_attention_2, its varlen kernel; with eager, dense rows
+  dense   rows of --max_length tokens with a 4D block-diagonal mask (the sdpa path before varlen_sdpa)
 
   python benchmarks/packing.py                                  # MiniLM-L6, hh-rlhf harmless-base, 512 tokens
+  python benchmarks/packing.py --max_length 128 --pairs 16 --layouts padded,dense,packed   # peer_trl's shape
   python benchmarks/packing.py --model PATH --attn flash_attention_2 --precision bf16   # a GPU
 """
 from __future__ import annotations
@@ -36,8 +42,12 @@ def main():
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layouts", default="padded,packed", help="comma-separated: padded, packed, dense")
     p.add_argument("--out", default="", help="append the result as one JSON line to this file")
     args = p.parse_args()
+    layouts = args.layouts.split(",")
+    if not set(layouts) <= {"padded", "packed", "dense"}:
+        raise SystemExit(f"--layouts: unknown layout in {args.layouts!r} (padded, packed, dense)")
 
     from aplot_rlhf.data.preference import PairTokenizer, collate_pairs, collate_pairs_packed, load_pairs
     from aplot_rlhf.losses import bt_loss
@@ -54,27 +64,36 @@ def main():
     pairs = PairTokenizer(tok, args.max_length).encode_pairs(load_pairs(args.data), "benchmark data")
     model = load_reward_model(model_path, tokenizer=tok, dtype=dtype, attn_implementation=args.attn).to(dev)
     model.train()
-    model.check_packable(args.attn)
+    base_attn = model.hf.config._attn_implementation
+    model.prepare_packing(args.attn)  # as train_rm --packing: sdpa -> varlen_sdpa
+    packed_attn = model.hf.config._attn_implementation
     capacity = capacity_for(model.hf.config, args.max_length)
     pad = tok.pad_token_id
+
+    def use(layout):  # dense rows need the model's own dense attention (sdpa or eager), not the varlen one
+        model.hf.set_attn_implementation(base_attn if layout == "dense" else packed_attn)
 
     order = list(range(len(pairs)))
     random.Random(args.seed).shuffle(order)
     batches = [[pairs[i] for i in order[s:s + args.pairs]] for s in range(0, len(order) - args.pairs + 1, args.pairs)]
-    real = padded_slots = packed_slots = 0
+    caps = {"packed": capacity, "dense": args.max_length}
+    real = padded_slots = 0
+    slots = {name: 0 for name in caps}
     for b in batches:  # the layouts alone: cheap, so over the whole epoch
         seqs = [x["chosen_ids"] for x in b] + [x["rejected_ids"] for x in b]
         real += sum(map(len, seqs))
         padded_slots += len(seqs) * max(map(len, seqs))
-        packed_slots += collate_pairs_packed(b, pad, capacity, model.reads_last_token)["packed"]["n_slots"]
+        for name, cap in caps.items():
+            slots[name] += collate_pairs_packed(b, pad, cap, model.reads_last_token)["packed"]["n_slots"]
 
-    def step(b, packed: bool) -> tuple[float, int]:
+    def step(b, layout: str) -> tuple[float, int]:
+        use(layout)
         model.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        if packed:
-            batch = collate_pairs_packed(b, pad, capacity, model.reads_last_token)
+        if layout != "padded":
+            batch = collate_pairs_packed(b, pad, caps[layout], model.reads_last_token)
             rewards, _ = model(packed=to_device(batch["packed"], dev))
             n = batch["packed"]["n_tokens"]
         else:
@@ -88,25 +107,28 @@ def main():
             torch.cuda.synchronize()
         return time.perf_counter() - t0, n
 
-    timed = {"padded": [0.0, 0], "packed": [0.0, 0]}
+    timed = {name: [0.0, 0] for name in layouts}
     for k, b in enumerate(batches[:args.warmup + args.steps]):
-        for name in (("padded", "packed") if k % 2 == 0 else ("packed", "padded")):
-            s, n = step(b, name == "packed")
+        for name in layouts[k % len(layouts):] + layouts[:k % len(layouts)]:  # rotated: each goes first in turn
+            s, n = step(b, name)
             if k >= args.warmup:
                 timed[name][0] += s
                 timed[name][1] += n
     result = {
         "model": model_path, "data": os.path.basename(args.data),
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "attn": model.hf.config._attn_implementation, "precision": args.precision,
+        "threads": torch.get_num_threads(), "attn": base_attn, "packed_attn": packed_attn, "precision": args.precision,
         "max_length": args.max_length, "pairs_per_micro_batch": args.pairs, "micro_batches_in_epoch": len(batches),
         "mean_tokens_per_sequence": real / (2 * args.pairs * len(batches)),
-        "padding_fraction_padded": 1 - real / padded_slots, "padding_fraction_packed": 1 - real / packed_slots,
+        "padding_fraction_padded": 1 - real / padded_slots,
+        **{f"padding_fraction_{name}": 1 - real / n for name, n in slots.items()},
         "timed_micro_batches": args.steps,
-        "tokens_per_s_padded": timed["padded"][1] / timed["padded"][0],
-        "tokens_per_s_packed": timed["packed"][1] / timed["packed"][0],
+        **{f"tokens_per_s_{name}": n / s for name, (s, n) in timed.items()},
     }
-    result["speedup"] = result["tokens_per_s_packed"] / result["tokens_per_s_padded"]
+    if "padded" in timed:
+        for name in timed:
+            if name != "padded":
+                result[f"speedup_{name}"] = result[f"tokens_per_s_{name}"] / result["tokens_per_s_padded"]
     print(json.dumps(result, indent=1))
     if args.out:
         with open(args.out, "a") as fh:

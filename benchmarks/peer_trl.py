@@ -12,9 +12,11 @@ speed lands on both sides alike. After the epoch each side scores the 400 valida
 
 Equal work: TRL drops every pair longer than max_length unless it is given token ids, so the ids come from
 OUR PairTokenizer (the same load_rm_data call our trainer makes) and TRL gets them as its pre-tokenized
-columns chosen_ids / rejected_ids. Both workers report the real (non-pad) and padded tokens of every step.
+columns chosen_ids / rejected_ids. Both workers report the real (non-pad) tokens of every step and the
+token slots the layers ran on (a padded batch's rows x longest, or a packed layout's slots). Both sides'
+fresh score heads are initialized after seeding with 42 (ours: seed_everything; TRL: transformers.set_seed).
 
-  python benchmarks/peer_trl.py                                   # TRL vs ours (--group_by_length --zero_stage 0)
+  python benchmarks/peer_trl.py                                   # TRL vs ours (--packing --zero_stage 0)
   python benchmarks/peer_trl.py --ours= --ours=--group_by_length    # several configurations of ours (use --ours=...)
   python benchmarks/peer_trl.py --max_steps 6 --chunk 6 --profile_step 5 --profile_dir benchmarks/results/peer_trl
 """
@@ -54,12 +56,12 @@ class StepClock:
     def __init__(self, chunk: int, total: int, profile_step: int = 0):
         self.chunk, self.total, self.profile_step = chunk, total, profile_step
         self.done, self.rows, self.prof, self.profile = 0, [], None, None
-        self.last = None
+        self.last = self.last_cpu = None
 
     def start(self) -> None:
         cmd = wait_command()
         assert cmd == "run", cmd
-        self.last = time.perf_counter()
+        self.last, self.last_cpu = time.perf_counter(), time.process_time()
 
     def before_step(self) -> None:
         if self.profile_step and self.done + 1 == self.profile_step:
@@ -68,11 +70,13 @@ class StepClock:
             self.prof.__enter__()
 
     def after_step(self, real_tokens: int, padded_tokens: int) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         if self.prof is not None:
             self.prof.__exit__(None, None, None)
             self.profile, self.prof = self.prof, None
-        self.rows.append({"s": now - self.last, "real": real_tokens, "padded": padded_tokens})
+        # cpu: this process's CPU seconds (all its threads), less exposed than wall time to other jobs' load
+        self.rows.append({"s": now - self.last, "cpu": cpu - self.last_cpu, "real": real_tokens,
+                          "padded": padded_tokens})
         self.done += 1
         last = self.done >= self.total
         if self.done % self.chunk == 0 or last:
@@ -81,7 +85,7 @@ class StepClock:
             if not last:
                 self.start()
                 return
-        self.last = time.perf_counter()
+        self.last, self.last_cpu = time.perf_counter(), time.process_time()
 
 
 def profile_summary(prof, model) -> dict:
@@ -129,7 +133,10 @@ def worker_ours(spec: dict) -> None:
         clock.before_step()
         out = inner(pairs, boundary)
         lens = [len(p[k]) for p in pairs for k in ("chosen_ids", "rejected_ids")]
-        clock.after_step(sum(lens), len(lens) * max(lens))
+        # the token slots the layers ran on: a packed layout's (one row of real tokens for the varlen
+        # paths), else the padded batch's
+        slots = trainer.pack(pairs)["packed"]["n_slots"] if trainer.pack is not None else len(lens) * max(lens)
+        clock.after_step(sum(lens), slots)
         return out
 
     trainer.train_micro_step = timed  # instrumentation only: the trainer's own step runs unchanged
@@ -154,6 +161,7 @@ def worker_ours(spec: dict) -> None:
 def worker_trl(spec: dict) -> None:
     import datasets
     import torch
+    import transformers
     import trl
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl import RewardConfig, RewardTrainer
@@ -163,6 +171,7 @@ def worker_trl(spec: dict) -> None:
             return [json.loads(line) for line in fh]
     train, val = rows(spec["trl_train"]), rows(spec["trl_val"])
     tok = AutoTokenizer.from_pretrained(spec["model"])
+    transformers.set_seed(42)  # the fresh score head's init: without it TRL's val accuracy changes run to run
     model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=torch.float32,
                                                                attn_implementation="sdpa")
     model.config.pad_token_id = tok.pad_token_id
@@ -296,7 +305,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trl_python", "--trl-python", default=os.path.join(REPO, ".venv-trl", "bin", "python"))
     p.add_argument("--ours", action="append", default=None,
-                   help="extra train_rm flags for one configuration of ours (repeatable; default: --group_by_length)")
+                   help="extra train_rm flags for one configuration of ours "
+                        "(repeatable; default: --packing --zero_stage 0)")
     p.add_argument("--chunk", type=int, default=5, help="steps a side runs before the next side's turn")
     p.add_argument("--max_steps", type=int, default=0, help="stop each side after N steps (0 = the epoch)")
     p.add_argument("--max_length", type=int, default=128)
@@ -317,7 +327,7 @@ def main() -> None:
     if args.from_json:
         report_from_json(args.from_json, args)
         return
-    ours_configs = args.ours if args.ours is not None else ["--group_by_length --zero_stage 0"]
+    ours_configs = args.ours if args.ours is not None else ["--packing --zero_stage 0"]
     if not args.no_trl and not os.path.exists(args.trl_python):
         raise SystemExit(f"{args.trl_python} missing: run `make trl-venv` first (TRL's own venv)")
     workdir = tempfile.mkdtemp(prefix="peer_trl_")
@@ -373,25 +383,30 @@ def report(sides, args, wall, n_train) -> None:
         timed = steps[1:] if len(steps) > 1 else steps  # the first includes each trainer's train() start-up
         med = statistics.median(r["s"] for r in timed)
         pairs_s = PAIRS_PER_STEP * len(timed) / sum(r["s"] for r in timed)
+        cpu = [r["cpu"] for r in timed if "cpu" in r]  # runs saved before CPU time was recorded have none
         rows.append((s, med, pairs_s, [sum(r["s"] for r in c) for c in s.rounds],
-                     statistics.mean(r["real"] for r in steps), statistics.mean(r["padded"] for r in steps)))
+                     statistics.mean(r["real"] for r in steps), statistics.mean(r["padded"] for r in steps),
+                     sum(cpu) / len(cpu) if cpu else None))
     ref = rows[0][2] if not args.no_trl else None
-    print(f"| run | s/step (median) | pairs/s (epoch) | vs TRL | val accuracy ({rows[0][0].result['val_n']}) "
-          f"| real tokens/step | padded tokens/step |")
-    print("|---|---|---|---|---|---|---|")
-    for s, med, pairs_s, _, real, padded in rows:
+    ref_cpu = rows[0][6] if not args.no_trl else None
+    print(f"| run | s/step (median) | pairs/s (epoch) | vs TRL | CPU s/step (mean) | vs TRL (CPU time) "
+          f"| val accuracy ({rows[0][0].result['val_n']}) | real tokens/step | token slots/step |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for s, med, pairs_s, _, real, padded, cpu in rows:
         ratio = f"{pairs_s / ref:.2f}x" if ref else "-"
-        print(f"| {s.name} | {med:.3f} | {pairs_s:.2f} | {ratio} | {s.result['val_accuracy']:.3f} "
-              f"| {real:.1f} | {padded:.1f} |")
+        cpu_ratio = f"{ref_cpu / cpu:.2f}x" if ref_cpu and cpu else "-"
+        print(f"| {s.name} | {med:.3f} | {pairs_s:.2f} | {ratio} | {cpu:.3f} | {cpu_ratio} " if cpu else
+              f"| {s.name} | {med:.3f} | {pairs_s:.2f} | {ratio} | - | - ", end="")
+        print(f"| {s.result['val_accuracy']:.3f} | {real:.1f} | {padded:.1f} |")
     if ref:
         trl_rounds = rows[0][3]
-        for s, _, _, rounds, _, _ in rows[1:]:
+        for s, _, _, rounds, _, _, _ in rows[1:]:
             per = [t / o for t, o in zip(trl_rounds, rounds)]
             print(f"{s.name}: ours/TRL speed per round (TRL's round time / this side's next round): "
                   f"{', '.join(f'{r:.2f}' for r in per)}; median over rounds {statistics.median(per):.2f}x")
         print("epoch totals (equal work check): " + "; ".join(
             f"{s.name}: {sum(r['real'] for c in s.rounds for r in c)} real / "
-            f"{sum(r['padded'] for c in s.rounds for r in c)} padded tokens" for s in sides))
+            f"{sum(r['padded'] for c in s.rounds for r in c)} token slots" for s in sides))
     for s in sides:
         print(f"{s.name}: ready {json.dumps(s.ready)}; result "
               f"{json.dumps({k: v for k, v in s.result.items() if k != 'profile'})}")

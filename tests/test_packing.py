@@ -36,10 +36,11 @@ def encoded_pairs(tok, n=6, max_length=48):
     return pairs
 
 
-def rm_outputs(model, pairs, pad_id, packed_capacity=None):
-    """rewards, embeddings, loss and gradients of one BT step, padded (capacity None) or packed."""
+def rm_outputs(model, pairs, pad_id, packed_capacity=None, varlen=False):
+    """rewards, embeddings, loss and gradients of one BT step: padded, packed into rows of `packed_capacity`
+    tokens, or (varlen) packed into one row."""
     model.zero_grad()
-    if packed_capacity is None:
+    if packed_capacity is None and not varlen:
         b = collate_pairs(pairs, pad_id)
         rewards, emb = model(b["input_ids"], b["attention_mask"], b["response_start"])
     else:
@@ -124,8 +125,8 @@ def test_flash_attention_gets_varlen_kwargs_and_other_kernels_are_refused(caplog
     assert "flash_attn installed" in caplog.text
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("capacity", [None, 40])
+@pytest.mark.parametrize("attn,capacity", [("sdpa", None), ("sdpa", 40), ("eager", None), ("eager", 40),
+                                           ("aplot_varlen_sdpa", None)])
 def test_packed_ppo_logprobs_and_values_equal_padded(attn, capacity, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
@@ -182,10 +183,13 @@ def run_rm(model_dir, out, packing, zero_stage):
 
 
 @pytest.mark.slow
-def test_train_rm_with_packing_matches_the_padded_run(tiny_llama_dir, tmp_path):
-    # the packed run under ZeRO-3 (partitioned weights gathered by DeepSpeed's hooks around the packed forward)
-    padded, padded_eval = run_rm(tiny_llama_dir, tmp_path / "padded", packing=False, zero_stage=2)
-    packed, packed_eval = run_rm(tiny_llama_dir, tmp_path / "packed", packing=True, zero_stage=3)
+@pytest.mark.parametrize("which", ["decoder", "encoder"])
+def test_train_rm_with_packing_matches_the_padded_run(which, tiny_llama_dir, minilm_path, tmp_path):
+    # the packed run under ZeRO-3 (partitioned weights gathered by DeepSpeed's hooks around the packed forward);
+    # --packing with sdpa runs varlen_sdpa, and MiniLM (read at [CLS]) its last layer at [CLS] rows only
+    path = tiny_llama_dir if which == "decoder" else minilm_path
+    padded, padded_eval = run_rm(path, tmp_path / "padded", packing=False, zero_stage=2)
+    packed, packed_eval = run_rm(path, tmp_path / "packed", packing=True, zero_stage=3)
     assert sorted(packed) == [1, 2, 3]
     for step in packed:  # same data, same updates: the same loss curve and token counts
         assert packed[step]["train/loss"] == pytest.approx(padded[step]["train/loss"], abs=1e-4)
@@ -265,3 +269,184 @@ def test_packed_rm_with_lora_adapters_equals_padded(which, tiny_llama_dir, minil
     pairs = encoded_pairs(tok)
     pad = tok.pad_token_id
     assert_same(rm_outputs(model, pairs, pad), rm_outputs(model, pairs, pad, packed_capacity=96))
+
+
+# ------------------------------------------------------------------------------- varlen sdpa
+
+@pytest.fixture(scope="module")
+def gqa_llama_dir(smol_tokenizer_dir, tmp_path_factory) -> str:
+    """The tiny Llama with grouped-query attention (4 query heads share 2 key/value heads)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    out = tmp_path_factory.mktemp("gqa_llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def ragged_pairs(tok):
+    """encoded_pairs with sequences of different lengths (the window cuts them all to 48 tokens), so the
+    per-sequence attention of varlen_sdpa really pads; pair 0 keeps its trailing pad tokens."""
+    pairs = encoded_pairs(tok)
+    for i, p in enumerate(pairs[1:], 1):
+        for side, cut in (("chosen", 48 - 5 * i), ("rejected", 47 - 3 * i)):
+            n = max(cut, p[side + "_start"] + 4)
+            p[side + "_ids"] = p[side + "_ids"][:n]
+    return pairs
+
+
+def varlen_model(path, pooling):
+    """A reward model as train_rm --packing sets it up: loaded with sdpa, switched to varlen_sdpa."""
+    from aplot_rlhf.models.packing import VARLEN_SDPA, capacity_for
+    tok = load_tokenizer(path)
+    torch.manual_seed(0)
+    model = load_reward_model(path, tokenizer=tok, pooling=pooling, attn_implementation="sdpa")
+    model.eval()
+    with torch.no_grad():  # a head that is not ~0, so differences in the head's input show
+        head = model.hf.score if model.reads_last_token else model.hf.classifier
+        head.weight.normal_(0, 1.0)
+    pairs = ragged_pairs(tok)
+    sdpa_rewards = rm_outputs(model, pairs, tok.pad_token_id)[0]
+    model.prepare_packing("sdpa")
+    assert model.config._attn_implementation == VARLEN_SDPA and capacity_for(model.config, 48) is None
+    return model, tok, pairs, sdpa_rewards
+
+
+@pytest.mark.parametrize("pooling", ["token", "mean"])
+@pytest.mark.parametrize("which", ["decoder", "gqa_decoder", "encoder"])
+def test_varlen_sdpa_rm_equals_padded(which, pooling, tiny_llama_dir, gqa_llama_dir, minilm_path):
+    """One row of real tokens, attention padded per sequence: the padded batch's rewards, embeddings,
+    loss and gradients; and a padded forward after the switch is still transformers' sdpa. The encoder
+    with token pooling also covers its last layer run at [CLS] only; with mean pooling, the full layer."""
+    from aplot_rlhf.models.packing import trims_bert_last_layer
+    path = {"decoder": tiny_llama_dir, "gqa_decoder": gqa_llama_dir, "encoder": minilm_path}[which]
+    model, tok, pairs, sdpa_rewards = varlen_model(path, pooling)
+    pad = tok.pad_token_id
+    padded = rm_outputs(model, pairs, pad)
+    assert torch.equal(padded[0], sdpa_rewards)
+    b = collate_pairs_packed(pairs, pad, None, model.reads_last_token)["packed"]
+    lengths = b["length"].tolist()
+    assert b["input_ids"].shape == (1, sum(lengths)) and len(set(lengths)) > 1  # no padding; sequences differ in length
+    # a BERT encoder read at [CLS] runs its last layer at the [CLS] rows only (packing.bert_last_layer_at)
+    assert trims_bert_last_layer(model.hf.bert if which == "encoder" else model.hf.model) == (which == "encoder")
+    assert_same(padded, rm_outputs(model, pairs, pad, varlen=True))
+
+
+@pytest.mark.parametrize("which", ["decoder", "encoder"])
+def test_varlen_sdpa_fails_the_equivalence_without_its_mask(which, tiny_llama_dir, minilm_path, monkeypatch):
+    """The equivalence above detects a dropped key-padding mask (encoder) or causal flag (decoder)."""
+    model, tok, pairs, _ = varlen_model(tiny_llama_dir if which == "decoder" else minilm_path, "token")
+    pad = tok.pad_token_id
+    padded = rm_outputs(model, pairs, pad)
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def unmasked(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        calls.append(attn_mask is not None or is_causal)
+        return real_sdpa(q, k, v, dropout_p=dropout_p, **kw)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", unmasked)
+    packed = rm_outputs(model, pairs, pad, varlen=True)
+    assert calls and all(calls)  # every layer's attention had a mask to drop
+    with pytest.raises(AssertionError):
+        assert_same(padded, packed)
+
+
+@pytest.mark.parametrize("which", ["decoder", "encoder"])
+def test_varlen_sdpa_with_lora_and_gradient_checkpointing_equals_padded(which, tiny_llama_dir, minilm_path):
+    """peft's wrapper and recomputed activations (the backward re-runs attention with the same kwargs)."""
+    from aplot_rlhf.models.lora import HEAD_NAMES, apply_lora
+    path = tiny_llama_dir if which == "decoder" else minilm_path
+    tok = load_tokenizer(path)
+    torch.manual_seed(0)
+    model = load_reward_model(path, tokenizer=tok, gradient_checkpointing=True)
+    model.hf = apply_lora(model.hf, rank=4, alpha=8.0, dropout=0.0, targets=["auto"], heads=HEAD_NAMES,
+                          gradient_checkpointing=True)
+    model.train()
+    from aplot_rlhf.models.dropout import disable_dropout
+    disable_dropout(model)
+    with torch.no_grad():
+        for name, p in model.hf.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.prepare_packing("sdpa")
+    pairs = ragged_pairs(tok)
+    pad = tok.pad_token_id
+    assert_same(rm_outputs(model, pairs, pad), rm_outputs(model, pairs, pad, varlen=True))
+
+
+def test_varlen_sdpa_is_chosen_only_for_sdpa_and_refuses_what_it_cannot_do(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from aplot_rlhf.models.packing import VARLEN_SDPA, use_varlen_sdpa, varlen_sdpa_attention_forward
+    eager = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="eager")
+    assert not use_varlen_sdpa(eager) and eager.config._attn_implementation == "eager"
+    explicit = load_reward_model(tiny_llama_dir, tokenizer=load_tokenizer(tiny_llama_dir),
+                                 attn_implementation=VARLEN_SDPA)  # the name works as --attn_implementation too
+    assert explicit.config._attn_implementation == VARLEN_SDPA
+    q = torch.randn(1, 2, 5, 8)
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+
+    class Windowed(torch.nn.Module):
+        is_causal, sliding_window = True, 4
+    with pytest.raises(NotImplementedError, match="sliding windows"):
+        varlen_sdpa_attention_forward(Windowed(), q, q, q, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=3)
+    with pytest.raises(ValueError, match="one row"):
+        varlen_sdpa_attention_forward(torch.nn.Module(), q.expand(2, -1, -1, -1), q, q, None, cu_seq_lens_q=cu,
+                                      max_length_q=3)
+
+
+def test_length_buckets_keep_every_sequence_and_cut_the_attention_work():
+    from aplot_rlhf.models.packing import attention_slots, length_buckets
+    lengths = [98, 12, 128, 40, 41, 97, 5, 120]
+    buckets = length_buckets(lengths, groups=3)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths))) and len(buckets) == 3
+    widths = [max(lengths[i] for i in b) for b in buckets]
+    assert widths == sorted(widths, reverse=True)
+    work = sum(len(b) * w * w for b, w in zip(buckets, widths))
+    assert work < len(lengths) * 128 ** 2 * 0.6  # one bucket padded to 128 does much more
+    assert length_buckets([7], groups=4) == [[0]]
+    assert attention_slots([0, 3], [3, 2])["attn_buckets"] == ((1, 3), (1, 2))  # two calls beat padding 2 to 3
+    s = attention_slots([0, 3], [3, 2], groups=1)
+    assert s["attn_buckets"] == ((2, 3),)
+    assert s["attn_slot_token"].tolist() == [0, 1, 2, 3, 4, 4] and s["attn_slot_valid"].tolist() == [1, 1, 1, 1, 1, 0]
+    assert s["attn_token_slot"].tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("with_slots", [False, True])
+def test_varlen_sdpa_attention_equals_per_sequence_attention(causal, with_slots):
+    """The attention op alone, its output and input gradients, against sdpa run on each sequence by
+    itself; with the layout's length buckets and with the varlen kwargs only (one bucket)."""
+    from aplot_rlhf.models.packing import SLOTS_KWARG, pack, varlen_sdpa_attention_forward
+    g = torch.Generator().manual_seed(0)
+    lengths = [9, 3, 17, 1, 12, 12, 6]
+    layout = pack([[1] * n for n in lengths], pad_id=0, capacity=None)
+    T, H, D = sum(lengths), 2, 8
+    q, k, v = (torch.randn(1, H, T, D, generator=g, requires_grad=True) for _ in range(3))
+
+    class Attn(torch.nn.Module):
+        is_causal = causal
+    kw = {"cu_seq_lens_q": layout["cu_seq_lens"], "cu_seq_lens_k": layout["cu_seq_lens"],
+          "max_length_q": layout["max_length"]}
+    if with_slots:
+        assert len(layout["attn_buckets"]) > 1 and not layout["attn_slot_valid"].all()  # buckets, with padding
+        kw[SLOTS_KWARG] = tuple(layout[k] for k in ("attn_slot_token", "attn_slot_valid", "attn_token_slot",
+                                                    "attn_buckets"))
+    out, _ = varlen_sdpa_attention_forward(Attn(), q, k, v, None, scaling=0.3, **kw)
+    ref, at = [], 0
+    for n in lengths:
+        sl = slice(at, at + n)
+        ref.append(torch.nn.functional.scaled_dot_product_attention(q[:, :, sl], k[:, :, sl], v[:, :, sl],
+                                                                    is_causal=causal, scale=0.3))
+        at += n
+    ref = torch.cat(ref, dim=2).transpose(1, 2)
+    assert out.shape == (1, T, H, D) and (out - ref).abs().max() < 1e-5
+    w = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        assert (a - b).abs().max() < 1e-5

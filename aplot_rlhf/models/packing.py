@@ -1,16 +1,23 @@
 """Padding-free packed batches: several sequences share one row, positions restart per sequence, and
 attention never crosses a sequence boundary.
 
-Layouts are built on the host from token lists (no device sync) and moved to the device whole. Two
+Layouts are built on the host from token lists (no device sync) and moved to the device whole. Three
 attention paths, chosen from the model's `config._attn_implementation`:
 
 - flash attention (`flash_attention_2`, `flash_attention_3`, kernels-hub variants): every sequence in ONE
   row, no padding at all, and transformers' varlen kwargs (`cu_seq_lens_q/k`, `max_length_q/k`) tell the
   kernel where sequences start;
-- `sdpa` / `eager` (CPU, or GPUs without flash-attn): sequences are first-fit packed into rows of at most
-  `capacity` tokens (dense attention costs rows x capacity^2, so one giant row would be slower than
-  padding), and a 4D block-diagonal mask (causal too for decoders) is passed, which transformers uses
-  as given for both decoders (create_causal_mask) and encoders (create_bidirectional_mask).
+- `aplot_varlen_sdpa` (ours, registered with transformers when this module is imported; `train_rm
+  --packing` with `sdpa` switches to it, see `use_varlen_sdpa`; any model may ask for it by name): the same
+  one-row layout and kwargs, so embeddings, linear layers, norms and activations run on the real tokens
+  only; only the attention op pads, per sequence, to the longest sequence of its length bucket
+  ([n_b, heads, L_b, d], a key-padding mask for encoders, `is_causal` for decoders) and gathers its output
+  back. Exact: the same sdpa kernel on the same tokens. Without varlen kwargs it is transformers' `sdpa`;
+- `sdpa` / `eager` with a dense mask (eager, or code that asked for `sdpa` and did not switch): sequences
+  are first-fit packed into rows of at most `capacity` tokens (dense attention costs rows x capacity^2,
+  so one giant row would be slower than padding), and a 4D block-diagonal mask (causal too for decoders)
+  is passed, which transformers uses as given for both decoders (create_causal_mask) and encoders
+  (create_bidirectional_mask).
 """
 from __future__ import annotations
 
@@ -23,11 +30,15 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 DENSE_IMPLEMENTATIONS = ("sdpa", "eager")
+VARLEN_SDPA = "aplot_varlen_sdpa"  # ours, namespaced; it contains "sdpa", so transformers checks sdpa support
+SLOTS_KWARG = "aplot_attention_slots"  # the layout's length buckets, which transformers passes on to attention
 
 
 def is_varlen(config) -> bool:
-    """True when the model runs a flash-attention kernel, whose varlen entry point packs without a mask."""
-    return "flash" in str(getattr(config, "_attn_implementation", "") or "")
+    """True when the model's attention takes one packed row and the varlen kwargs, without a mask: a
+    flash-attention kernel, or varlen_sdpa."""
+    impl = str(getattr(config, "_attn_implementation", "") or "")
+    return "flash" in impl or impl == VARLEN_SDPA
 
 
 def check_packing_support(config, requested: str = "") -> None:
@@ -35,11 +46,13 @@ def check_packing_support(config, requested: str = "") -> None:
     requested flash attention was replaced (flash_attn not installed) by the dense block mask."""
     impl = str(getattr(config, "_attn_implementation", "") or "")
     if not (is_varlen(config) or impl in DENSE_IMPLEMENTATIONS):
-        raise ConfigError(f"--packing needs attn_implementation flash_attention_2, sdpa or eager; the model runs "
-                          f"{impl!r}")
-    if "flash" in requested and not is_varlen(config):
-        log.warning("--packing: %s was requested but the model runs %s (is flash_attn installed?); packed rows use "
-                    "a dense block-diagonal mask instead of the varlen kernel", requested, impl)
+        raise ConfigError(f"--packing needs attn_implementation flash_attention_2, {VARLEN_SDPA}, sdpa or eager; the "
+                          f"model runs {impl!r}")
+    if "flash" in requested and "flash" not in impl:
+        how = ("one row, attention padded per sequence" if impl == VARLEN_SDPA
+               else "a dense block-diagonal mask")
+        log.warning("--packing: %s was requested but the model runs %s (is flash_attn installed?); packed batches "
+                    "use %s instead of the flash varlen kernel", requested, impl, how)
 
 
 def first_fit_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:
@@ -92,7 +105,53 @@ def pack(seqs: list[list[int]], pad_id: int, capacity: int | None) -> dict:
         order = rows[0]
         out["cu_seq_lens"] = torch.tensor([0] + list(_cumsum(lengths[i] for i in order)), dtype=torch.int32)
         out["max_length"] = max(lengths)
+        out.update(attention_slots([start[i] for i in order], [lengths[i] for i in order]))
     return out
+
+
+ATTENTION_BUCKETS = 4  # varlen_sdpa's attention calls per layer: 4 take ~71% of one call's work on hh-rlhf at 128
+
+
+def length_buckets(lengths: list[int], groups: int = ATTENTION_BUCKETS) -> list[list[int]]:
+    """Indices into `lengths` cut, longest first, into at most `groups` buckets that minimize the attention
+    work sum(n_b * L_b^2) (n_b sequences padded to the bucket's longest, L_b); exact dynamic programme."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    n, inf = len(order), float("inf")
+    cost = [[inf] * (n + 1) for _ in range(groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(groups + 1)]
+    cost[0][0] = 0
+    for g in range(1, groups + 1):
+        for j in range(1, n + 1):
+            for i in range(j):  # bucket = order[i:j], padded to its first (longest) sequence
+                c = cost[g - 1][i] + (j - i) * lengths[order[i]] ** 2
+                if c < cost[g][j]:
+                    cost[g][j], cut[g][j] = c, i
+    g = min(range(1, groups + 1), key=lambda k: (cost[k][n], k)) if n else 0
+    buckets, j = [], n
+    while g > 0 and j > 0:
+        i = cut[g][j]
+        buckets.append(order[i:j])
+        j, g = i, g - 1
+    return buckets[::-1]
+
+
+def attention_slots(starts: list[int], lengths: list[int], groups: int = ATTENTION_BUCKETS) -> dict:
+    """The padded per-bucket layout varlen_sdpa's attention uses, built on the host: attn_slot_token [N]
+    (the token each slot reads; padded slots read their sequence's last token), attn_slot_valid [N],
+    attn_token_slot [T] (each token's slot) and attn_buckets ((n_b, L_b), ...), N = sum(n_b * L_b)."""
+    slot_token, valid, buckets = [], [], []
+    token_slot = [0] * sum(lengths)
+    for members in length_buckets(lengths, groups):
+        width = lengths[members[0]]
+        buckets.append((len(members), width))
+        for i in members:
+            a, n = starts[i], lengths[i]
+            token_slot[a:a + n] = range(len(slot_token), len(slot_token) + n)
+            slot_token += [a + min(j, n - 1) for j in range(width)]
+            valid += [j < n for j in range(width)]
+    return {"attn_slot_token": torch.tensor(slot_token, dtype=torch.long),
+            "attn_slot_valid": torch.tensor(valid, dtype=torch.bool),
+            "attn_token_slot": torch.tensor(token_slot, dtype=torch.long), "attn_buckets": tuple(buckets)}
 
 
 def _cumsum(xs):
@@ -107,14 +166,19 @@ def to_device(layout: dict, device) -> dict:
 
 
 def attention_kwargs(layout: dict, config, causal: bool, dtype: torch.dtype) -> dict:
-    """The kwargs that make an HF model attend within sequences only: varlen kwargs for flash attention,
-    else a 4D mask [R, 1, L, L] built on the layout's device (bool for sdpa, additive for eager)."""
+    """The kwargs that make an HF model attend within sequences only: varlen kwargs for flash attention
+    and varlen_sdpa, else a 4D mask [R, 1, L, L] built on the layout's device (bool for sdpa, additive for eager)."""
     if is_varlen(config):
         if layout["input_ids"].shape[0] != 1:
-            raise ValueError("packing: flash attention's varlen path needs a one-row layout (capacity None)")
+            raise ValueError(f"packing: the varlen path ({config._attn_implementation}) needs a one-row layout "
+                             "(capacity None)")
         cu = layout["cu_seq_lens"]
-        return {"attention_mask": None, "position_ids": layout["position_ids"], "cu_seq_lens_q": cu,
-                "cu_seq_lens_k": cu, "max_length_q": layout["max_length"], "max_length_k": layout["max_length"]}
+        kwargs = {"attention_mask": None, "position_ids": layout["position_ids"], "cu_seq_lens_q": cu,
+                  "cu_seq_lens_k": cu, "max_length_q": layout["max_length"], "max_length_k": layout["max_length"]}
+        if config._attn_implementation == VARLEN_SDPA and "attn_buckets" in layout:
+            kwargs[SLOTS_KWARG] = tuple(layout[k] for k in ("attn_slot_token", "attn_slot_valid", "attn_token_slot",
+                                                            "attn_buckets"))
+        return kwargs
     seg = layout["segment"]
     allowed = seg[:, :, None] == seg[:, None, :]
     if causal:
@@ -128,8 +192,179 @@ def attention_kwargs(layout: dict, config, causal: bool, dtype: torch.dtype) -> 
 
 
 def capacity_for(config, max_tokens: int) -> int | None:
-    """Row capacity: None (one row) for flash attention's varlen path, else `max_tokens` per row."""
+    """Row capacity: None (one row) for the varlen paths (flash attention, varlen_sdpa), else `max_tokens` per row."""
     return None if is_varlen(config) else max_tokens
+
+
+# ------------------------------------------------------------------------------- varlen sdpa
+
+class _GatherRows(torch.autograd.Function):
+    """x[index] along dim 0, whose backward is a gather too: g[inverse], zeroed where `keep` is False.
+
+    Exact when `index` reads every row of x once at the slots `inverse` names, and the other slots'
+    gradients are zero (varlen_sdpa's padded slots: masked keys, dropped queries) or are dropped by
+    `keep`. A gather instead of index_select's scatter-add backward: several times faster on CPU."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, keep):
+        ctx.save_for_backward(inverse, keep)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, keep = ctx.saved_tensors
+        g = grad.index_select(0, inverse)
+        if keep is not None:
+            g = g.masked_fill(~keep.view(-1, *([1] * (g.dim() - 1))), 0)
+        return g, None, None, None
+
+
+_LAST_SLOTS: list = []  # [cu_seq_lens, key, slots] of the last layout: every layer of a forward shares it
+
+
+def _varlen_slots(cu_seq_lens: torch.Tensor, T: int, Lmax: int, device):
+    """-> slot_token [S*Lmax] (the token each padded slot reads), valid [S, Lmax], token_slot [T]; built
+    once per layout (kept while the same cu_seq_lens tensor comes back, unchanged, for the next layer)."""
+    key = (cu_seq_lens._version, T, Lmax, str(device))
+    if _LAST_SLOTS and _LAST_SLOTS[0] is cu_seq_lens and _LAST_SLOTS[1] == key:
+        return _LAST_SLOTS[2]
+    cu = cu_seq_lens.to(device, torch.long)
+    S = cu.shape[0] - 1
+    lengths = cu[1:] - cu[:-1]
+    offset = torch.arange(Lmax, device=device)
+    valid = offset < lengths[:, None]
+    slot_token = (cu[:-1, None] + offset).clamp_max(T - 1).reshape(-1)  # padded slots read some real token
+    seq = torch.repeat_interleave(torch.arange(S, device=device), lengths, output_size=T)  # no sync
+    token_slot = seq * Lmax + torch.arange(T, device=device) - cu[:-1][seq]
+    _LAST_SLOTS[:] = [cu_seq_lens, key, (slot_token, valid, token_slot)]
+    return _LAST_SLOTS[2]
+
+
+def varlen_sdpa_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                                  scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """transformers attention function: with `cu_seq_lens_q` and `max_length_q` (one packed row, as for
+    flash attention's varlen path) attention runs per sequence; otherwise transformers' `sdpa`.
+
+    query/key/value [1, heads, T, d] (T real tokens, sequences back to back) are gathered into length
+    buckets [n_b, heads, L_b, d] (the layout's `aplot_attention_slots`, built on the host by pack(): at
+    most ATTENTION_BUCKETS sdpa calls, each bucket padded to its longest sequence; without them one bucket
+    padded to max_length_q, indexed on the device from cu_seq_lens, no host sync either way). torch's sdpa
+    runs on each with a key-padding mask (encoders) or `is_causal` (decoders: a real query at offset i sees
+    keys 0..i, all real, so right padding needs no mask), and the real rows are gathered back ->
+    [1, T, heads, d]. Padded slots read some real token: their keys are masked, their queries' outputs
+    dropped, so their gradients are exactly zero."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if kwargs.get("cu_seq_lens_k") is not None and kwargs["cu_seq_lens_k"] is not cu:
+        raise NotImplementedError(f"{VARLEN_SDPA}: self-attention only (cu_seq_lens_k must be cu_seq_lens_q)")
+    if (kwargs.get("sliding_window") or getattr(module, "sliding_window", None) or kwargs.get("softcap")
+            or kwargs.get("position_bias") is not None or kwargs.get("s_aux") is not None):
+        raise NotImplementedError(f"{VARLEN_SDPA}: sliding windows, soft-capping, position biases and attention "
+                                  f"sinks are not supported ({type(module).__name__}); use flash_attention_2 or eager")
+    B, H, T, D = query.shape
+    if B != 1 or key.shape[2] != T:
+        raise ValueError(f"{VARLEN_SDPA}: a packed batch is one row of self-attention, got query {tuple(query.shape)}, "
+                         f"key {tuple(key.shape)}")
+    slots = kwargs.get(SLOTS_KWARG)
+    if slots is None:  # only the varlen kwargs: one bucket, every sequence padded to the longest
+        Lmax = int(kwargs["max_length_q"])  # a Python int in the layout: no sync
+        slot_token, valid, token_slot = _varlen_slots(cu, T, Lmax, query.device)
+        slots = (slot_token, valid.reshape(-1), token_slot, ((cu.shape[0] - 1, Lmax),))
+    slot_token, valid, token_slot, buckets = slots
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+
+    def to_slots(x):  # [1, h, T, d] -> [N, h, d], in the [n, L, h, d] memory layout transformers uses
+        return _GatherRows.apply(x[0].transpose(0, 1), slot_token, token_slot, None)
+    q, k, v = to_slots(query), to_slots(key), to_slots(value)
+    groups = H // key.shape[1]
+    outs, at = [], 0
+    for n, L in buckets:  # per bucket: [n, h, L, d], a key-padding mask (encoders) or is_causal (decoders)
+        qb, kb, vb = (t[at:at + n * L].view(n, L, t.shape[1], D).transpose(1, 2) for t in (q, k, v))
+        mask = None if causal else valid[at:at + n * L].view(n, 1, 1, L)
+        gqa = {}
+        if groups > 1:
+            if mask is None:  # torch's kernels take grouped heads without a mask
+                gqa["enable_gqa"] = True
+            else:
+                kb, vb = repeat_kv(kb, groups), repeat_kv(vb, groups)
+        ob = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout,
+                                                              is_causal=bool(causal), scale=scaling, **gqa)
+        outs.append(ob.transpose(1, 2).reshape(n * L, H, D))
+        at += n * L
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    out = _GatherRows.apply(out, token_slot, slot_token, valid)
+    return out[None], None
+
+
+def bert_last_layer_at(layer, hidden: torch.Tensor, read: torch.Tensor, cu: torch.Tensor, max_length: int):
+    """A BERT encoder layer's output at ONE token per sequence (the token the head reads), from its input
+    `hidden` [1, T, d] in the varlen layout -> [S, d]. Keys and values come from every token of the
+    sequence; the query, attention output, residual, LayerNorms and feed-forward only from the read token.
+    Exact: each of those is row-wise, so the other rows the full layer computes are never read."""
+    sa = layer.attention.self
+    H, hd = sa.num_attention_heads, sa.attention_head_size
+    x = hidden[0]
+    T, S = x.shape[0], cu.shape[0] - 1
+    at = x.index_select(0, read)  # [S, d]
+    q = sa.query(at).view(S, 1, H, hd).transpose(1, 2)  # [S, H, 1, hd]
+    slot_token, valid, token_slot = _varlen_slots(cu, T, max_length, x.device)
+
+    def to_padded(t):  # [T, H*hd] -> [S, H, Lmax, hd]
+        rows = _GatherRows.apply(t.view(T, H, hd), slot_token, token_slot, None)
+        return rows.view(S, max_length, H, hd).transpose(1, 2)
+    k, v = to_padded(sa.key(x)), to_padded(sa.value(x))
+    dropout = sa.dropout.p if sa.training else 0.0
+    a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :], dropout_p=dropout,
+                                                         scale=sa.scaling)  # padded keys masked: zero gradient
+    a = layer.attention.output(a.reshape(S, H * hd), at)
+    return layer.feed_forward_chunk(a)
+
+
+def trims_bert_last_layer(base) -> bool:
+    """True when bert_last_layer_at reproduces `base`'s last layer: a BERT encoder (self-attention only,
+    no feed-forward chunking) whose attention runs one packed row (varlen)."""
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if not layers or not is_varlen(base.config) or base.config.model_type != "bert":
+        return False
+    last = layers[-1]
+    sa = getattr(getattr(last, "attention", None), "self", None)
+    return (sa is not None and all(hasattr(sa, n) for n in ("query", "key", "value", "scaling"))
+            and not getattr(sa, "is_causal", False) and not getattr(last, "is_decoder", False)
+            and not getattr(last, "add_cross_attention", False) and not last.chunk_size_feed_forward
+            and hasattr(last, "feed_forward_chunk"))
+
+
+def varlen_sdpa_mask(*args, attention_mask=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, **kwargs):
+    """Mask creation for varlen_sdpa: None when there is nothing to mask (no 2D mask, no cache offset),
+    as for flash attention, so a packed row never materializes a [T, T] mask; else transformers' sdpa_mask."""
+    from transformers.masking_utils import sdpa_mask
+    if (attention_mask is None and isinstance(q_offset, int) and isinstance(kv_offset, int)
+            and q_offset == 0 and kv_offset == 0 and q_length == kv_length):
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, q_length=q_length, kv_length=kv_length,
+                     q_offset=q_offset, kv_offset=kv_offset, **kwargs)
+
+
+def register_varlen_sdpa() -> str:
+    """Register varlen_sdpa with transformers (idempotent); returns its name for attn_implementation=."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, varlen_sdpa_mask)
+    return VARLEN_SDPA
+
+
+def use_varlen_sdpa(model) -> bool:
+    """A transformers model running `sdpa` switches to varlen_sdpa (True); any other implementation is
+    left as it is (False). Padded forwards are unchanged by the switch: varlen_sdpa is sdpa without
+    varlen kwargs."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    model.set_attn_implementation(register_varlen_sdpa())
+    return True
 
 
 # ------------------------------------------------------------------------------------ PPO layout
@@ -163,3 +398,6 @@ def pack_prompt_response(prompts: list[list[int]], responses: list[list[int]], p
     layout.update(resp_pos=torch.tensor(pos, dtype=torch.long), keep_cols=torch.tensor(keep, dtype=torch.long),
                   resp_keep=torch.tensor(resp_keep, dtype=torch.long))
     return layout
+
+
+register_varlen_sdpa()  # at import: any model in this process may then be loaded with attn_implementation=VARLEN_SDPA

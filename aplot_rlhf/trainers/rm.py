@@ -112,7 +112,7 @@ class RewardModelTrainer:
         self.model, self.hf_model = model, model.hf
         self.pack = None  # --packing: pairs -> a packed batch (rows of at most max_length tokens, or one varlen row)
         if cfg.packing:
-            model.check_packable(cfg.attn_implementation)
+            model.prepare_packing(cfg.attn_implementation)  # sdpa -> varlen_sdpa (models.packing)
             capacity, reads_last = capacity_for(model.hf.config, cfg.max_length), model.reads_last_token
             self.pack = lambda pairs: collate_pairs_packed(pairs, self.tokenizer.pad_token_id, capacity, reads_last)
 
