@@ -140,7 +140,8 @@ def test_packed_ppo_logprobs_and_values_equal_padded(attn, capacity, tiny_llama_
         trim_left_padding,
     )
     torch.manual_seed(0)
-    actor = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation=attn).eval()
+    from aplot_rlhf.models.packing import ensure_registered
+    actor = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation=ensure_registered(attn)).eval()
     head = torch.nn.Linear(actor.config.hidden_size, 1)
     critic = Critic(actor.model, head).eval()
     pad = actor.config.pad_token_id
@@ -384,9 +385,18 @@ def test_varlen_sdpa_is_chosen_only_for_sdpa_and_refuses_what_it_cannot_do(tiny_
     from aplot_rlhf.models.packing import VARLEN_SDPA, use_varlen_sdpa, varlen_sdpa_attention_forward
     eager = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="eager")
     assert not use_varlen_sdpa(eager) and eager.config._attn_implementation == "eager"
-    explicit = load_reward_model(tiny_llama_dir, tokenizer=load_tokenizer(tiny_llama_dir),
-                                 attn_implementation=VARLEN_SDPA)  # the name works as --attn_implementation too
-    assert explicit.config._attn_implementation == VARLEN_SDPA
+    # the name works as --attn_implementation too: each loader registers it (one per fresh process)
+    loaders = {"load_actor": "load_actor(p, attn_implementation=a).config",
+               "load_critic": ("load_critic('actor', reward_path='', actor_path=p, "
+                               "attn_implementation=a).backbone.config"),
+               "load_reward_model": "load_reward_model(p, tokenizer=load_tokenizer(p), attn_implementation=a).config"}
+    for name, call in loaders.items():
+        code = ("import sys; from aplot_rlhf.models.policy import load_actor, load_critic; "
+                "from aplot_rlhf.models.reward import load_reward_model, load_tokenizer; "
+                f"p, a = sys.argv[1], sys.argv[2]; print({call}._attn_implementation)")
+        out = subprocess.run([PYTHON, "-c", code, tiny_llama_dir, VARLEN_SDPA], env=python_env(), cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and out.stdout.split()[-1] == VARLEN_SDPA, (name, out.stderr[-3000:])
     q = torch.randn(1, 2, 5, 8)
     cu = torch.tensor([0, 3, 5], dtype=torch.int32)
 

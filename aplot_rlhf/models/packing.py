@@ -7,8 +7,8 @@ attention paths, chosen from the model's `config._attn_implementation`:
 - flash attention (`flash_attention_2`, `flash_attention_3`, kernels-hub variants): every sequence in ONE
   row, no padding at all, and transformers' varlen kwargs (`cu_seq_lens_q/k`, `max_length_q/k`) tell the
   kernel where sequences start;
-- `aplot_varlen_sdpa` (ours, registered with transformers when this module is imported; `train_rm
-  --packing` with `sdpa` switches to it, see `use_varlen_sdpa`; any model may ask for it by name): the same
+- `aplot_varlen_sdpa` (ours, registered with transformers by our model loaders when asked for by name,
+  see `ensure_registered`; `train_rm --packing` with `sdpa` switches to it, see `use_varlen_sdpa`): the same
   one-row layout and kwargs, so embeddings, linear layers, norms and activations run on the real tokens
   only; only the attention op pads, per sequence, to the longest sequence of its length bucket
   ([n_b, heads, L_b, d], a key-padding mask for encoders, `is_causal` for decoders) and gathers its output
@@ -400,4 +400,9 @@ def pack_prompt_response(prompts: list[list[int]], responses: list[list[int]], p
     return layout
 
 
-register_varlen_sdpa()  # at import: any model in this process may then be loaded with attn_implementation=VARLEN_SDPA
+def ensure_registered(attn_implementation: str) -> str:
+    """`attn_implementation`, after registering ours with transformers if it names it: the model loaders
+    (load_reward_model, load_actor, load_critic) call this, so --attn_implementation aplot_varlen_sdpa works."""
+    if attn_implementation == VARLEN_SDPA:
+        register_varlen_sdpa()
+    return attn_implementation

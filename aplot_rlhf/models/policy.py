@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from .packing import ensure_registered
 from .reward import drop_gguf_quantizer, load_scoring_model, load_tokenizer, split_gguf
 
 
@@ -14,7 +15,8 @@ def load_actor(path: str, *, gguf_file: str = "", dtype=torch.float32, gradient_
     from transformers import AutoModelForCausalLM
     folder, gguf = split_gguf(path, gguf_file)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                 attn_implementation=ensure_registered(attn_implementation), **kwargs)
     if gguf:
         drop_gguf_quantizer(model)
     if gradient_checkpointing:
@@ -67,6 +69,7 @@ def load_critic(init: str, *, reward_path: str, actor_path: str, actor_gguf_file
     reward model's head is folded into (score - mean) / std.
     """
     from transformers import AutoModel
+    ensure_registered(attn_implementation)  # aplot_varlen_sdpa: known to transformers before any load below
     if init == "reward":
         rm = load_scoring_model(reward_path, allow_untrained_head=allow_untrained_head, what="critic_init 'reward':",
                                 dtype=dtype, attn_implementation=attn_implementation)

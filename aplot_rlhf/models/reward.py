@@ -178,9 +178,8 @@ def load_reward_model(model_name_or_path: str, *, tokenizer, dtype: torch.dtype 
     """
     from transformers import AutoModelForSequenceClassification
 
-    from .packing import VARLEN_SDPA, register_varlen_sdpa
-    if attn_implementation == VARLEN_SDPA:  # ours: transformers must know the name before loading
-        register_varlen_sdpa()
+    from .packing import ensure_registered
+    ensure_registered(attn_implementation)  # ours (aplot_varlen_sdpa): transformers must know it before loading
     path, gguf = split_gguf(model_name_or_path, gguf_file)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
