@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from helpers import CHARS, smollm2_gguf
+from helpers import CHARS, save_tiny_llama, smollm2_gguf
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,19 +33,8 @@ def smol_tokenizer_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(smol_tokenizer_dir, tmp_path_factory) -> str:
     """A tiny random Llama (2 layers, head_dim 64) with SmolLM2's tokenizer, saved as a local HF folder."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config)
-    out = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    return save_tiny_llama(smol_tokenizer_dir, tmp_path_factory.mktemp("tiny_llama"), num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from aplot_rlhf.models.packing import (
     pack_prompt_response,
 )
 from aplot_rlhf.models.reward import load_reward_model, load_tokenizer
-from helpers import HH_PAIRS, PYTHON, REPO, free_port, python_env
+from helpers import HH_PAIRS, PYTHON, REPO, free_port, python_env, save_tiny_llama
 
 ATOL = 1e-5
 
@@ -277,16 +277,8 @@ def test_packed_rm_with_lora_adapters_equals_padded(which, tiny_llama_dir, minil
 @pytest.fixture(scope="module")
 def gqa_llama_dir(smol_tokenizer_dir, tmp_path_factory) -> str:
     """The tiny Llama with grouped-query attention (4 query heads share 2 key/value heads)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    out = tmp_path_factory.mktemp("gqa_llama")
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    return save_tiny_llama(smol_tokenizer_dir, tmp_path_factory.mktemp("gqa_llama"), num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=32)
 
 
 def ragged_pairs(tok):
