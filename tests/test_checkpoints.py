@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from aplot_rlhf import engine as eng
+from aplot_rlhf.engine import checkpoint as ckpt
+from aplot_rlhf.errors import CheckpointError
 from aplot_rlhf.metrics import MetricsLogger
 from helpers import HH_PAIRS, PYTHON, REPO, python_env
 
@@ -95,7 +96,7 @@ def test_pruning_keeps_checkpoints_of_other_runs(run_copy):
     manifest = json.loads((other / "manifest.json").read_text())
     (other / "manifest.json").write_text(json.dumps({**manifest, "step": 2, "run_id": "another-run"}))
     ours = json.loads((ckpts / "step_4" / "manifest.json").read_text())["run_id"]
-    saver = eng.Checkpointer(str(ckpts), {}, 1, keep=1)
+    saver = ckpt.Checkpointer(str(ckpts), {}, 1, keep=1)
     saver.run_id = ours
     saver._prune(current=5)
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_2"]  # its own 3 and 4 went, not 2
@@ -111,7 +112,7 @@ def test_every_checkpoint_has_a_manifest_of_its_files(base_run):
     assert {k: v["size"] for k, v in manifest["files"].items()} == {k: v for k, v in on_disk.items()
                                                                    if k != "manifest.json"}
     for v in manifest["files"].values():  # small files hashed, multi-GB optimizer shards checked by size
-        assert ("sha256" in v) == (v["size"] <= eng.HASH_LIMIT)
+        assert ("sha256" in v) == (v["size"] <= ckpt.HASH_LIMIT)
     assert manifest["config"]["micro_batch_size"] == 2
 
 
@@ -137,7 +138,7 @@ def test_damaged_newest_checkpoint_falls_back_with_a_named_warning(run_copy, dam
         (ckpts / "step_5.partial" / "manifest.json").unlink()
         (ckpts / "latest_checkpoint.json.tmp.12345").write_text('{"tag": "step_5"')
     with caplog.at_level(logging.WARNING):
-        chosen = eng.newest_complete_checkpoint(str(ckpts))
+        chosen = ckpt.newest_complete_checkpoint(str(ckpts))
     text = caplog.text
     if damage == "deleted_file":
         assert chosen["tag"] == "step_3"
@@ -159,14 +160,14 @@ def test_no_usable_checkpoint_fails_with_every_path_and_reason(run_copy):
     a, b = biggest_file(ckpts / "step_4"), biggest_file(ckpts / "step_3")
     a.unlink()
     b.write_bytes(b"")
-    with pytest.raises(eng.CheckpointError) as err:
-        eng.newest_complete_checkpoint(str(ckpts))
+    with pytest.raises(CheckpointError) as err:
+        ckpt.newest_complete_checkpoint(str(ckpts))
     assert f"{a}: missing" in str(err.value) and f"{b}: 0 bytes, manifest says" in str(err.value)
     (ckpts / "latest_checkpoint.json").write_text("[]")
     shutil.rmtree(ckpts / "step_3")
     shutil.rmtree(ckpts / "step_4")
-    with pytest.raises(eng.CheckpointError, match="latest_checkpoint.json: no checkpoint 'tag'"):
-        eng.latest_checkpoint(str(ckpts))
+    with pytest.raises(CheckpointError, match="latest_checkpoint.json: no checkpoint 'tag'"):
+        ckpt.latest_checkpoint(str(ckpts))
 
 
 @pytest.mark.slow
@@ -177,7 +178,7 @@ def test_resume_past_a_damaged_checkpoint_repeats_the_same_losses(tiny_llama_dir
     assert f"{victim}: 100 bytes, manifest says" in proc.stderr and "falling back to step_3" in proc.stderr
     assert "resumed at optimizer step 3" in proc.stderr
     assert train_losses(run_copy) == train_losses(base_run)  # step 4 trained again, identically, logged once
-    assert eng.verify_checkpoint(str(run_copy / "checkpoints" / "step_4"))["step"] == 4  # rewritten whole
+    assert ckpt.verify_checkpoint(str(run_copy / "checkpoints" / "step_4"))["step"] == 4  # rewritten whole
 
 
 # --------------------------------------------------------------------------- 3. changed config
@@ -199,15 +200,15 @@ def test_resume_with_a_changed_run_is_refused_naming_each_key(tiny_llama_dir, ru
 def test_resume_config_check_compares_and_can_be_overridden(run_copy, caplog):
     ckpts = str(run_copy / "checkpoints")
     saved = json.loads((run_copy / "checkpoints" / "step_4" / "manifest.json").read_text())["config"]
-    harmless = eng.Checkpointer(ckpts, {**saved, "eval_steps": 3, "log_steps": 5, "resume": True}, 1)
+    harmless = ckpt.Checkpointer(ckpts, {**saved, "eval_steps": 3, "log_steps": 5, "resume": True}, 1)
     harmless.load({})
     assert harmless.run_id == json.loads((run_copy / "checkpoints" / "step_4" / "manifest.json").read_text())["run_id"]
-    with pytest.raises(eng.ResumeConfigError, match=r"world_size: saved 1, now 2"):
-        eng.Checkpointer(ckpts, saved, 2).load({})
-    with pytest.raises(eng.ResumeConfigError, match=r"gradient_accumulation_steps: saved 1, now 2"):
-        eng.Checkpointer(ckpts, {**saved, "gradient_accumulation_steps": 2}, 1).load({})
+    with pytest.raises(ckpt.ResumeConfigError, match=r"world_size: saved 1, now 2"):
+        ckpt.Checkpointer(ckpts, saved, 2).load({})
+    with pytest.raises(ckpt.ResumeConfigError, match=r"gradient_accumulation_steps: saved 1, now 2"):
+        ckpt.Checkpointer(ckpts, {**saved, "gradient_accumulation_steps": 2}, 1).load({})
     with caplog.at_level(logging.WARNING):
-        eng.Checkpointer(ckpts, {**saved, "learning_rate": 1.0}, 1, allow_config_change=True).load({})
+        ckpt.Checkpointer(ckpts, {**saved, "learning_rate": 1.0}, 1, allow_config_change=True).load({})
     assert "learning_rate: saved 0.002, now 1.0" in caplog.text
 
 
@@ -233,12 +234,12 @@ def test_fresh_run_into_a_used_folder_is_refused_then_moved_aside(tiny_llama_dir
 
 
 def test_output_dir_guard_without_and_with_an_earlier_run(tmp_path, run_copy):
-    eng.prepare_output_dir(str(tmp_path / "new"), resume=False, overwrite=False)  # nothing there: fine
-    eng.prepare_output_dir(str(run_copy), resume=True, overwrite=False)  # resuming it: fine
-    with pytest.raises(eng.OutputDirError, match="holds an earlier run"):
-        eng.prepare_output_dir(str(run_copy), resume=False, overwrite=False)
-    with pytest.raises(eng.OutputDirError, match="contradict"):
-        eng.prepare_output_dir(str(run_copy), resume=True, overwrite=True)
+    ckpt.prepare_output_dir(str(tmp_path / "new"), resume=False, overwrite=False)  # nothing there: fine
+    ckpt.prepare_output_dir(str(run_copy), resume=True, overwrite=False)  # resuming it: fine
+    with pytest.raises(ckpt.OutputDirError, match="holds an earlier run"):
+        ckpt.prepare_output_dir(str(run_copy), resume=False, overwrite=False)
+    with pytest.raises(ckpt.OutputDirError, match="contradict"):
+        ckpt.prepare_output_dir(str(run_copy), resume=True, overwrite=True)
 
 
 # --------------------------------------------------------------------------- 5. metrics after resume

@@ -31,13 +31,13 @@ def test_there_is_something_to_check():
 def test_ds_config_parses_with_deepspeed(path):
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from aplot_rlhf import engine as eng
     from aplot_rlhf.config import RMConfig
+    from aplot_rlhf.engine import deepspeed as ds_api
     cfg = RMConfig(model_name_or_path="x", train_data=["x"], ds_config=str(path), micro_batch_size=2,
                    gradient_accumulation_steps=4, max_grad_norm=0.5, learning_rate=3e-6)
-    ds = eng.build_ds_config(cfg, world_size=8, precision="bf16")
+    ds = ds_api.build_ds_config(cfg, world_size=8, precision="bf16")
     assert "auto" not in json.dumps(ds), "every 'auto' must be filled from the flags"
-    eng.check_ds_config(ds, 8)
+    ds_api.check_ds_config(ds, 8)
     batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
     assert batch == (2, 4, 64)
     raw = json.loads(path.read_text())
@@ -56,15 +56,15 @@ def test_reference_template_is_frozen():
 
 
 def test_inconsistent_batch_sizes_are_a_clear_error(tmp_path):
-    from aplot_rlhf import engine as eng
     from aplot_rlhf.config import RMConfig
+    from aplot_rlhf.engine import deepspeed as ds_api
     bad = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "train_batch_size": 10}
     with pytest.raises(ValueError, match="train_batch_size 10 != micro batch 2 x grad accum 4 x world size 8"):
-        eng.check_ds_config(bad, 8)
+        ds_api.check_ds_config(bad, 8)
     path = tmp_path / "broken.json"
     path.write_text('{"zero_optimization": {"stage": 3},}')
     with pytest.raises(ValueError, match="broken.json:1: malformed JSON"):
-        eng.build_ds_config(RMConfig(model_name_or_path="x", train_data=["x"], ds_config=str(path)), 1)
+        ds_api.build_ds_config(RMConfig(model_name_or_path="x", train_data=["x"], ds_config=str(path)), 1)
 
 
 def dry_run(argv, monkeypatch, capsys, **env):

@@ -16,6 +16,7 @@ import torch
 from aplot_rlhf.data.preference import PairTokenizer, collate_pairs, collate_pairs_packed, load_pairs
 from aplot_rlhf.errors import ConfigError
 from aplot_rlhf.losses import bt_loss
+from aplot_rlhf.models.loader import load_tokenizer
 from aplot_rlhf.models.packing import (
     attention_kwargs,
     check_packing_support,
@@ -23,7 +24,7 @@ from aplot_rlhf.models.packing import (
     pack,
     pack_prompt_response,
 )
-from aplot_rlhf.models.reward import load_reward_model, load_tokenizer
+from aplot_rlhf.models.reward import load_reward_model
 from helpers import HH_PAIRS, PYTHON, REPO, free_port, python_env, save_tiny_llama
 
 ATOL = 1e-5
@@ -70,7 +71,7 @@ def assert_same(padded, packed):
 @pytest.mark.parametrize("which", ["decoder", "encoder"])
 def test_packed_rm_equals_padded(which, pooling, attn, tiny_llama_dir, minilm_path):
     path = tiny_llama_dir if which == "decoder" else minilm_path
-    tok = load_tokenizer(path)
+    tok = load_tokenizer("reward", path)
     torch.manual_seed(0)
     model = load_reward_model(path, tokenizer=tok, pooling=pooling, attn_implementation=attn)
     model.eval()  # dropout off: both layouts see the same function
@@ -258,7 +259,7 @@ def test_packed_rm_with_lora_adapters_equals_padded(which, tiny_llama_dir, minil
     """--lora_rank with --packing: the head and backbone are found through peft's wrapper."""
     from aplot_rlhf.models.lora import HEAD_NAMES, apply_lora
     path = tiny_llama_dir if which == "decoder" else minilm_path
-    tok = load_tokenizer(path)
+    tok = load_tokenizer("reward", path)
     torch.manual_seed(0)
     model = load_reward_model(path, tokenizer=tok)
     model.hf = apply_lora(model.hf, rank=4, alpha=8.0, dropout=0.0, targets=["auto"], heads=HEAD_NAMES)
@@ -295,7 +296,7 @@ def ragged_pairs(tok):
 def varlen_model(path, pooling):
     """A reward model as train_rm --packing sets it up: loaded with sdpa, switched to varlen_sdpa."""
     from aplot_rlhf.models.packing import VARLEN_SDPA, capacity_for
-    tok = load_tokenizer(path)
+    tok = load_tokenizer("reward", path)
     torch.manual_seed(0)
     model = load_reward_model(path, tokenizer=tok, pooling=pooling, attn_implementation="sdpa")
     model.eval()
@@ -353,7 +354,7 @@ def test_varlen_sdpa_with_lora_and_gradient_checkpointing_equals_padded(which, t
     """peft's wrapper and recomputed activations (the backward re-runs attention with the same kwargs)."""
     from aplot_rlhf.models.lora import HEAD_NAMES, apply_lora
     path = tiny_llama_dir if which == "decoder" else minilm_path
-    tok = load_tokenizer(path)
+    tok = load_tokenizer("reward", path)
     torch.manual_seed(0)
     model = load_reward_model(path, tokenizer=tok, gradient_checkpointing=True)
     model.hf = apply_lora(model.hf, rank=4, alpha=8.0, dropout=0.0, targets=["auto"], heads=HEAD_NAMES,
@@ -378,13 +379,15 @@ def test_varlen_sdpa_is_chosen_only_for_sdpa_and_refuses_what_it_cannot_do(tiny_
     eager = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="eager")
     assert not use_varlen_sdpa(eager) and eager.config._attn_implementation == "eager"
     # the name works as --attn_implementation too: each loader registers it (one per fresh process)
-    loaders = {"load_actor": "load_actor(p, attn_implementation=a).config",
+    loaders = {"load_model('actor')": "load_model('actor', p, attn_implementation=a).config",
                "load_critic": ("load_critic('actor', reward_path='', actor_path=p, "
                                "attn_implementation=a).backbone.config"),
-               "load_reward_model": "load_reward_model(p, tokenizer=load_tokenizer(p), attn_implementation=a).config"}
+               "load_reward_model": ("load_reward_model(p, tokenizer=load_tokenizer('reward', p), "
+                                     "attn_implementation=a).config")}
     for name, call in loaders.items():
-        code = ("import sys; from aplot_rlhf.models.policy import load_actor, load_critic; "
-                "from aplot_rlhf.models.reward import load_reward_model, load_tokenizer; "
+        code = ("import sys; from aplot_rlhf.models.policy import load_critic; "
+                "from aplot_rlhf.models.loader import load_model, load_tokenizer; "
+                "from aplot_rlhf.models.reward import load_reward_model; "
                 f"p, a = sys.argv[1], sys.argv[2]; print({call}._attn_implementation)")
         out = subprocess.run([PYTHON, "-c", code, tiny_llama_dir, VARLEN_SDPA], env=python_env(), cwd=REPO,
                              capture_output=True, text=True, timeout=300)

@@ -161,7 +161,7 @@ def test_ppo_preempted_by_a_signal_checkpoints_exits_75_and_resumes_the_run(char
     import signal
     import time
 
-    from aplot_rlhf.engine import PREEMPT_EXIT_CODE
+    from aplot_rlhf.engine.preemption import PREEMPT_EXIT_CODE
     from test_rm_train import start_ranks
     flags = lambda out: ppo_flags(char_llama_dir, out, "hf", zero_stage=2, ppo_iterations=5, save_steps=0)  # noqa: E731
     rewards = lambda out: {r["step"]: r["ppo/reward/raw_mean"] for r in  # noqa: E731

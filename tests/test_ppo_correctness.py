@@ -84,7 +84,7 @@ def trainer_factory():
 
     They share one one-rank process group for the whole module: DeepSpeed caches its groups, so a group
     destroyed and created again inside one process is not usable by it."""
-    from aplot_rlhf import engine as eng
+    from aplot_rlhf.engine import distributed as comm
     from aplot_rlhf.trainers.ppo import PPOTrainer
     made = []
     with pytest.MonkeyPatch.context() as mp:
@@ -101,7 +101,7 @@ def trainer_factory():
         for t in reversed(made):  # newest first: each restores the handler the one before it found
             t.preempt.restore()
             t.logger.close()
-        eng.shutdown()
+        comm.shutdown()
 
 
 def first_rollout(trainer):
@@ -114,16 +114,16 @@ def first_rollout(trainer):
 
 def test_experience_tensors_are_checked_to_live_on_the_trainers_device(dropout_llama_dir, prompt_file, tmp_path,
                                                                        trainer_factory):
-    from aplot_rlhf import engine as eng
+    from aplot_rlhf.engine import distributed as comm
     from aplot_rlhf.trainers.ppo import TRAIN_KEYS, experience_on
     with pytest.raises(RuntimeError, match=r"off the trainer's device.*'scores': 'meta'"):
         experience_on(torch.device("cpu"), ids=torch.zeros(2), scores=torch.zeros(2, device="meta"))
     trainer = trainer_factory(ppo_config(dropout_llama_dir, prompt_file, tmp_path))
     exp = first_rollout(trainer)
     tensors = {k: v for k, v in exp.items() if torch.is_tensor(v)}
-    assert {k: v.device for k, v in tensors.items()} == {k: eng.device() for k in tensors}
+    assert {k: v.device for k, v in tensors.items()} == {k: comm.device() for k in tensors}
     assert set(TRAIN_KEYS) <= set(exp)  # the mini-batch reads only these
-    assert trainer.reward(["x"], ["eee"]).device == eng.device()
+    assert trainer.reward(["x"], ["eee"]).device == comm.device()
 
 
 # ------------------------------------------------------------------------------ 2. dropout

@@ -7,25 +7,25 @@ import pytest
 
 
 def test_sigusr1_and_the_stop_file_request_a_stop_and_a_requeued_run_starts_clean(tmp_path):
-    from aplot_rlhf import engine as eng
-    (tmp_path / eng.STOP_FILE).write_text("")
-    (tmp_path / eng.PREEMPTED_FILE).write_text("{}")
+    from aplot_rlhf.engine import preemption as preemption
+    (tmp_path / preemption.STOP_FILE).write_text("")
+    (tmp_path / preemption.PREEMPTED_FILE).write_text("{}")
     before = signal.getsignal(signal.SIGUSR1)  # whatever this process had: restore() must give it back
-    p = eng.Preemption(str(tmp_path), ["SIGUSR1"])
+    p = preemption.Preemption(str(tmp_path), ["SIGUSR1"])
     try:
-        assert not (tmp_path / eng.STOP_FILE).exists() and not (tmp_path / eng.PREEMPTED_FILE).exists()
+        assert not (tmp_path / preemption.STOP_FILE).exists() and not (tmp_path / preemption.PREEMPTED_FILE).exists()
         assert not p.requested()
         os.kill(os.getpid(), signal.SIGUSR1)  # handled: this process keeps running
         assert p.requested() and p.signalled == "SIGUSR1"
     finally:
         p.restore()
-    q = eng.Preemption(str(tmp_path), ["SIGUSR1"])
+    q = preemption.Preemption(str(tmp_path), ["SIGUSR1"])
     try:
         assert not q.requested()
-        (tmp_path / eng.STOP_FILE).write_text("")  # what the slurm launcher's trap creates
+        (tmp_path / preemption.STOP_FILE).write_text("")  # what the slurm launcher's trap creates
         assert q.requested()
         q.finish(7)
-        assert '"step": 7' in (tmp_path / eng.PREEMPTED_FILE).read_text()
+        assert '"step": 7' in (tmp_path / preemption.PREEMPTED_FILE).read_text()
         assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN  # a late signal cannot kill the exit
     finally:
         q.restore()
@@ -33,6 +33,7 @@ def test_sigusr1_and_the_stop_file_request_a_stop_and_a_requeued_run_starts_clea
 
 
 def test_an_unknown_signal_name_is_a_config_error(tmp_path):
-    from aplot_rlhf import engine as eng
-    with pytest.raises(eng.ConfigError, match="SIGNOPE"):
-        eng.Preemption(str(tmp_path), ["SIGNOPE"])
+    from aplot_rlhf.engine import preemption as preemption
+    from aplot_rlhf.errors import ConfigError
+    with pytest.raises(ConfigError, match="SIGNOPE"):
+        preemption.Preemption(str(tmp_path), ["SIGNOPE"])

@@ -16,16 +16,16 @@ def _worker(rank, world, port, x_all, mask_all, results):
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from aplot_rlhf import engine as eng
+        from aplot_rlhf.engine import distributed as comm
         from aplot_rlhf.trainers.ppo_math import masked_moments, moments_to_mean_var, whiten
         rows = slice(rank * 2, rank * 2 + 2)  # each rank holds 2 of the 4 sequences
         x, mask = x_all[rows], mask_all[rows]
-        white = whiten(x, mask, moments=eng.all_reduce_sum(masked_moments(x, mask)))
+        white = whiten(x, mask, moments=comm.all_reduce_sum(masked_moments(x, mask)))
         ones = torch.ones(2)
         scores = x[:, 0]
-        _, var = moments_to_mean_var(eng.all_reduce_sum(masked_moments(scores, ones)))
+        _, var = moments_to_mean_var(comm.all_reduce_sum(masked_moments(scores, ones)))
         stat = torch.tensor([1.0 + rank, float("nan") if rank == 1 else 0.5, float("nan")])
-        logged = eng.all_reduce_finite_mean(stat)
+        logged = comm.all_reduce_finite_mean(stat)
         results[rank] = (white, var.sqrt().item(), logged)
     finally:
         dist.destroy_process_group()

@@ -8,10 +8,10 @@ from helpers import PYTHON, REPO, free_port, python_env
 SCRIPT = r"""
 import copy, json, os, sys
 import torch
-from aplot_rlhf import engine as eng
+from aplot_rlhf.engine import deepspeed as ds_api
 from aplot_rlhf.config import RMConfig
 os.environ["MASTER_PORT"] = sys.argv[1]
-eng.init_distributed("gloo", 60)
+ds_api.init_distributed("gloo", 60)
 out = {}
 torch.manual_seed(0)
 base = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 1))
@@ -27,7 +27,7 @@ decay = [p for n, p in ref.named_parameters() if p.ndim >= 2 and "norm" not in n
 nodecay = [p for n, p in ref.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
 opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0}, {"params": nodecay, "weight_decay": 0.0}],
                         lr=1e-2, betas=(0.9, 0.999), eps=1e-8, fused=True)
-sched = torch.optim.lr_scheduler.LambdaLR(opt, eng.lr_lambda(6, 0, "linear", 0.0))
+sched = torch.optim.lr_scheduler.LambdaLR(opt, ds_api.lr_lambda(6, 0, "linear", 0.0))
 for xb in x:
     opt.zero_grad()
     loss_of(ref, xb).backward()
@@ -35,8 +35,8 @@ for xb in x:
     opt.step(); sched.step()
 for stage in (0, 2):
     cfg.zero_stage = stage
-    ds = eng.build_ds_config(cfg, 1)
-    engine, _ = eng.initialize(copy.deepcopy(base), ds, cfg, 6)
+    ds = ds_api.build_ds_config(cfg, 1)
+    engine, _ = ds_api.initialize(copy.deepcopy(base), ds, cfg, 6)
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     for xb in x:
         engine.backward(loss_of(engine.module, xb)); engine.step()

@@ -273,7 +273,7 @@ def test_sigterm_checkpoints_every_rank_together_and_resume_continues_the_curve(
     """SIGTERM (slurm's warning) to both ranks of a ZeRO-3 run mid-training, and a second SIGTERM while it
     saves: each rank finishes its step, one checkpoint is written, both exit 75; --resume continues
     the uninterrupted run's loss curve."""
-    from aplot_rlhf.engine import PREEMPT_EXIT_CODE
+    from aplot_rlhf.engine.preemption import PREEMPT_EXIT_CODE
     full_out, _ = full_run
     out = tmp_path / "preempted"
     procs, logs = start_ranks(rm_args(tiny_llama_dir, out), 2)

@@ -33,30 +33,30 @@ def check_deepspeed_json(cfg, world: int) -> dict:
 
     Plans the requested precision (bf16 stays bf16 here even though a CPU run would fall back to fp32).
     """
-    from .. import engine as eng
-    ds_cfg = eng.build_ds_config(cfg, world, precision=cfg.precision)
+    from ..engine import deepspeed as ds_api
+    ds_cfg = ds_api.build_ds_config(cfg, world, precision=cfg.precision)
     _parse_with_deepspeed(ds_cfg, world, f"the config ({cfg.ds_config})" if cfg.ds_config else "the config")
     _check_flags_match_json(cfg, ds_cfg)
     return ds_cfg
 
 
 def _parse_with_deepspeed(ds_cfg: dict, world: int, what: str) -> None:
-    from .. import engine as eng  # only engine.py imports deepspeed
-    eng.parse_with_deepspeed(ds_cfg, world, what)
+    from ..engine import deepspeed as ds_api
+    ds_api.parse_with_deepspeed(ds_cfg, world, what)
 
 
 def _check_role_json(cfg, path: str, role: str, actor_ds_cfg: dict, world: int) -> None:
-    from .. import engine as eng
-    ds_cfg = eng.role_ds_config(cfg, world, path, role, actor_ds_cfg, precision=cfg.precision)
+    from ..engine import deepspeed as ds_api
+    ds_cfg = ds_api.role_ds_config(cfg, world, path, role, actor_ds_cfg, precision=cfg.precision)
     _parse_with_deepspeed(ds_cfg, world, f"the {role} config ({path})")
 
 
 def _check_flags_match_json(cfg, ds_cfg: dict) -> None:
     """The trainers read --zero_stage / --precision / --offload_* as well as the JSON: they must agree."""
     zero = ds_cfg.get("zero_optimization", {})
-    from .. import engine as eng
+    from ..engine import deepspeed as ds_api
     offload = lambda key: zero.get(key, {}).get("device", "none") not in ("none", None)  # noqa: E731
-    json_precision = eng.ds_precision(ds_cfg)
+    json_precision = ds_api.ds_precision(ds_cfg)
     pairs = [("zero_stage", cfg.zero_stage, "zero_optimization.stage", zero.get("stage", 0)),
              ("precision", cfg.precision, "bf16/fp16.enabled", json_precision),
              ("offload_optimizer", cfg.offload_optimizer, "zero_optimization.offload_optimizer",
@@ -69,9 +69,10 @@ def _check_flags_match_json(cfg, ds_cfg: dict) -> None:
                          + "\n  ".join(wrong))
 
 
-def _tokenizer_or_none(path: str, tokenizer_path: str = "", gguf_file: str = "", trust_remote_code: bool = False):
+def _tokenizer_or_none(role: str, path: str, tokenizer_path: str = "", gguf_file: str = "",
+                       trust_remote_code: bool = False):
     """The model's tokenizer if it loads from local files (cheap: no weights); None, said, if not."""
-    from ..models.reward import load_tokenizer, split_gguf
+    from ..models.loader import load_tokenizer, split_gguf
     folder, gguf = split_gguf(path, gguf_file)
     files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
     if not tokenizer_path and not gguf and not any(os.path.exists(os.path.join(folder, f)) for f in files):
@@ -79,7 +80,7 @@ def _tokenizer_or_none(path: str, tokenizer_path: str = "", gguf_file: str = "",
               "(truncation and skip counts unchecked)", file=sys.stderr)
         return None
     try:
-        return load_tokenizer(path, tokenizer_path, gguf_file, trust_remote_code)
+        return load_tokenizer(role, path, gguf_file, tokenizer_path, trust_remote_code)
     except (OSError, ValueError) as exc:
         print(f"dry run: tokenizer of {path} did not load ({exc}): data not tokenized", file=sys.stderr)
         return None
@@ -88,11 +89,12 @@ def _tokenizer_or_none(path: str, tokenizer_path: str = "", gguf_file: str = "",
 def _check_rm_data(cfg, world: int) -> dict:
     """Every train/eval file through train_rm's own loader; -> {set: {pairs, skipped}}."""
     from ..data.preference import DataError, PairSampler, PairTokenizer, load_rm_data
-    from ..models.reward import check_max_length, load_model_config
-    tok = _tokenizer_or_none(cfg.model_name_or_path, cfg.tokenizer_name_or_path, cfg.gguf_file, cfg.trust_remote_code)
+    from ..models.loader import check_max_length, load_config
+    tok = _tokenizer_or_none("reward", cfg.model_name_or_path, cfg.tokenizer_name_or_path, cfg.gguf_file,
+                             cfg.trust_remote_code)
     if os.path.exists(os.path.join(cfg.model_name_or_path, "config.json")):  # a missing one is reported later
         check_max_length(cfg.max_length,
-                         load_model_config(cfg.model_name_or_path, cfg.gguf_file, cfg.trust_remote_code),
+                         load_config("reward", cfg.model_name_or_path, cfg.gguf_file, cfg.trust_remote_code),
                          tok, what=f"model {cfg.model_name_or_path}")
     encoder = None
     if tok is not None:
@@ -110,15 +112,15 @@ def _check_prompt_data(cfg, world: int) -> dict:
     """Every prompt file through train_ppo's own loader (and the actor's tokenizer when it has one)."""
     from ..data.preference import PairSampler, SkipCounter
     from ..data.prompts import PromptFormatter, load_prompts
-    from ..models.reward import check_max_length, load_model_config
+    from ..models.loader import check_max_length, load_config
     skips = SkipCounter()
     prompts = load_prompts(cfg.prompt_data, skips=skips)
     if cfg.max_prompts:
         prompts = prompts[:cfg.max_prompts]
-    tok = _tokenizer_or_none(cfg.actor_model, "", cfg.actor_gguf_file)
+    tok = _tokenizer_or_none("actor", cfg.actor_model, "", cfg.actor_gguf_file)
     if cfg.actor_gguf_file or os.path.exists(os.path.join(cfg.actor_model, "config.json")):
         check_max_length(cfg.max_prompt_length + cfg.max_new_tokens,
-                         load_model_config(cfg.actor_model, cfg.actor_gguf_file),
+                         load_config("actor", cfg.actor_model, cfg.actor_gguf_file),
                          tok, flag="--max_prompt_length + --max_new_tokens", what=f"actor {cfg.actor_model}")
     if tok is not None:
         formatter = PromptFormatter(tok, cfg.max_prompt_length, cfg.prompt_format)

@@ -36,21 +36,20 @@ def main(argv=None) -> dict:
     import os
 
     import torch
-    from transformers import AutoTokenizer
 
     from ..data.preference import encoder_from_export, load_pairs, parse_eval_specs
     from ..errors import InputNotFoundError
     from ..eval import score_pairs, summarize
-    from ..models.reward import check_max_length, load_model_config, load_scoring_model
+    from ..models.loader import check_max_length, load_config, load_model, load_tokenizer
 
     if not os.path.isdir(args.model):
         raise InputNotFoundError(f"--model {args.model}: not a folder")
     specs = parse_eval_specs(args.data)  # duplicate names fail before the model loads
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model_config = load_model_config(args.model)
+    tokenizer = load_tokenizer("eval", args.model)
+    model_config = load_config("eval", args.model)
     encoder, _ = encoder_from_export(tokenizer, model_config, args.max_length)  # as train_rm tokenized
     check_max_length(encoder.max_length, model_config, tokenizer, what=f"model {args.model}")
-    model = load_scoring_model(args.model, allow_untrained_head=args.allow_untrained_reward_head).eval()
+    model = load_model("eval", args.model, dtype=None, allow_untrained_head=args.allow_untrained_reward_head).eval()
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 

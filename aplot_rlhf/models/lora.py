@@ -12,8 +12,6 @@ import re
 
 from torch import nn
 
-from .. import engine as eng
-
 # every linear layer of a decoder block / an encoder block, per model_type; others: peft's 'all-linear'
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_TARGETS = {
@@ -83,8 +81,11 @@ def _lora_layers(model) -> dict:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def iter_merged_named_params(model: nn.Module, zero3: bool):
+def iter_merged_named_params(model: nn.Module, gather):
     """(plain HF name, merged full tensor) per parameter, one layer gathered at a time under ZeRO-3.
+
+    gather(params): a context manager that makes those (ZeRO-3 partitioned) parameters whole while open;
+    the engine passes its own (engine.deepspeed.gathered_params), so this module needs no DeepSpeed.
 
     A LoRA-wrapped linear yields W + scale * B @ A (peft's own delta), on the parameter's device; the
     adapters themselves are not yielded. Tensors are valid until the next item is requested."""
@@ -93,7 +94,7 @@ def iter_merged_named_params(model: nn.Module, zero3: bool):
     for name, p in model.named_parameters():
         groups.setdefault(_owner(name), []).append((name, p))
     for members in groups.values():
-        with eng.gathered_params([p for _, p in members], enabled=zero3):
+        with gather([p for _, p in members]):
             for name, p in members:
                 if ".lora_" in name:
                     continue
@@ -105,11 +106,12 @@ def iter_merged_named_params(model: nn.Module, zero3: bool):
                     yield hf_name(name), p.data
 
 
-def merged_state_dict(model: nn.Module) -> dict | None:
-    """The merged model's full state dict (plain HF names, CPU) on rank 0, None elsewhere."""
-    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
-    out = {} if eng.is_rank0() else None
-    for name, tensor in iter_merged_named_params(model, zero3):
+def merged_state_dict(model: nn.Module, gather, keep: bool = True) -> dict | None:
+    """The merged model's full state dict (plain HF names, CPU) where `keep` (rank 0), None elsewhere.
+
+    Every rank must call it (gathers are collective); gather as in iter_merged_named_params."""
+    out = {} if keep else None
+    for name, tensor in iter_merged_named_params(model, gather):
         if out is not None:
             out[name] = tensor.detach().cpu().clone()
     persistent = set(model.state_dict().keys())
@@ -119,15 +121,16 @@ def merged_state_dict(model: nn.Module) -> dict | None:
     return out
 
 
-def adapter_state_dict(model: nn.Module, heads=HEAD_NAMES) -> dict | None:
-    """Adapter (and head) tensors in peft's saved-file naming, on rank 0 (None elsewhere)."""
+def adapter_state_dict(model: nn.Module, gather, keep: bool = True, heads=HEAD_NAMES) -> dict | None:
+    """Adapter (and head) tensors in peft's saved-file naming where `keep` (rank 0), None elsewhere;
+    gather as in iter_merged_named_params."""
     base = model.get_base_model()
     head_prefixes = tuple(f"{_PREFIX}{h}." for h in heads if isinstance(getattr(base, h, None), nn.Module))
-    out = {} if eng.is_rank0() else None
+    out = {} if keep else None
     for name, p in model.named_parameters():
         if ".lora_" not in name and not name.startswith(head_prefixes):
             continue
-        with eng.gathered_params([p], enabled=hasattr(p, "ds_id")):
+        with gather([p]):
             if out is not None:
                 out[name.replace(".default.", ".")] = p.data.detach().cpu().clone()
     return out

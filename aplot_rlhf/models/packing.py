@@ -402,7 +402,7 @@ def pack_prompt_response(prompts: list[list[int]], responses: list[list[int]], p
 
 def ensure_registered(attn_implementation: str) -> str:
     """`attn_implementation`, after registering ours with transformers if it names it: the model loaders
-    (load_reward_model, load_actor, load_critic) call this, so --attn_implementation aplot_varlen_sdpa works."""
+    (models.loader.load_model, for every role) calls this, so --attn_implementation aplot_varlen_sdpa works."""
     if attn_implementation == VARLEN_SDPA:
         register_varlen_sdpa()
     return attn_implementation

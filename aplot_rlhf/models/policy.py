@@ -1,27 +1,13 @@
 """Policy-side models for PPO: the actor (a causal LM) and the critic (a backbone with a value head)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from ..errors import ModelError
-from .packing import ensure_registered
-from .reward import drop_gguf_quantizer, load_scoring_model, load_tokenizer, split_gguf
-
-
-def load_actor(path: str, *, gguf_file: str = "", dtype=torch.float32, gradient_checkpointing: bool = False,
-               attn_implementation: str = "sdpa"):
-    """AutoModelForCausalLM from a folder, hub name or GGUF (ZeRO-3: create HfDeepSpeedConfig first)."""
-    from transformers import AutoModelForCausalLM
-    folder, gguf = split_gguf(path, gguf_file)
-    kwargs = {"gguf_file": gguf} if gguf else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
-                                                 attn_implementation=ensure_registered(attn_implementation), **kwargs)
-    if gguf:
-        drop_gguf_quantizer(model)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+from .loader import load_model, load_tokenizer
 
 
 class Critic(nn.Module):
@@ -39,14 +25,13 @@ class Critic(nn.Module):
         return self.value_head(hidden).squeeze(-1).float()
 
 
-def normalized_head(head: nn.Linear, mean: float, std: float) -> nn.Linear:
+def normalized_head(head: nn.Linear, mean: float, std: float, gather) -> nn.Linear:
     """A value head giving (head(h) - mean) / std: a reward-model head rescaled to the normalized rewards
     PPO regresses values to, so the critic's first values are on the rewards' scale.
 
-    Under ZeRO-3 the head's weight is gathered to read it; the new head is an ordinary module that
-    DeepSpeed partitions at initialize."""
-    from .. import engine as eng
-    with eng.gathered_params(list(head.parameters())):
+    gather(params): the engine's ZeRO-3 gather (engine.deepspeed.gathered_params), to read a partitioned
+    head; the new head is an ordinary module that DeepSpeed partitions at initialize."""
+    with gather(list(head.parameters())):
         weight = head.weight.data.detach().clone().float()
         bias = head.bias.data.detach().clone().float() if head.bias is not None else torch.zeros(head.out_features)
     out = nn.Linear(head.in_features, head.out_features, bias=True, dtype=head.weight.dtype)
@@ -59,36 +44,33 @@ def normalized_head(head: nn.Linear, mean: float, std: float) -> nn.Linear:
 def load_critic(init: str, *, reward_path: str, actor_path: str, actor_gguf_file: str = "", dtype=torch.float32,
                 gradient_checkpointing: bool = False, attn_implementation: str = "sdpa",
                 actor_backbone: nn.Module | None = None, allow_untrained_head: bool = False,
-                reward_mean: float | None = None, reward_std: float | None = None) -> Critic:
+                reward_mean: float | None = None, reward_std: float | None = None, gather=None) -> Critic:
     """Critic from the reward model (backbone + its scalar head) or from the actor (backbone + a zero head).
 
     The critic reads the actor's tokens, so initializing from the reward model needs the same vocabulary
     and a decoder reward model (a head applied per token); the caller checks that. `actor_backbone`, a
     copy of the loaded actor's backbone, saves reading (and de-quantizing) the actor checkpoint again.
     reward_mean / reward_std: the statistics PPO normalizes the reward model's scores with; given, the
-    reward model's head is folded into (score - mean) / std.
+    reward model's head is folded into (score - mean) / std, read through `gather` (the engine's ZeRO-3
+    gather, engine.deepspeed.gathered_params; None: the head is not partitioned).
+    Both come through models.loader (roles 'critic_from_reward' and 'critic_from_actor').
     """
-    from transformers import AutoModel
-    ensure_registered(attn_implementation)  # aplot_varlen_sdpa: known to transformers before any load below
     if init == "reward":
-        rm = load_scoring_model(reward_path, allow_untrained_head=allow_untrained_head, what="critic_init 'reward':",
-                                dtype=dtype, attn_implementation=attn_implementation)
+        rm = load_model("critic_from_reward", reward_path, dtype=dtype, attn_implementation=attn_implementation,
+                        allow_untrained_head=allow_untrained_head)
         if not hasattr(rm, "score"):
             raise ValueError(f"{reward_path}: critic_init 'reward' needs a decoder reward model with a per-token "
                              "`score` head; use --critic_init actor")
         backbone, head = getattr(rm, rm.base_model_prefix), rm.score
         if reward_mean is not None and reward_std is not None and reward_std > 0:
-            head = normalized_head(head, reward_mean, reward_std)
+            head = normalized_head(head, reward_mean, reward_std, gather or not_partitioned)
     elif actor_backbone is not None:
         backbone = actor_backbone
         head = nn.Linear(backbone.config.hidden_size, 1, bias=False, dtype=dtype)
         nn.init.zeros_(head.weight)
     else:
-        folder, gguf = split_gguf(actor_path, actor_gguf_file)
-        kwargs = {"gguf_file": gguf} if gguf else {}
-        backbone = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
-        if gguf:
-            drop_gguf_quantizer(backbone)
+        backbone = load_model("critic_from_actor", actor_path, gguf_file=actor_gguf_file, dtype=dtype,
+                              attn_implementation=attn_implementation)
         head = nn.Linear(backbone.config.hidden_size, 1, bias=False, dtype=dtype)
         nn.init.zeros_(head.weight)  # start from V = 0 so early advantages are the rewards themselves
     if gradient_checkpointing:
@@ -118,4 +100,13 @@ def reference_tokenizer(cfg, actor_tok):
     """The reference's own tokenizer when it has its own folder (the actor's when it is the actor)."""
     if cfg.reference_model in ("", cfg.actor_model):
         return actor_tok
-    return load_tokenizer(cfg.reference_model)
+    return load_tokenizer("reference", cfg.reference_model)
+
+
+@contextlib.contextmanager
+def not_partitioned(params):
+    """The gather for modules nothing partitioned; a ZeRO-3 parameter here means the caller forgot the engine's."""
+    if any(hasattr(p, "ds_id") for p in params):
+        raise RuntimeError("a ZeRO-3 partitioned parameter needs the engine's gather "
+                           "(engine.deepspeed.gathered_params)")
+    yield

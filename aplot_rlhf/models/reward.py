@@ -7,7 +7,6 @@ same forward pass, the final hidden state at the token the head reads (the embed
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
@@ -15,35 +14,6 @@ from torch import nn
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def split_gguf(model_name_or_path: str, gguf_file: str) -> tuple[str, str | None]:
-    """Accept a .gguf path in either argument -> (folder, file name or None)."""
-    if model_name_or_path.endswith(".gguf") and not gguf_file:
-        return os.path.dirname(os.path.abspath(model_name_or_path)), os.path.basename(model_name_or_path)
-    if gguf_file and os.path.isabs(gguf_file):
-        return os.path.dirname(gguf_file), os.path.basename(gguf_file)
-    return model_name_or_path, (gguf_file or None)
-
-
-def drop_gguf_quantizer(model) -> None:
-    """GGUF weights are dequantized at load, but transformers keeps a quantizer that refuses to save;
-    the tensors are plain floats, so forget it (the export is then an ordinary HF folder)."""
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-
-
-def load_tokenizer(model_name_or_path: str, tokenizer_name_or_path: str = "", gguf_file: str = "",
-                   trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-    path, gguf = split_gguf(model_name_or_path, gguf_file)
-    if tokenizer_name_or_path:
-        return AutoTokenizer.from_pretrained(tokenizer_name_or_path, trust_remote_code=trust_remote_code)
-    kwargs = {"gguf_file": gguf} if gguf else {}
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
 
 
 class RewardModel(nn.Module):
@@ -171,97 +141,12 @@ PACKABLE_ENCODERS = ("bert",)  # absolute positions from 0 and a pooler + classi
 def load_reward_model(model_name_or_path: str, *, tokenizer, dtype: torch.dtype = torch.float32,
                       gguf_file: str = "", pooling: str = "token", gradient_checkpointing: bool = False,
                       attn_implementation: str = "sdpa", trust_remote_code: bool = False) -> RewardModel:
-    """from_pretrained a local folder, hub name or GGUF file with a fresh scalar head.
-
-    Under ZeRO-3 the caller must have created transformers' HfDeepSpeedConfig first, so the weights are
-    partitioned while loading instead of materialized on one rank.
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    from .packing import ensure_registered
-    ensure_registered(attn_implementation)  # ours (aplot_varlen_sdpa): transformers must know it before loading
-    path, gguf = split_gguf(model_name_or_path, gguf_file)
-    kwargs = {"gguf_file": gguf} if gguf else {}
-    try:
-        hf = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=dtype, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code, **kwargs)
-    except (ValueError, ImportError) as exc:
-        if "attn_implementation" not in str(exc) and "sdpa" not in str(exc).lower():
-            raise
-        log.warning("%s: %s; falling back to eager attention", path, exc)
-        hf = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
-    if gguf:
-        drop_gguf_quantizer(hf)
+    """The reward model train_rm trains: any backbone (folder, hub name or GGUF) with a fresh scalar head,
+    loaded through models.loader (role 'reward'), wrapped to return rewards and APLOT embeddings."""
+    from .loader import load_model
+    hf = load_model("reward", model_name_or_path, gguf_file=gguf_file, dtype=dtype,
+                    attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing,
+                    trust_remote_code=trust_remote_code)
     hf.config.pad_token_id = tokenizer.pad_token_id  # batched pooling needs it; Llama configs often lack it
     hf.config.problem_type = "regression"
-    if gradient_checkpointing:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return RewardModel(hf, pooling=pooling)
-
-
-def untrained_head_keys(model, loading_info: dict) -> list[str]:
-    """Parameters of the scoring head (outside the backbone) that the checkpoint lacked, i.e. that
-    transformers initialized at random."""
-    prefix = getattr(model, "base_model_prefix", "")
-    missing = loading_info.get("missing_keys") or ()
-    return sorted(k for k in missing if not (prefix and k.split(".", 1)[0] == prefix))
-
-
-def load_scoring_model(path: str, *, allow_untrained_head: bool = False, what: str = "reward model", **kwargs):
-    """AutoModelForSequenceClassification (num_labels=1) that must already have a trained score head.
-
-    A backbone without one loads fine in transformers, with a new random head each time: its scores
-    mean nothing. That is an error (ModelError) unless `allow_untrained_head` (a warning then).
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    from ..errors import ModelError
-    hf, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, output_loading_info=True,
-                                                                  **kwargs)
-    fresh = untrained_head_keys(hf, info)
-    if fresh:
-        msg = (f"{what} {path}: the checkpoint has no trained score head ({', '.join(fresh)} newly initialized "
-               "at random), so its scores are noise; pass a folder written by train_rm")
-        if not allow_untrained_head:
-            raise ModelError(msg + ", or --allow_untrained_reward_head to use it anyway")
-        log.warning("%s (allowed by --allow_untrained_reward_head)", msg)
-    return hf
-
-
-_UNLIMITED = 10 ** 8  # tokenizers without a limit report int(1e30)
-
-
-def position_limit(config, tokenizer=None) -> tuple[int, str] | None:
-    """(most tokens the model can take, where that number comes from), or None if nothing says.
-
-    The config's position table is the model's hard limit; the tokenizer's model_max_length is
-    used only where it is a real number and smaller (RoBERTa-style tables hold two extra rows)."""
-    found = []
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(config, key, None)
-        if isinstance(v, int) and v > 0:
-            found.append((v, f"{key}={v} in the model's config"))
-            break
-    tok_limit = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
-    if isinstance(tok_limit, int) and 0 < tok_limit < _UNLIMITED:
-        found.append((tok_limit, f"model_max_length={tok_limit} in the tokenizer's config"))
-    return min(found) if found else None
-
-
-def check_max_length(length: int, config, tokenizer=None, *, flag: str = "--max_length", what: str = "model") -> None:
-    """ConfigError at start-up if `length` tokens exceed the model's positions (instead of a crash later)."""
-    from ..errors import ConfigError
-    limit = position_limit(config, tokenizer)
-    if limit is not None and length > limit[0]:
-        raise ConfigError(f"{flag} {length} is more than the {what} can take: {limit[0]} tokens ({limit[1]}); "
-                          f"use {flag} {limit[0]} or less")
-
-
-def load_model_config(model_name_or_path: str, gguf_file: str = "", trust_remote_code: bool = False):
-    """The model's transformers config alone (no weights): cheap start-up checks."""
-    from transformers import AutoConfig
-    path, gguf = split_gguf(model_name_or_path, gguf_file)
-    kwargs = {"gguf_file": gguf} if gguf else {}
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)

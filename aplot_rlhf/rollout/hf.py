@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import engine as eng
+from ..engine import deepspeed as ds_api
+from ..engine import distributed as comm
 from .base import cut_at_eos
 
 
@@ -29,14 +30,14 @@ class HFRollout:
         for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        dev = eng.device()
+        dev = comm.device()
         was_training = self.model.training
         self.model.eval()
         sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0
                     else dict(do_sample=False))
         rng_devices = ([dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda"
                        else [])
-        with eng.gathered_params(list(self.model.parameters()), enabled=self.zero3 and not self.synced), \
+        with ds_api.gathered_params(list(self.model.parameters()), enabled=self.zero3 and not self.synced), \
                 torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seeds[0])
             out = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,

@@ -4,7 +4,7 @@ One PPO iteration, top to bottom: prompts -> (wake vLLM) generate -> (sleep vLLM
 forwards and reward-model scores -> KL-penalized token rewards -> advantages (GAE, or a critic-free
 estimator) -> PPO epochs over mini-batches (actor and critic engines step) -> actor weights synced into the
 generation engine -> metrics. Starting, logging, checkpointing and resuming are the run scaffold's
-(trainers/run.py); the batch layouts are trainers/ppo_layout.py's; the rewards come from models/rewards.py.
+(trainers/run.py); the batch layouts are trainers/ppo_layout.py's; the rewards come from rewards.py.
 """
 from __future__ import annotations
 
@@ -16,16 +16,18 @@ import time
 
 import torch
 
-from .. import engine as eng
 from ..config import PPOConfig
 from ..data.preference import PairSampler, ensure_pad_token
 from ..data.prompts import PromptFormatter, load_prompts
+from ..engine import deepspeed as ds_api
+from ..engine import distributed as comm
+from ..engine import export as hf_export
 from ..models.dropout import disable_dropout
+from ..models.loader import check_max_length, load_config, load_model, load_tokenizer
 from ..models.lora import apply_lora, trainable_summary
 from ..models.packing import capacity_for, check_packing_support, pack_prompt_response, to_device
-from ..models.policy import check_same_vocabulary, load_actor, load_critic, reference_tokenizer
-from ..models.reward import check_max_length, load_model_config, load_tokenizer
-from ..models.rewards import ModelReward, RuleReward
+from ..models.policy import check_same_vocabulary, load_critic, reference_tokenizer
+from ..rewards import ModelReward, RuleReward
 from ..rollout.base import sample_seeds
 from .ppo_layout import (
     first_column,
@@ -111,12 +113,12 @@ class PPOTrainer:
     def _setup_data(self) -> None:
         """Tokenizer and start-up checks on configs (before any weights load), prompts, the sampler."""
         cfg = self.cfg
-        self.tok = load_tokenizer(cfg.actor_model, "", cfg.actor_gguf_file)
-        actor_config = load_model_config(cfg.actor_model, cfg.actor_gguf_file)
+        self.tok = load_tokenizer("actor", cfg.actor_model, cfg.actor_gguf_file)
+        actor_config = load_config("actor", cfg.actor_model, cfg.actor_gguf_file)
         check_max_length(cfg.max_prompt_length + cfg.max_new_tokens, actor_config, self.tok,
                          flag="--max_prompt_length + --max_new_tokens", what=f"actor {cfg.actor_model}")
         ref_config = (actor_config if cfg.reference_model in ("", cfg.actor_model)
-                      else load_model_config(cfg.reference_model))
+                      else load_config("reference", cfg.reference_model))
         check_same_vocabulary(self.tok, reference_tokenizer(cfg, self.tok), actor_config, ref_config)
         ensure_pad_token(self.tok)
         prompts = load_prompts(cfg.prompt_data)
@@ -132,19 +134,19 @@ class PPOTrainer:
     def _setup_models(self) -> None:
         """Actor, reference, reward and critic, each partitioned at load (ZeRO-3) by its own DeepSpeed config."""
         cfg = self.cfg
-        self.ds_cfg = eng.build_ds_config(cfg, self.world)
-        self.critic_ds_cfg = eng.role_ds_config(cfg, self.world, cfg.critic_ds_config, "critic", self.ds_cfg)
-        self.frozen_ds_cfg = eng.role_ds_config(cfg, self.world, cfg.reference_ds_config, "reference", self.ds_cfg)
+        self.ds_cfg = ds_api.build_ds_config(cfg, self.world)
+        self.critic_ds_cfg = ds_api.role_ds_config(cfg, self.world, cfg.critic_ds_config, "critic", self.ds_cfg)
+        self.frozen_ds_cfg = ds_api.role_ds_config(cfg, self.world, cfg.reference_ds_config, "reference", self.ds_cfg)
         self.zero3 = cfg.zero_stage == 3
-        self.precision = eng.effective_precision(cfg.precision)
-        dtype = eng.torch_dtype(self.precision)
+        self.precision = ds_api.effective_precision(cfg.precision)
+        dtype = ds_api.torch_dtype(self.precision)
         self.run.use_ds_config(self.ds_cfg)
         same_reference = cfg.reference_model in ("", cfg.actor_model)
         # without ZeRO-3 partitioning the loaded actor can be copied: one read (and one GGUF de-quantization)
         # of the actor checkpoint serves the reference and the critic's backbone too
         copy_actor = not self.zero3
-        with eng.Phase.of("load_models"):
-            actor = load_actor(cfg.actor_model, gguf_file=cfg.actor_gguf_file, dtype=dtype,
+        with comm.Phase.of("load_models"):
+            actor = load_model("actor", cfg.actor_model, gguf_file=cfg.actor_gguf_file, dtype=dtype,
                                gradient_checkpointing=cfg.gradient_checkpointing,
                                attn_implementation=cfg.attn_implementation)
             if cfg.disable_dropout:  # rollout log-probs (eval mode) and training log-probs (train mode) must agree
@@ -156,9 +158,9 @@ class PPOTrainer:
                 elif copy_actor and same_reference:
                     reference = copy.deepcopy(actor)
                 else:
-                    reference = load_actor(cfg.reference_model or cfg.actor_model,
-                                           gguf_file="" if cfg.reference_model else cfg.actor_gguf_file, dtype=dtype,
-                                           attn_implementation=cfg.attn_implementation)
+                    reference = load_model(*(("reference", cfg.reference_model, "") if cfg.reference_model
+                                             else ("actor", cfg.actor_model, cfg.actor_gguf_file)),
+                                           dtype=dtype, attn_implementation=cfg.attn_implementation)
                 if cfg.disable_dropout and reference is not None:
                     disable_dropout(reference)
                 if cfg.reward_model.startswith("rule:"):
@@ -183,11 +185,11 @@ class PPOTrainer:
         del self._models
         steps_per_iter = cfg.ppo_epochs * (cfg.rollout_batch_size * cfg.samples_per_prompt // cfg.ppo_mini_batch_size)
         total = cfg.ppo_iterations * steps_per_iter
-        self.actor, self.actor_sched = eng.initialize(actor, self.ds_cfg, cfg, total)
+        self.actor, self.actor_sched = ds_api.initialize(actor, self.ds_cfg, cfg, total)
         if critic is not None:
-            self.critic, _ = eng.initialize(critic, self.critic_ds_cfg, cfg, total,
+            self.critic, _ = ds_api.initialize(critic, self.critic_ds_cfg, cfg, total,
                                             learning_rate=cfg.critic_learning_rate)
-        self.reference = None if reference is None else eng.initialize_frozen(reference, self.frozen_ds_cfg)
+        self.reference = None if reference is None else ds_api.initialize_frozen(reference, self.frozen_ds_cfg)
         # from_pretrained returns eval mode; gradient checkpointing only runs on modules in train mode
         for e in self.trained_engines.values():
             e.train()
@@ -257,7 +259,8 @@ class PPOTrainer:
                                              if copy_actor and critic_init == "actor" else None),
                              # values regress to the normalized rewards: start the head on their scale
                              reward_mean=self.reward.mean if cfg.normalize_reward else None,
-                             reward_std=self.reward.std if cfg.normalize_reward else None)
+                             reward_std=self.reward.std if cfg.normalize_reward else None,
+                             gather=ds_api.gathered_params)
         if cfg.disable_dropout:
             disable_dropout(critic)
         return critic
@@ -271,7 +274,7 @@ class PPOTrainer:
         path = cfg.actor_model
         if cfg.actor_gguf_file or path.endswith(".gguf"):  # vLLM starts from an HF folder of the actor
             path = os.path.join(cfg.output_dir, "actor_hf")
-            eng.export_pretrained(self.actor.module, self.tok, path)
+            hf_export.export_pretrained(self.actor.module, self.tok, path)
         return VLLMRollout(path, dtype=self.precision,
                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                            tensor_parallel_size=cfg.vllm_tensor_parallel_size,
@@ -282,31 +285,31 @@ class PPOTrainer:
     # ------------------------------------------------------------------------------------- phases
     def sync_weights(self) -> float:
         t0 = time.perf_counter()
-        with eng.Phase.of("weight_sync"):
-            self.backend.sync_weights(eng.iter_gathered_named_params(self.actor.module, self.zero3))
+        with comm.Phase.of("weight_sync"):
+            self.backend.sync_weights(hf_export.iter_gathered_named_params(self.actor.module, self.zero3))
         return time.perf_counter() - t0
 
     def generate(self, prompt_ids: list[list[int]], temperature: float | None = None, seeds: list[int] | None = None):
         cfg = self.cfg
-        with eng.Phase.of("generate"):
+        with comm.Phase.of("generate"):
             handoff = cfg.vllm_sleep and cfg.rollout_backend == "vllm" and torch.cuda.is_available()
             if handoff:  # optimizer states and partitions leave the GPU while vLLM holds it
-                eng.offload_states(*self.trained_engines.values())
+                ds_api.offload_states(*self.trained_engines.values())
             self.backend.wake()
             out = self.backend.generate(prompt_ids, max_new_tokens=cfg.max_new_tokens,
                                         temperature=cfg.temperature if temperature is None else temperature,
                                         top_p=cfg.top_p, seeds=seeds if seeds is not None else [0] * len(prompt_ids))
             self.backend.sleep()
             if handoff:
-                eng.reload_states(*self.trained_engines.values())
+                ds_api.reload_states(*self.trained_engines.values())
         return out
 
     def score(self, rm_prompts: list, responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(raw RM scores [B], normalized and clipped scores [B]) on the trainer's device; NaN/inf is an
         error naming the prompts. rm_prompts: the prompts as given (str or chat messages)."""
         texts = [self.tok.decode(r, skip_special_tokens=True) for r in responses]
-        with eng.Phase.of("reward"):
-            raw = self.reward(rm_prompts, texts).to(eng.device())
+        with comm.Phase.of("reward"):
+            raw = self.reward(rm_prompts, texts).to(comm.device())
         if not torch.isfinite(raw).all():  # one host sync per rollout
             bad = [i for i in range(len(raw)) if not math.isfinite(raw[i].item())]
             raise FloatingPointError(f"[rank {self.rank}] reward model returned NaN/inf for {len(bad)} response(s) "
@@ -318,7 +321,7 @@ class PPOTrainer:
         """--packing: prompt+response sequences packed (models.packing), on the trainer's device, with
         `width` response columns (the rollout's)."""
         return to_device(pack_prompt_response(prompts, responses, self.tok.pad_token_id, self.pack_capacity, width),
-                         eng.device())
+                         comm.device())
 
     # ------------------------------------------------------------------------------------- experience and training
     @torch.no_grad()
@@ -326,12 +329,12 @@ class PPOTrainer:
         """Rollout -> the tensors training reads: log-probs, advantages (and, with a critic, values and
         returns), on the trainer's device. With samples_per_prompt K the K samples of a prompt are
         consecutive rows, and group baselines (grpo, rloo) compare them."""
-        cfg, dev = self.cfg, eng.device()
+        cfg, dev = self.cfg, comm.device()
         ids, attn, posids, tokens, mask = pad_prompt_response(prompts, responses, self.tok.pad_token_id)
         ids, attn, posids, tokens, mask = (t.to(dev) for t in (ids, attn, posids, tokens, mask))
         old_lp, ref_lp, values = [], [], []
         temperature = cfg.temperature  # the log-probs of the policy that sampled: tempered, as vLLM/HF sampled
-        with eng.Phase.of("experience"):
+        with comm.Phase.of("experience"):
             for e in self.trained_engines.values():
                 e.eval()
             for i in range(0, ids.shape[0], cfg.micro_batch_size):  # vocab-sized logits: one micro-batch at a time
@@ -374,11 +377,11 @@ class PPOTrainer:
             values = torch.cat(values) * mask
             adv, ret = gae(token_rewards(scores, kl, mask, beta), values, mask, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages:  # over the global batch: every rank's tokens, one all-reduce
-                adv = whiten(adv, mask, moments=eng.all_reduce_sum(masked_moments(adv, mask)))
+                adv = whiten(adv, mask, moments=comm.all_reduce_sum(masked_moments(adv, mask)))
             out.update(old_values=values, ret=ret)
         else:  # grpo, rloo, reinforce_pp: no critic, the baseline comes from the rollout itself
             adv = critic_free_advantages(estimator, scores, kl, mask, K, beta, cfg.gamma, cfg.grpo_std_normalize,
-                                         reduce_sum=eng.all_reduce_sum)
+                                         reduce_sum=comm.all_reduce_sum)
         out["adv"] = adv
         return experience_on(dev, **out)
 
@@ -389,7 +392,7 @@ class PPOTrainer:
         keys = TRAIN_KEYS + (CRITIC_KEYS if self.critic is not None else ()) + (("ref_lp",) if "ref_lp" in exp else ())
         gen = torch.Generator().manual_seed(cfg.seed * MINIBATCH_SEED_STRIDE + self.iteration)
         zero = torch.zeros((), device=exp["ids"].device)
-        with eng.Phase.of("train"):
+        with comm.Phase.of("train"):
             for _ in range(cfg.ppo_epochs):
                 order = torch.randperm(n, generator=gen)
                 for start in range(0, n, cfg.micro_batch_size):
@@ -461,7 +464,7 @@ class PPOTrainer:
         sync_s = self.sync_weights() if self.cfg.rollout_backend == "vllm" else 0.0
         gen_tokens = sum(len(r) for r in responses)
         # the reward's mean and std over the global batch (every rank samples the same number of prompts)
-        raw_mean, raw_var = moments_to_mean_var(eng.all_reduce_sum(masked_moments(exp["raw_scores"],
+        raw_mean, raw_var = moments_to_mean_var(comm.all_reduce_sum(masked_moments(exp["raw_scores"],
                                                                                   torch.ones_like(exp["raw_scores"]))))
         local = {
             "reward/normalized_mean": exp["scores"].mean(), "kl": exp["kl_seq"].mean(),
@@ -496,10 +499,10 @@ class PPOTrainer:
     def evaluate_reward(self, prompts) -> float:
         """Mean raw RM score of greedy responses to `prompts` (list of (ids, prompt, origin)), over ranks."""
         shard, counts = self.run.shard(prompts)
-        counted = torch.tensor([float(c) for c in counts], device=eng.device())
+        counted = torch.tensor([float(c) for c in counts], device=comm.device())
         responses = self.generate([p[0] for p in shard], temperature=0.0)  # greedy: seeds unused
         raw, _ = self.score([p[1] for p in shard], responses)
-        total = eng.all_reduce_sum(torch.stack([(raw * counted).sum(), counted.sum()]))
+        total = comm.all_reduce_sum(torch.stack([(raw * counted).sum(), counted.sum()]))
         return (total[0] / total[1]).item()
 
     def train(self) -> dict:
@@ -509,7 +512,7 @@ class PPOTrainer:
         if self.run.loop(self, cfg.ppo_iterations, "ppo/", postfix):
             return self.last_metrics  # preempted: checkpointed, the job exits for a requeue
         if cfg.export:
-            eng.export_pretrained(self.actor.module, self.tok, os.path.join(cfg.output_dir, "policy"))
+            hf_export.export_pretrained(self.actor.module, self.tok, os.path.join(cfg.output_dir, "policy"))
         return self.last_metrics
 
     def save(self) -> None:

@@ -13,7 +13,6 @@ import os
 
 import torch
 
-from .. import engine as eng
 from ..config import RMConfig
 from ..data.preference import (
     DataError,
@@ -25,12 +24,16 @@ from ..data.preference import (
     pair_length,
     rm_export_fields,
 )
+from ..engine import deepspeed as ds_api
+from ..engine import distributed as comm
+from ..engine import export as hf_export
 from ..eval import score_pairs, summarize
 from ..losses import bt_loss, fixed_margin, gamma_at, margin_diagnostics, pair_metrics
 from ..models.dropout import disable_dropout
+from ..models.loader import check_max_length, load_config, load_tokenizer
 from ..models.lora import HEAD_NAMES, apply_lora, trainable_summary
 from ..models.packing import capacity_for, to_device
-from ..models.reward import check_max_length, load_model_config, load_reward_model, load_tokenizer
+from ..models.reward import load_reward_model
 from ..ot import sinkhorn_margin
 from .run import Run
 
@@ -69,10 +72,10 @@ class RewardModelTrainer:
     def _setup_data(self) -> None:
         """Tokenizer, the training pairs and eval sets (read as the dry run reads them), the sampler."""
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.tokenizer_name_or_path, cfg.gguf_file,
+        self.tokenizer = load_tokenizer("reward", cfg.model_name_or_path, cfg.gguf_file, cfg.tokenizer_name_or_path,
                                         cfg.trust_remote_code)
         check_max_length(cfg.max_length,
-                         load_model_config(cfg.model_name_or_path, cfg.gguf_file, cfg.trust_remote_code),
+                         load_config("reward", cfg.model_name_or_path, cfg.gguf_file, cfg.trust_remote_code),
                          self.tokenizer, what=f"model {cfg.model_name_or_path}")  # else export crashes after training
         encoder = PairTokenizer(self.tokenizer, cfg.max_length, cfg.chat_template, cfg.response_separator,
                                 cfg.long_response)
@@ -92,12 +95,12 @@ class RewardModelTrainer:
     def _setup_model(self) -> None:
         """The reward model, partitioned at load under ZeRO-3; dropout off, LoRA adapters, packing."""
         cfg = self.cfg
-        self.ds_cfg = eng.build_ds_config(cfg, self.world)
-        eng.check_ds_config(self.ds_cfg, self.world)
+        self.ds_cfg = ds_api.build_ds_config(cfg, self.world)
+        ds_api.check_ds_config(self.ds_cfg, self.world)
         self.run.use_ds_config(self.ds_cfg)
-        self.precision = eng.effective_precision(cfg.precision)
+        self.precision = ds_api.effective_precision(cfg.precision)
         model = load_reward_model(cfg.model_name_or_path, tokenizer=self.tokenizer,
-                                  dtype=eng.torch_dtype(self.precision), gguf_file=cfg.gguf_file,
+                                  dtype=ds_api.torch_dtype(self.precision), gguf_file=cfg.gguf_file,
                                   pooling=cfg.embedding_pooling, gradient_checkpointing=cfg.gradient_checkpointing,
                                   attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
         if cfg.disable_dropout:
@@ -117,7 +120,7 @@ class RewardModelTrainer:
             self.pack = lambda pairs: collate_pairs_packed(pairs, self.tokenizer.pad_token_id, capacity, reads_last)
 
     def _setup_engine(self) -> None:
-        self.engine, self.scheduler = eng.initialize(self.model, self.ds_cfg, self.cfg, self.total_steps)
+        self.engine, self.scheduler = ds_api.initialize(self.model, self.ds_cfg, self.cfg, self.total_steps)
 
     def _resume(self) -> None:
         state = self.run.resume({"model": self.engine})
@@ -140,8 +143,8 @@ class RewardModelTrainer:
         B = chosen.shape[0]
         with torch.no_grad():
             if cfg.aplot_ot_batch == "global" and self.world > 1:
-                rc, rr = eng.all_gather_no_grad(chosen.float()), eng.all_gather_no_grad(rejected.float())
-                hc, hr = eng.all_gather_no_grad(chosen_emb), eng.all_gather_no_grad(rejected_emb)
+                rc, rr = comm.all_gather_no_grad(chosen.float()), comm.all_gather_no_grad(rejected.float())
+                hc, hr = comm.all_gather_no_grad(chosen_emb), comm.all_gather_no_grad(rejected_emb)
             else:
                 rc, rr, hc, hr = chosen, rejected, chosen_emb, rejected_emb
             m = sinkhorn_margin(rc, rr, hc, hr, lam=cfg.aplot_lambda, eps=cfg.aplot_eps, iters=cfg.aplot_iters,
@@ -160,11 +163,11 @@ class RewardModelTrainer:
         """(rewards [2B]: chosen then rejected, embeddings [2B, d], the batch, its real token count)."""
         if self.pack is not None:
             batch = self.pack(pairs)
-            with eng.Phase.of("forward"):
+            with comm.Phase.of("forward"):
                 rewards, emb = self.engine(packed=to_device(batch["packed"], self.device))
             return rewards, emb, batch, float(batch["packed"]["n_tokens"])
         batch = collate_pairs(pairs, self.tokenizer.pad_token_id)
-        with eng.Phase.of("forward"):
+        with comm.Phase.of("forward"):
             rewards, emb = self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
                                        batch["response_start"].to(self.device))
         return rewards, emb, batch, float(batch["attention_mask"].sum())  # counted on the host: no device sync
@@ -181,14 +184,14 @@ class RewardModelTrainer:
         self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite + nonfinite
         self._window_origins += [p["origin"] for p in pairs]
         chosen, rejected = rewards[:B], rewards[B:]
-        with eng.Phase.of("aplot_margin" if cfg.loss == "aplot" else "loss"):
+        with comm.Phase.of("aplot_margin" if cfg.loss == "aplot" else "loss"):
             margin = self.margin(chosen, rejected, emb[:B], emb[B:], batch["strength"])
         loss = bt_loss(chosen, rejected, margin, cfg.label_smoothing if cfg.loss == "bt_smooth" else 0.0)
-        with eng.Phase.of("backward"):
+        with comm.Phase.of("backward"):
             self.engine.backward(loss)
         if boundary:
             self._check_finite()
-        with eng.Phase.of("optimizer_step"):
+        with comm.Phase.of("optimizer_step"):
             self.engine.step()
         metrics = {"loss": loss.detach(), **pair_metrics(chosen, rejected), "tokens": n_tokens}
         if margin is not None:
@@ -201,7 +204,7 @@ class RewardModelTrainer:
 
     def _check_finite(self) -> None:
         """Stop before an optimizer step that NaN/inf rewards of any rank's micro-batches would poison."""
-        bad = eng.all_reduce_sum(self._nonfinite.float().reshape(1)).item()
+        bad = comm.all_reduce_sum(self._nonfinite.float().reshape(1)).item()
         origins, self._nonfinite, self._window_origins = self._window_origins, None, []
         if bad > 0:
             raise FloatingPointError(
@@ -260,13 +263,13 @@ class RewardModelTrainer:
         """Every eval set, sharded over ranks (all ranks run the same number of forwards for ZeRO-3)."""
         results = {}
         self.engine.module.eval()
-        with eng.Phase.of("evaluate"):
+        with comm.Phase.of("evaluate"):
             for name, pairs in self.eval_sets.items():
                 shard, _ = self.run.shard(pairs)
                 c, r = score_pairs(self.forward_rewards, shard, self.cfg.eval_batch_size,
                                    self.tokenizer.pad_token_id, self.device, pack=self.pack)
-                c = eng.all_gather_no_grad(c.to(self.device)).cpu()[:len(pairs)]
-                r = eng.all_gather_no_grad(r.to(self.device)).cpu()[:len(pairs)]
+                c = comm.all_gather_no_grad(c.to(self.device)).cpu()[:len(pairs)]
+                r = comm.all_gather_no_grad(r.to(self.device)).cpu()[:len(pairs)]
                 results[name] = {**summarize(c, r), "_chosen": c, "_rejected": r}
         self.engine.module.train()
         return results
@@ -294,7 +297,8 @@ class RewardModelTrainer:
                                self.tokenizer.pad_token_id, self.device, pack=self.pack)
             rewards = torch.cat([c, r])
         extra = rm_export_fields(self.cfg, self.input_format, rewards.mean().item(), rewards.std().item())
-        out = eng.export_pretrained(self.hf_model, self.tokenizer, os.path.join(self.cfg.output_dir, "model"), extra)
+        out = hf_export.export_pretrained(self.hf_model, self.tokenizer, os.path.join(self.cfg.output_dir, "model"),
+                                          extra)
         if out:
             log.info("exported reward model to %s", out)
         return out

@@ -25,8 +25,11 @@ import time
 
 import torch
 
-from .. import engine as eng
 from ..config import save_config, to_dict
+from ..engine import checkpoint as ckpt
+from ..engine import deepspeed as ds_api
+from ..engine import distributed as comm
+from ..engine import preemption as preemption
 from ..metrics import MetricsLogger, MetricsWindow
 
 log = logging.getLogger(__name__)
@@ -58,12 +61,12 @@ class Run:
     def __init__(self, cfg, job: str):
         """job: the progress bar's name and the prefix of the logged training rows ('rm', 'ppo')."""
         self.cfg, self.job = cfg, job
-        self.rank, self.world, self.local_rank = eng.init_distributed(cfg.dist_backend, cfg.timeout_s)
-        eng.seed_everything(cfg.seed)
-        self.device = eng.device()
-        self.is_rank0 = eng.is_rank0()
+        self.rank, self.world, self.local_rank = ds_api.init_distributed(cfg.dist_backend, cfg.timeout_s)
+        comm.seed_everything(cfg.seed)
+        self.device = comm.device()
+        self.is_rank0 = comm.is_rank0()
         os.makedirs(cfg.output_dir, exist_ok=True)
-        eng.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir)
+        ckpt.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
         self.logger = self.checkpoints = self.preempt = None
         self.preempted = False
@@ -73,7 +76,7 @@ class Run:
     # ------------------------------------------------------------------------------------- models
     def use_ds_config(self, ds_cfg: dict) -> None:
         """The DeepSpeed config of the run's trained model; HF generation under ZeRO-3 reads it too."""
-        self._ds_cfg, self._hf_ds = ds_cfg, eng.zero3_context(ds_cfg)
+        self._ds_cfg, self._hf_ds = ds_cfg, ds_api.zero3_context(ds_cfg)
 
     @contextlib.contextmanager
     def loading(self, ds_cfg: dict):
@@ -81,11 +84,11 @@ class Run:
         if ds_cfg is self._ds_cfg:
             yield
             return
-        self._hf_ds = eng.zero3_context(ds_cfg)
+        self._hf_ds = ds_api.zero3_context(ds_cfg)
         try:
             yield
         finally:
-            self._hf_ds = eng.zero3_context(self._ds_cfg)
+            self._hf_ds = ds_api.zero3_context(self._ds_cfg)
 
     # ------------------------------------------------------------------------------------- resume
     def resume(self, engines: dict) -> dict | None:
@@ -95,7 +98,7 @@ class Run:
         cfg = self.cfg
         self.logger = MetricsLogger(cfg.output_dir, self.is_rank0, cfg.tensorboard, cfg.wandb_project,
                                     run_config=vars(cfg), resume=cfg.resume)
-        self.checkpoints = eng.Checkpointer(self.ckpt_root, to_dict(cfg), self.world, cfg.save_total_limit,
+        self.checkpoints = ckpt.Checkpointer(self.ckpt_root, to_dict(cfg), self.world, cfg.save_total_limit,
                                             cfg.resume_allow_config_change)
         state = None
         if cfg.resume:
@@ -115,7 +118,7 @@ class Run:
     def watch_preemption(self) -> None:
         """From now on a signal or output_dir/PREEMPT stops the run after its current step (`loop`).
         PPO calls it after its rollout engine has started: the engine may install signal handlers of its own."""
-        self.preempt = eng.Preemption(self.cfg.output_dir, self.cfg.preempt_signals)
+        self.preempt = preemption.Preemption(self.cfg.output_dir, self.cfg.preempt_signals)
 
     # ------------------------------------------------------------------------------------- metrics
     def reduce(self, metrics: dict) -> dict:
@@ -124,7 +127,7 @@ class Run:
         instead of turning it NaN. One host sync."""
         keys = sorted(metrics)
         values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64).to(self.device) for k in keys])
-        return dict(zip(keys, eng.all_reduce_finite_mean(values).cpu().tolist()))
+        return dict(zip(keys, comm.all_reduce_finite_mean(values).cpu().tolist()))
 
     def shard(self, items: list) -> tuple[list, list[bool]]:
         """This rank's share of `items` for a sharded evaluation (`rank_shard`)."""
@@ -180,7 +183,7 @@ class Run:
             self.preempt.restore()
         if self.logger is not None:
             self.logger.close()
-        eng.shutdown()
+        comm.shutdown()
 
 
 def train_to_the_end(trainer, summary) -> dict:
@@ -192,7 +195,7 @@ def train_to_the_end(trainer, summary) -> dict:
     try:
         results = trainer.train()
         if trainer.preempted:
-            raise SystemExit(eng.PREEMPT_EXIT_CODE)
+            raise SystemExit(preemption.PREEMPT_EXIT_CODE)
         if trainer.rank == 0:
             print(json.dumps(summary(results)))
         return results

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from .. import engine as eng
-from ..data.preference import SkipCounter, collate_pairs, encoder_from_export, export_reward_statistics
-from ..data.prompts import reward_model_prompt
-from .dropout import disable_dropout
-from .reward import RewardModel, load_scoring_model
+from .data.preference import SkipCounter, collate_pairs, encoder_from_export, export_reward_statistics
+from .data.prompts import reward_model_prompt
+from .engine import deepspeed as ds_api
+from .engine import distributed as comm
+from .models.dropout import disable_dropout
+from .models.loader import load_model, load_tokenizer
+from .models.reward import RewardModel
 
 
 class RuleReward:
@@ -32,16 +34,15 @@ class RuleReward:
         self.mean = self.std = None
 
     def __call__(self, prompts, response_texts) -> torch.Tensor:
-        return torch.tensor([self.fn(r) for r in response_texts], dtype=torch.float32, device=eng.device())
+        return torch.tensor([self.fn(r) for r in response_texts], dtype=torch.float32, device=comm.device())
 
 
 class ModelReward:
     """A reward model saved by train_rm, with its own tokenizer: decode, re-tokenize, score."""
 
     def __init__(self, path: str, ds_cfg: dict, dtype, batch_size: int, allow_untrained_head: bool = False):
-        from transformers import AutoTokenizer
-        self.tok = AutoTokenizer.from_pretrained(path)
-        hf = load_scoring_model(path, allow_untrained_head=allow_untrained_head, dtype=dtype)
+        self.tok = load_tokenizer("reward_scorer", path)
+        hf = load_model("reward_scorer", path, dtype=dtype, allow_untrained_head=allow_untrained_head)
         cfg = hf.config
         # the same PairTokenizer, built from the same export fields, that train_rm tokenized its pairs with
         # (every response gets a score: one longer than the window keeps its end, as it always did here)
@@ -50,7 +51,7 @@ class ModelReward:
         if hf.config.pad_token_id is None:
             hf.config.pad_token_id = self.tok.pad_token_id
         self.mean, self.std = export_reward_statistics(cfg)
-        self.model = eng.initialize_frozen(RewardModel(hf), ds_cfg)
+        self.model = ds_api.initialize_frozen(RewardModel(hf), ds_cfg)
         self.batch_size = batch_size
 
     def encode(self, prompts, response_texts) -> list[tuple[list[int], int]]:
@@ -67,7 +68,7 @@ class ModelReward:
         """Scores [B] fp32 on the trainer's device."""
         encoded = [{"chosen_ids": ids, "chosen_start": start, "rejected_ids": ids, "rejected_start": start,
                     "strength": None} for ids, start in self.encode(prompts, response_texts)]
-        scores, dev = [], eng.device()
+        scores, dev = [], comm.device()
         for i in range(0, len(encoded), self.batch_size):
             batch = collate_pairs(encoded[i:i + self.batch_size], self.tok.pad_token_id)
             n = len(encoded[i:i + self.batch_size])

@@ -1,0 +1,363 @@
+"""A run's checkpoints and output folder: written atomically, verified on resume, pruned safely.
+
+step_N folders with a manifest (every file's size, sha256 where small), the pointer file, choosing the
+newest complete checkpoint on resume, the config keys a resume may change, RNG state per rank, and the
+output folder a fresh run may (or may not) start in.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..errors import CheckpointError, ConfigError
+from .distributed import Phase, all_reduce_sum, barrier, device, from_rank0, gather_objects, is_rank0
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest_checkpoint.json"
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+# files up to this size are hashed too (RNG, client state, ZeRO-3 model-state shards); the multi-GB
+# optimizer shards of a 70B run are checked by size only, which catches truncated and missing files
+HASH_LIMIT = 64 << 20
+# knobs that change neither the model, the data order nor the step arithmetic: free to change on resume
+RESUME_FREE_KEYS = frozenset({
+    "output_dir", "resume", "overwrite_output_dir", "resume_allow_config_change", "dry_run", "export",
+    "eval_steps", "eval_at_start", "eval_batch_size", "eval_data", "max_eval_pairs", "save_steps",
+    "save_total_limit", "log_steps", "tensorboard", "wandb_project", "progress", "timeout_s", "dist_backend",
+    "gradient_checkpointing", "attn_implementation", "reward_batch_size", "vllm_gpu_memory_utilization",
+    "vllm_sleep", "vllm_enforce_eager"})
+# the run's length: free only while the learning-rate schedule does not depend on the total step count
+RUN_LENGTH_KEYS = frozenset({"max_steps", "epochs", "ppo_iterations"})
+
+
+class ResumeConfigError(ConfigError):
+    """--resume with a config that would change the model, the data order or the step arithmetic."""
+
+
+class OutputDirError(ConfigError):
+    """A fresh run pointed at a folder that holds an earlier run."""
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+
+
+def _list_files(folder: str) -> dict:
+    """{relative path: size} of every file under folder."""
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            out[os.path.relpath(p, folder)] = os.path.getsize(p)
+    return out
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def step_folders(ckpt_root: str) -> list[tuple[int, str]]:
+    """(step, folder name) of every step_N folder, newest first; partial and stale folders do not match."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    found = [(int(m.group(1)), d) for d in os.listdir(ckpt_root)
+             if (m := STEP_DIR.match(d)) and os.path.isdir(os.path.join(ckpt_root, d))]
+    return sorted(found, reverse=True)
+
+
+def read_manifest(step_dir: str) -> dict:
+    """The manifest of a checkpoint folder, or CheckpointError naming the file and what is wrong with it."""
+    path = os.path.join(step_dir, MANIFEST)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: missing (the save did not finish)")
+    try:
+        with open(path) as fh:
+            manifest = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
+        raise CheckpointError(f"{path}: not a checkpoint manifest (no 'files' or 'step')")
+    return manifest
+
+
+def verify_checkpoint(step_dir: str) -> dict:
+    """The manifest, after checking every file it lists (size, and sha256 where recorded)."""
+    manifest = read_manifest(step_dir)
+    for rel, want in sorted(manifest["files"].items()):
+        path = os.path.join(step_dir, rel)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: missing (manifest lists {want['size']} bytes)")
+        size = os.path.getsize(path)
+        if size != want["size"]:
+            raise CheckpointError(f"{path}: {size} bytes, manifest says {want['size']} (truncated or rewritten)")
+        if "sha256" in want and _sha256(path) != want["sha256"]:
+            raise CheckpointError(f"{path}: sha256 {_sha256(path)[:16]}... differs from the manifest's "
+                                  f"{want['sha256'][:16]}... (same size, damaged content)")
+    return manifest
+
+
+def latest_checkpoint(ckpt_root: str) -> dict | None:
+    """The pointer file's content, None if absent; CheckpointError naming the file if it is unreadable."""
+    path = os.path.join(ckpt_root, LATEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as fh:
+            latest = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(latest, dict) or not isinstance(latest.get("tag"), str):
+        raise CheckpointError(f"{path}: no checkpoint 'tag' in it")
+    return latest
+
+
+def newest_complete_checkpoint(ckpt_root: str) -> dict | None:
+    """The manifest of the newest step_N folder whose files all match their manifest.
+
+    The pointer file is only a hint: a missing or garbage pointer, a damaged newest folder, or a folder
+    a kill left half-written each get a warning naming the file, and the next older checkpoint is tried.
+    None when there is no checkpoint at all; CheckpointError when there are some and none is usable.
+    """
+    try:
+        pointer = latest_checkpoint(ckpt_root)
+    except CheckpointError as exc:
+        log.warning("%s; choosing from the step_N folders instead", exc)
+        pointer = None
+    folders = step_folders(ckpt_root)
+    problems = []
+    for _, name in folders:
+        try:
+            manifest = verify_checkpoint(os.path.join(ckpt_root, name))
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        for p in problems:
+            log.warning("checkpoint not usable: %s; falling back to %s", p, name)
+        if pointer is not None and pointer["tag"] != name:
+            log.warning("%s names %s, but the newest complete checkpoint is %s: resuming from %s",
+                        os.path.join(ckpt_root, LATEST), pointer["tag"], name, name)
+        return {**manifest, "tag": name}
+    if problems:
+        raise CheckpointError(f"{ckpt_root}: no usable checkpoint:\n  " + "\n  ".join(problems))
+    if pointer is not None:
+        raise CheckpointError(f"{os.path.join(ckpt_root, LATEST)}: names {pointer['tag']}, but {ckpt_root} holds "
+                              "no step_N checkpoint folder")
+    return None
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """'key: saved X, now Y' for every key that differs in a way that changes the run being resumed."""
+    schedule_fixed = all(c.get("lr_scheduler") == "constant" and not c.get("warmup_ratio") for c in (saved, current))
+    free = RESUME_FREE_KEYS | (RUN_LENGTH_KEYS if schedule_fixed else frozenset())
+    out = []
+    for key in sorted(set(saved) & set(current) - free):  # a key one version lacks has no saved value to hold to
+        if json.dumps(saved[key], sort_keys=True) != json.dumps(current[key], sort_keys=True):
+            out.append(f"{key}: saved {saved[key]!r}, now {current[key]!r}")
+    return out
+
+
+class Checkpointer:
+    """A run's checkpoints under ckpt_root/step_N: written atomically, verified on resume, pruned safely.
+
+    A checkpoint is written into step_N.partial; after every rank has written its files, rank 0 writes
+    manifest.json (every file's size, and a sha256 for files up to HASH_LIMIT) and renames the folder to
+    step_N. A kill at any moment leaves either a complete step_N or a leftover that never counts.
+    Every manifest carries the run's id (a fresh run draws one; a resumed run takes its checkpoint's), and
+    pruning removes only older checkpoints of this id, never another run's or a folder without a manifest.
+    """
+
+    def __init__(self, ckpt_root: str, config: dict, world_size: int, keep: int = 2,
+                 allow_config_change: bool = False):
+        import uuid
+        self.root, self.config, self.world_size, self.keep = ckpt_root, config, world_size, keep
+        self.allow_config_change = allow_config_change
+        self.run_id = from_rank0(uuid.uuid4().hex)
+
+    def save(self, engines: dict, step: int, client_state: dict) -> str:
+        tag = f"step_{step}"
+        final = os.path.join(self.root, tag)
+        partial = final + ".partial"
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        with Phase.of("save_checkpoint"):
+            if is_rank0():
+                os.makedirs(self.root, exist_ok=True)
+                self._clean_leftovers()
+            barrier()
+            for name, engine in engines.items():
+                engine.save_checkpoint(partial, tag=name, client_state=client_state, save_latest=False)
+            torch.save(rng_state(), os.path.join(partial, f"rng_rank{rank}.pt"))
+            barrier()
+            views = gather_objects(_list_files(partial))  # each rank's own view: under ZeRO-3 each writes its shards
+            if is_rank0():
+                files = {}
+                for view in views:
+                    for rel, size in view.items():
+                        files[rel] = max(size, files.get(rel, 0))
+                if any(set(v) != set(files) for v in views):
+                    log.warning("%s: the ranks see different files; checkpoints need a folder every rank shares",
+                                partial)
+                for rel, size in files.items():
+                    entry = files[rel] = {"size": size}
+                    if size <= HASH_LIMIT and os.path.isfile(os.path.join(partial, rel)):
+                        entry["sha256"] = _sha256(os.path.join(partial, rel))
+                atomic_write_json(os.path.join(partial, MANIFEST), {
+                    "version": 1, "step": step, "run_id": self.run_id, "world_size": self.world_size,
+                    "time": time.time(), "config": self.config, "files": files})
+                self._publish(partial, final)
+                atomic_write_json(os.path.join(self.root, LATEST), {"tag": tag, "step": step, "time": time.time()})
+                self._prune(step)
+            barrier()
+        return final
+
+    def _clean_leftovers(self) -> None:
+        """Half-written folders and temp files that only a killed save leaves behind (rank 0)."""
+        for d in os.listdir(self.root):
+            p = os.path.join(self.root, d)
+            if re.match(r"^step_\d+\.(partial|stale\.\d+)$", d):
+                log.warning("removing %s, left by an interrupted save", p)
+                shutil.rmtree(p, ignore_errors=True)
+            elif d.startswith(LATEST + ".tmp."):
+                os.remove(p)
+
+    @staticmethod
+    def _publish(partial: str, final: str) -> None:
+        if os.path.isdir(final):  # resaving a step (resumed at the end, or replacing a damaged one)
+            stale = f"{final}.stale.{os.getpid()}"
+            os.replace(final, stale)
+            os.replace(partial, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(partial, final)
+
+    def _prune(self, current: int) -> None:
+        """Keep the newest `keep` checkpoints of this run (the current one included); others are left alone."""
+        if self.keep <= 0:
+            return
+        older = []
+        for step, name in step_folders(self.root):
+            if step >= current:
+                continue
+            try:
+                if read_manifest(os.path.join(self.root, name)).get("run_id") == self.run_id:
+                    older.append(name)
+            except CheckpointError:
+                continue  # no manifest: not provably this run's
+        for name in older[self.keep - 1:]:
+            shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+    def load(self, engines: dict) -> dict | None:
+        """Restore the newest complete checkpoint into every engine; returns its client_state, or None."""
+        choice = None
+        if is_rank0():
+            try:
+                choice = {"manifest": newest_complete_checkpoint(self.root)}
+            except CheckpointError as exc:
+                choice = {"error": str(exc)}
+        choice = from_rank0(choice)
+        if "error" in choice:
+            raise CheckpointError(choice["error"])
+        manifest = choice["manifest"]
+        if manifest is None:
+            return None
+        step_dir = os.path.join(self.root, manifest["tag"])
+        changes = config_changes({**manifest.get("config", {}), "world_size": manifest.get("world_size")},
+                                 {**self.config, "world_size": self.world_size})
+        if changes and not self.allow_config_change:
+            raise ResumeConfigError(f"{step_dir}: --resume with a config that changes the run:\n  "
+                                    + "\n  ".join(changes)
+                                    + "\npass the saved values, or --resume_allow_config_change to resume anyway")
+        if changes and is_rank0():
+            log.warning("resuming %s with a changed config (--resume_allow_config_change): %s", step_dir,
+                        "; ".join(changes))
+        self.run_id = manifest["run_id"]
+        client_state, failed = None, []
+        with Phase.of("load_checkpoint"):
+            for name, engine in engines.items():  # every rank loads every engine: their collectives stay matched
+                path, state = engine.load_checkpoint(step_dir, tag=name)
+                client_state = state if state is not None else client_state
+                if path is None:
+                    failed.append(f"{step_dir}/{name}: DeepSpeed could not load this checkpoint")
+            # one rank's failure (storage not shared, say) stops every rank, instead of leaving the others waiting
+            anywhere = all_reduce_sum(torch.tensor([float(len(failed))], device=device())).item()
+        if anywhere:
+            raise CheckpointError("; ".join(failed) or f"{step_dir}: another rank could not load this checkpoint")
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        rng_file = os.path.join(step_dir, f"rng_rank{rank}.pt")
+        if os.path.exists(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            log.warning("%s missing: RNG not restored (world size changed?)", rng_file)
+        return client_state
+
+
+RUN_OUTPUTS = ("checkpoints", "model", "policy", "actor_hf", "metrics.jsonl", "config.json", "eval_rewards.pt", "tb")
+
+
+def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
+    """Refuse a fresh run into a folder holding an earlier run, or move that run aside with --overwrite_output_dir.
+
+    Runs before anything is written, so the earlier run's config.json and checkpoints stay as they were.
+    """
+    error = None
+    if is_rank0():
+        ckpts = os.path.join(output_dir, "checkpoints")
+        used = [d for d in sorted(os.listdir(ckpts)) if d.startswith("step_")] if os.path.isdir(ckpts) else []
+        used += [d + "/" for d in ("model", "policy") if os.path.isdir(os.path.join(output_dir, d))]
+        if resume and overwrite:
+            error = "--resume and --overwrite_output_dir contradict each other: pass one"
+        elif used and not resume and not overwrite:
+            error = (f"{output_dir} holds an earlier run ({', '.join(used[:4])}{', ...' if len(used) > 4 else ''}): "
+                     "pass --resume to continue it, or --overwrite_output_dir to move it aside and start afresh")
+        elif used and overwrite:
+            present = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(output_dir, n))]
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(
+                max(os.path.getmtime(os.path.join(output_dir, n)) for n in present)))
+            aside, n = os.path.join(output_dir, f"previous_run.{stamp}"), 1
+            while os.path.exists(aside):
+                aside, n = os.path.join(output_dir, f"previous_run.{stamp}-{n}"), n + 1
+            os.makedirs(aside)
+            for name in present:
+                os.replace(os.path.join(output_dir, name), os.path.join(aside, name))
+            log.warning("--overwrite_output_dir: moved the earlier run in %s (%s) to %s", output_dir,
+                        ", ".join(present), aside)
+    error = from_rank0(error)
+    if error:
+        raise OutputDirError(error)
+
