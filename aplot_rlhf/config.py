@@ -261,7 +261,7 @@ class RMConfig(ModelConfig, DataConfig, LossConfig, EngineConfig, RunConfig):
             "aplot_gamma": _at_least(0.0), "aplot_gamma_warmup_steps": _at_least(0),
             "aplot_hard_threshold": _at_least(0.0)})
         errors += check_engine_and_run(self) + lora_errors(self)
-        from .data.preference import parse_eval_specs
+        from .data.pairs import parse_eval_specs
         try:  # two eval sets under one explicit name: refused before anything loads
             parse_eval_specs(self.eval_data, reserved=("id_val",) if self.eval_split_fraction > 0 else ())
         except ConfigError as exc:

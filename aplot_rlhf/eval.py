@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .data.preference import collate_pairs
+from .data.collate import collate_pairs
 from .models.packing import to_device
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from .data.preference import SkipCounter, collate_pairs, encoder_from_export, export_reward_statistics
+from .data.collate import collate_pairs
+from .data.export_contract import encoder_from_export, export_reward_statistics
 from .data.prompts import reward_model_prompt
+from .data.reading import SkipCounter
 from .engine import deepspeed as ds_api
 from .engine import distributed as comm
 from .models.dropout import disable_dropout

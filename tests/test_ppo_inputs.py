@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from aplot_rlhf.data.preference import DataError
 from aplot_rlhf.data.prompts import PromptFormatter, hh_to_messages, load_prompts
+from aplot_rlhf.data.reading import DataError
 from aplot_rlhf.models.policy import check_same_vocabulary
 from aplot_rlhf.rewards import RuleReward
 from aplot_rlhf.trainers.ppo import PPOTrainer

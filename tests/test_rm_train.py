@@ -89,7 +89,8 @@ def test_zero3_two_process_loss_goes_down(full_run):
 def test_export_reloads_in_plain_transformers_with_identical_rewards(full_run):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from aplot_rlhf.data.preference import PairTokenizer, load_pairs, split_pairs
+    from aplot_rlhf.data.pair_tokenizer import PairTokenizer
+    from aplot_rlhf.data.pairs import load_pairs, split_pairs
     from aplot_rlhf.eval import score_pairs
     out, _ = full_run
     model_dir = out / "model"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from aplot_rlhf.data.preference import PairSampler
+from aplot_rlhf.data.sampler import PairSampler
 from aplot_rlhf.trainers.run import rank_shard
 
 

@@ -88,7 +88,10 @@ def _tokenizer_or_none(role: str, path: str, tokenizer_path: str = "", gguf_file
 
 def _check_rm_data(cfg, world: int) -> dict:
     """Every train/eval file through train_rm's own loader; -> {set: {pairs, skipped}}."""
-    from ..data.preference import DataError, PairSampler, PairTokenizer, load_rm_data
+    from ..data.pair_tokenizer import PairTokenizer
+    from ..data.reading import DataError
+    from ..data.sampler import PairSampler
+    from ..data.sets import load_rm_data
     from ..models.loader import check_max_length, load_config
     tok = _tokenizer_or_none("reward", cfg.model_name_or_path, cfg.tokenizer_name_or_path, cfg.gguf_file,
                              cfg.trust_remote_code)
@@ -110,8 +113,9 @@ def _check_rm_data(cfg, world: int) -> dict:
 
 def _check_prompt_data(cfg, world: int) -> dict:
     """Every prompt file through train_ppo's own loader (and the actor's tokenizer when it has one)."""
-    from ..data.preference import PairSampler, SkipCounter
     from ..data.prompts import PromptFormatter, load_prompts
+    from ..data.reading import SkipCounter
+    from ..data.sampler import PairSampler
     from ..models.loader import check_max_length, load_config
     skips = SkipCounter()
     prompts = load_prompts(cfg.prompt_data, skips=skips)

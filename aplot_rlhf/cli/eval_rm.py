@@ -37,7 +37,8 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from ..data.preference import encoder_from_export, load_pairs, parse_eval_specs
+    from ..data.export_contract import encoder_from_export
+    from ..data.pairs import load_pairs, parse_eval_specs
     from ..errors import InputNotFoundError
     from ..eval import score_pairs, summarize
     from ..models.loader import check_max_length, load_config, load_model, load_tokenizer

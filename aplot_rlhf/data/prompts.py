@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import re
 
-from .preference import DataError, SkipCounter, _is_messages, _read_records
+from .reading import DataError, SkipCounter, is_messages, read_records
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,12 @@ def load_prompts(paths, prompt_key: str = "prompt", what: str = "prompt_data",
     skips = SkipCounter() if skips is None else skips
     out = []
     for path in paths:
-        for origin, rec in _read_records(path):
+        for origin, rec in read_records(path):
             if prompt_key not in rec:
                 raise DataError(f"{origin}: missing field {prompt_key!r} (fields present: {sorted(rec)}); "
                                 "set --prompt_key")
             prompt = rec[prompt_key]
-            if not (isinstance(prompt, str) or _is_messages(prompt)):
+            if not (isinstance(prompt, str) or is_messages(prompt)):
                 raise DataError(f"{origin}: field {prompt_key!r} must be a string or chat messages")
             text = prompt if isinstance(prompt, str) else "".join(m["content"] for m in prompt)
             if not text.strip():
@@ -61,7 +61,7 @@ def reward_model_prompt(prompt, input_format: str | None):
     """A PPO prompt in the form the reward model was trained on (its export's `input_format`):
     'chat' gets chat messages (an HH transcript is split into its turns), 'text' or unrecorded gets text."""
     if input_format == "chat":
-        if _is_messages(prompt):
+        if is_messages(prompt):
             return prompt
         return hh_to_messages(prompt) or [{"role": "user", "content": prompt}]
     return prompt if isinstance(prompt, str) else hh_transcript(prompt)
@@ -87,7 +87,7 @@ class PromptFormatter:
     def __call__(self, prompt) -> tuple[list[int], str | list[dict]]:
         rm_text = prompt if isinstance(prompt, str) else hh_transcript(prompt)
         if self.use_chat:
-            messages = (prompt if _is_messages(prompt)
+            messages = (prompt if is_messages(prompt)
                         else (hh_to_messages(prompt) or [{"role": "user", "content": prompt}]))
             text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = self.tok.encode(text, add_special_tokens=False)

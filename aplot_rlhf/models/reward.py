@@ -94,7 +94,7 @@ class RewardModel(nn.Module):
         return hf.classifier(hf.dropout(pooled))[:, 0]
 
     def forward_packed(self, layout: dict):
-        """A packed batch (data.preference.collate_pairs_packed, on the device) -> rewards [S], embeddings [S, d],
+        """A packed batch (data.collate.collate_pairs_packed, on the device) -> rewards [S], embeddings [S, d],
         S sequences in batch order, equal to forward() on the same sequences padded."""
         from .packing import attention_kwargs, trims_bert_last_layer
         hf = self._transformers_model()

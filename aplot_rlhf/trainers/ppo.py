@@ -17,8 +17,9 @@ import time
 import torch
 
 from ..config import PPOConfig
-from ..data.preference import PairSampler, ensure_pad_token
+from ..data.pair_tokenizer import ensure_pad_token
 from ..data.prompts import PromptFormatter, load_prompts
+from ..data.sampler import PairSampler
 from ..engine import deepspeed as ds_api
 from ..engine import distributed as comm
 from ..engine import export as hf_export

@@ -14,16 +14,12 @@ import os
 import torch
 
 from ..config import RMConfig
-from ..data.preference import (
-    DataError,
-    PairSampler,
-    PairTokenizer,
-    collate_pairs,
-    collate_pairs_packed,
-    load_rm_data,
-    pair_length,
-    rm_export_fields,
-)
+from ..data.collate import collate_pairs, collate_pairs_packed
+from ..data.export_contract import rm_export_fields
+from ..data.pair_tokenizer import PairTokenizer, pair_length
+from ..data.reading import DataError
+from ..data.sampler import PairSampler
+from ..data.sets import load_rm_data
 from ..engine import deepspeed as ds_api
 from ..engine import distributed as comm
 from ..engine import export as hf_export
