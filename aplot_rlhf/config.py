@@ -147,6 +147,10 @@ class RunConfig:
                                                          "finishes its optimizer step, all save one checkpoint, and "
                                                          "the run exits with status 75 (requeue it; --resume "
                                                          "continues)")
+    checkpoint_storage: str = knob("shared", "shared: output_dir is one folder every rank reads and writes (checked "
+                                             "at start-up); per_node: each node writes its own ranks' checkpoint "
+                                             "files there, and you copy every node's checkpoints/step_N into one "
+                                             "folder before --resume")
 
 
 def _finite(v) -> bool:
@@ -201,6 +205,8 @@ def check_engine_and_run(cfg) -> list[str]:
         errors.append(f"adam_betas must be two numbers in [0, 1), got {betas!r}")
     if cfg.dist_backend not in ("auto", "nccl", "gloo"):
         errors.append(f"dist_backend must be auto, nccl or gloo, got {cfg.dist_backend!r}")
+    if cfg.checkpoint_storage not in ("shared", "per_node"):
+        errors.append(f"checkpoint_storage must be shared or per_node, got {cfg.checkpoint_storage!r}")
     return errors
 
 
@@ -349,7 +355,13 @@ def load_config(cls, argv=None, description: str = ""):
         if not os.path.exists(args.config):
             raise InputNotFoundError(f"config file not found: {args.config}")
         with open(args.config) as fh:
-            loaded = yaml.safe_load(fh) or {}
+            try:
+                loaded = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:  # one line: the file, the line and what the parser expected
+                mark = getattr(exc, "problem_mark", None)
+                where = f"{args.config}:{mark.line + 1}" if mark is not None else args.config
+                what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+                raise ConfigError(f"{where}: not valid YAML ({what})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{args.config}: expected a mapping of config keys at the top level")
         for k, v in loaded.items():

@@ -71,10 +71,16 @@ def _check_flags_match_json(cfg, ds_cfg: dict) -> None:
 
 def _tokenizer_or_none(role: str, path: str, tokenizer_path: str = "", gguf_file: str = "",
                        trust_remote_code: bool = False):
-    """The model's tokenizer if it loads from local files (cheap: no weights); None, said, if not."""
+    """The model's tokenizer if it loads from local files (cheap: no weights); None, said, if the folder is a
+    shape only (config.json, no weights: what the launchers' dry runs plan with). A folder with weights but no
+    tokenizer files is an error, as it is for the training run."""
     from ..models.loader import load_tokenizer, split_gguf
     folder, gguf = split_gguf(path, gguf_file)
     files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
+    weights = os.path.isdir(folder) and any(n.endswith((".safetensors", ".bin")) for n in os.listdir(folder))
+    if not tokenizer_path and not gguf and weights and not any(os.path.exists(os.path.join(folder, f))
+                                                               for f in files):
+        load_tokenizer(role, path, gguf_file, tokenizer_path, trust_remote_code)  # a real model lacking one: error
     if not tokenizer_path and not gguf and not any(os.path.exists(os.path.join(folder, f)) for f in files):
         print(f"dry run: {folder} has no tokenizer files: data read and validated, but not tokenized "
               "(truncation and skip counts unchecked)", file=sys.stderr)

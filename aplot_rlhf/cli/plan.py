@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-mem-gib", type=float, default=None,
                    help="host RAM per node: checked, and the fix search respects it (else offload may need TBs)")
     p.add_argument("--max-nodes", type=int, default=d["max_nodes"], help="search bound when suggesting more nodes")
+    p.add_argument("--ckpt-write-gbps", type=float, default=d["ckpt_write_gbps"],
+                   help="GB/s one node writes to the checkpoint storage: sizes the save time and the preemption "
+                        "warning lead")
     p.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
     return p
 

@@ -35,7 +35,9 @@ RESUME_FREE_KEYS = frozenset({
     "eval_steps", "eval_at_start", "eval_batch_size", "eval_data", "max_eval_pairs", "save_steps",
     "save_total_limit", "log_steps", "tensorboard", "wandb_project", "progress", "timeout_s", "dist_backend",
     "gradient_checkpointing", "attn_implementation", "reward_batch_size", "vllm_gpu_memory_utilization",
-    "vllm_sleep", "vllm_enforce_eager"})
+    "vllm_sleep", "vllm_enforce_eager", "checkpoint_storage"})
+# knobs that give the checkpoint's parameters another shape: --resume_allow_config_change cannot override them
+NEVER_FREE_KEYS = frozenset({"lora_rank", "lora_target_modules"})
 # the run's length: free only while the learning-rate schedule does not depend on the total step count
 RUN_LENGTH_KEYS = frozenset({"max_steps", "epochs", "ppo_iterations"})
 
@@ -91,6 +93,30 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def storage_failure(exc: BaseException, root: str) -> str | None:
+    """'no space left on <root> (N MiB free)' (or read-only, or gone) if `exc` is the storage refusing a write,
+    else None. torch.save reports a full disk as 'unexpected pos A vs B' or 'file write failed', with no errno."""
+    import errno
+    chain, e = [], exc
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    codes = {getattr(e, "errno", None) for e in chain}
+    text = " ".join(str(e) for e in chain)
+    where = root
+    while where and not os.path.exists(where):
+        where = os.path.dirname(where)
+    free = shutil.disk_usage(where).free if where else 0
+    if codes & {errno.ENOSPC, errno.EDQUOT} or "No space left" in text or (
+            ("unexpected pos" in text or "file write failed" in text) and free < 64 << 20):
+        return f"no space left on {root} ({free / 2 ** 20:.1f} MiB free)"
+    if errno.EROFS in codes:
+        return f"{root} is on a read-only file system"
+    if codes & {errno.EACCES, errno.EPERM}:
+        return f"{root}: permission denied"
+    return None
 
 
 def step_folders(ckpt_root: str) -> list[tuple[int, str]]:
@@ -204,50 +230,95 @@ class Checkpointer:
     """
 
     def __init__(self, ckpt_root: str, config: dict, world_size: int, keep: int = 2,
-                 allow_config_change: bool = False):
+                 allow_config_change: bool = False, storage: str = "shared"):
         import uuid
         self.root, self.config, self.world_size, self.keep = ckpt_root, config, world_size, keep
+        self.storage = storage
         self.allow_config_change = allow_config_change
         self.run_id = from_rank0(uuid.uuid4().hex)
 
     def save(self, engines: dict, step: int, client_state: dict) -> str:
+        """Write step_N (see the class docstring). A write that fails for want of space (or a read-only or
+        vanished folder) on any rank removes the half-written folder and raises CheckpointError on every rank,
+        naming the path and the free space; the previous checkpoint stays the one --resume loads."""
         tag = f"step_{step}"
         final = os.path.join(self.root, tag)
         partial = final + ".partial"
         rank = dist.get_rank() if dist.is_initialized() else 0
+        writer = self._writes_folder()
         with Phase.of("save_checkpoint"):
-            if is_rank0():
+            if writer:
                 os.makedirs(self.root, exist_ok=True)
                 self._clean_leftovers()
             barrier()
-            for name, engine in engines.items():
-                engine.save_checkpoint(partial, tag=name, client_state=client_state, save_latest=False)
-            torch.save(rng_state(), os.path.join(partial, f"rng_rank{rank}.pt"))
-            barrier()
-            views = gather_objects(_list_files(partial))  # each rank's own view: under ZeRO-3 each writes its shards
+            failure = None
+            try:
+                for name, engine in engines.items():
+                    engine.save_checkpoint(partial, tag=name, client_state=client_state, save_latest=False)
+                torch.save(rng_state(), os.path.join(partial, f"rng_rank{rank}.pt"))
+            except (OSError, RuntimeError) as exc:
+                failure = storage_failure(exc, self.root)
+                if failure is None:
+                    raise
+            failures = [f for f in gather_objects(failure) if f]  # every rank learns it: all stop together
+            if failures:
+                self._abandon(partial, writer, step, failures[0])
+            views = gather_objects(_list_files(partial) if os.path.isdir(partial) else {})
+            manifest, failure = None, None
             if is_rank0():
-                files = {}
-                for view in views:
-                    for rel, size in view.items():
-                        files[rel] = max(size, files.get(rel, 0))
-                if any(set(v) != set(files) for v in views):
-                    log.warning("%s: the ranks see different files; checkpoints need a folder every rank shares",
-                                partial)
-                for rel, size in files.items():
-                    entry = files[rel] = {"size": size}
-                    if size <= HASH_LIMIT and os.path.isfile(os.path.join(partial, rel)):
-                        entry["sha256"] = _sha256(os.path.join(partial, rel))
-                atomic_write_json(os.path.join(partial, MANIFEST), {
-                    "version": 1, "step": step, "run_id": self.run_id, "world_size": self.world_size,
-                    "time": time.time(), "config": self.config, "files": files})
-                self._publish(partial, final)
-                atomic_write_json(os.path.join(self.root, LATEST), {"tag": tag, "step": step, "time": time.time()})
-                self._prune(step)
-            barrier()
+                try:
+                    manifest = self._manifest(partial, step, views)
+                except OSError as exc:
+                    failure = storage_failure(exc, self.root) or f"{partial}: {exc}"
+            manifest, failure = from_rank0((manifest, failure))
+            if failure is None and writer:
+                try:
+                    atomic_write_json(os.path.join(partial, MANIFEST), manifest)
+                    self._publish(partial, final)
+                    atomic_write_json(os.path.join(self.root, LATEST), {"tag": tag, "step": step, "time": time.time()})
+                    self._prune(step)
+                except OSError as exc:
+                    failure = storage_failure(exc, self.root) or f"{partial}: {exc}"
+            failures = [f for f in gather_objects(failure) if f]
+            if failures:
+                self._abandon(partial, writer, step, failures[0])
         return final
 
+    def _writes_folder(self) -> bool:
+        """Does this rank manage the checkpoint folder (make, publish, prune)? Rank 0 on shared storage; with
+        per-node storage the first rank of every node, each in its own node's folder."""
+        if self.storage == "per_node":
+            return int(os.environ.get("LOCAL_RANK", 0)) == 0
+        return is_rank0()
+
+    def _manifest(self, partial: str, step: int, views: list[dict]) -> dict:
+        """Every file any rank wrote (size, and sha256 where small and visible here) (rank 0)."""
+        files = {}
+        for view in views:
+            for rel, size in view.items():
+                files[rel] = max(size, files.get(rel, 0))
+        if self.storage == "shared" and any(set(v) != set(files) for v in views):
+            log.warning("%s: the ranks see different files; checkpoints need a folder every rank shares",
+                        partial)
+        for rel, size in files.items():
+            entry = files[rel] = {"size": size}
+            if size <= HASH_LIMIT and os.path.isfile(os.path.join(partial, rel)):
+                entry["sha256"] = _sha256(os.path.join(partial, rel))
+        return {"version": 1, "step": step, "run_id": self.run_id, "world_size": self.world_size,
+                "time": time.time(), "config": self.config, "files": files}
+
+    def _abandon(self, partial: str, writer: bool, step: int, reason: str) -> None:
+        """A save that cannot finish: its folder goes (it would keep the disk full), every rank raises."""
+        if writer:
+            shutil.rmtree(partial, ignore_errors=True)
+        barrier()
+        kept = step_folders(self.root)
+        raise CheckpointError(f"{reason}: checkpoint step_{step} not written (its partial folder removed); "
+                              + (f"{os.path.join(self.root, kept[0][1])} is still the newest checkpoint"
+                                 if kept else "no earlier checkpoint exists"))
+
     def _clean_leftovers(self) -> None:
-        """Half-written folders and temp files that only a killed save leaves behind (rank 0)."""
+        """Half-written folders and temp files that only a killed save leaves behind (the folder's writer)."""
         for d in os.listdir(self.root):
             p = os.path.join(self.root, d)
             if re.match(r"^step_\d+\.(partial|stale\.\d+)$", d):
@@ -299,6 +370,11 @@ class Checkpointer:
         step_dir = os.path.join(self.root, manifest["tag"])
         changes = config_changes({**manifest.get("config", {}), "world_size": manifest.get("world_size")},
                                  {**self.config, "world_size": self.world_size})
+        fixed = [c for c in changes if c.split(":", 1)[0] in NEVER_FREE_KEYS]
+        if fixed:
+            raise ResumeConfigError(f"{step_dir}: --resume with " + "; ".join(fixed) + ": this cannot be overridden "
+                                    "(--resume_allow_config_change does not apply: the checkpoint's adapters have "
+                                    "another shape); pass the saved value, or start a fresh run")
         if changes and not self.allow_config_change:
             raise ResumeConfigError(f"{step_dir}: --resume with a config that changes the run:\n  "
                                     + "\n  ".join(changes)
@@ -361,3 +437,94 @@ def prepare_output_dir(output_dir: str, resume: bool, overwrite: bool) -> None:
     if error:
         raise OutputDirError(error)
 
+
+
+LOCK_FILE = ".aplot_run.lock"
+
+
+class OutputLock:
+    """An exclusive lock on the output folder for the run's life, so two runs never write one folder.
+
+    Rank 0 holds an flock(2) on output_dir/.aplot_run.lock (the kernel drops it when the process ends, even
+    killed: a crashed run leaves no stale lock) and writes its host, pid and start time into the file, so a
+    refused run says who holds it. Taking the lock is also the writability check: a read-only or
+    unwritable --output_dir fails here, before any model loads. Every rank gets rank 0's verdict."""
+
+    def __init__(self, output_dir: str):
+        self.path, self._fh = os.path.join(output_dir, LOCK_FILE), None
+        error = self._acquire() if is_rank0() else None
+        error = from_rank0(error)
+        if error:
+            raise OutputDirError(error)
+
+    def _acquire(self) -> str | None:
+        import errno
+        import fcntl
+        import socket
+        folder = os.path.dirname(self.path)
+        try:
+            fh = open(self.path, "a+")
+        except OSError as exc:
+            reason = {errno.EROFS: "is on a read-only file system", errno.EACCES: "is not writable (permission "
+                      "denied)", errno.ENOSPC: "has no space left"}.get(exc.errno, f"cannot be written ({exc})")
+            return f"--output_dir {folder} {reason}"
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                fh.close()
+                return (f"--output_dir {folder} is in use by another run ({holder}): two runs would delete each "
+                        "other's checkpoints; wait for it, or pass another --output_dir")
+            log.warning("%s: the file system does not support locks (%s): nothing stops a second run from "
+                        "writing this folder", self.path, exc)
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"host {socket.gethostname()}, pid {os.getpid()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            fh.flush()
+        except OSError as exc:
+            fh.close()
+            return f"--output_dir {folder} cannot be written ({exc})"
+        self._fh = fh
+        return None
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()  # closing the file drops the flock
+            self._fh = None
+
+
+PROBE_FILE = ".aplot_storage_probe"
+
+
+def check_shared_storage(output_dir: str, storage: str) -> None:
+    """With several ranks, prove that every rank sees the folder rank 0 writes (checkpoints are written by all
+    ranks and published by rank 0): rank 0 writes a token, every rank reads it back. A rank that cannot is a
+    node with its own disk at that path: OutputDirError naming the path and the ranks, unless the user declared
+    per-node storage (`--checkpoint_storage per_node`)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or storage == "per_node":
+        return
+    import uuid
+    path = os.path.join(output_dir, PROBE_FILE)
+    token = from_rank0(uuid.uuid4().hex)
+    if is_rank0():
+        atomic_write_json(path, {"token": token})
+    barrier()
+    try:
+        with open(path) as fh:
+            seen = json.load(fh).get("token") == token
+    except (OSError, ValueError):
+        seen = False
+    blind = [r for r, ok in enumerate(gather_objects(seen)) if not ok]
+    barrier()
+    if is_rank0():
+        os.remove(path)
+    if blind:
+        raise OutputDirError(
+            f"--output_dir {output_dir} is not one folder for every rank: rank(s) {', '.join(map(str, blind[:8]))}"
+            f"{' ...' if len(blind) > 8 else ''} cannot read what rank 0 writes there, so checkpoints would be "
+            "split across nodes and --resume would find none; put it on storage every node mounts, or pass "
+            "--checkpoint_storage per_node and copy each node's checkpoints/step_N into one folder before --resume")

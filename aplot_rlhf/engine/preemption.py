@@ -18,6 +18,27 @@ STOP_FILE = "PREEMPT"        # created in output_dir by a launcher (or a user): 
 PREEMPTED_FILE = "PREEMPTED"  # written by rank 0 after the preemption checkpoint: the job should be requeued
 
 
+def clear_stale_requests(output_dir: str, started: float) -> None:
+    """A requeued run starts clean: the stop file and the marker an earlier process left are served (rank 0,
+    before set-up). Files made after `started` (this process's start time) are a request made while this
+    run starts up, and stay: `Preemption.requested` honours them after set-up."""
+    if not is_rank0():
+        return
+    for path in (os.path.join(output_dir, STOP_FILE), os.path.join(output_dir, PREEMPTED_FILE)):
+        try:
+            if os.path.getmtime(path) < started:
+                os.remove(path)
+                log.info("removed %s, left by an earlier process (its request was served)", path)
+        except FileNotFoundError:
+            pass
+
+
+def process_start_time() -> float:
+    """When this process started (seconds since the epoch)."""
+    import psutil  # a DeepSpeed dependency
+    return psutil.Process().create_time()
+
+
 class Preemption:
     """Stop a run cleanly before a scheduler kills it.
 
@@ -42,10 +63,6 @@ class Preemption:
         for name in signals:
             sig = getattr(signal, name)
             self._previous[sig] = signal.signal(sig, self._on_signal)
-        if is_rank0():  # a requeued run starts clean: the previous stop request is served
-            for path in (self.stop_file, self.marker):
-                if os.path.exists(path):
-                    os.remove(path)
 
     def _on_signal(self, signum, frame) -> None:
         import signal

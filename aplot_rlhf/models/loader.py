@@ -98,9 +98,14 @@ def resolve(role_name: str, path: str, gguf_file: str = "", weights: bool = True
     if not weights:
         return folder, None
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        adapter = os.path.isfile(os.path.join(folder, "adapter_config.json"))
-        hint = (" (a LoRA adapter folder: pass the merged model folder beside it, without the '_adapter' suffix)"
-                if adapter else "")
+        hint = ""
+        if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            merged = folder.rstrip("/")[:-len("_adapter")] if folder.rstrip("/").endswith("_adapter") else ""
+            hint = (f" (it is a LoRA adapter folder: pass {r.flag} {merged}, the merged model train_rm / train_ppo "
+                    "wrote beside it, or load the adapter over its base model with peft)"
+                    if merged and os.path.isfile(os.path.join(merged, "config.json")) else
+                    " (it is a LoRA adapter folder: pass the merged model folder, or load the adapter over its base "
+                    "model with peft)")
         raise ModelError(f"{r.flag} {path}: no config.json in this folder, so it is not a transformers model{hint}")
     check_safetensors(folder, r.flag)
     return folder, None

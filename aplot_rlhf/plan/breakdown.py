@@ -65,6 +65,7 @@ class PlanInput:
     max_nodes: int = 16
     lora_rank: int = 0  # > 0: trained roles hold frozen base weights plus trainable adapters (and scalar heads)
     lora_targets: str = "auto"  # comma-separated linears (q_proj,...,down_proj), auto or all-linear
+    ckpt_write_gbps: float = 1.0  # GB/s one node writes to the checkpoint storage (sizes the preemption lead)
 
     def validate(self) -> "PlanInput":
         checks = [
@@ -80,6 +81,7 @@ class PlanInput:
             (min(self.nodes, self.gpus_per_node, self.micro_batch, self.seq_len, self.vllm_tp,
                  self.gen_batch, self.prompt_len, self.gen_len) >= 1, "counts and lengths must be >= 1"),
             (self.gpu_mem_gib > 0, "gpu_mem_gib must be > 0"),
+            (self.ckpt_write_gbps > 0, "ckpt_write_gbps must be > 0"),
             (self.vllm_gpu_util is None or 0 < self.vllm_gpu_util < 1, "vllm_gpu_util must be in (0, 1)"),
             (self.job != "ppo" or self.vllm_tp <= self.gpus_per_node, "vllm_tp must fit inside one node"),
             (self.job != "ppo" or (self.nodes * self.gpus_per_node) % self.vllm_tp == 0,
@@ -130,6 +132,7 @@ class Estimate:
     roles: dict[str, dict[str, Any]]
     notes: tuple[str, ...]
     vllm_starts: bool = True
+    checkpoint: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def peak(self) -> MemoryPhase:
@@ -217,9 +220,10 @@ def estimate(inp: PlanInput) -> Estimate:
     act = max(activations)
     cpu = sum(s.cpu_bytes_per_node for s in states)
 
+    ckpt = checkpoint_bytes(inp)
     if inp.job == "rm":
         phase = MemoryPhase("train", params, grads, optim, act, 0.0, 0.0, _reserve_bytes(act))
-        return Estimate((phase,), cpu, roles, tuple(notes))
+        return Estimate((phase,), cpu, roles, tuple(notes), checkpoint=ckpt)
 
     # vLLM: one engine per vllm_tp GPUs, weights and KV heads split over its GPUs.
     actor = inp.model
@@ -253,4 +257,34 @@ def estimate(inp: PlanInput) -> Estimate:
                            0.0, weights, kv_cache, _reserve_bytes(0.0))
     roles["vllm"] = {"model": actor.name, "tp": inp.vllm_tp, "weights_gib": round(weights / GIB, 3),
                      "kv_cache_gib": round(kv_cache / GIB, 3), "kv_needed_gib": round(kv_needed / GIB, 3)}
-    return Estimate((train, generate), cpu, roles, tuple(notes), vllm_starts)
+    return Estimate((train, generate), cpu, roles, tuple(notes), vllm_starts, checkpoint=ckpt)
+
+
+# a preemption save must also wait for the step in flight and the ranks to agree: seconds added to the write
+PREEMPT_LEAD_MARGIN_S = 120
+
+
+def checkpoint_bytes(inp: PlanInput) -> dict[str, float]:
+    """What one checkpoint writes: bytes in all, on the busiest rank and on the busiest node, and the seconds
+    a save takes at `ckpt_write_gbps` per node, with the slurm warning lead that leaves room for it.
+
+    DeepSpeed writes every trained role's module weights (LoRA: the frozen base too) in the training dtype and
+    its optimizer states (mixed precision: fp32 master + Adam m, v = 12 B per trained parameter; fp32: m, v =
+    8 B). ZeRO-3 shards both over the ranks; below it rank 0 writes the weights and ZeRO-1/2 shard only the
+    optimizer (ZeRO-0: rank 0 writes all)."""
+    n, per_node = inp.n_gpus, inp.gpus_per_node
+    total = busiest_rank = busiest_node = 0.0  # rank 0 and its node write the most
+    for role, shape, head, trainable in _role_list(inp):
+        if not trainable:
+            continue
+        weights = shape.num_params(head) * DTYPE_BYTES[inp.dtype]
+        n_trained = (shape.lora_params(inp.lora_rank, lora_target_names(inp.lora_targets), head) if inp.lora_rank
+                     else shape.num_params(head))
+        optim = n_trained * (8 if inp.dtype == "fp32" else 12)
+        total += weights + optim
+        sharded = {3: weights + optim, 2: optim, 1: optim}.get(inp.zero, 0.0)
+        busiest_rank += weights + optim - sharded + sharded / n
+        busiest_node += weights + optim - sharded + sharded * per_node / n
+    write_s = busiest_node / (inp.ckpt_write_gbps * 1e9)
+    return {"total_bytes": total, "busiest_rank_bytes": busiest_rank, "busiest_node_bytes": busiest_node,
+            "write_s": write_s, "preempt_lead_s": math.ceil((write_s + PREEMPT_LEAD_MARGIN_S) / 10) * 10}

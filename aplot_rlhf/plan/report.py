@@ -60,6 +60,11 @@ def format_plan(plan: Plan) -> str:
     if inp.cpu_mem_gib is not None:
         cpu_line += f" of {inp.cpu_mem_gib:g} GiB"
     lines.append(cpu_line)
+    ck = est.checkpoint
+    lines.append(f"checkpoint: {ck['total_bytes'] / GIB:,.1f} GiB per save ({ck['busiest_rank_bytes'] / GIB:,.1f} "
+                 f"GiB from the busiest rank, {ck['busiest_node_bytes'] / GIB:,.1f} GiB from the busiest node); at "
+                 f"{inp.ckpt_write_gbps:g} GB/s per node a save takes ~{ck['write_s']:,.0f} s: warn the job at least "
+                 f"{ck['preempt_lead_s']:,} s before a kill (slurm: #SBATCH --signal=B:USR1@{ck['preempt_lead_s']})")
     lines.extend(f"note: {n}" for n in est.notes)
     peak = est.peak
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
@@ -101,6 +106,11 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         "fits": plan.fits,
         "cpu_gib_per_node": round(est.cpu_bytes_per_node / GIB, 3),
         "roles": est.roles,
+        "checkpoint": {"total_gib": round(est.checkpoint["total_bytes"] / GIB, 3),
+                       "busiest_rank_gib": round(est.checkpoint["busiest_rank_bytes"] / GIB, 3),
+                       "busiest_node_gib": round(est.checkpoint["busiest_node_bytes"] / GIB, 3),
+                       "write_s": round(est.checkpoint["write_s"], 1),
+                       "preempt_lead_s": est.checkpoint["preempt_lead_s"]},
         "notes": list(est.notes),
         "reserve": {"fixed_gib": RESERVE_FIXED_GIB, "share_of_activations": FRAGMENTATION_SHARE_OF_ACTIVATIONS},
         "suggestion": None,

@@ -61,12 +61,21 @@ class Run:
     def __init__(self, cfg, job: str):
         """job: the progress bar's name and the prefix of the logged training rows ('rm', 'ppo')."""
         self.cfg, self.job = cfg, job
+        started = preemption.process_start_time()
         self.rank, self.world, self.local_rank = ds_api.init_distributed(cfg.dist_backend, cfg.timeout_s)
         comm.seed_everything(cfg.seed)
         self.device = comm.device()
         self.is_rank0 = comm.is_rank0()
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        try:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+        except OSError as exc:
+            raise ckpt.OutputDirError(f"--output_dir {cfg.output_dir} cannot be created ({exc.strerror})") from None
+        # before anything is written or loaded: one run per folder (the lock is also the writability check),
+        # one folder for every rank, an earlier run refused or moved aside, stale stop requests served
+        self.lock = ckpt.OutputLock(cfg.output_dir)
+        ckpt.check_shared_storage(cfg.output_dir, cfg.checkpoint_storage)
         ckpt.prepare_output_dir(cfg.output_dir, cfg.resume, cfg.overwrite_output_dir)
+        preemption.clear_stale_requests(cfg.output_dir, started)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
         self.logger = self.checkpoints = self.preempt = None
         self.preempted = False
@@ -99,7 +108,7 @@ class Run:
         self.logger = MetricsLogger(cfg.output_dir, self.is_rank0, cfg.tensorboard, cfg.wandb_project,
                                     run_config=vars(cfg), resume=cfg.resume)
         self.checkpoints = ckpt.Checkpointer(self.ckpt_root, to_dict(cfg), self.world, cfg.save_total_limit,
-                                            cfg.resume_allow_config_change)
+                                            cfg.resume_allow_config_change, cfg.checkpoint_storage)
         state = None
         if cfg.resume:
             state = self.checkpoints.load(engines)
@@ -116,8 +125,9 @@ class Run:
         log.info("resumed at %s", where)
 
     def watch_preemption(self) -> None:
-        """From now on a signal or output_dir/PREEMPT stops the run after its current step (`loop`).
-        PPO calls it after its rollout engine has started: the engine may install signal handlers of its own."""
+        """From now on a signal or output_dir/PREEMPT stops the run after its current step (`loop`); a PREEMPT
+        made while the run was setting up is honoured before the first step. PPO calls it after its rollout
+        engine has started: the engine may install signal handlers of its own."""
         self.preempt = preemption.Preemption(self.cfg.output_dir, self.cfg.preempt_signals)
 
     # ------------------------------------------------------------------------------------- metrics
@@ -152,7 +162,11 @@ class Run:
         cfg = self.cfg
         bar = self.progress(total, trainer.position)
         window, t0 = MetricsWindow(), time.perf_counter()
-        while trainer.position < total:
+        if trainer.position < total and self.preempt.requested():  # asked to stop while the run was setting up
+            log.warning("a stop was requested during set-up: exiting before the first step (nothing new to save)")
+            self.preempt.finish(trainer.position)
+            self.preempted = True
+        while trainer.position < total and not self.preempted:
             for metrics in trainer.train_step():
                 window.add(metrics)
             position = trainer.position
@@ -183,6 +197,7 @@ class Run:
             self.preempt.restore()
         if self.logger is not None:
             self.logger.close()
+        self.lock.release()
         comm.shutdown()
 
 
