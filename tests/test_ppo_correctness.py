@@ -284,3 +284,63 @@ def test_ppo_log_row_is_the_mean_of_its_iterations(char_llama_dir, prompt_file, 
     for key in ("ppo/reward/raw_mean", "ppo/policy_loss", "ppo/kl", "ppo/response_length"):
         mean = (per_iteration[0][key] + per_iteration[1][key]) / 2
         assert averaged[0][key] == pytest.approx(mean, abs=1e-6), key
+
+
+def test_hf_backend_samples_the_full_tempered_distribution(tmp_path):
+    """Issue 25 item 5. The HF backend draws from softmax(logits / T) and nothing else: no top-k (transformers fills in
+    top_k=50 when the model's generation config has none, as SmolLM2's has not), and none of the model's
+    own generation_config filters or penalties (min_p, typical_p, repetition_penalty, ...).
+
+    A tiny Llama over 256 tokens with spread-out logits samples ~1000 tokens at T=0.7. Two checks against
+    the model's own tempered probabilities at each sampled position: the share of tokens outside that
+    position's 50 most likely ones (a top-k of 50 makes it 0), and the probability integral transform
+    (each token's place in the sorted tempered distribution, jittered: uniform on [0, 1] if and only if
+    the sampler draws from that distribution) with a Kolmogorov-Smirnov test."""
+    from types import SimpleNamespace
+
+    from scipy import stats
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aplot_rlhf.rollout.hf import HFRollout
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+                         bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)  # logits with a spread of ~1: a real tail beyond the top 50
+    # a generation config as hub models ship them: sampling filters and penalties of their own, no top_k
+    model.generation_config.update(repetition_penalty=1.3, min_p=0.05, typical_p=0.9, no_repeat_ngram_size=2)
+    backend = HFRollout(model, SimpleNamespace(pad_token_id=0, eos_token_id=1), zero3=False)
+    T, n_rows = 0.7, 64
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 256, (6,), generator=gen).tolist() for _ in range(n_rows)]
+    responses = backend.generate(prompts, max_new_tokens=16, temperature=T, top_p=1.0, seeds=[7])
+    outside, expected_outside, var_outside, pit = 0, 0.0, 0.0, []
+    with torch.no_grad():
+        for p, r in zip(prompts, responses):
+            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1:len(p) + len(r) - 1].double()
+            probs = torch.softmax(logits / T, -1)
+            order = probs.argsort(-1, descending=True)
+            rank = (order == torch.tensor(r)[:, None]).long().argmax(-1)  # 0 = most likely
+            outside += int((rank >= 50).sum())
+            mass_out = 1.0 - probs.gather(-1, order[:, :50]).sum(-1)
+            expected_outside += float(mass_out.sum())
+            var_outside += float((mass_out * (1 - mass_out)).sum())
+            sorted_p = probs.gather(-1, order)
+            p_token = sorted_p.gather(-1, rank[:, None])[:, 0]
+            before = torch.cumsum(sorted_p, -1).gather(-1, rank[:, None])[:, 0] - p_token
+            pit += (before + torch.rand(len(r), generator=gen, dtype=torch.float64) * p_token).tolist()
+    n = len(pit)
+    assert n > 500 and expected_outside > 0.2 * n, (n, expected_outside)
+    assert abs(outside - expected_outside) < 4 * var_outside ** 0.5 + 1, \
+        f"{outside} of {n} sampled tokens outside the top 50, expected {expected_outside:.1f}"
+    p_value = stats.kstest(pit, "uniform").pvalue
+    assert p_value > 1e-3, f"sampled tokens are not drawn from the tempered distribution: KS p = {p_value:.2g}"
+    # greedy (evaluation) is the argmax chain: the model's repetition penalty and n-gram ban are off too
+    greedy = backend.generate([prompts[0]], max_new_tokens=12, temperature=0.0, top_p=1.0, seeds=[0])[0]
+    ids = list(prompts[0])
+    with torch.no_grad():
+        for _ in greedy:
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert greedy == ids[len(prompts[0]):]
