@@ -44,7 +44,8 @@ class ModelConfig:
     lora_rank: int = knob(0, "LoRA (peft) rank of the adapters; 0 = full fine-tuning. With LoRA the base weights are "
                           "frozen and only the adapters and the score head train")
     lora_alpha: float = knob(16.0, "LoRA alpha: the adapters' update is scaled by lora_alpha / lora_rank")
-    lora_dropout: float = knob(0.0, "dropout on the adapters' inputs (kept even with --disable_dropout)")
+    lora_dropout: float = knob(0.0, "dropout on the adapters' inputs (kept even with --disable_dropout; PPO "
+                                    "refuses it above 0)")
     lora_target_modules: list = knob(["auto"], "modules that get adapters: 'auto' (every linear layer of the blocks: "
                                      "q/k/v/o/gate/up/down_proj for Llama-family, query/key/value/dense for "
                                      "BERT-family, else peft's all-linear), 'all-linear', or module names")
@@ -485,8 +486,8 @@ class PPOConfig(PPOSpecific, ModelConfig, EngineConfig, RunConfig):
                      "With LoRA the KL reference is the actor with its adapters disabled (no second copy), the critic "
                      "trains its own adapters and value head, and vLLM receives merged weights",
         "lora_alpha": "LoRA alpha (actor and critic): the update is scaled by lora_alpha / lora_rank",
-        "lora_dropout": "dropout on the adapters' inputs (actor and critic); needs --no-disable_dropout, since "
-                        "rollout and training log-probs must agree",
+        "lora_dropout": "dropout on the adapters' inputs: must be 0 in PPO (refused otherwise), since rollout "
+                        "(eval mode) and training (train mode) log-probs must agree once the adapters move",
         "lora_target_modules": "modules that get adapters (actor and critic backbones): 'auto' (every linear layer "
                                "of the blocks: q/k/v/o/gate/up/down_proj for Llama-family), 'all-linear', or "
                                "module names",
@@ -531,9 +532,11 @@ class PPOConfig(PPOSpecific, ModelConfig, EngineConfig, RunConfig):
         if self.loss_aggregation not in ("token_mean", "seq_mean"):
             errors.append(f"loss_aggregation must be token_mean or seq_mean, got {self.loss_aggregation!r}")
         errors += lora_errors(self)
-        if self.lora_rank and self.lora_dropout > 0 and self.disable_dropout:
-            errors.append("lora_dropout > 0 with --disable_dropout: the rollout (eval mode) and training log-probs "
-                          "would differ; use --lora_dropout 0 or --no-disable_dropout")
+        if self.lora_rank and self.lora_dropout > 0:  # with or without --disable_dropout (issue 25)
+            errors.append(f"--lora_dropout {self.lora_dropout:g}: PPO needs --lora_dropout 0. Dropout on the adapters "
+                          "is on in the training forward and off in the rollout's, so once the adapters have moved "
+                          "the first PPO ratio is no longer 1 (--no-disable_dropout does not help: it only adds "
+                          "the base model's dropout)")
         if self.drop_uniform_groups and self.samples_per_prompt < 2:
             errors.append("drop_uniform_groups needs samples_per_prompt >= 2")
         # the divisibility checks divide by these sizes: only once the ranges hold
