@@ -368,3 +368,41 @@ def test_hf_backend_samples_the_full_tempered_distribution(tmp_path):
         for _ in greedy:
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     assert greedy == ids[len(prompts[0]):]
+
+
+# ------------------------------------------------------------------------------ issue 25 item 4: aggregation
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean", "seq_mean_token_sum_norm"])
+def test_two_micro_batches_give_the_gradient_of_one_batch(aggregation, char_llama_dir, prompt_file, tmp_path,
+                                                          trainer_factory):
+    """A mini-batch of 4 sequences as one micro-batch of 4, or as two micro-batches of 2 with different
+    token counts (DeepSpeed accumulating them, dividing by 2): the same actor and critic gradients.
+    Before issue 25 each micro-batch was its own token mean and DeepSpeed averaged the two, so a token of
+    the shorter micro-batch weighed more. ZeRO-0 in fp32 so the gradients are in `.grad`; the optimizer
+    step is skipped to read them. What one process cannot show: the average over ranks (the same
+    arithmetic, undone with the world size)."""
+    from aplot_rlhf.trainers.ppo import MINIBATCH_SEED_STRIDE
+    grads, exp = {}, None
+    for mbs in (4, 2):
+        cfg = ppo_config(char_llama_dir, prompt_file, tmp_path / f"mbs{mbs}", micro_batch_size=mbs, zero_stage=0,
+                         precision="fp32", loss_aggregation=aggregation, entropy_coef=0.01)
+        trainer = trainer_factory(cfg)
+        if exp is None:
+            exp = first_rollout(trainer)
+            order = torch.randperm(4, generator=torch.Generator().manual_seed(cfg.seed * MINIBATCH_SEED_STRIDE))
+            mask = exp["mask"].clone()
+            mask[order[0], 3:] = 0  # as if that response had ended at EOS after 3 tokens
+            exp["mask"] = exp["loss_mask"] = mask
+            tokens = [int(mask[order[i:i + 2]].sum()) for i in (0, 2)]
+            assert tokens[0] != tokens[1], tokens  # the case that tells the two normalizations apart
+        for engine in (trainer.actor, trainer.critic):
+            engine.zero_grad()
+            engine.step = lambda *a, **k: None
+        trainer.train_on(exp)
+        grads[mbs] = {f"{role}.{name}": p.grad.clone() for role, engine in (("actor", trainer.actor),
+                                                                             ("critic", trainer.critic))
+                      for name, p in engine.module.named_parameters() if p.grad is not None}
+    assert grads[4].keys() == grads[2].keys() and len(grads[4]) > 10
+    worst = max(grads[4], key=lambda k: (grads[4][k] - grads[2][k]).abs().max())
+    diff = (grads[4][worst] - grads[2][worst]).abs().max().item()
+    assert diff < 1e-6, f"{worst}: gradients differ by {diff:.3g} (scale {grads[4][worst].abs().max().item():.3g})"
