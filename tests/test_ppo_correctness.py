@@ -406,3 +406,33 @@ def test_two_micro_batches_give_the_gradient_of_one_batch(aggregation, char_llam
     worst = max(grads[4], key=lambda k: (grads[4][k] - grads[2][k]).abs().max())
     diff = (grads[4][worst] - grads[2][worst]).abs().max().item()
     assert diff < 1e-6, f"{worst}: gradients differ by {diff:.3g} (scale {grads[4][worst].abs().max().item():.3g})"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_sum_norm"])
+def test_two_ranks_give_the_gradient_of_one_batch(aggregation, char_llama_dir, prompt_file, tmp_path):
+    """The mini-batch of 4 sequences in one process, or split over 2 ranks whose token counts differ
+    (DeepSpeed averaging their gradients): the same gradients (tests/ppo_grad_check.py)."""
+    exp = tmp_path / "exp.pt"
+
+    def grads(world, **sizes):
+        out = tmp_path / f"world{world}"
+        args = {"actor_model": char_llama_dir, "reward_model": "rule:char_frac:e", "prompt_data": prompt_file,
+                "eval_prompts": 2, "rollout_backend": "hf", "max_new_tokens": 8, "max_prompt_length": 32,
+                "zero_stage": 0, "precision": "fp32", "seed": 5, "prompt_format": "text", "output_dir": str(out),
+                "loss_aggregation": aggregation, "entropy_coef": 0.01, "warmup_ratio": 0.0, **sizes}
+        flags = [f for k, v in args.items() for f in (f"--{k}", str(v))] + ["--no-progress", "--no-tensorboard",
+                                                                            "--no-export"]
+        launch = ([PYTHON] if world == 1 else
+                  [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())])
+        proc = subprocess.run(launch + [str(REPO / "tests" / "ppo_grad_check.py"), str(exp), *flags],
+                              env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        return torch.load(out / f"grads_world{world}.pt")
+
+    one = grads(1, rollout_batch_size=4, ppo_mini_batch_size=4, micro_batch_size=4)
+    two = grads(2, rollout_batch_size=2, ppo_mini_batch_size=2, micro_batch_size=2)
+    assert one.keys() == two.keys() and len(one) > 10
+    worst = max(one, key=lambda k: (one[k] - two[k]).abs().max())
+    diff = (one[worst] - two[worst]).abs().max().item()
+    assert diff < 1e-6, f"{worst}: gradients differ by {diff:.3g} (scale {one[worst].abs().max().item():.3g})"
