@@ -44,7 +44,8 @@ class ModelConfig:
     lora_rank: int = knob(0, "LoRA (peft) rank of the adapters; 0 = full fine-tuning. With LoRA the base weights are "
                           "frozen and only the adapters and the score head train")
     lora_alpha: float = knob(16.0, "LoRA alpha: the adapters' update is scaled by lora_alpha / lora_rank")
-    lora_dropout: float = knob(0.0, "dropout on the adapters' inputs (kept even with --disable_dropout)")
+    lora_dropout: float = knob(0.0, "dropout on the adapters' inputs (kept even with --disable_dropout; PPO "
+                                    "refuses it above 0)")
     lora_target_modules: list = knob(["auto"], "modules that get adapters: 'auto' (every linear layer of the blocks: "
                                      "q/k/v/o/gate/up/down_proj for Llama-family, query/key/value/dense for "
                                      "BERT-family, else peft's all-linear), 'all-linear', or module names")
@@ -389,6 +390,7 @@ def save_config(cfg, path: str) -> None:
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_mean_token_sum_norm")  # trainers.ppo_math.AGGREGATIONS
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 
 
@@ -427,7 +429,7 @@ class PPOSpecific:
     critic_learning_rate: float = knob(5e-6, "critic peak learning rate (actor uses learning_rate)")
     clip_ratio: float = knob(0.2, "PPO policy clip")
     value_clip: float = knob(0.2, "value-function clip")
-    gamma: float = knob(1.0, "GAE discount")
+    gamma: float = knob(1.0, "discount of gae and reinforce_pp returns (grpo and rloo: must stay 1)")
     lam: float = knob(0.95, "GAE lambda")
     kl_estimator: str = knob("k1", f"per-token KL estimator in the reward, one of {KL_ESTIMATORS}")
     kl_coef: float = knob(0.05, "initial KL coefficient beta")
@@ -440,18 +442,27 @@ class PPOSpecific:
     entropy_coef: float = knob(0.0, "entropy bonus in the policy loss")
     ppo_iterations: int = knob(10, "rollout -> train -> sync cycles")
     reward_batch_size: int = knob(16, "sequences per reward-model forward")
-    advantage_estimator: str = knob("gae", "gae: PPO with a critic (GAE over its values); grpo: (r - group mean) / "
-                                    "group std; rloo: r - mean of the other samples of the prompt; reinforce_pp: "
-                                    "KL-penalized returns-to-go whitened over the global batch. Only gae builds a "
-                                    "critic")
+    advantage_estimator: str = knob("gae", "gae: PPO with a critic, GAE over its values (OpenRLHF's and TRL's PPO); "
+                                    "grpo: (r - group mean) / (group std + 1e-6) at the last token (TRL's GRPO with "
+                                    "--kl_mode loss, OpenRLHF's group_norm with --kl_mode reward); rloo: r - mean of "
+                                    "the other samples of the prompt, per-token KL in the reward (OpenRLHF's rloo); "
+                                    "reinforce_pp: KL-penalized returns-to-go whitened over the global batch "
+                                    "(OpenRLHF's reinforce, REINFORCE++). grpo and rloo returns are undiscounted. "
+                                    "Only gae builds a critic")
     samples_per_prompt: int = knob(1, "K: every prompt is sampled K times per rollout (grpo and rloo need K >= 2); "
                                    "the rollout holds rollout_batch_size * K sequences per rank")
-    grpo_std_normalize: bool = knob(True, "grpo: divide by the group's reward std (off: the 'Dr. GRPO' variant)")
+    grpo_std_normalize: bool = knob(True, "grpo: divide by the group's reward std. Off removes only the std; Dr. GRPO "
+                                    "(Liu et al. 2025) is --no-grpo_std_normalize with --loss_aggregation "
+                                    "seq_mean_token_sum_norm")
     kl_mode: str = knob("reward", "'reward': -kl_coef * KL per token in the reward (PPO's way); 'loss': kl_coef * "
                         "kl_loss_estimator KL against the reference as a loss term (GRPO's way)")
     kl_loss_estimator: str = knob("k3", f"estimator of the KL loss term with kl_mode 'loss', one of {KL_ESTIMATORS}")
-    loss_aggregation: str = knob("token_mean", "policy loss over tokens: 'token_mean' (every token of the mini-batch "
-                                 "weighs the same) or 'seq_mean' (mean per sequence, then over sequences)")
+    loss_aggregation: str = knob("token_mean", "policy loss (and KL loss term) over the tokens of a mini-batch, all "
+                                 "its micro-batches and ranks together: 'token_mean' (every token weighs the same: "
+                                 "TRL's 'dapo'), 'seq_mean' (each sequence's token mean, then the "
+                                 "mean over sequences: the published GRPO, TRL's 'grpo'), 'seq_mean_token_sum_norm' "
+                                 "(token sums / (sequences x max_new_tokens), no length normalization: Dr. GRPO's, "
+                                 "TRL's 'dr_grpo')")
     drop_uniform_groups: bool = knob(False, "leave groups whose K rewards are all equal (no signal) out of the loss")
 
 
@@ -497,8 +508,8 @@ class PPOConfig(PPOSpecific, ModelConfig, EngineConfig, RunConfig):
                      "With LoRA the KL reference is the actor with its adapters disabled (no second copy), the critic "
                      "trains its own adapters and value head, and vLLM receives merged weights",
         "lora_alpha": "LoRA alpha (actor and critic): the update is scaled by lora_alpha / lora_rank",
-        "lora_dropout": "dropout on the adapters' inputs (actor and critic); needs --no-disable_dropout, since "
-                        "rollout and training log-probs must agree",
+        "lora_dropout": "dropout on the adapters' inputs: must be 0 in PPO (refused otherwise), since rollout "
+                        "(eval mode) and training (train mode) log-probs must agree once the adapters move",
         "lora_target_modules": "modules that get adapters (actor and critic backbones): 'auto' (every linear layer "
                                "of the blocks: q/k/v/o/gate/up/down_proj for Llama-family), 'all-linear', or "
                                "module names",
@@ -540,12 +551,17 @@ class PPOConfig(PPOSpecific, ModelConfig, EngineConfig, RunConfig):
             errors.append(f"kl_mode must be reward or loss, got {self.kl_mode!r}")
         if self.kl_loss_estimator not in KL_ESTIMATORS:
             errors.append(f"kl_loss_estimator must be one of {KL_ESTIMATORS}, got {self.kl_loss_estimator!r}")
-        if self.loss_aggregation not in ("token_mean", "seq_mean"):
-            errors.append(f"loss_aggregation must be token_mean or seq_mean, got {self.loss_aggregation!r}")
+        if self.loss_aggregation not in LOSS_AGGREGATIONS:
+            errors.append(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {self.loss_aggregation!r}")
+        if self.advantage_estimator in ("grpo", "rloo") and self.gamma != 1.0:
+            errors.append(f"--gamma {self.gamma:g}: {self.advantage_estimator} scores whole sequences and its returns "
+                          "are undiscounted (gamma 1, as published); --gamma is for gae and reinforce_pp")
         errors += lora_errors(self)
-        if self.lora_rank and self.lora_dropout > 0 and self.disable_dropout:
-            errors.append("lora_dropout > 0 with --disable_dropout: the rollout (eval mode) and training log-probs "
-                          "would differ; use --lora_dropout 0 or --no-disable_dropout")
+        if self.lora_rank and self.lora_dropout > 0:  # with or without --disable_dropout (issue 25)
+            errors.append(f"--lora_dropout {self.lora_dropout:g}: PPO needs --lora_dropout 0. Dropout on the adapters "
+                          "is on in the training forward and off in the rollout's, so once the adapters have moved "
+                          "the first PPO ratio is no longer 1 (--no-disable_dropout does not help: it only adds "
+                          "the base model's dropout)")
         if self.drop_uniform_groups and self.samples_per_prompt < 2:
             errors.append("drop_uniform_groups needs samples_per_prompt >= 2")
         # the divisibility checks divide by these sizes: only once the ranges hold

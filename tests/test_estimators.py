@@ -107,3 +107,57 @@ def test_plan_without_a_critic_drops_its_states():
     assert "critic" in with_critic.roles and "critic" not in without.roles
     gib = lambda est: max(p.total_bytes for p in est.phases)  # noqa: E731
     assert gib(without) < gib(with_critic)
+
+
+# ---------------------------------------------------------------------- issue 25 item 4: estimators as published
+
+def test_dr_grpo_by_hand():
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): advantage r - group mean (no std),
+    and the loss sums each sequence's tokens and divides by a constant, (number of sequences) x (generation
+    limit), not by each sequence's length. Two samples of one prompt, rewards 1 and 3, generation limit 4:
+    advantages -1 and +1; at ratio 1 the token losses are -A, so the loss is (2 x 1 - 3 x 1) / (2 x 4)."""
+    from aplot_rlhf.trainers.ppo_math import policy_loss
+    scores = torch.tensor([1.0, 3.0])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])  # lengths 2 and 3 (the rollout's longest: 3)
+    adv = critic_free_advantages("grpo", scores, torch.zeros(2, 3), mask, 2, beta=0.0, grpo_std_normalize=False)
+    assert adv.tolist() == [[-1.0, -1.0, 0.0], [1.0, 1.0, 1.0]]
+    lp = torch.zeros(2, 3, requires_grad=True)
+    loss, _, _ = policy_loss(lp, lp.detach(), adv, mask, 0.2, "seq_mean_token_sum_norm", horizon=4)
+    assert loss.item() == pytest.approx((2 * 1.0 - 3 * 1.0) / (2 * 4))
+    loss.backward()  # d loss / d logprob = -A / (sequences x horizon) on every valid token, whatever its length
+    assert lp.grad.flatten().tolist() == pytest.approx([1 / 8, 1 / 8, 0.0, -1 / 8, -1 / 8, -1 / 8])
+    # seq_mean would divide each sequence by its own length: the published GRPO, not Dr. GRPO
+    assert aggregate(-adv, mask, "seq_mean").item() == pytest.approx((1.0 - 1.0) / 2)
+
+
+def test_micro_batch_parts_add_up_to_the_mini_batch_aggregate():
+    """Each micro-batch's aggregate with the mini-batch's counts is its share: the shares add up to the
+    mini-batch's aggregate, gradients included (micro-batches of different token counts)."""
+    from aplot_rlhf.trainers.ppo_math import aggregation_counts
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.float64)
+    for how in ("token_mean", "seq_mean", "seq_mean_token_sum_norm"):
+        whole = aggregate(x, mask, how, horizon=8)
+        (g_whole,) = torch.autograd.grad(whole, x)
+        counts = aggregation_counts(mask[:2]) + aggregation_counts(mask[2:])
+        parts = aggregate(x[:2], mask[:2], how, counts, horizon=8) + aggregate(x[2:], mask[2:], how, counts, horizon=8)
+        (g_parts,) = torch.autograd.grad(parts, x)
+        assert parts.item() == pytest.approx(whole.item(), abs=1e-12), how
+        assert torch.allclose(g_parts, g_whole, atol=1e-12), how
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_config_refuses_a_discount_for_group_estimators(estimator):
+    """GRPO and RLOO score whole sequences: their returns are undiscounted (gamma 1); --gamma is GAE's
+    (and REINFORCE++'s) knob, refused rather than silently ignored."""
+    from aplot_rlhf.config import PPOConfig, load_config
+    from aplot_rlhf.errors import ConfigError
+    base = ["--actor_model", "a", "--reward_model", "rule:neg_length", "--prompt_data", "p.jsonl",
+            "--advantage_estimator", estimator, "--samples_per_prompt", "4", "--rollout_batch_size", "2",
+            "--ppo_mini_batch_size", "4", "--micro_batch_size", "2"]
+    with pytest.raises(ConfigError, match="--gamma 0.99"):
+        load_config(PPOConfig, base + ["--gamma", "0.99"])
+    assert load_config(PPOConfig, base).gamma == 1.0
+    cfg = load_config(PPOConfig, base + ["--loss_aggregation", "seq_mean_token_sum_norm", "--no-grpo_std_normalize"])
+    assert cfg.loss_aggregation == "seq_mean_token_sum_norm"

@@ -393,3 +393,26 @@ def test_auto_accepts_a_kernel_within_tolerance(auto_on_cpu, caplog, monkeypatch
     rc, rr, hc, hr = make_inputs(2, 6, 8)
     sinkhorn_margin(rc, rr, hc, hr, backend="auto", iters=20)
     assert last_backend() == "triton-fused" and not _auto_warnings(caplog)
+
+
+@pytest.mark.parametrize("gammas", [(0.0, 0.5, 1.0), (1e-4, 1.0), (1.0, 0.0, 1.0)])
+def test_auto_rejects_a_kernel_0_1_percent_off_even_when_gamma_warms_up_from_0(auto_on_cpu, caplog, monkeypatch,
+                                                                                 gammas):
+    """gamma warm-up starts at 0 (or tiny): margins gamma * B * <T, C> are then 0 (or below the check's
+    1e-3 magnitude floor) for the kernel and the reference alike, and a check on that call proves nothing.
+    The fake kernel is the reference times 1.001: auto must refuse it, with one warning, whatever the first
+    gamma, and never return its margins."""
+    runs = {"kernel": 0}
+
+    def off_by_1e3(rc, rr, hc, hr, **kw):  # a kernel 0.1% off (plain torch: no Triton needed)
+        runs["kernel"] += 1
+        return sinkhorn_margin_reference(rc.float(), rr.float(), hc, hr, **kw) * 1.001, "triton-fused"
+    monkeypatch.setattr(kernel, "sinkhorn_margin_triton", off_by_1e3)
+    rc, rr, hc, hr = make_inputs(2, 6, 8)
+    for gamma in gammas:
+        m = sinkhorn_margin(rc, rr, hc, hr, backend="auto", iters=20, gamma=gamma)
+        want = sinkhorn_margin_reference(rc, rr, hc, hr, iters=20, gamma=gamma)
+        assert torch.equal(m, want), (gamma, last_backend(), rel_err(m, want))
+    warns = _auto_warnings(caplog)
+    assert len(warns) == 1 and "disagrees with the reference" in warns[0].getMessage(), [w.getMessage() for w in warns]
+    assert ot_api.kernel_status()["fallback"] is not None and runs["kernel"] <= 2

@@ -146,6 +146,30 @@ def test_first_mini_batch_ratio_is_exactly_one_with_dropout_in_the_config(model,
     assert first["clip_frac"] == 0.0 and first["approx_kl"] == 0.0, first
 
 
+@pytest.mark.parametrize("model,lora", [
+    ("dropout_llama_dir", {"lora_rank": 4}),
+    # what the --lora_dropout help advised before issue 25 (--no-disable_dropout; this Llama has no other dropout)
+    ("char_llama_dir", {"lora_rank": 4, "lora_dropout": 0.1, "disable_dropout": False}),
+])
+def test_first_mini_batch_ratio_is_exactly_one_with_lora_after_an_update(model, lora, prompt_file, tmp_path,
+                                                                         trainer_factory, request):
+    """Issue 25 item 3. At iteration 1 the adapters' B is 0 and their dropout changes nothing; after one
+    update it does, and train-mode log-probs drift from the rollout's (approx KL 5.7e-6 here, 3.3e-4 on
+    the issue's model, at lora_dropout 0.1). Every LoRA config PPO accepts must give a first ratio of
+    exactly 1 at iteration 2; the others are refused at start, naming --lora_dropout."""
+    from aplot_rlhf.errors import ConfigError
+    try:
+        cfg = ppo_config(request.getfixturevalue(model), prompt_file, tmp_path, **lora)
+    except ConfigError as exc:
+        assert "--lora_dropout" in str(exc)
+        return
+    trainer = trainer_factory(cfg)
+    trainer.step()  # iteration 1: one optimizer step moves the adapters off B = 0
+    trainer.step()
+    first = trainer.first_micro_batch_stats
+    assert first["clip_frac"] == 0.0 and first["approx_kl"] == 0.0, first
+
+
 def test_disable_dropout_zeroes_config_floats_and_modules(dropout_gpt2_dir):
     from transformers import AutoModelForCausalLM
 
@@ -285,3 +309,131 @@ def test_ppo_log_row_is_the_mean_of_its_iterations(char_llama_dir, prompt_file, 
     for key in ("ppo/reward/raw_mean", "ppo/policy_loss", "ppo/kl", "ppo/response_length"):
         mean = (per_iteration[0][key] + per_iteration[1][key]) / 2
         assert averaged[0][key] == pytest.approx(mean, abs=1e-6), key
+
+
+def test_hf_backend_samples_the_full_tempered_distribution(tmp_path):
+    """Issue 25 item 5. The HF backend draws from softmax(logits / T) and nothing else: no top-k (transformers fills in
+    top_k=50 when the model's generation config has none, as SmolLM2's has not), and none of the model's
+    own generation_config filters or penalties (min_p, typical_p, repetition_penalty, ...).
+
+    A tiny Llama over 256 tokens with spread-out logits samples ~1000 tokens at T=0.7. Two checks against
+    the model's own tempered probabilities at each sampled position: the share of tokens outside that
+    position's 50 most likely ones (a top-k of 50 makes it 0), and the probability integral transform
+    (each token's place in the sorted tempered distribution, jittered: uniform on [0, 1] if and only if
+    the sampler draws from that distribution) with a Kolmogorov-Smirnov test."""
+    from types import SimpleNamespace
+
+    from scipy import stats
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aplot_rlhf.rollout.hf import HFRollout
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+                         bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4.0)  # logits with a spread of ~1: a real tail beyond the top 50
+    # a generation config as hub models ship them: sampling filters and penalties of their own, no top_k
+    model.generation_config.update(repetition_penalty=1.3, min_p=0.05, typical_p=0.9, no_repeat_ngram_size=2)
+    backend = HFRollout(model, SimpleNamespace(pad_token_id=0, eos_token_id=1), zero3=False)
+    T, n_rows = 0.7, 64
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 256, (6,), generator=gen).tolist() for _ in range(n_rows)]
+    responses = backend.generate(prompts, max_new_tokens=16, temperature=T, top_p=1.0, seeds=[7])
+    outside, expected_outside, var_outside, pit = 0, 0.0, 0.0, []
+    with torch.no_grad():
+        for p, r in zip(prompts, responses):
+            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1:len(p) + len(r) - 1].double()
+            probs = torch.softmax(logits / T, -1)
+            order = probs.argsort(-1, descending=True)
+            rank = (order == torch.tensor(r)[:, None]).long().argmax(-1)  # 0 = most likely
+            outside += int((rank >= 50).sum())
+            mass_out = 1.0 - probs.gather(-1, order[:, :50]).sum(-1)
+            expected_outside += float(mass_out.sum())
+            var_outside += float((mass_out * (1 - mass_out)).sum())
+            sorted_p = probs.gather(-1, order)
+            p_token = sorted_p.gather(-1, rank[:, None])[:, 0]
+            before = torch.cumsum(sorted_p, -1).gather(-1, rank[:, None])[:, 0] - p_token
+            pit += (before + torch.rand(len(r), generator=gen, dtype=torch.float64) * p_token).tolist()
+    n = len(pit)
+    assert n > 500 and expected_outside > 0.2 * n, (n, expected_outside)
+    assert abs(outside - expected_outside) < 4 * var_outside ** 0.5 + 1, \
+        f"{outside} of {n} sampled tokens outside the top 50, expected {expected_outside:.1f}"
+    p_value = stats.kstest(pit, "uniform").pvalue
+    assert p_value > 1e-3, f"sampled tokens are not drawn from the tempered distribution: KS p = {p_value:.2g}"
+    # greedy (evaluation) is the argmax chain: the model's repetition penalty and n-gram ban are off too
+    greedy = backend.generate([prompts[0]], max_new_tokens=12, temperature=0.0, top_p=1.0, seeds=[0])[0]
+    ids = list(prompts[0])
+    with torch.no_grad():
+        for _ in greedy:
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert greedy == ids[len(prompts[0]):]
+
+
+# ------------------------------------------------------------------------------ issue 25 item 4: aggregation
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean", "seq_mean_token_sum_norm"])
+def test_two_micro_batches_give_the_gradient_of_one_batch(aggregation, char_llama_dir, prompt_file, tmp_path,
+                                                          trainer_factory):
+    """A mini-batch of 4 sequences as one micro-batch of 4, or as two micro-batches of 2 with different
+    token counts (DeepSpeed accumulating them, dividing by 2): the same actor and critic gradients.
+    Before issue 25 each micro-batch was its own token mean and DeepSpeed averaged the two, so a token of
+    the shorter micro-batch weighed more. ZeRO-0 in fp32 so the gradients are in `.grad`; the optimizer
+    step is skipped to read them. What one process cannot show: the average over ranks (the same
+    arithmetic, undone with the world size)."""
+    from aplot_rlhf.trainers.ppo import MINIBATCH_SEED_STRIDE
+    grads, exp = {}, None
+    for mbs in (4, 2):
+        cfg = ppo_config(char_llama_dir, prompt_file, tmp_path / f"mbs{mbs}", micro_batch_size=mbs, zero_stage=0,
+                         precision="fp32", loss_aggregation=aggregation, entropy_coef=0.01)
+        trainer = trainer_factory(cfg)
+        if exp is None:
+            exp = first_rollout(trainer)
+            order = torch.randperm(4, generator=torch.Generator().manual_seed(cfg.seed * MINIBATCH_SEED_STRIDE))
+            mask = exp["mask"].clone()
+            mask[order[0], 3:] = 0  # as if that response had ended at EOS after 3 tokens
+            exp["mask"] = exp["loss_mask"] = mask
+            tokens = [int(mask[order[i:i + 2]].sum()) for i in (0, 2)]
+            assert tokens[0] != tokens[1], tokens  # the case that tells the two normalizations apart
+        for engine in (trainer.actor, trainer.critic):
+            engine.zero_grad()
+            engine.step = lambda *a, **k: None
+        trainer.train_on(exp)
+        grads[mbs] = {f"{role}.{name}": p.grad.clone() for role, engine in (("actor", trainer.actor),
+                                                                             ("critic", trainer.critic))
+                      for name, p in engine.module.named_parameters() if p.grad is not None}
+    assert grads[4].keys() == grads[2].keys() and len(grads[4]) > 10
+    worst = max(grads[4], key=lambda k: (grads[4][k] - grads[2][k]).abs().max())
+    diff = (grads[4][worst] - grads[2][worst]).abs().max().item()
+    assert diff < 1e-6, f"{worst}: gradients differ by {diff:.3g} (scale {grads[4][worst].abs().max().item():.3g})"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_sum_norm"])
+def test_two_ranks_give_the_gradient_of_one_batch(aggregation, char_llama_dir, prompt_file, tmp_path):
+    """The mini-batch of 4 sequences in one process, or split over 2 ranks whose token counts differ
+    (DeepSpeed averaging their gradients): the same gradients (tests/ppo_grad_check.py)."""
+    exp = tmp_path / "exp.pt"
+
+    def grads(world, **sizes):
+        out = tmp_path / f"world{world}"
+        args = {"actor_model": char_llama_dir, "reward_model": "rule:char_frac:e", "prompt_data": prompt_file,
+                "eval_prompts": 2, "rollout_backend": "hf", "max_new_tokens": 8, "max_prompt_length": 32,
+                "zero_stage": 0, "precision": "fp32", "seed": 5, "prompt_format": "text", "output_dir": str(out),
+                "loss_aggregation": aggregation, "entropy_coef": 0.01, "warmup_ratio": 0.0, **sizes}
+        flags = [f for k, v in args.items() for f in (f"--{k}", str(v))] + ["--no-progress", "--no-tensorboard",
+                                                                            "--no-export"]
+        launch = ([PYTHON] if world == 1 else
+                  [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())])
+        proc = subprocess.run(launch + [str(REPO / "tests" / "ppo_grad_check.py"), str(exp), *flags],
+                              env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        return torch.load(out / f"grads_world{world}.pt")
+
+    one = grads(1, rollout_batch_size=4, ppo_mini_batch_size=4, micro_batch_size=4)
+    two = grads(2, rollout_batch_size=2, ppo_mini_batch_size=2, micro_batch_size=2)
+    assert one.keys() == two.keys() and len(one) > 10
+    worst = max(one, key=lambda k: (one[k] - two[k]).abs().max())
+    diff = (one[worst] - two[worst]).abs().max().item()
+    assert diff < 1e-6, f"{worst}: gradients differ by {diff:.3g} (scale {one[worst].abs().max().item():.3g})"

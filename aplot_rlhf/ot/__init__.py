@@ -5,8 +5,9 @@ TRITON_INTERPRET=1; any failure is raised), "auto" (the kernel on CUDA tensors, 
 
 "auto" never stops a training run over the kernel: if Triton cannot be imported, or the kernel fails to
 compile or launch, it logs one warning saying why and uses the reference for the rest of the process.
-The first call that runs each kernel path (fused, tiled) is also checked against the reference; beyond
-AUTO_CHECK_RTOL the same loud fallback happens. `kernel_status()` says what auto decided.
+The first call that runs each kernel path (fused, tiled) is also checked against the reference, at gamma 1
+whatever the call's gamma (a warm-up from 0 gives zero margins on both sides); beyond AUTO_CHECK_RTOL the
+same loud fallback happens. `kernel_status()` says what auto decided.
 """
 from __future__ import annotations
 
@@ -113,10 +114,21 @@ def _auto_kernel(rc, rr, hc, hr, kw) -> torch.Tensor | None:
                    f"{hc.dtype}): {type(exc).__name__}: {first}")
         return None
     if path != "torch-fallback" and path not in _auto["checked"]:
-        # once per kernel path and process: one reference solve and one host sync, never per step
-        want = sinkhorn_margin_reference(rc.float(), rr.float(), hc, hr, **kw)
-        finite = bool(torch.isfinite(margin).all())
-        err = _rel_err(margin, want) if finite else float("inf")
+        # once per kernel path and process: one reference solve and one host sync, never per step. The check
+        # runs at gamma 1: margins scale with gamma, so under a gamma warm-up (0 or tiny at first) both sides
+        # are 0 or below the error's magnitude floor and would agree whatever the kernel computes
+        check_kw = {**kw, "gamma": 1.0}
+        got = margin
+        if kw["gamma"] != 1.0:
+            try:
+                got, _ = sinkhorn_margin_triton(rc, rr, hc, hr, **check_kw)
+            except Exception as exc:
+                _fall_back(f"the Triton kernel failed on {rc.device} (B={rc.shape[-1]}, d={hc.shape[-1]}, "
+                           f"{hc.dtype}) at gamma 1: {type(exc).__name__}: {str(exc).strip()[:300]}")
+                return None
+        want = sinkhorn_margin_reference(rc.float(), rr.float(), hc, hr, **check_kw)
+        finite = bool(torch.isfinite(got).all())
+        err = _rel_err(got, want) if finite else float("inf")
         if err > AUTO_CHECK_RTOL:
             _fall_back(f"the Triton kernel ({path}) disagrees with the reference on its first call on {rc.device}: "
                        f"max relative error {err:.3g} > {AUTO_CHECK_RTOL:g}" + ("" if finite else " (non-finite)"))

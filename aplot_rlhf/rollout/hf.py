@@ -12,6 +12,34 @@ from ..engine import deepspeed as ds_api
 from ..engine import distributed as comm
 from .base import cut_at_eos
 
+# Every generate() knob that filters or reshapes the next-token distribution, at its neutral value. Passed
+# explicitly, they win over the model's generation_config (hub models ship top_k, repetition_penalty, ...) and
+# over transformers' own defaults (top_k=50 when the model sets none): PPO's log-probs are those of
+# softmax(logits / temperature) after top-p, so the sampler must draw from exactly that.
+NEUTRAL_GENERATION = dict(
+    top_k=0, min_p=None, top_h=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
+    encoder_repetition_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, bad_words_ids=None,
+    sequence_bias=None, suppress_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
+    forced_eos_token_id=None, min_length=0, min_new_tokens=None, exponential_decay_length_penalty=None,
+    guidance_scale=None, watermarking_config=None, remove_invalid_values=False, renormalize_logits=False,
+    num_beams=1, penalty_alpha=None, dola_layers=None, num_return_sequences=1,
+)
+SAMPLING_ONLY = ("top_k", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
+def sampling_kwargs(temperature: float, top_p: float) -> dict:
+    """generate() kwargs for sampling at `temperature` with nucleus `top_p` (temperature 0: greedy), every
+    other filter or penalty off whatever the model's generation_config says. Keys this transformers version's
+    GenerationConfig does not know are left out."""
+    from transformers import GenerationConfig
+    known = GenerationConfig()
+    neutral = {k: v for k, v in NEUTRAL_GENERATION.items() if hasattr(known, k)}
+    if temperature > 0:
+        return dict(neutral, do_sample=True, temperature=temperature, top_p=top_p)
+    # greedy: the sampling warpers do not run; unset (not neutral) so transformers does not warn about them
+    unset = {k: None for k in SAMPLING_ONLY + ("temperature", "top_p") if hasattr(known, k)}
+    return dict(neutral, **unset, do_sample=False)
+
 
 class HFRollout:
     def __init__(self, actor_module: torch.nn.Module, tokenizer, zero3: bool, synced_gpus: bool = False):
@@ -33,8 +61,7 @@ class HFRollout:
         dev = comm.device()
         was_training = self.model.training
         self.model.eval()
-        sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0
-                    else dict(do_sample=False))
+        sampling = sampling_kwargs(temperature, top_p)
         rng_devices = ([dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda"
                        else [])
         with ds_api.gathered_params(list(self.model.parameters()), enabled=self.zero3 and not self.synced), \

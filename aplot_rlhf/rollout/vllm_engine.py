@@ -117,8 +117,11 @@ class VLLMRollout:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         stop = [self.eos_token_id] if self.eos_token_id is not None else None
+        # every filter and penalty explicit and off (vLLM's defaults today; the HF backend does the same against
+        # the model's generation_config): the sampled distribution is softmax(logits / temperature) after top-p
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p if temperature > 0 else 1.0,
+                                 top_p=top_p if temperature > 0 else 1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
+                                 presence_penalty=0.0, frequency_penalty=0.0,
                                  seed=s, stop_token_ids=stop, detokenize=False,
                                  logprobs=0 if return_logprobs else None) for s in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)

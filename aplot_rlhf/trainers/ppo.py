@@ -43,6 +43,7 @@ from .ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     aggregate,
+    aggregation_counts,
     critic_free_advantages,
     gae,
     group_statistics,
@@ -393,10 +394,15 @@ class PPOTrainer:
         keys = TRAIN_KEYS + (CRITIC_KEYS if self.critic is not None else ()) + (("ref_lp",) if "ref_lp" in exp else ())
         gen = torch.Generator().manual_seed(cfg.seed * MINIBATCH_SEED_STRIDE + self.iteration)
         zero = torch.zeros((), device=exp["ids"].device)
+        # DeepSpeed divides each micro-batch's loss by the accumulation steps and averages gradients over ranks;
+        # the losses below are each micro-batch's share of its mini-batch's aggregate, so undo both
+        undo_ds_mean = cfg.gradient_accumulation_steps * self.world
         with comm.Phase.of("train"):
             for _ in range(cfg.ppo_epochs):
                 order = torch.randperm(n, generator=gen)
+                counts = self.minibatch_counts(exp, order)
                 for start in range(0, n, cfg.micro_batch_size):
+                    policy_counts, response_counts = counts[start // cfg.ppo_mini_batch_size]
                     # rows in experience order within a micro-batch: same set, and the same padding layout
                     # as the experience forward when a micro-batch spans the rollout
                     rows = order[start:start + cfg.micro_batch_size].sort().values
@@ -415,26 +421,28 @@ class PPOTrainer:
                         lp, ent = response_logprobs(self.actor, *seqs, mb["tokens"], with_entropy=True,
                                                     temperature=cfg.temperature)
                     pl, clip_frac, approx_kl = policy_loss(lp, mb["old_lp"], mb["adv"], mb["loss_mask"], cfg.clip_ratio,
-                                                           cfg.loss_aggregation)
-                    entropy = masked_mean(ent, mb["mask"])
-                    loss = pl - cfg.entropy_coef * entropy
+                                                           cfg.loss_aggregation, policy_counts, cfg.max_new_tokens)
+                    entropy = masked_mean(ent, mb["mask"])  # logged; the bonus weighs every token of the mini-batch
+                    loss = pl - cfg.entropy_coef * aggregate(ent, mb["mask"], "token_mean", response_counts)
                     kl_loss = zero
                     if "ref_lp" in mb:  # kl_mode 'loss': the KL to the reference as a penalty term
                         kl_loss = aggregate(kl_per_token(lp, mb["ref_lp"], cfg.kl_loss_estimator), mb["loss_mask"],
-                                            cfg.loss_aggregation)
+                                            cfg.loss_aggregation, policy_counts, cfg.max_new_tokens)
                         loss = loss + self.kl_ctl.beta * kl_loss
-                    self.actor.backward(loss)
+                    self.actor.backward(loss * undo_ds_mean)
                     self.actor.step()
                     vl = vclip = zero
                     if self.critic is not None:
                         values = (packed_response_values(self.critic, layout) if cfg.packing
                                   else response_values(self.critic, *seqs, mb["tokens"].shape[1]))
-                        vl, vclip = value_loss(values, mb["old_values"], mb["ret"], mb["mask"], cfg.value_clip)
-                        self.critic.backward(vl)
+                        vl, vclip = value_loss(values, mb["old_values"], mb["ret"], mb["mask"], cfg.value_clip,
+                                               response_counts)
+                        self.critic.backward(vl * undo_ds_mean)
                         self.critic.step()
-                    # kept on the device: one host sync after the epochs, not one per micro-batch
-                    stats.append(torch.stack([pl.detach(), vl.detach(), clip_frac, vclip, approx_kl, entropy.detach(),
-                                              kl_loss.detach()]))
+                    # kept on the device: one host sync after the epochs, not one per micro-batch. The losses are
+                    # logged at the scale of a whole mini-batch's (their sum over its micro-batches and ranks)
+                    stats.append(torch.stack([pl.detach() * undo_ds_mean, vl.detach() * undo_ds_mean, clip_frac, vclip,
+                                              approx_kl, entropy.detach(), kl_loss.detach() * undo_ds_mean]))
         names = ["policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl", "entropy", "kl_loss"]
         if self.critic is None:
             names[1] = names[3] = None  # no critic: no value statistics to report
@@ -442,6 +450,19 @@ class PPOTrainer:
         first, mean = torch.stack([stacked[0], stacked.mean(0)]).tolist()  # one host sync per iteration
         self.first_micro_batch_stats = {k: v for k, v in zip(names, first) if k}  # ratio check: 0 clip, 0 KL
         return {k: v for k, v in zip(names, mean) if k}
+
+    def minibatch_counts(self, exp: dict, order: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per mini-batch of this epoch's `order`: (`aggregation_counts` of its loss mask, of its response
+        mask), summed over ranks: what its micro-batches' losses divide by. One all-reduce per epoch (every
+        mini-batch's counts in one tensor), before the micro-batch loop; the counts stay on the device."""
+        mini = self.cfg.ppo_mini_batch_size
+        per_mini = []
+        for start in range(0, len(order), mini):
+            idx = order[start:start + mini].to(exp["ids"].device)
+            per_mini.append(torch.stack([aggregation_counts(exp["loss_mask"][idx]),
+                                         aggregation_counts(exp["mask"][idx])]))
+        summed = comm.all_reduce_sum(torch.stack(per_mini))
+        return [(c[0], c[1]) for c in summed]
 
     # ------------------------------------------------------------------------------------- loop
     def prompt_batch(self, iteration: int) -> list[tuple]:

@@ -113,26 +113,29 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages * mask, returns
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip: float, aggregation: str = "token_mean"):
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip: float, aggregation: str = "token_mean",
+                counts: torch.Tensor | None = None, horizon: int | None = None):
     """Clipped surrogate. -> (loss, clip fraction, approx KL old||new), all scalars.
 
-    aggregation: how token losses become the loss (`aggregate`); the diagnostics are token means."""
+    aggregation, counts, horizon: how token losses become the loss (`aggregate`); the diagnostics are
+    this batch's token means."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, counts, horizon)
     clip_frac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
     return loss, clip_frac.detach(), approx_kl.detach()
 
 
-def value_loss(values, old_values, returns, mask, clip: float):
-    """Clipped value loss: 0.5 · max((v - R)², (clip(v, v_old ± c) - R)²). -> (loss, clip fraction)."""
+def value_loss(values, old_values, returns, mask, clip: float, counts: torch.Tensor | None = None):
+    """Clipped value loss: 0.5 · max((v - R)², (clip(v, v_old ± c) - R)²), a token mean (`aggregate`,
+    with `counts` of the whole mini-batch when this is one micro-batch of it). -> (loss, clip fraction)."""
     v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     loss_unclipped = (values - returns) ** 2
     loss_clipped = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    loss = 0.5 * aggregate(torch.maximum(loss_unclipped, loss_clipped), mask, "token_mean", counts)
     clip_frac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
     return loss, clip_frac.detach()
 
@@ -198,7 +201,8 @@ def group_view(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def grpo_scores(scores: torch.Tensor, k: int, std_normalize: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """GRPO: (r - mean of the prompt's k rewards) / (std + eps); without std_normalize only the mean is
-    removed (the "Dr. GRPO" variant). std is the unbiased sample std. [N] -> [N]."""
+    removed (Dr. GRPO's advantage; Dr. GRPO also drops the per-sequence length normalization, which is
+    the loss aggregation's business: 'seq_mean_token_sum_norm'). std is the unbiased sample std. [N] -> [N]."""
     g = group_view(scores, k)
     centred = g - g.mean(1, keepdim=True)
     if std_normalize:
@@ -234,16 +238,39 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
     return returns
 
 
-def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "token_mean") -> torch.Tensor:
-    """Loss over tokens: 'token_mean' (every valid token of the batch weighs the same) or 'seq_mean'
-    (each sequence's token mean, then the mean over sequences that have tokens)."""
+AGGREGATIONS = ("token_mean", "seq_mean", "seq_mean_token_sum_norm")
+
+
+def aggregation_counts(mask: torch.Tensor) -> torch.Tensor:
+    """What `aggregate` divides by, for a batch: [valid tokens, sequences with valid tokens, sequences],
+    fp32. Summed over the micro-batches of a mini-batch and over ranks, they make the mini-batch's."""
+    m = mask.float()
+    return torch.stack([m.sum(), (m.sum(1) > 0).float().sum(), torch.tensor(float(m.shape[0]), device=m.device)])
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "token_mean", counts: torch.Tensor | None = None,
+              horizon: int | None = None) -> torch.Tensor:
+    """Loss over tokens, x and mask [B, T] -> scalar:
+
+    'token_mean': sum of x over the valid tokens / number of valid tokens (every token weighs the same);
+    'seq_mean': sum over sequences of each sequence's token mean / number of sequences with tokens;
+    'seq_mean_token_sum_norm': sum of x over the valid tokens / (number of sequences x horizon), horizon a
+    constant (the generation limit): no per-sequence length normalization (Dr. GRPO, Liu et al. 2025).
+
+    counts: `aggregation_counts` of the whole batch this one is a part of (all micro-batches of a
+    mini-batch, all ranks): the result is then this part's share of the whole batch's aggregate, and the
+    parts' results add up to it. Default: this batch's own counts (a plain mean).
+    horizon: default T."""
+    if counts is None:
+        counts = aggregation_counts(mask)
+    m = mask.to(x.dtype)
     if how == "token_mean":
-        return masked_mean(x, mask)
+        return (x * m).sum() / counts[0].clamp_min(1.0)
     if how == "seq_mean":
-        per_seq = masked_mean(x, mask, dim=1)
-        has = (mask.sum(1) > 0).to(x.dtype)
-        return (per_seq * has).sum() / has.sum().clamp_min(1.0)
-    raise ValueError(f"loss aggregation must be token_mean or seq_mean, got {how!r}")
+        return masked_mean(x, mask, dim=1).sum() / counts[1].clamp_min(1.0)  # 0 for a sequence without tokens
+    if how == "seq_mean_token_sum_norm":
+        return (x * m).sum() / (counts[2].clamp_min(1.0) * (x.shape[1] if horizon is None else horizon))
+    raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got {how!r}")
 
 
 def critic_free_advantages(estimator: str, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, k: int,
