@@ -109,7 +109,7 @@ def evaluate_file(name: str, path: str, args, encoder, forward, pack, pad_id: in
     seconds = time.perf_counter() - start
     scored = attach_scores(items, rewards.tolist())
     report = benchmark_report(bench.format, scored, details=args.details)
-    log.info("%s (%s, %s batches): %d responses in %.1f s: %.1f responses/s, %.1f pairs/s", name, bench.format,
+    log.info("%s (%s, %s batches): %d responses in %.1f s: %.1f responses/s, %.1f compared pairs/s", name, bench.format,
              "packed" if pack is not None else "padded", len(seqs), seconds, len(seqs) / max(seconds, 1e-9),
              report["n_pairs"] / max(seconds, 1e-9))
     if report.get("unknown_subsets"):
@@ -122,7 +122,7 @@ def evaluate_file(name: str, path: str, args, encoder, forward, pack, pad_id: in
                 fh.write(json.dumps({k: item[k] for k in ("origin", "subset", "domain", "chosen_scores",
                                                           "rejected_scores")}) + "\n")
     if bench.format == "pairs" and not args.details:  # as before: accuracy and n, plus the length diagnostic
-        return {k: report[k] for k in ("accuracy", "n", "format", "length")}
+        return {k: report[k] for k in ("accuracy", "n", "n_pairs", "format", "length")}
     return report
 
 
