@@ -157,6 +157,14 @@ def test_rewardbench2_best_of_4_and_ties(tmp_path):
     assert len(bench.items) == 5 and bench.skipped == {"RewardBench 2 Ties rows": 1}
 
 
+def test_eval_rm_refuses_a_bad_file_before_loading_the_model(tmp_path):
+    """The folder given as --model holds no model: the data error must come first (no minutes of loading)."""
+    from aplot_rlhf.cli import eval_rm
+    ties = write_json(tmp_path / "v2.jsonl", rewardbench2_rows({}, ties=True), lines=True)
+    with pytest.raises(ValueError, match=r"v2.jsonl:3: RewardBench 2's Ties subset"):
+        eval_rm.main(["--model", str(tmp_path), "--data", str(ties)])
+
+
 def test_format_detection_and_mixed_files(tmp_path):
     assert read_benchmark(str(write_json(tmp_path / "p.jsonl", [
         {"prompt": "q", "chosen": "a", "rejected": "b"}], lines=True))).format == "pairs"

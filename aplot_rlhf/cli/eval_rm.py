@@ -71,6 +71,7 @@ def main(argv=None) -> dict:
     if not os.path.isdir(args.model):
         raise InputNotFoundError(f"--model {args.model}: not a folder")
     specs = parse_eval_specs(args.data)  # duplicate names fail before the model loads
+    sets = read_sets(specs, args)  # and so do malformed files
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model_config = load_model_config(args.model)
     encoder, _ = encoder_from_export(tokenizer, model_config, args.max_length)  # as train_rm tokenized
@@ -82,23 +83,29 @@ def main(argv=None) -> dict:
     forward, pack = scoring_forward(model, tokenizer.pad_token_id, encoder.max_length, args.packing)
 
     out = {}
-    for name, path in specs:
-        out[name] = evaluate_file(name, path, args, encoder, forward, pack, tokenizer.pad_token_id)
+    for name, bench in sets:
+        out[name] = evaluate_set(name, bench, args, encoder, forward, pack, tokenizer.pad_token_id)
     print(json.dumps(out))
     return out
 
 
-def evaluate_file(name: str, path: str, args, encoder, forward, pack, pad_id: int) -> dict:
-    """Read one --data (any format), score each response once, and return its summary (benchmark_report)."""
+def read_sets(specs: list[tuple[str, str]], args) -> list[tuple[str, object]]:
+    """[(name, eval_formats.Benchmark)] of every --data, read and checked (format detected unless --format)."""
+    from ..eval_formats import read_benchmark
+    return [(name, read_benchmark(path, args.format, prompt_key=args.prompt_key, chosen_key=args.chosen_key,
+                                  rejected_key=args.rejected_key, max_items=args.max_pairs, skip_ties=args.skip_ties))
+            for name, path in specs]
+
+
+def evaluate_set(name: str, bench, args, encoder, forward, pack, pad_id: int) -> dict:
+    """Score each response of one read --data once and return its summary (eval.benchmark_report)."""
     import copy
     import os
 
     import torch
 
     from ..eval import attach_scores, benchmark_report, encode_items, score_sequences
-    from ..eval_formats import read_benchmark
-    bench = read_benchmark(path, args.format, prompt_key=args.prompt_key, chosen_key=args.chosen_key,
-                           rejected_key=args.rejected_key, max_items=args.max_pairs, skip_ties=args.skip_ties)
+    path = bench.path
     if bench.format != "pairs":  # a benchmark's score needs every response: one too long keeps its end
         encoder = copy.copy(encoder)
         encoder.long_response = "keep_end"
