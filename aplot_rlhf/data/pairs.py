@@ -16,7 +16,7 @@ from .reading import DataError, SkipCounter, is_messages, read_records
 log = logging.getLogger(__name__)
 
 
-def _check_text(value, origin: str, key: str):
+def check_text(value, origin: str, key: str):
     if is_messages(value):
         if not value or any(not isinstance(m["content"], str) for m in value):
             raise DataError(f"{origin}: field {key!r} has a message without string content")
@@ -34,8 +34,8 @@ def normalize_record(rec: dict, origin: str, *, prompt_key="prompt", chosen_key=
         if key not in rec:
             raise DataError(f"{origin}: missing field {key!r} (fields present: {sorted(rec)}); "
                             f"set --{'chosen' if key == chosen_key else 'rejected'}_key to the right name")
-    chosen = _check_text(rec[chosen_key], origin, chosen_key)
-    rejected = _check_text(rec[rejected_key], origin, rejected_key)
+    chosen = check_text(rec[chosen_key], origin, chosen_key)
+    rejected = check_text(rec[rejected_key], origin, rejected_key)
     prompt = rec.get(prompt_key, None)
     if prompt is None:
         if is_messages(chosen) and is_messages(rejected):
@@ -48,7 +48,7 @@ def normalize_record(rec: dict, origin: str, *, prompt_key="prompt", chosen_key=
             raise DataError(f"{origin}: missing field {prompt_key!r}; set --prompt_key, or give chosen/rejected as "
                             "full chat-message conversations")
     else:
-        prompt = _check_text(prompt, origin, prompt_key)
+        prompt = check_text(prompt, origin, prompt_key)
     for key, resp in ((chosen_key, chosen), (rejected_key, rejected)):
         text = resp if isinstance(resp, str) else "".join(m["content"] for m in resp)
         if not text.strip():
