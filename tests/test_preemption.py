@@ -2,6 +2,7 @@
 runs that checkpoint, exit 75 and resume are in test_rm_train.py and test_ppo.py)."""
 import os
 import signal
+import time
 
 import pytest
 
@@ -11,6 +12,9 @@ def test_sigusr1_and_the_stop_file_request_a_stop_and_a_requeued_run_starts_clea
     (tmp_path / preemption.STOP_FILE).write_text("")
     (tmp_path / preemption.PREEMPTED_FILE).write_text("{}")
     before = signal.getsignal(signal.SIGUSR1)  # whatever this process had: restore() must give it back
+    # a requeued run starts clean: Run clears, before set-up, the files older than its process (issue 23:
+    # Preemption itself no longer deletes them, so a request made during set-up is kept)
+    preemption.clear_stale_requests(str(tmp_path), time.time() + 1)
     p = preemption.Preemption(str(tmp_path), ["SIGUSR1"])
     try:
         assert not (tmp_path / preemption.STOP_FILE).exists() and not (tmp_path / preemption.PREEMPTED_FILE).exists()
