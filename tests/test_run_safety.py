@@ -260,7 +260,8 @@ def two_ranks(tmp_path, storage: str):
     procs = []
     for rank in (0, 1):
         env = python_env() | {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                              "MASTER_PORT": str(port)}  # LOCAL_RANK 0 on both: two one-GPU "nodes"
+                              "MASTER_PORT": str(port),  # LOCAL_RANK 0 on both: two one-GPU "nodes"
+                              "APLOT_STORAGE_PROBE_WAIT_S": "3"}  # a local bind mount has no attribute cache
         cmd = [PYTHON, str(script), str(out), storage]
         if rank == 1:
             cmd = ["unshare", "-m", "sh", "-c", f"mount --bind {node1} {out} && exec \"$@\"", "sh", *cmd]

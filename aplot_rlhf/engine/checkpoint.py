@@ -498,6 +498,8 @@ class OutputLock:
 
 
 PROBE_FILE = ".aplot_storage_probe"
+# how long a rank looks for rank 0's probe: past NFS's usual directory attribute cache (acdirmin 30 s)
+PROBE_WAIT_S = float(os.environ.get("APLOT_STORAGE_PROBE_WAIT_S", 45))
 
 
 def check_shared_storage(output_dir: str, storage: str) -> None:
@@ -508,16 +510,21 @@ def check_shared_storage(output_dir: str, storage: str) -> None:
     if not dist.is_initialized() or dist.get_world_size() == 1 or storage == "per_node":
         return
     import uuid
-    path = os.path.join(output_dir, PROBE_FILE)
     token = from_rank0(uuid.uuid4().hex)
+    path = os.path.join(output_dir, f"{PROBE_FILE}.{token}")  # a new name each run: no cached lookup of an old one
     if is_rank0():
         atomic_write_json(path, {"token": token})
     barrier()
-    try:
-        with open(path) as fh:
-            seen = json.load(fh).get("token") == token
-    except (OSError, ValueError):
-        seen = False
+    seen, deadline = False, time.time() + PROBE_WAIT_S
+    while True:  # network file systems may show a new file to other nodes only after their attribute cache expires
+        try:
+            with open(path) as fh:
+                seen = json.load(fh).get("token") == token
+        except (OSError, ValueError):
+            seen = False
+        if seen or time.time() >= deadline:
+            break
+        time.sleep(0.5)
     blind = [r for r, ok in enumerate(gather_objects(seen)) if not ok]
     barrier()
     if is_rank0():
