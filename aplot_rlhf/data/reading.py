@@ -23,13 +23,17 @@ class DataError(UserError, ValueError):
 class SkipCounter:
     """Counts pairs dropped or altered during loading, by reason, so no skip is silent."""
     counts: dict = field(default_factory=dict)
+    _reported: dict = field(default_factory=dict, repr=False, compare=False)
 
     def add(self, reason: str, n: int = 1) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + n
 
     def report(self, what: str) -> None:
+        """Warn each reason once: a counter reported again (loading, then tokenizing) warns only what changed."""
         for reason, n in sorted(self.counts.items()):
-            log.warning("%s: %d %s", what, n, reason)
+            if self._reported.get(reason) != n:
+                log.warning("%s: %d %s", what, n, reason)
+                self._reported[reason] = n
 
 
 def read_records(path: str, hub_split: str = "train"):
