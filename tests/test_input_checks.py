@@ -18,6 +18,56 @@ def _rm_cfg(**kw):
     return RMConfig(model_name_or_path=str(SHAPES / "llama3-8b"), **kw).validate()
 
 
+# ------------------------------------------------------------------ 7: duplicate pairs and the held-out split
+
+def _pairs_with_copies(path: Path, copies: int = 40, distinct: int = 60) -> Path:
+    rows = [{"prompt": f"question {i}?", "chosen": f"a good answer {i}", "rejected": f"no {i}"}
+            for i in range(distinct)]
+    dup = {"prompt": "the same question?", "chosen": "the same good answer", "rejected": "the same bad answer"}
+    for k in range(copies):  # spread through the file, as a scrape or a merge of two dumps leaves them
+        rows.insert(1 + k * distinct // copies, dict(dup))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _content(p):
+    return json.dumps([p["prompt"], p["chosen"], p["rejected"]])
+
+
+@pytest.mark.parametrize("mode", ["drop", "keep"])
+def test_duplicate_pairs_never_straddle_the_split_and_are_counted(tmp_path, caplog, mode):
+    from aplot_rlhf.data.sets import load_rm_data
+    data = _pairs_with_copies(tmp_path / "train.jsonl")
+    cfg = _rm_cfg(train_data=[str(data)], eval_split_fraction=0.3, duplicate_pairs=mode)
+    report = {}
+    with caplog.at_level(logging.WARNING):
+        train, evals = load_rm_data(cfg, None, report)
+    val = evals["id_val"]
+    assert not {_content(p) for p in train} & {_content(p) for p in val}, "a pair is in both train and id_val"
+    copies = sum(_content(p).startswith('["the same question?"') for p in train + val)
+    assert copies == (1 if mode == "drop" else 40)
+    assert len(train) + len(val) == (61 if mode == "drop" else 100)
+    reason = next(r for r in report["train_data"]["skipped"] if "duplicate" in r)
+    assert report["train_data"]["skipped"][reason] == 39
+    assert sum("39 duplicate" in r.getMessage() for r in caplog.records) == 1, caplog.text
+
+
+def test_a_file_without_duplicates_keeps_its_split():
+    """The split groups duplicates, and a file without any splits exactly as before (earlier id_val results stay
+    comparable): the seeded shuffle of indices, the first round(n * fraction) held out."""
+    import random
+
+    from aplot_rlhf.data.pairs import split_pairs
+    pairs = [{"prompt": f"q{i}", "chosen": f"c{i}", "rejected": f"r{i}", "strength": None, "origin": f"f:{i}"}
+             for i in range(50)]
+    order = list(range(50))
+    random.Random(7).shuffle(order)
+    val_idx = set(order[:5])
+    train, val = split_pairs(pairs, 0.1, 7)
+    assert [p["origin"] for p in val] == [f"f:{i}" for i in range(50) if i in val_idx]
+    assert [p["origin"] for p in train] == [f"f:{i}" for i in range(50) if i not in val_idx]
+
+
 # ------------------------------------------------------------------ 10g: one warning per skip
 
 def test_a_skip_is_warned_once_when_loading_and_tokenizing_share_a_counter(minilm_path, tmp_path, caplog):
