@@ -159,9 +159,10 @@ class PPOTrainer:
                 elif copy_actor and same_reference:
                     reference = copy.deepcopy(actor)
                 else:
-                    reference = load_model(*(("reference", cfg.reference_model, "") if cfg.reference_model
-                                             else ("actor", cfg.actor_model, cfg.actor_gguf_file)),
-                                           dtype=dtype, attn_implementation=cfg.attn_implementation)
+                    role, path, gguf = (("reference", cfg.reference_model, "") if cfg.reference_model
+                                        else ("actor", cfg.actor_model, cfg.actor_gguf_file))
+                    reference = load_model(role, path, gguf_file=gguf, dtype=dtype,
+                                           attn_implementation=cfg.attn_implementation)
                 if cfg.disable_dropout and reference is not None:
                     disable_dropout(reference)
                 if cfg.reward_model.startswith("rule:"):
