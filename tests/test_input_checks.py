@@ -84,3 +84,40 @@ def test_a_skip_is_warned_once_when_loading_and_tokenizing_share_a_counter(minil
         load_rm_data(_rm_cfg(train_data=[str(data)]), encoder, {})
     warned = [r.getMessage() for r in caplog.records if "empty 'chosen'" in r.getMessage()]
     assert warned == ["train_data: 1 pair(s) skipped: empty 'chosen' response"], warned
+
+
+# ------------------------------------------------------------------ 9: an embedding padded beyond the tokenizer
+
+from test_ppo_correctness import first_rollout, ppo_config, prompt_file, trainer_factory  # noqa: E402,F401
+
+
+def test_padded_vocabulary_rows_enter_no_log_prob_and_are_never_sampled(char_llama_dir, prompt_file,  # noqa: F811
+                                                                       tmp_path, trainer_factory):  # noqa: F811
+    """The character Llama has 64 embedding rows for 43 tokens (padded, as real checkpoints pad to a multiple
+    of 64/128). A reference that differs from the actor only in the padded rows' output embeddings is the same
+    policy over the tokenizer's tokens: KL exactly 0, and both log-probs are those of the unpadded model."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from aplot_rlhf.trainers.ppo_layout import pad_prompt_response, response_logprobs, trim_left_padding
+    n_tok = len(AutoTokenizer.from_pretrained(char_llama_dir))
+    model = LlamaForCausalLM.from_pretrained(char_llama_dir)
+    assert model.config.vocab_size > n_tok
+    ref_dir = tmp_path / "ref"
+    with torch.no_grad():
+        model.lm_head.weight[n_tok:] += 3.0 * torch.randn_like(model.lm_head.weight[n_tok:])
+    model.save_pretrained(ref_dir)
+    AutoTokenizer.from_pretrained(char_llama_dir).save_pretrained(ref_dir)
+    unpadded = LlamaForCausalLM.from_pretrained(char_llama_dir)
+    unpadded.resize_token_embeddings(n_tok)
+    unpadded.eval()
+
+    trainer = trainer_factory(ppo_config(char_llama_dir, prompt_file, tmp_path / "run", reference_model=str(ref_dir)))
+    exp = first_rollout(trainer)
+    sampled = [t for r in exp["responses"] for t in r]
+    assert sampled and max(sampled) < n_tok, f"a padded id was sampled: {sorted(set(sampled))}"
+    assert exp["kl_seq"].abs().max().item() == 0.0, f"KL at iteration 1: {exp['kl_seq'].tolist()}"
+    ids, attn, posids, tokens, mask = pad_prompt_response(exp["prompts"], exp["responses"], trainer.tok.pad_token_id)
+    with torch.no_grad():
+        want = response_logprobs(unpadded, *trim_left_padding(ids, attn, posids), tokens, temperature=1.0)
+    torch.testing.assert_close(exp["old_lp"].cpu() * mask, want * mask, atol=1e-5, rtol=1e-5)

@@ -122,6 +122,9 @@ class PPOTrainer:
                       else load_config("reference", cfg.reference_model))
         check_same_vocabulary(self.tok, reference_tokenizer(cfg, self.tok), actor_config, ref_config)
         ensure_pad_token(self.tok)
+        # embedding rows past the tokenizer (padded to a multiple of 64/128) are never sampled nor in a log-prob
+        self.vocab_size = len(self.tok)
+        self.padded_ids = list(range(self.vocab_size, actor_config.vocab_size))
         prompts = load_prompts(cfg.prompt_data)
         if cfg.max_prompts:
             prompts = prompts[:cfg.max_prompts]
@@ -271,6 +274,9 @@ class PPOTrainer:
         cfg = self.cfg
         if cfg.rollout_backend == "hf":
             from ..rollout.hf import HFRollout
+            if self.padded_ids:  # generate's SuppressTokensLogitsProcessor: padded rows get -inf
+                gen_cfg = self.actor.module.generation_config
+                gen_cfg.suppress_tokens = sorted(set(gen_cfg.suppress_tokens or []) | set(self.padded_ids))
             return HFRollout(self.actor.module, self.tok, zero3=self.zero3)
         from ..rollout.vllm_engine import VLLMRollout
         path = cfg.actor_model
@@ -282,7 +288,7 @@ class PPOTrainer:
                            tensor_parallel_size=cfg.vllm_tensor_parallel_size,
                            max_model_len=cfg.max_prompt_length + cfg.max_new_tokens, seed=cfg.seed,
                            enforce_eager=cfg.vllm_enforce_eager, eos_token_id=self.tok.eos_token_id,
-                           sleep=cfg.vllm_sleep)
+                           sleep=cfg.vllm_sleep, banned_token_ids=self.padded_ids)
 
     # ------------------------------------------------------------------------------------- phases
     def sync_weights(self) -> float:
@@ -335,7 +341,8 @@ class PPOTrainer:
         ids, attn, posids, tokens, mask = pad_prompt_response(prompts, responses, self.tok.pad_token_id)
         ids, attn, posids, tokens, mask = (t.to(dev) for t in (ids, attn, posids, tokens, mask))
         old_lp, ref_lp, values = [], [], []
-        temperature = cfg.temperature  # the log-probs of the policy that sampled: tempered, as vLLM/HF sampled
+        # the log-probs of the policy that sampled: tempered, as vLLM/HF sampled, over the tokenizer's tokens
+        lp_kw = dict(temperature=cfg.temperature, vocab_size=self.vocab_size)
         with comm.Phase.of("experience"):
             for e in self.trained_engines.values():
                 e.eval()
@@ -343,9 +350,9 @@ class PPOTrainer:
                 sl = slice(i, i + cfg.micro_batch_size)
                 if cfg.packing:
                     layout = self.packed_layout(prompts[sl], responses[sl], tokens.shape[1])
-                    old_lp.append(packed_response_logprobs(self.actor, layout, tokens[sl], temperature=temperature))
+                    old_lp.append(packed_response_logprobs(self.actor, layout, tokens[sl], **lp_kw))
                     ref_lp.append(self.reference_logprobs(
-                        lambda m: packed_response_logprobs(m, layout, tokens[sl], temperature=temperature)))
+                        lambda m: packed_response_logprobs(m, layout, tokens[sl], **lp_kw)))
                     if self.critic is not None:
                         values.append(packed_response_values(self.critic, layout))
                     continue
@@ -353,9 +360,9 @@ class PPOTrainer:
                 seqs = trim_left_padding(ids[sl], attn[sl], posids[sl],
                                          first_column(prompts, range(i, min(i + cfg.micro_batch_size, len(prompts))),
                                                       P))
-                old_lp.append(response_logprobs(self.actor, *seqs, tokens[sl], temperature=temperature))
+                old_lp.append(response_logprobs(self.actor, *seqs, tokens[sl], **lp_kw))
                 ref_lp.append(self.reference_logprobs(
-                    lambda m: response_logprobs(m, *seqs, tokens[sl], temperature=temperature)))
+                    lambda m: response_logprobs(m, *seqs, tokens[sl], **lp_kw)))
                 if self.critic is not None:
                     values.append(response_values(self.critic, *seqs, tokens.shape[1]))
             for e in self.trained_engines.values():
@@ -408,13 +415,13 @@ class PPOTrainer:
                         layout = self.packed_layout([exp["prompts"][r] for r in rows],
                                                     [exp["responses"][r] for r in rows], mb["tokens"].shape[1])
                         lp, ent = packed_response_logprobs(self.actor, layout, mb["tokens"], with_entropy=True,
-                                                           temperature=cfg.temperature)
+                                                           temperature=cfg.temperature, vocab_size=self.vocab_size)
                     else:
                         P = exp["ids"].shape[1] - exp["tokens"].shape[1]
                         seqs = trim_left_padding(mb["ids"], mb["attn"], mb["posids"],
                                                  first_column(exp["prompts"], rows.tolist(), P))
                         lp, ent = response_logprobs(self.actor, *seqs, mb["tokens"], with_entropy=True,
-                                                    temperature=cfg.temperature)
+                                                    temperature=cfg.temperature, vocab_size=self.vocab_size)
                     pl, clip_frac, approx_kl = policy_loss(lp, mb["old_lp"], mb["adv"], mb["loss_mask"], cfg.clip_ratio,
                                                            cfg.loss_aggregation)
                     entropy = masked_mean(ent, mb["mask"])
