@@ -121,3 +121,21 @@ def test_padded_vocabulary_rows_enter_no_log_prob_and_are_never_sampled(char_lla
     with torch.no_grad():
         want = response_logprobs(unpadded, *trim_left_padding(ids, attn, posids), tokens, temperature=1.0)
     torch.testing.assert_close(exp["old_lp"].cpu() * mask, want * mask, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ 10: messages a user can act on
+
+def test_too_few_prompts_names_prompts_and_their_flags(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    from aplot_rlhf.cli import train_ppo
+    for key in ("APLOT_PLAN_NODES", "APLOT_PLAN_GPUS_PER_NODE", "APLOT_PLAN_GPU_MEM_GIB", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"hello {i}"}) + "\n" for i in range(5)))
+    with pytest.raises(SystemExit) as exc:
+        train_ppo.main(["--actor_model", tiny_llama_dir, "--reward_model", "rule:neg_length", "--prompt_data",
+                        str(prompts), "--rollout_batch_size", "4", "--ppo_mini_batch_size", "4", "--micro_batch_size",
+                        "2", "--eval_prompts", "2", "--dry_run"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert "3 training prompts (5 read, 2 held out by --eval_prompts)" in err and "--rollout_batch_size 4" in err, err
+    assert "pairs" not in err and "micro-batch" not in err, err

@@ -51,6 +51,15 @@ def load_prompts(paths, prompt_key: str = "prompt", what: str = "prompt_data",
     return out
 
 
+def check_prompt_count(n_prompts: int, n_eval: int, rollout_batch_size: int, world: int) -> None:
+    """Enough training prompts (after `n_eval` held out by --eval_prompts) for one rollout on every rank."""
+    n_train = n_prompts - n_eval
+    if n_train < rollout_batch_size * world:
+        raise DataError(f"{n_train} training prompts ({n_prompts} read, {n_eval} held out by --eval_prompts) are fewer "
+                        f"than one rollout (--rollout_batch_size {rollout_batch_size} x {world} ranks = "
+                        f"{rollout_batch_size * world}): add prompts, or lower --rollout_batch_size or --eval_prompts")
+
+
 def hh_transcript(messages: list[dict]) -> str:
     """Chat messages -> the HH transcript form, ending with the assistant's turn marker."""
     return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}"

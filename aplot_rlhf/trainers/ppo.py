@@ -18,7 +18,7 @@ import torch
 
 from ..config import PPOConfig
 from ..data.pair_tokenizer import ensure_pad_token
-from ..data.prompts import PromptFormatter, load_prompts
+from ..data.prompts import PromptFormatter, check_prompt_count, load_prompts
 from ..data.sampler import PairSampler
 from ..engine import deepspeed as ds_api
 from ..engine import distributed as comm
@@ -132,6 +132,7 @@ class PPOTrainer:
         encoded = [(*formatter(p["prompt"]), p["origin"]) for p in prompts]
         formatter.skips.report("prompt_data")
         n_eval = min(cfg.eval_prompts, len(encoded) // 2)
+        check_prompt_count(len(encoded), n_eval, cfg.rollout_batch_size, self.world)
         self.prompts, self.eval_prompts = encoded[:len(encoded) - n_eval], encoded[len(encoded) - n_eval:]
         self.sampler = PairSampler(len(self.prompts), cfg.rollout_batch_size, self.world, self.rank, cfg.seed)
 
