@@ -139,3 +139,11 @@ def test_too_few_prompts_names_prompts_and_their_flags(tiny_llama_dir, tmp_path,
     assert exc.value.code == 2, err
     assert "3 training prompts (5 read, 2 held out by --eval_prompts)" in err and "--rollout_batch_size 4" in err, err
     assert "pairs" not in err and "micro-batch" not in err, err
+
+
+def test_plan_names_the_flag_that_must_be_at_least_one(capsys):
+    from aplot_rlhf.cli import plan
+    with pytest.raises(SystemExit) as exc:
+        plan.main(["--model", "llama3-8b", "--micro-batch", "0"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "error: --micro-batch must be >= 1, got 0" in err, err
