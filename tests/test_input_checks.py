@@ -147,3 +147,26 @@ def test_plan_names_the_flag_that_must_be_at_least_one(capsys):
         plan.main(["--model", "llama3-8b", "--micro-batch", "0"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "error: --micro-batch must be >= 1, got 0" in err, err
+
+
+def _tokenizer(symbols):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(symbols)}}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+                                   unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def test_vocabulary_mismatch_counts_what_it_says():
+    """Lower-case letters against upper-case ones: 52 token strings differ over the union, 29 tokens each; the
+    message said '52 of 29 tokens map to different ids'."""
+    from transformers import LlamaConfig
+
+    from aplot_rlhf.models.policy import check_same_vocabulary
+    lower, upper = _tokenizer("abcdefghijklmnopqrstuvwxyz"), _tokenizer("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    config = LlamaConfig(vocab_size=64)
+    with pytest.raises(ValueError) as exc:
+        check_same_vocabulary(lower, upper, config, config)
+    message = str(exc.value)
+    assert "52 of 29" not in message, message
+    assert "actor 29 tokens, reference 29; 52 token strings have a different id or exist in only one" in message
