@@ -170,3 +170,14 @@ def test_vocabulary_mismatch_counts_what_it_says():
     message = str(exc.value)
     assert "52 of 29" not in message, message
     assert "actor 29 tokens, reference 29; 52 token strings have a different id or exist in only one" in message
+
+
+def test_help_of_eval_rm_and_plan_has_no_none_default(capsys):
+    from aplot_rlhf.cli import eval_rm, plan
+    for main in (eval_rm.main, plan.main):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "--model" in out and "(default: None)" not in out, out
+        if main is plan.main:
+            assert "(default: 1)" in out  # real defaults still shown
