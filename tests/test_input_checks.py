@@ -181,3 +181,34 @@ def test_help_of_eval_rm_and_plan_has_no_none_default(capsys):
         assert "--model" in out and "(default: None)" not in out, out
         if main is plan.main:
             assert "(default: 1)" in out  # real defaults still shown
+
+
+@pytest.mark.parametrize("where", ["pairs", "pairs_conversation", "prompts"])
+def test_a_chat_message_without_role_names_file_line_field_and_role(tmp_path, where):
+    from aplot_rlhf.data.pairs import load_pairs
+    from aplot_rlhf.data.prompts import load_prompts
+    from aplot_rlhf.data.reading import DataError
+    good = [{"role": "user", "content": "hi"}]
+    bad = [{"role": "user", "content": "hi"}, {"content": "hello"}]  # the second message lacks its role
+    path = tmp_path / "data.jsonl"
+    if where == "prompts":
+        rows, key = [{"prompt": good}, {"prompt": bad}], "prompt"
+    elif where == "pairs":
+        rows, key = [{"prompt": good, "chosen": "a", "rejected": "b"},
+                     {"prompt": good, "chosen": bad[1:], "rejected": "b"}], "chosen"
+    else:  # full conversations, the prompt being their shared prefix
+        rows, key = [{"chosen": good + [{"role": "assistant", "content": "a"}], "rejected": bad}], "rejected"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError) as exc:
+        load_prompts([str(path)]) if where == "prompts" else load_pairs(str(path))
+    line = 1 if where == "pairs_conversation" else 2
+    assert f"{path}:{line}: field {key!r}: message" in str(exc.value) and "no 'role'" in str(exc.value), exc.value
+
+
+def test_a_prompt_message_without_string_content_is_a_data_error(tmp_path):
+    from aplot_rlhf.data.prompts import load_prompts
+    from aplot_rlhf.data.reading import DataError
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": None}]}) + "\n")
+    with pytest.raises(DataError, match=r"prompts\.jsonl:1: field 'prompt': message 0 has NoneType content"):
+        load_prompts([str(path)])

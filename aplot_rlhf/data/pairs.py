@@ -12,12 +12,13 @@ import os
 import random
 
 from ..errors import ConfigError
-from .reading import DataError, SkipCounter, is_messages, read_records
+from .reading import DataError, SkipCounter, check_chat_messages, is_messages, read_records
 
 log = logging.getLogger(__name__)
 
 
 def _check_text(value, origin: str, key: str):
+    check_chat_messages(value, origin, key)
     if is_messages(value):
         if not value or any(not isinstance(m["content"], str) for m in value):
             raise DataError(f"{origin}: field {key!r} has a message without string content")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import re
 
-from .reading import DataError, SkipCounter, is_messages, read_records
+from .reading import DataError, SkipCounter, check_chat_messages, is_messages, read_records
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ def load_prompts(paths, prompt_key: str = "prompt", what: str = "prompt_data",
                 raise DataError(f"{origin}: missing field {prompt_key!r} (fields present: {sorted(rec)}); "
                                 "set --prompt_key")
             prompt = rec[prompt_key]
+            check_chat_messages(prompt, origin, prompt_key)
             if not (isinstance(prompt, str) or is_messages(prompt)):
                 raise DataError(f"{origin}: field {prompt_key!r} must be a string or chat messages")
             text = prompt if isinstance(prompt, str) else "".join(m["content"] for m in prompt)

@@ -106,3 +106,21 @@ def looks_like_hub(name: str) -> bool:
 
 def is_messages(x) -> bool:
     return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def check_chat_messages(value, origin: str, key: str) -> None:
+    """A list holding dicts is meant as chat messages: each must be a dict with 'role' and 'content', else a
+    DataError naming the place, the field, the message and what it lacks (not a vague 'not a string')."""
+    if not (isinstance(value, list) and any(isinstance(m, dict) for m in value)):
+        return
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(f"{origin}: field {key!r}: message {i} is a {type(m).__name__}, not a chat message "
+                            "(a dict with 'role' and 'content')")
+        for name in ("role", "content"):
+            if name not in m:
+                raise DataError(f"{origin}: field {key!r}: message {i} has no {name!r} (its keys: {sorted(m)}); "
+                                "every chat message needs 'role' and 'content'")
+        if not isinstance(m["content"], str):  # prompts join the contents; pairs tokenize them
+            raise DataError(f"{origin}: field {key!r}: message {i} has {type(m['content']).__name__} content; "
+                            "a string is needed")
