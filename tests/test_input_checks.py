@@ -212,3 +212,18 @@ def test_a_prompt_message_without_string_content_is_a_data_error(tmp_path):
     path.write_text(json.dumps({"prompt": [{"role": "user", "content": None}]}) + "\n")
     with pytest.raises(DataError, match=r"prompts\.jsonl:1: field 'prompt': message 0 has NoneType content"):
         load_prompts([str(path)])
+
+
+def test_a_group_run_without_reward_signal_says_so(char_llama_dir, prompt_file, tmp_path, trainer_factory,  # noqa: F811
+                                                   caplog):
+    """GRPO with a reward no response can change ('Z' never appears in the character vocabulary): every group is
+    uniform, nothing trains. One warning per iteration, and one at the end for the whole run."""
+    cfg = ppo_config(char_llama_dir, prompt_file, tmp_path, reward_model="rule:char_frac:Z", advantage_estimator="grpo",
+                     samples_per_prompt=2, ppo_mini_batch_size=8, micro_batch_size=4, ppo_iterations=2)
+    trainer = trainer_factory(cfg)
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    per_iteration = [m for m in warned if "reward/uniform_group_frac = 1" in m]
+    assert len(per_iteration) == 2 and "iteration 1:" in per_iteration[0] and "grpo" in per_iteration[0], warned
+    assert sum("no iteration of this run" in m for m in warned) == 1, warned

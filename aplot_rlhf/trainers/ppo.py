@@ -91,6 +91,7 @@ class PPOTrainer:
         self.cfg = cfg
         self.iteration = 0
         self.critic = None  # only the gae estimator has one
+        self.group_signal = [0, 0]  # this process's iterations of a group baseline: [run, with a non-uniform group]
 
     # the run scaffold's view of this trainer (trainers/run.py)
     position = property(lambda self: self.iteration)
@@ -491,7 +492,20 @@ class PPOTrainer:
         metrics["lr"] = self.actor_sched.get_last_lr()[0]
         self.kl_ctl.update(metrics["kl"], len(responses) * self.world)
         self.iteration += 1
+        if K > 1 and self.cfg.advantage_estimator in ("grpo", "rloo"):
+            self._note_group_signal(metrics["reward/uniform_group_frac"])
         return metrics
+
+    def _note_group_signal(self, uniform_frac: float) -> None:
+        """GRPO/RLOO learn from reward differences inside a prompt's group: when every group's rewards are
+        equal the advantages are zero and the iteration trains nothing, which a flat curve does not say."""
+        self.group_signal[0] += 1
+        if uniform_frac < 1.0:
+            self.group_signal[1] += 1
+        elif self.run.is_rank0:
+            log.warning("iteration %d: every group's %d rewards are equal (reward/uniform_group_frac = 1): %s has no "
+                        "reward difference to learn from in this batch", self.iteration, self.cfg.samples_per_prompt,
+                        self.cfg.advantage_estimator)
 
     def train_step(self) -> list[dict]:
         self.last_metrics = self.step()
@@ -519,7 +533,14 @@ class PPOTrainer:
         cfg = self.cfg
         self.last_metrics = {}
         postfix = lambda row: {"reward": f"{row['reward/raw_mean']:.3f}", "kl": f"{row['kl']:.3f}"}  # noqa: E731
-        if self.run.loop(self, cfg.ppo_iterations, "ppo/", postfix):
+        preempted = self.run.loop(self, cfg.ppo_iterations, "ppo/", postfix)
+        ran, with_signal = self.group_signal
+        if ran and not with_signal and self.run.is_rank0:
+            log.warning("no iteration of this run (%d in this process) had a group with differing rewards: %s "
+                        "trained nothing from the reward; check the reward (a rule or reward model that scores "
+                        "every response alike), or raise --temperature or --samples_per_prompt", ran,
+                        cfg.advantage_estimator)
+        if preempted:
             return self.last_metrics  # preempted: checkpointed, the job exits for a requeue
         if cfg.export:
             hf_export.export_pretrained(self.actor.module, self.tok, os.path.join(cfg.output_dir, "policy"))
