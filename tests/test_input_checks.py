@@ -227,3 +227,18 @@ def test_a_group_run_without_reward_signal_says_so(char_llama_dir, prompt_file, 
     per_iteration = [m for m in warned if "reward/uniform_group_frac = 1" in m]
     assert len(per_iteration) == 2 and "iteration 1:" in per_iteration[0] and "grpo" in per_iteration[0], warned
     assert sum("no iteration of this run" in m for m in warned) == 1, warned
+
+
+def test_no_progress_silences_transformers_progress_bars(char_llama_dir, prompt_file, tmp_path,  # noqa: F811
+                                                         trainer_factory, capfd):  # noqa: F811
+    from transformers.utils import logging as hf_logging
+
+    from aplot_rlhf.engine import export as hf_export
+    try:
+        trainer = trainer_factory(ppo_config(char_llama_dir, prompt_file, tmp_path / "run"))  # --no-progress
+        capfd.readouterr()
+        hf_export.export_pretrained(trainer.actor.module, trainer.tok, str(tmp_path / "policy"))
+        err = capfd.readouterr().err
+        assert "Writing model shards" not in err and not hf_logging.is_progress_bar_enabled(), err
+    finally:
+        hf_logging.enable_progress_bar()
