@@ -242,3 +242,15 @@ def test_no_progress_silences_transformers_progress_bars(char_llama_dir, prompt_
         assert "Writing model shards" not in err and not hf_logging.is_progress_bar_enabled(), err
     finally:
         hf_logging.enable_progress_bar()
+
+
+def test_the_dry_run_reports_the_duplicates(tmp_path, monkeypatch, capsys):
+    from test_inputs import rm_dry_run
+    data = _pairs_with_copies(tmp_path / "train.jsonl")
+    code, out, err = rm_dry_run(["--model_name_or_path", str(SHAPES / "llama3-8b"), "--train_data", str(data),
+                                 "--eval_split_fraction", "0.2", "--micro_batch_size", "2"], monkeypatch, capsys)
+    assert code in (0, 1), (code, err[-2000:])  # 1 = the plan does not fit; the data part is what counts here
+    report = json.loads(out.split("data (as training reads it):\n", 1)[1].split("\n}\n", 1)[0] + "\n}")
+    skipped = report["train_data"]["skipped"]
+    assert [n for r, n in skipped.items() if r.startswith("duplicate pair(s) dropped")] == [39], report
+    assert report["train_data"]["pairs"] + report["id_val"]["pairs"] == 61, report
