@@ -91,8 +91,10 @@ def test_a_skip_is_warned_once_when_loading_and_tokenizing_share_a_counter(minil
 from test_ppo_correctness import first_rollout, ppo_config, prompt_file, trainer_factory  # noqa: E402,F401
 
 
+@pytest.mark.parametrize("packing", [False, True])
 def test_padded_vocabulary_rows_enter_no_log_prob_and_are_never_sampled(char_llama_dir, prompt_file,  # noqa: F811
-                                                                       tmp_path, trainer_factory):  # noqa: F811
+                                                                       tmp_path, trainer_factory,  # noqa: F811
+                                                                       packing):
     """The character Llama has 64 embedding rows for 43 tokens (padded, as real checkpoints pad to a multiple
     of 64/128). A reference that differs from the actor only in the padded rows' output embeddings is the same
     policy over the tokenizer's tokens: KL exactly 0, and both log-probs are those of the unpadded model."""
@@ -112,7 +114,8 @@ def test_padded_vocabulary_rows_enter_no_log_prob_and_are_never_sampled(char_lla
     unpadded.resize_token_embeddings(n_tok)
     unpadded.eval()
 
-    trainer = trainer_factory(ppo_config(char_llama_dir, prompt_file, tmp_path / "run", reference_model=str(ref_dir)))
+    trainer = trainer_factory(ppo_config(char_llama_dir, prompt_file, tmp_path / "run", reference_model=str(ref_dir),
+                                         packing=packing))
     exp = first_rollout(trainer)
     sampled = [t for r in exp["responses"] for t in r]
     assert sampled and max(sampled) < n_tok, f"a padded id was sampled: {sorted(set(sampled))}"
