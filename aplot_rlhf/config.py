@@ -58,6 +58,9 @@ class DataConfig:
     eval_split_fraction: float = knob(0.0, "hold out this fraction of the training pool as eval set 'id_val' (fixed "
                                            "seed)")
     split_seed: int = knob(1234, "seed of the train/validation split (independent of the training seed)")
+    duplicate_pairs: str = knob("drop", "training pairs with the same prompt, chosen and rejected: 'drop' (keep the "
+                                        "first, count the rest) or 'keep' (counted); either way all copies land on "
+                                        "one side of the train/validation split")
     max_train_pairs: int = knob(0, "use only the first N training pairs after the split (0 = all)")
     max_eval_pairs: int = knob(0, "use only the first N pairs of each eval set (0 = all)")
     prompt_key: str = knob("prompt", "key of the prompt (string, or list of chat messages)")
@@ -253,6 +256,8 @@ class RMConfig(ModelConfig, DataConfig, LossConfig, EngineConfig, RunConfig):
             errors.append(f"embedding_pooling must be token or mean, got {self.embedding_pooling!r}")
         if self.long_response not in ("keep_end", "skip"):
             errors.append(f"long_response must be keep_end or skip, got {self.long_response!r}")
+        if self.duplicate_pairs not in ("drop", "keep"):
+            errors.append(f"duplicate_pairs must be drop or keep, got {self.duplicate_pairs!r}")
         if self.chat_template not in ("auto", "always", "never"):
             errors.append(f"chat_template must be auto, always or never, got {self.chat_template!r}")
         if self.optimizer not in ("auto", "adamw_torch", "fused_adam", "cpu_adam"):

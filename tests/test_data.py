@@ -102,7 +102,7 @@ def test_missing_file_is_clear():
 
 
 def test_split_is_deterministic_and_disjoint():
-    pairs = [{"i": i} for i in range(100)]
+    pairs = [{"i": i, "prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(100)]  # normalized pairs
     a_train, a_val = split_pairs(pairs, 0.1, 7)
     b_train, b_val = split_pairs(pairs, 0.1, 7)
     assert a_val == b_val and len(a_val) == 10 and len(a_train) == 90

@@ -138,7 +138,7 @@ def test_first_mini_batch_ratio_is_exactly_one_with_dropout_in_the_config(model,
     trainer.actor.train()
     seqs = trim_left_padding(exp["ids"], exp["attn"], exp["posids"])
     with torch.no_grad():
-        lp = response_logprobs(trainer.actor, *seqs, exp["tokens"])
+        lp = response_logprobs(trainer.actor, *seqs, exp["tokens"], vocab_size=trainer.vocab_size)
     mask = exp["mask"].bool()
     assert torch.equal(lp[mask], exp["old_lp"][mask]), (lp - exp["old_lp"]).abs().max()
     trainer.train_on(exp)

@@ -1,7 +1,8 @@
 """Run by tests/test_ppo.py in its own process: sample with vLLM at a temperature, then compare the
 log-probs vLLM reports for the sampled tokens with the trainer's old log-probs of the same tokens.
 
-Prints one line: RESULT {"tempered_max_diff", "untempered_max_diff", "tokens"}.
+Prints one line: RESULT {"tempered_max_diff", "untempered_max_diff", "tokens", "max_sampled" (the largest
+sampled id), "vocab" (the tokenizer's length), "embedding_rows"}.
 """
 import json
 import sys
@@ -30,11 +31,12 @@ def main():
             engine[i, :len(lps)] = torch.tensor(lps)
         with torch.no_grad():  # the same tokens under the untempered policy: what the trainer used to compute
             raw = response_logprobs(trainer.actor, *trim_left_padding(exp["ids"], exp["attn"], exp["posids"]),
-                                    exp["tokens"], temperature=1.0)
+                                    exp["tokens"], temperature=1.0, vocab_size=trainer.vocab_size)
         print("RESULT " + json.dumps({
             "tempered_max_diff": (exp["old_lp"] - engine)[mask].abs().max().item(),
             "untempered_max_diff": (raw - engine)[mask].abs().max().item(),
-            "tokens": int(mask.sum())}), flush=True)
+            "tokens": int(mask.sum()), "max_sampled": max(t for r in responses for t in r),
+            "vocab": trainer.vocab_size, "embedding_rows": trainer.actor.module.config.vocab_size}), flush=True)
     finally:
         trainer.close()
 

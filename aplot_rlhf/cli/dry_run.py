@@ -119,7 +119,7 @@ def _check_rm_data(cfg, world: int) -> dict:
 
 def _check_prompt_data(cfg, world: int) -> dict:
     """Every prompt file through train_ppo's own loader (and the actor's tokenizer when it has one)."""
-    from ..data.prompts import PromptFormatter, load_prompts
+    from ..data.prompts import PromptFormatter, check_prompt_count, load_prompts
     from ..data.reading import SkipCounter
     from ..data.sampler import PairSampler
     from ..models.loader import check_max_length, load_config
@@ -140,6 +140,7 @@ def _check_prompt_data(cfg, world: int) -> dict:
         for reason, n in formatter.skips.counts.items():
             skips.add(reason, n)
     n_eval = min(cfg.eval_prompts, len(prompts) // 2)
+    check_prompt_count(len(prompts), n_eval, cfg.rollout_batch_size, world)
     PairSampler(len(prompts) - n_eval, cfg.rollout_batch_size, world, 0, cfg.seed)  # enough for one iteration
     return {"prompt_data": {"prompts": len(prompts) - n_eval, "eval_prompts": n_eval, "skipped": dict(skips.counts)}}
 

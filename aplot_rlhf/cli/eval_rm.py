@@ -21,12 +21,15 @@ import logging
 import sys
 import time
 
+from . import HelpFormatter
+
 log = logging.getLogger(__name__)
+
 
 
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="folder written by train_rm (or any num_labels=1 HF classifier)")
     p.add_argument("--data", required=True, action="append",
                    help="evaluation file (jsonl/json/parquet/arrow) or RM-Bench folder, or NAME=FILE; repeatable")

@@ -20,6 +20,7 @@ from ..plan import (
     plan_from_namespace,
     plan_to_dict,
 )
+from . import HelpFormatter
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(PlanInput)}
 
@@ -27,7 +28,7 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(PlanInput)}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m aplot_rlhf.cli.plan", description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog=f"built-in models: {', '.join(KNOWN_MODELS)} (or a folder / config.json path)")
     d = _DEFAULTS
     p.add_argument("--model", required=True, help="RM backbone or PPO actor: built-in name or model folder")

@@ -5,18 +5,20 @@ assistant message list), strength (float or None), origin ("file:line" for error
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import random
 
 from ..errors import ConfigError
-from .reading import DataError, SkipCounter, is_messages, read_records
+from .reading import DataError, SkipCounter, check_chat_messages, is_messages, read_records
 
 log = logging.getLogger(__name__)
 
 
 def check_text(value, origin: str, key: str):
+    check_chat_messages(value, origin, key)
     if is_messages(value):
         if not value or any(not isinstance(m["content"], str) for m in value):
             raise DataError(f"{origin}: field {key!r} has a message without string content")
@@ -90,15 +92,47 @@ def load_pairs(paths, *, prompt_key="prompt", chosen_key="chosen", rejected_key=
     return pairs
 
 
+def pair_key(pair: dict) -> str:
+    """What makes two normalized pairs the same pair: prompt, chosen and rejected (not strength or origin)."""
+    return json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], sort_keys=True, ensure_ascii=False)
+
+
+def handle_duplicates(pairs: list, mode: str, skips: SkipCounter) -> list:
+    """Exact duplicate pairs (`pair_key`): 'drop' keeps each pair's first occurrence, 'keep' keeps them all;
+    either way the copies are counted in `skips` (split_pairs keeps copies on one side of the split)."""
+    seen, out = set(), []
+    for pair in pairs:
+        key = pair_key(pair)
+        if key in seen:
+            if mode == "drop":
+                skips.add("duplicate pair(s) dropped (same prompt, chosen and rejected as an earlier pair; "
+                          "--duplicate_pairs keep keeps them)")
+                log.debug("%s: duplicate pair, dropped", pair["origin"])
+                continue
+            skips.add("duplicate pair(s) kept (--duplicate_pairs keep), each on its first copy's side of the split")
+        seen.add(key)
+        out.append(pair)
+    return out
+
+
 def split_pairs(pairs: list, fraction: float, seed: int):
-    """Deterministic (train, validation) split: the same seed gives the same split on every machine."""
+    """Deterministic (train, validation) split: the same seed gives the same split on every machine.
+
+    Copies of one pair (`pair_key`) are one unit of the split, so no pair is in both halves (a copy in
+    train would make its validation twin a memorized answer). The units are shuffled as the pairs were
+    before, so a file without duplicates splits exactly as it always did."""
     if fraction <= 0:
         return pairs, []
-    order = list(range(len(pairs)))
+    unit_of, units = {}, []
+    for pair in pairs:
+        unit_of.setdefault(pair_key(pair), len(unit_of))
+        units.append(unit_of[pair_key(pair)])
+    order = list(range(len(unit_of)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, int(round(len(pairs) * fraction)))
-    val_idx = set(order[:n_val])
-    return ([p for i, p in enumerate(pairs) if i not in val_idx], [p for i, p in enumerate(pairs) if i in val_idx])
+    n_val = max(1, int(round(len(unit_of) * fraction)))
+    val_units = set(order[:n_val])
+    return ([p for p, u in zip(pairs, units) if u not in val_units],
+            [p for p, u in zip(pairs, units) if u in val_units])
 
 
 def parse_eval_specs(specs, reserved=()) -> list[tuple[str, str]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import re
 
-from .reading import DataError, SkipCounter, is_messages, read_records
+from .reading import DataError, SkipCounter, check_chat_messages, is_messages, read_records
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ def load_prompts(paths, prompt_key: str = "prompt", what: str = "prompt_data",
                 raise DataError(f"{origin}: missing field {prompt_key!r} (fields present: {sorted(rec)}); "
                                 "set --prompt_key")
             prompt = rec[prompt_key]
+            check_chat_messages(prompt, origin, prompt_key)
             if not (isinstance(prompt, str) or is_messages(prompt)):
                 raise DataError(f"{origin}: field {prompt_key!r} must be a string or chat messages")
             text = prompt if isinstance(prompt, str) else "".join(m["content"] for m in prompt)
@@ -49,6 +50,15 @@ def load_prompts(paths, prompt_key: str = "prompt", what: str = "prompt_data",
     if not out:
         raise DataError(f"{what}: zero usable prompts in {', '.join(paths)}")
     return out
+
+
+def check_prompt_count(n_prompts: int, n_eval: int, rollout_batch_size: int, world: int) -> None:
+    """Enough training prompts (after `n_eval` held out by --eval_prompts) for one rollout on every rank."""
+    n_train = n_prompts - n_eval
+    if n_train < rollout_batch_size * world:
+        raise DataError(f"{n_train} training prompts ({n_prompts} read, {n_eval} held out by --eval_prompts) are fewer "
+                        f"than one rollout (--rollout_batch_size {rollout_batch_size} x {world} ranks = "
+                        f"{rollout_batch_size * world}): add prompts, or lower --rollout_batch_size or --eval_prompts")
 
 
 def hh_transcript(messages: list[dict]) -> str:

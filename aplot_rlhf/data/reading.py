@@ -23,13 +23,17 @@ class DataError(UserError, ValueError):
 class SkipCounter:
     """Counts pairs dropped or altered during loading, by reason, so no skip is silent."""
     counts: dict = field(default_factory=dict)
+    _reported: dict = field(default_factory=dict, repr=False, compare=False)
 
     def add(self, reason: str, n: int = 1) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + n
 
     def report(self, what: str) -> None:
+        """Warn each reason once: a counter reported again (loading, then tokenizing) warns only what changed."""
         for reason, n in sorted(self.counts.items()):
-            log.warning("%s: %d %s", what, n, reason)
+            if self._reported.get(reason) != n:
+                log.warning("%s: %d %s", what, n, reason)
+                self._reported[reason] = n
 
 
 def read_records(path: str, hub_split: str = "train"):
@@ -102,3 +106,21 @@ def looks_like_hub(name: str) -> bool:
 
 def is_messages(x) -> bool:
     return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def check_chat_messages(value, origin: str, key: str) -> None:
+    """A list holding dicts is meant as chat messages: each must be a dict with 'role' and 'content', else a
+    DataError naming the place, the field, the message and what it lacks (not a vague 'not a string')."""
+    if not (isinstance(value, list) and any(isinstance(m, dict) for m in value)):
+        return
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(f"{origin}: field {key!r}: message {i} is a {type(m).__name__}, not a chat message "
+                            "(a dict with 'role' and 'content')")
+        for name in ("role", "content"):
+            if name not in m:
+                raise DataError(f"{origin}: field {key!r}: message {i} has no {name!r} (its keys: {sorted(m)}); "
+                                "every chat message needs 'role' and 'content'")
+        if not isinstance(m["content"], str):  # prompts join the contents; pairs tokenize them
+            raise DataError(f"{origin}: field {key!r}: message {i} has {type(m['content']).__name__} content; "
+                            "a string is needed")

@@ -32,7 +32,7 @@ class PairSampler:
         self.batches_per_rank = n_pairs // (micro_batch_size * world_size)
         if self.batches_per_rank == 0:
             raise DataError(f"{n_pairs} training pairs are fewer than one global micro-batch "
-                            f"({micro_batch_size} x {world_size} ranks)")
+                            f"(--micro_batch_size {micro_batch_size} x {world_size} ranks)")
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         order = list(range(self.n))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .pair_tokenizer import input_format_of
-from .pairs import load_pairs, parse_eval_specs, split_pairs
+from .pairs import handle_duplicates, load_pairs, parse_eval_specs, split_pairs
 from .reading import DataError, SkipCounter
 
 
@@ -17,6 +17,8 @@ def load_rm_data(cfg, encoder=None, report: dict | None = None) -> tuple[list[di
                 strength_key=cfg.strength_key, hub_split=cfg.hub_split)
     train_skips = SkipCounter()
     pool = load_pairs(cfg.train_data, what="train_data", skips=train_skips, **keys)
+    pool = handle_duplicates(pool, cfg.duplicate_pairs, train_skips)
+    train_skips.report("train_data")  # the duplicates (report() warns each count once)
     train, id_val = split_pairs(pool, cfg.eval_split_fraction, cfg.split_seed)
     if cfg.max_train_pairs:
         train = train[:cfg.max_train_pairs]

@@ -86,9 +86,11 @@ def check_same_vocabulary(actor_tok, reference_tok, actor_config, reference_conf
         if a != r:
             differ = sorted(t for t in set(a) | set(r) if a.get(t) != r.get(t))
             shown = ", ".join(f"{t!r}: {a.get(t)} vs {r.get(t)}" for t in differ[:5])
-            raise ModelError(f"the reference model's tokenizer is not the actor's ({len(differ)} of "
-                             f"{max(len(a), len(r))} tokens map to different ids, e.g. {shown}): the KL penalty "
-                             "compares the same token ids; pass a --reference_model that shares the actor's tokenizer")
+            # counted over the union of both vocabularies: a token one side lacks counts too
+            raise ModelError(f"the reference model's tokenizer is not the actor's (actor {len(a)} tokens, reference "
+                             f"{len(r)}; {len(differ)} token strings have a different id or exist in only one, e.g. "
+                             f"{shown}): the KL penalty compares the same token ids; pass a --reference_model that "
+                             "shares the actor's tokenizer")
     n = len(actor_tok)
     for who, config in (("actor", actor_config), ("reference", reference_config)):
         if config.vocab_size < n:

@@ -78,8 +78,9 @@ class PlanInput:
             (not self.offload_param or self.offload_optimizer,
              "param offload without optimizer offload is not a DeepSpeed-estimated setup; add --offload-optimizer"),
             (not self.offload_optimizer or self.zero >= 1, "optimizer offload needs ZeRO-1, 2 or 3"),
-            (min(self.nodes, self.gpus_per_node, self.micro_batch, self.seq_len, self.vllm_tp,
-                 self.gen_batch, self.prompt_len, self.gen_len) >= 1, "counts and lengths must be >= 1"),
+            *[(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+              for name in ("nodes", "gpus_per_node", "micro_batch", "seq_len", "vllm_tp", "gen_batch", "prompt_len",
+                           "gen_len")],  # the plan CLI's flag names: the field with dashes
             (self.gpu_mem_gib > 0, "gpu_mem_gib must be > 0"),
             (self.ckpt_write_gbps > 0, "ckpt_write_gbps must be > 0"),
             (self.vllm_gpu_util is None or 0 < self.vllm_gpu_util < 1, "vllm_gpu_util must be in (0, 1)"),

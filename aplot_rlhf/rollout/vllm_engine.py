@@ -46,7 +46,8 @@ class VLLMRollout:
 
     def __init__(self, model_path: str, *, gguf_file: str = "", dtype: str = "bf16",
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1, max_model_len: int = 1024,
-                 seed: int = 0, enforce_eager: bool = True, eos_token_id: int | None = None, sleep: bool = True):
+                 seed: int = 0, enforce_eager: bool = True, eos_token_id: int | None = None, sleep: bool = True,
+                 banned_token_ids=()):
         try:
             from vllm import LLM
         except Exception as exc:  # ImportError, or a broken install (e.g. CUDA torchvision beside CPU torch)
@@ -93,6 +94,10 @@ class VLLMRollout:
                 if start <= dist.get_rank() < start + self.tp:
                     self.tp_group = group
         self.eos_token_id = eos_token_id
+        # vLLM samples over config.vocab_size columns (it has no tokenizer here): embedding rows padded beyond
+        # the tokenizer get -inf through the logit-bias processor, which acts before sampling and before the
+        # processed log-probs, so they are never drawn and take no mass
+        self.logit_bias = {int(t): float("-inf") for t in banned_token_ids} or None
         self.sleeping = False
 
     def _worker(self):
@@ -122,7 +127,7 @@ class VLLMRollout:
         params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
                                  top_p=top_p if temperature > 0 else 1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
                                  presence_penalty=0.0, frequency_penalty=0.0,
-                                 seed=s, stop_token_ids=stop, detokenize=False,
+                                 seed=s, stop_token_ids=stop, detokenize=False, logit_bias=self.logit_bias,
                                  logprobs=0 if return_logprobs else None) for s in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         responses = [list(o.outputs[0].token_ids) for o in outs]

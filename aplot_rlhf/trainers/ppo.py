@@ -18,7 +18,7 @@ import torch
 
 from ..config import PPOConfig
 from ..data.pair_tokenizer import ensure_pad_token
-from ..data.prompts import PromptFormatter, load_prompts
+from ..data.prompts import PromptFormatter, check_prompt_count, load_prompts
 from ..data.sampler import PairSampler
 from ..engine import deepspeed as ds_api
 from ..engine import distributed as comm
@@ -92,6 +92,7 @@ class PPOTrainer:
         self.cfg = cfg
         self.iteration = 0
         self.critic = None  # only the gae estimator has one
+        self.group_signal = [0, 0]  # this process's iterations of a group baseline: [run, with a non-uniform group]
 
     # the run scaffold's view of this trainer (trainers/run.py)
     position = property(lambda self: self.iteration)
@@ -123,6 +124,9 @@ class PPOTrainer:
                       else load_config("reference", cfg.reference_model))
         check_same_vocabulary(self.tok, reference_tokenizer(cfg, self.tok), actor_config, ref_config)
         ensure_pad_token(self.tok)
+        # embedding rows past the tokenizer (padded to a multiple of 64/128) are never sampled nor in a log-prob
+        self.vocab_size = len(self.tok)
+        self.padded_ids = list(range(self.vocab_size, actor_config.vocab_size))
         prompts = load_prompts(cfg.prompt_data)
         if cfg.max_prompts:
             prompts = prompts[:cfg.max_prompts]
@@ -130,6 +134,7 @@ class PPOTrainer:
         encoded = [(*formatter(p["prompt"]), p["origin"]) for p in prompts]
         formatter.skips.report("prompt_data")
         n_eval = min(cfg.eval_prompts, len(encoded) // 2)
+        check_prompt_count(len(encoded), n_eval, cfg.rollout_batch_size, self.world)
         self.prompts, self.eval_prompts = encoded[:len(encoded) - n_eval], encoded[len(encoded) - n_eval:]
         self.sampler = PairSampler(len(self.prompts), cfg.rollout_batch_size, self.world, self.rank, cfg.seed)
 
@@ -160,9 +165,10 @@ class PPOTrainer:
                 elif copy_actor and same_reference:
                     reference = copy.deepcopy(actor)
                 else:
-                    reference = load_model(*(("reference", cfg.reference_model, "") if cfg.reference_model
-                                             else ("actor", cfg.actor_model, cfg.actor_gguf_file)),
-                                           dtype=dtype, attn_implementation=cfg.attn_implementation)
+                    role, path, gguf = (("reference", cfg.reference_model, "") if cfg.reference_model
+                                        else ("actor", cfg.actor_model, cfg.actor_gguf_file))
+                    reference = load_model(role, path, gguf_file=gguf, dtype=dtype,
+                                           attn_implementation=cfg.attn_implementation)
                 if cfg.disable_dropout and reference is not None:
                     disable_dropout(reference)
                 if cfg.reward_model.startswith("rule:"):
@@ -271,6 +277,9 @@ class PPOTrainer:
         cfg = self.cfg
         if cfg.rollout_backend == "hf":
             from ..rollout.hf import HFRollout
+            if self.padded_ids:  # generate's SuppressTokensLogitsProcessor: padded rows get -inf
+                gen_cfg = self.actor.module.generation_config
+                gen_cfg.suppress_tokens = sorted(set(gen_cfg.suppress_tokens or []) | set(self.padded_ids))
             return HFRollout(self.actor.module, self.tok, zero3=self.zero3)
         from ..rollout.vllm_engine import VLLMRollout
         path = cfg.actor_model
@@ -282,7 +291,7 @@ class PPOTrainer:
                            tensor_parallel_size=cfg.vllm_tensor_parallel_size,
                            max_model_len=cfg.max_prompt_length + cfg.max_new_tokens, seed=cfg.seed,
                            enforce_eager=cfg.vllm_enforce_eager, eos_token_id=self.tok.eos_token_id,
-                           sleep=cfg.vllm_sleep)
+                           sleep=cfg.vllm_sleep, banned_token_ids=self.padded_ids)
 
     # ------------------------------------------------------------------------------------- phases
     def sync_weights(self) -> float:
@@ -335,7 +344,8 @@ class PPOTrainer:
         ids, attn, posids, tokens, mask = pad_prompt_response(prompts, responses, self.tok.pad_token_id)
         ids, attn, posids, tokens, mask = (t.to(dev) for t in (ids, attn, posids, tokens, mask))
         old_lp, ref_lp, values = [], [], []
-        temperature = cfg.temperature  # the log-probs of the policy that sampled: tempered, as vLLM/HF sampled
+        # the log-probs of the policy that sampled: tempered, as vLLM/HF sampled, over the tokenizer's tokens
+        lp_kw = dict(temperature=cfg.temperature, vocab_size=self.vocab_size)
         with comm.Phase.of("experience"):
             for e in self.trained_engines.values():
                 e.eval()
@@ -343,9 +353,9 @@ class PPOTrainer:
                 sl = slice(i, i + cfg.micro_batch_size)
                 if cfg.packing:
                     layout = self.packed_layout(prompts[sl], responses[sl], tokens.shape[1])
-                    old_lp.append(packed_response_logprobs(self.actor, layout, tokens[sl], temperature=temperature))
+                    old_lp.append(packed_response_logprobs(self.actor, layout, tokens[sl], **lp_kw))
                     ref_lp.append(self.reference_logprobs(
-                        lambda m: packed_response_logprobs(m, layout, tokens[sl], temperature=temperature)))
+                        lambda m: packed_response_logprobs(m, layout, tokens[sl], **lp_kw)))
                     if self.critic is not None:
                         values.append(packed_response_values(self.critic, layout))
                     continue
@@ -353,9 +363,9 @@ class PPOTrainer:
                 seqs = trim_left_padding(ids[sl], attn[sl], posids[sl],
                                          first_column(prompts, range(i, min(i + cfg.micro_batch_size, len(prompts))),
                                                       P))
-                old_lp.append(response_logprobs(self.actor, *seqs, tokens[sl], temperature=temperature))
+                old_lp.append(response_logprobs(self.actor, *seqs, tokens[sl], **lp_kw))
                 ref_lp.append(self.reference_logprobs(
-                    lambda m: response_logprobs(m, *seqs, tokens[sl], temperature=temperature)))
+                    lambda m: response_logprobs(m, *seqs, tokens[sl], **lp_kw)))
                 if self.critic is not None:
                     values.append(response_values(self.critic, *seqs, tokens.shape[1]))
             for e in self.trained_engines.values():
@@ -413,13 +423,13 @@ class PPOTrainer:
                         layout = self.packed_layout([exp["prompts"][r] for r in rows],
                                                     [exp["responses"][r] for r in rows], mb["tokens"].shape[1])
                         lp, ent = packed_response_logprobs(self.actor, layout, mb["tokens"], with_entropy=True,
-                                                           temperature=cfg.temperature)
+                                                           temperature=cfg.temperature, vocab_size=self.vocab_size)
                     else:
                         P = exp["ids"].shape[1] - exp["tokens"].shape[1]
                         seqs = trim_left_padding(mb["ids"], mb["attn"], mb["posids"],
                                                  first_column(exp["prompts"], rows.tolist(), P))
                         lp, ent = response_logprobs(self.actor, *seqs, mb["tokens"], with_entropy=True,
-                                                    temperature=cfg.temperature)
+                                                    temperature=cfg.temperature, vocab_size=self.vocab_size)
                     pl, clip_frac, approx_kl = policy_loss(lp, mb["old_lp"], mb["adv"], mb["loss_mask"], cfg.clip_ratio,
                                                            cfg.loss_aggregation, policy_counts, cfg.max_new_tokens)
                     entropy = masked_mean(ent, mb["mask"])  # logged; the bonus weighs every token of the mini-batch
@@ -503,7 +513,20 @@ class PPOTrainer:
         metrics["lr"] = self.actor_sched.get_last_lr()[0]
         self.kl_ctl.update(metrics["kl"], len(responses) * self.world)
         self.iteration += 1
+        if K > 1 and self.cfg.advantage_estimator in ("grpo", "rloo"):
+            self._note_group_signal(metrics["reward/uniform_group_frac"])
         return metrics
+
+    def _note_group_signal(self, uniform_frac: float) -> None:
+        """GRPO/RLOO learn from reward differences inside a prompt's group: when every group's rewards are
+        equal the advantages are zero and the iteration trains nothing, which a flat curve does not say."""
+        self.group_signal[0] += 1
+        if uniform_frac < 1.0:
+            self.group_signal[1] += 1
+        elif self.run.is_rank0:
+            log.warning("iteration %d: every group's %d rewards are equal (reward/uniform_group_frac = 1): %s has no "
+                        "reward difference to learn from in this batch", self.iteration, self.cfg.samples_per_prompt,
+                        self.cfg.advantage_estimator)
 
     def train_step(self) -> list[dict]:
         self.last_metrics = self.step()
@@ -531,7 +554,14 @@ class PPOTrainer:
         cfg = self.cfg
         self.last_metrics = {}
         postfix = lambda row: {"reward": f"{row['reward/raw_mean']:.3f}", "kl": f"{row['kl']:.3f}"}  # noqa: E731
-        if self.run.loop(self, cfg.ppo_iterations, "ppo/", postfix):
+        preempted = self.run.loop(self, cfg.ppo_iterations, "ppo/", postfix)
+        ran, with_signal = self.group_signal
+        if ran and not with_signal and self.run.is_rank0:
+            log.warning("no iteration of this run (%d in this process) had a group with differing rewards: %s "
+                        "trained nothing from the reward; check the reward (a rule or reward model that scores "
+                        "every response alike), or raise --temperature or --samples_per_prompt", ran,
+                        cfg.advantage_estimator)
+        if preempted:
             return self.last_metrics  # preempted: checkpointed, the job exits for a requeue
         if cfg.export:
             hf_export.export_pretrained(self.actor.module, self.tok, os.path.join(cfg.output_dir, "policy"))

@@ -67,9 +67,17 @@ def _accepts_logits_to_keep(model) -> bool:
     return flag
 
 
-def response_logprobs(model, ids, attn, position_ids, tokens, with_entropy: bool = False, temperature: float = 1.0):
+def real_vocabulary(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """The logit columns of the tokenizer's tokens: an embedding padded beyond the tokenizer (to a multiple
+    of 64 or 128) has rows no text maps to, and they must not take probability mass from real tokens."""
+    return logits if vocab_size is None or logits.shape[-1] <= vocab_size else logits[..., :vocab_size]
+
+
+def response_logprobs(model, ids, attn, position_ids, tokens, with_entropy: bool = False, temperature: float = 1.0,
+                      vocab_size: int | None = None):
     """Log-probs [B, T] (and entropies) of the response tokens of a `pad_prompt_response` batch, under the
-    policy that sampled them: logits divided by the sampling temperature.
+    policy that sampled them: logits divided by the sampling temperature, over the first `vocab_size`
+    columns (the tokenizer's length; None = every column).
 
     Responses occupy the last T columns, so the logits that predict them are columns -T-1 .. -2; models
     that take `logits_to_keep` project only those T+1 hidden states onto the vocabulary.
@@ -78,7 +86,7 @@ def response_logprobs(model, ids, attn, position_ids, tokens, with_entropy: bool
     kwargs = {"logits_to_keep": T + 1} if _accepts_logits_to_keep(model) else {}
     logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
                    **kwargs).logits[:, -T - 1:-1]
-    logits = tempered(logits, temperature)
+    logits = tempered(real_vocabulary(logits, vocab_size), temperature)
     lp = logprobs_of(logits, tokens)
     return (lp, entropy_from_logits(logits)) if with_entropy else lp
 
@@ -95,7 +103,8 @@ def _packed_inputs(model, layout: dict, config=None) -> dict:
             **attention_kwargs(layout, config, causal=True, dtype=next(module.parameters()).dtype)}
 
 
-def packed_response_logprobs(model, layout, tokens, with_entropy: bool = False, temperature: float = 1.0):
+def packed_response_logprobs(model, layout, tokens, with_entropy: bool = False, temperature: float = 1.0,
+                             vocab_size: int | None = None):
     """response_logprobs on a `pack_prompt_response` layout: the same [B, T] log-probs (and entropies),
     with only the kept columns (`logits_to_keep` as indices) projected onto the vocabulary."""
     if _accepts_logits_to_keep(model):
@@ -103,7 +112,7 @@ def packed_response_logprobs(model, layout, tokens, with_entropy: bool = False, 
         index = layout["resp_keep"]
     else:
         logits, index = model(use_cache=False, **_packed_inputs(model, layout)).logits, layout["resp_pos"]
-    logits = tempered(logits.reshape(-1, logits.shape[-1])[index], temperature)
+    logits = tempered(real_vocabulary(logits.reshape(-1, logits.shape[-1])[index], vocab_size), temperature)
     lp = logprobs_of(logits, tokens)
     return (lp, entropy_from_logits(logits)) if with_entropy else lp
 

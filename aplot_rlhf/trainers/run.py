@@ -66,6 +66,9 @@ class Run:
         comm.seed_everything(cfg.seed)
         self.device = comm.device()
         self.is_rank0 = comm.is_rank0()
+        if not (cfg.progress and self.is_rank0):  # transformers' own bars too (loading, "Writing model shards")
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
         try:
             os.makedirs(cfg.output_dir, exist_ok=True)
         except OSError as exc:
