@@ -26,7 +26,6 @@ from . import HelpFormatter
 log = logging.getLogger(__name__)
 
 
-
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
