@@ -42,8 +42,12 @@ def sampling_kwargs(temperature: float, top_p: float) -> dict:
 
 
 class HFRollout:
-    def __init__(self, actor_module: torch.nn.Module, tokenizer, zero3: bool, synced_gpus: bool = False):
+    def __init__(self, actor_module: torch.nn.Module, tokenizer, zero3: bool, synced_gpus: bool = False,
+                 banned_token_ids=()):
+        """banned_token_ids: never sampled (embedding rows past the tokenizer: the trainer's log-probs leave
+        them out of the softmax), through generate's suppress_tokens."""
         self.model, self.tok, self.zero3, self.synced = actor_module, tokenizer, zero3, synced_gpus
+        self.banned = sorted(set(banned_token_ids)) or None
         self.name = "hf_zero3_synced" if synced_gpus else "hf_gathered"
         self.eos_ids = {tokenizer.eos_token_id}
 
@@ -61,7 +65,7 @@ class HFRollout:
         dev = comm.device()
         was_training = self.model.training
         self.model.eval()
-        sampling = sampling_kwargs(temperature, top_p)
+        sampling = dict(sampling_kwargs(temperature, top_p), suppress_tokens=self.banned)
         rng_devices = ([dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda"
                        else [])
         with ds_api.gathered_params(list(self.model.parameters()), enabled=self.zero3 and not self.synced), \

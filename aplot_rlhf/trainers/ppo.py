@@ -277,10 +277,7 @@ class PPOTrainer:
         cfg = self.cfg
         if cfg.rollout_backend == "hf":
             from ..rollout.hf import HFRollout
-            if self.padded_ids:  # generate's SuppressTokensLogitsProcessor: padded rows get -inf
-                gen_cfg = self.actor.module.generation_config
-                gen_cfg.suppress_tokens = sorted(set(gen_cfg.suppress_tokens or []) | set(self.padded_ids))
-            return HFRollout(self.actor.module, self.tok, zero3=self.zero3)
+            return HFRollout(self.actor.module, self.tok, zero3=self.zero3, banned_token_ids=self.padded_ids)
         from ..rollout.vllm_engine import VLLMRollout
         path = cfg.actor_model
         if cfg.actor_gguf_file or path.endswith(".gguf"):  # vLLM starts from an HF folder of the actor
