@@ -31,10 +31,10 @@ def train_main(job: str, argv, description: str) -> dict | int:
     from ..config import PPOConfig, RMConfig, load_config
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(RMConfig if job == "rm" else PPOConfig, argv, description)
-    check_model_paths(cfg, job)  # one error line, before DeepSpeed or any model loads
     from . import dry_run
-    if cfg.dry_run:
+    if cfg.dry_run:  # checks the same paths first, reported as the dry run's verdict
         return (dry_run.dry_run_rm if job == "rm" else dry_run.dry_run_ppo)(cfg)
+    check_model_paths(cfg, job)  # one error line, before DeepSpeed or any model loads
     from ..trainers.run import train_to_the_end
     if job == "rm":
         from ..trainers.rm import RewardModelTrainer
