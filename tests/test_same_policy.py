@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 
 from aplot_rlhf.models.lora import apply_lora
@@ -78,3 +79,53 @@ def test_lora_merged_export_keeps_the_bf16_update_and_the_trainers_logprobs(char
     assert err["new"] < err["old"], err  # what is left is the bf16 forward's own rounding (err["truth"])
     assert err["new"] <= 1.2 * err["truth"], err  # as close as bf16 activations let any exact model be
     assert err_truth["new"] < 1e-4 < err_truth["old"], err_truth
+
+
+# ------------------------------------------------------------------------------------------- item 2
+
+def _policy_grad(lp0, old_lp, adv, mask, is_weights=None):
+    from aplot_rlhf.trainers.ppo_math import policy_loss
+    lp = lp0.clone().requires_grad_(True)
+    loss, _, _ = policy_loss(lp, old_lp, adv, mask, 0.2, "token_mean", is_weights=is_weights)
+    loss.backward()
+    return lp.grad
+
+
+def test_rollout_is_changes_the_policy_gradient_as_the_formula_says_and_is_a_noop_without_mismatch():
+    """Hand-computed: 3 tokens, advantages (1, -2, 0.5), the trainer's old log-probs = the current ones (PPO
+    ratio 1, so d loss / d lp_t = -w_t * A_t / n), the rollout's log-probs lower by (0, ln 3, -ln 2): rollout
+    ratios exp(old - rollout) = (1, 3, 0.5). truncate, C = 2: w = (1, 2, 0.5) -> grad (-1/3, 4/3, -1/12);
+    mask, C = 2: token 2 (ratio 3) leaves the loss and the count n = 2, w = (1, -, 0.5) -> (-1/2, 0, -1/8)."""
+    from aplot_rlhf.trainers.ppo_math import mismatch_metrics, rollout_is_weights, rollout_mismatch
+    old_lp = torch.tensor([[-1.0, -2.0, -0.5]])
+    adv, mask = torch.tensor([[1.0, -2.0, 0.5]]), torch.ones(1, 3)
+    rollout_lp = old_lp - torch.tensor([[0.0, torch.log(torch.tensor(3.0)), -torch.log(torch.tensor(2.0))]])
+    plain = _policy_grad(old_lp, old_lp, adv, mask)
+    torch.testing.assert_close(plain, torch.tensor([[-1 / 3, 2 / 3, -1 / 6]]))
+
+    w, loss_mask = rollout_is_weights(old_lp, rollout_lp, mask, "truncate", 2.0)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 2.0, 0.5]]))
+    torch.testing.assert_close(loss_mask, mask)
+    torch.testing.assert_close(_policy_grad(old_lp, old_lp, adv, loss_mask, w),
+                               torch.tensor([[-1 / 3, 4 / 3, -1 / 12]]))
+
+    w, loss_mask = rollout_is_weights(old_lp, rollout_lp, mask, "mask", 2.0)
+    torch.testing.assert_close(loss_mask, torch.tensor([[1.0, 0.0, 1.0]]))
+    torch.testing.assert_close(w, torch.tensor([[1.0, 0.0, 0.5]]))
+    torch.testing.assert_close(_policy_grad(old_lp, old_lp, adv, loss_mask, w), torch.tensor([[-0.5, 0.0, -0.125]]))
+
+    stats = rollout_mismatch(old_lp, rollout_lp, mask, 2.0)  # tokens, sum |diff|, tokens outside [1/2, 2], max
+    ln = lambda x: float(torch.log(torch.tensor(x)))  # noqa: E731
+    torch.testing.assert_close(stats, torch.tensor([3.0, ln(6.0), 1.0, ln(3.0)]))
+    logged = {k: float(v) for k, v in mismatch_metrics(stats[:3], stats[3]).items()}
+    assert logged == pytest.approx({"rollout/logprob_abs_diff_mean": ln(6.0) / 3,
+                                    "rollout/logprob_abs_diff_max": ln(3.0), "rollout/logprob_mismatch_frac": 1 / 3})
+
+    # no mismatch: both corrections leave the gradient exactly as it was (and the mask whole)
+    lp = old_lp + torch.tensor([[0.1, -0.3, 0.05]])  # a later mini-batch: PPO ratio != 1
+    for mode in ("truncate", "mask"):
+        w, loss_mask = rollout_is_weights(old_lp, old_lp.clone(), mask, mode, 2.0)
+        assert torch.equal(loss_mask, mask)
+        assert torch.equal(_policy_grad(lp, old_lp, adv, loss_mask, w), _policy_grad(lp, old_lp, adv, mask)), mode
+    assert rollout_is_weights(old_lp, rollout_lp, mask, "off", 2.0) == (None, mask)
+
