@@ -129,3 +129,61 @@ def test_rollout_is_changes_the_policy_gradient_as_the_formula_says_and_is_a_noo
         assert torch.equal(_policy_grad(lp, old_lp, adv, loss_mask, w), _policy_grad(lp, old_lp, adv, mask)), mode
     assert rollout_is_weights(old_lp, rollout_lp, mask, "off", 2.0) == (None, mask)
 
+
+# ------------------------------------------------------------------------------------------- item 8
+
+def _no_packed_search(monkeypatch):
+    """transformers' search of position_ids for sequence starts (a host sync per forward), made to raise."""
+    import transformers.masking_utils as masking
+
+    def raise_(*args, **kwargs):
+        raise AssertionError("find_packed_sequence_indices called: a host sync per packed forward")
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", raise_)
+
+
+def test_packed_decoder_forward_skips_the_position_id_search_and_equals_the_padded_one(monkeypatch):
+    """A tiny Llama on the one-row varlen layout (aplot_varlen_sdpa, as PPO's --packing uses on CPU): the
+    response log-probs equal the padded forward's, and transformers never runs find_packed_sequence_indices."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from aplot_rlhf.models.packing import pack_prompt_response, register_varlen_sdpa
+    from aplot_rlhf.trainers.ppo_layout import (
+        packed_response_logprobs,
+        pad_prompt_response,
+        response_logprobs,
+        trim_left_padding,
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    model.set_attn_implementation(register_varlen_sdpa())
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(1, 64, (n,), generator=g).tolist()  # noqa: E731
+    prompts, responses = [rand(5), rand(9), rand(3)], [rand(4), rand(7), rand(1)]
+    ids, attn, posids, tokens, mask = pad_prompt_response(prompts, responses, 0)
+    with torch.no_grad():
+        padded = response_logprobs(model, *trim_left_padding(ids, attn, posids), tokens)
+        _no_packed_search(monkeypatch)
+        layout = pack_prompt_response(prompts, responses, 0, None, tokens.shape[1])
+        packed = packed_response_logprobs(model, layout, tokens)
+    torch.testing.assert_close(packed * mask, padded * mask, rtol=1e-5, atol=1e-5)
+
+
+def test_flash_packed_mask_creation_skips_the_search_and_the_mask_check(monkeypatch):
+    """flash_attention_2 (no kernel on CPU: mask creation only): the packed kwargs make create_causal_mask
+    return None without find_packed_sequence_indices; an ordinary padding mask still reaches transformers'
+    own flash mask function."""
+    from transformers import LlamaConfig
+    from transformers.masking_utils import create_causal_mask
+
+    from aplot_rlhf.models.packing import attention_kwargs, pack
+    config = LlamaConfig(vocab_size=64, hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    config._attn_implementation = "flash_attention_2"
+    layout = pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], 0, None)
+    kwargs = attention_kwargs(layout, config, causal=True, dtype=torch.float32)
+    embeds = torch.zeros(1, layout["input_ids"].shape[1], 64)
+    _no_packed_search(monkeypatch)
+    assert create_causal_mask(config, embeds, kwargs["attention_mask"], None, kwargs["position_ids"]) is None
+    padding = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(create_causal_mask(config, embeds, padding, None, kwargs["position_ids"]), padding)
