@@ -464,3 +464,39 @@ def test_rollout_logprobs_are_compared_every_iteration_and_weigh_the_loss(mode, 
     assert odd.any() and (exp["is_w"][odd] < 0.45).all()
     assert (exp["loss_mask"][odd] == 0).all() if mode == "mask" else torch.equal(exp["loss_mask"], exp["mask"])
     trainer.train_on(exp)
+
+
+# ------------------------------------------------------------------------------ issue 25 item 8: one disable_adapter
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_lora_reference_logprobs_run_under_one_disable_adapter_per_experience(packing, char_llama_dir, prompt_file,
+                                                                              tmp_path, trainer_factory, monkeypatch):
+    """A LoRA actor is its own KL reference with the adapters disabled: an experience pass of 2 micro-batches
+    enters disable_adapter() once (not once per micro-batch), and the reference log-probs are those of the
+    base model (adapters moved off zero first, so they differ from the actor's)."""
+    import contextlib
+
+    from aplot_rlhf.trainers.ppo_layout import response_logprobs, trim_left_padding
+    trainer = trainer_factory(ppo_config(char_llama_dir, prompt_file, tmp_path, lora_rank=4, lora_alpha=8,
+                                         micro_batch_size=2, kl_mode="loss", packing=packing))
+    peft_model = trainer.actor.module
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    real, entries = peft_model.disable_adapter, []
+
+    @contextlib.contextmanager
+    def counting():
+        entries.append(1)
+        with real():
+            yield
+    monkeypatch.setattr(peft_model, "disable_adapter", counting)
+    exp = first_rollout(trainer)
+    assert exp["ids"].shape[0] == 4 and len(entries) == 1, entries
+    with torch.no_grad(), real():
+        base = response_logprobs(trainer.actor, *trim_left_padding(exp["ids"], exp["attn"], exp["posids"]),
+                                 exp["tokens"])
+    mask = exp["mask"].bool()
+    torch.testing.assert_close(exp["ref_lp"][mask], base[mask], rtol=1e-4, atol=1e-4)
+    assert (exp["old_lp"] - exp["ref_lp"])[mask].abs().max() > 1e-3

@@ -234,7 +234,8 @@ class PPOTrainer:
 
     def reference_logprobs(self, logprobs_under):
         """logprobs_under(model) under the KL reference: its own model, or (LoRA) the actor with its
-        adapters disabled (padded and packed layouts alike)."""
+        adapters disabled (padded and packed layouts alike). Called once per experience pass, so a LoRA
+        actor enters disable_adapter() once, not once per micro-batch."""
         if self.reference is not None:
             return logprobs_under(self.reference)
         with self.actor.module.disable_adapter():
@@ -345,7 +346,7 @@ class PPOTrainer:
         cfg, dev = self.cfg, comm.device()
         ids, attn, posids, tokens, mask = pad_prompt_response(prompts, responses, self.tok.pad_token_id)
         ids, attn, posids, tokens, mask = (t.to(dev) for t in (ids, attn, posids, tokens, mask))
-        old_lp, ref_lp, values = [], [], []
+        old_lp, values, micro_lp = [], [], []  # micro_lp: per micro-batch, its response log-probs under a model
         temperature = cfg.temperature  # the log-probs of the policy that sampled: tempered, as vLLM/HF sampled
         with comm.Phase.of("experience"):
             for e in self.trained_engines.values():
@@ -354,21 +355,22 @@ class PPOTrainer:
                 sl = slice(i, i + cfg.micro_batch_size)
                 if cfg.packing:
                     layout = self.packed_layout(prompts[sl], responses[sl], tokens.shape[1])
-                    old_lp.append(packed_response_logprobs(self.actor, layout, tokens[sl], temperature=temperature))
-                    ref_lp.append(self.reference_logprobs(
-                        lambda m: packed_response_logprobs(m, layout, tokens[sl], temperature=temperature)))
+                    micro_lp.append(lambda m, layout=layout, tok=tokens[sl]: packed_response_logprobs(
+                        m, layout, tok, temperature=temperature))
                     if self.critic is not None:
                         values.append(packed_response_values(self.critic, layout))
-                    continue
-                P = ids.shape[1] - tokens.shape[1]  # the rollout's longest prompt
-                seqs = trim_left_padding(ids[sl], attn[sl], posids[sl],
-                                         first_column(prompts, range(i, min(i + cfg.micro_batch_size, len(prompts))),
-                                                      P))
-                old_lp.append(response_logprobs(self.actor, *seqs, tokens[sl], temperature=temperature))
-                ref_lp.append(self.reference_logprobs(
-                    lambda m: response_logprobs(m, *seqs, tokens[sl], temperature=temperature)))
-                if self.critic is not None:
-                    values.append(response_values(self.critic, *seqs, tokens.shape[1]))
+                else:
+                    P = ids.shape[1] - tokens.shape[1]  # the rollout's longest prompt
+                    seqs = trim_left_padding(ids[sl], attn[sl], posids[sl],
+                                             first_column(prompts, range(i, min(i + cfg.micro_batch_size,
+                                                                                len(prompts))), P))
+                    micro_lp.append(lambda m, seqs=seqs, tok=tokens[sl]: response_logprobs(
+                        m, *seqs, tok, temperature=temperature))
+                    if self.critic is not None:
+                        values.append(response_values(self.critic, *seqs, tokens.shape[1]))
+                old_lp.append(micro_lp[-1](self.actor))
+            # the reference over every micro-batch in one pass: a LoRA actor disables its adapters once
+            ref_lp = self.reference_logprobs(lambda m: [lp_under(m) for lp_under in micro_lp])
             for e in self.trained_engines.values():
                 e.train()
         old_lp, ref_lp = torch.cat(old_lp), torch.cat(ref_lp)
