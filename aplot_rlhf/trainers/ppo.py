@@ -399,9 +399,10 @@ class PPOTrainer:
                                          reduce_sum=comm.all_reduce_sum)
         out["adv"] = adv
         if rollout_lp is not None:
-            engine_lp = torch.zeros_like(old_lp)
+            engine_lp = torch.zeros(old_lp.shape, dtype=old_lp.dtype)  # filled on the host, one copy to the device
             for i, row in enumerate(rollout_lp):
                 engine_lp[i, :len(row)] = torch.tensor(row, dtype=old_lp.dtype)
+            engine_lp = engine_lp.to(old_lp.device)
             out["rollout_lp"] = engine_lp
             out["rollout_mismatch"] = rollout_mismatch(old_lp, engine_lp, mask, cfg.rollout_is_cap)
             weights, out["loss_mask"] = rollout_is_weights(old_lp, engine_lp, out["loss_mask"], cfg.rollout_is,
