@@ -397,6 +397,7 @@ def save_config(cfg, path: str) -> None:
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGREGATIONS = ("token_mean", "seq_mean", "seq_mean_token_sum_norm")  # trainers.ppo_math.AGGREGATIONS
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
+ROLLOUT_IS_MODES = ("off", "truncate", "mask")  # trainers.ppo_math.ROLLOUT_IS_MODES
 
 
 @dataclass
@@ -469,6 +470,15 @@ class PPOSpecific:
                                  "(token sums / (sequences x max_new_tokens), no length normalization: Dr. GRPO's, "
                                  "TRL's 'dr_grpo')")
     drop_uniform_groups: bool = knob(False, "leave groups whose K rewards are all equal (no signal) out of the loss")
+    rollout_is: str = knob("off", "correct the policy loss for the sampler/trainer mismatch with the ratio "
+                           "r = exp(trainer's old log-prob - rollout engine's log-prob) per sampled token: 'truncate' "
+                           "weighs each token's loss by min(r, rollout_is_cap) (truncated IS of Yao et al. 2025, "
+                           "as OpenRLHF's --enable_vllm_is_correction and verl's rollout_is truncate); 'mask' drops "
+                           "tokens with r outside [1/cap, cap] from the loss and its token counts and weighs the "
+                           "others by r (verl's token-level mask mode); 'off'. The mismatch is logged either way "
+                           "(ppo/rollout/logprob_abs_diff_mean, _max, logprob_mismatch_frac)")
+    rollout_is_cap: float = knob(2.0, "C of --rollout_is (2, as in the TIS paper and OpenRLHF); "
+                                 "ppo/rollout/logprob_mismatch_frac counts tokens with r outside [1/C, C]")
 
 
 @dataclass
@@ -556,6 +566,10 @@ class PPOConfig(PPOSpecific, ModelConfig, EngineConfig, RunConfig):
             errors.append(f"kl_mode must be reward or loss, got {self.kl_mode!r}")
         if self.kl_loss_estimator not in KL_ESTIMATORS:
             errors.append(f"kl_loss_estimator must be one of {KL_ESTIMATORS}, got {self.kl_loss_estimator!r}")
+        if self.rollout_is not in ROLLOUT_IS_MODES:
+            errors.append(f"rollout_is must be one of {ROLLOUT_IS_MODES}, got {self.rollout_is!r}")
+        if not self.rollout_is_cap > 1.0:
+            errors.append(f"rollout_is_cap must be > 1 (ratios in [1/C, C]), got {self.rollout_is_cap:g}")
         if self.loss_aggregation not in LOSS_AGGREGATIONS:
             errors.append(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {self.loss_aggregation!r}")
         if self.advantage_estimator in ("grpo", "rloo") and self.gamma != 1.0:

@@ -23,6 +23,7 @@ from aplot_rlhf.models.packing import (
     attention_kwargs,
     check_packing_support,
     first_fit_rows,
+    is_packed_row_mask,
     pack,
     pack_prompt_response,
 )
@@ -114,7 +115,11 @@ class _Cfg:
 def test_flash_attention_gets_varlen_kwargs_and_other_kernels_are_refused(caplog):
     layout = pack([[5, 6, 7], [8, 9]], pad_id=0, capacity=None)
     kw = attention_kwargs(layout, _Cfg("flash_attention_2"), causal=True, dtype=torch.float32)
-    assert kw["attention_mask"] is None and kw["cu_seq_lens_q"].dtype == torch.int32
+    # a marked all-ones mask, not None: None makes transformers search position_ids (a host sync, issue 25 item 8)
+    assert is_packed_row_mask(kw["attention_mask"]) and kw["attention_mask"].all()
+    assert kw["cu_seq_lens_q"].dtype == torch.int32
+    encoder = attention_kwargs(layout, _Cfg("flash_attention_2"), causal=False, dtype=torch.float32)
+    assert encoder["attention_mask"] is None
     assert kw["cu_seq_lens_k"].tolist() == [0, 3, 5] and kw["max_length_q"] == 3
     with pytest.raises(ValueError, match="one-row"):
         attention_kwargs(pack([[5, 6], [8, 9]], 0, capacity=2), _Cfg("flash_attention_2"), True, torch.float32)

@@ -437,3 +437,66 @@ def test_two_ranks_give_the_gradient_of_one_batch(aggregation, char_llama_dir, p
     worst = max(one, key=lambda k: (one[k] - two[k]).abs().max())
     diff = (one[worst] - two[worst]).abs().max().item()
     assert diff < 1e-6, f"{worst}: gradients differ by {diff:.3g} (scale {one[worst].abs().max().item():.3g})"
+
+
+# ------------------------------------------------------------------------------ issue 25 item 2: rollout mismatch
+
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_rollout_logprobs_are_compared_every_iteration_and_weigh_the_loss(mode, char_llama_dir, prompt_file, tmp_path,
+                                                                          trainer_factory):
+    """The HF backend reports its sampled tokens' log-probs; an iteration logs the mismatch with the trainer's
+    (small: same weights, KV-cached vs full forward), and the experience carries the --rollout_is weights
+    (rollout_is_weights of the trainer's and the engine's log-probs), which the policy loss reads."""
+    from aplot_rlhf.trainers.ppo_math import rollout_is_weights
+    trainer = trainer_factory(ppo_config(char_llama_dir, prompt_file, tmp_path, rollout_is=mode, rollout_is_cap=2.0))
+    metrics = trainer.step()
+    assert 0 < metrics["rollout/logprob_abs_diff_mean"] <= metrics["rollout/logprob_abs_diff_max"] < 1e-3, metrics
+    assert metrics["rollout/logprob_mismatch_frac"] == 0.0
+    batch = trainer.prompt_batch(1)
+    prompts, rm_prompts = [b[0] for b in batch], [b[1] for b in batch]
+    responses, engine_lp = trainer.generate(prompts, seeds=[3] * len(prompts), return_logprobs=True)
+    assert [len(r) for r in responses] == [len(lp) for lp in engine_lp]
+    shifted = [[lp + 0.9 * (t % 2) for t, lp in enumerate(row)] for row in engine_lp]  # every other token: r ~ 0.4
+    exp = trainer.make_experience(prompts, rm_prompts, responses, shifted)
+    weights, loss_mask = rollout_is_weights(exp["old_lp"], exp["rollout_lp"], exp["mask"], mode, 2.0)
+    assert torch.equal(exp["is_w"], weights) and torch.equal(exp["loss_mask"], loss_mask)
+    odd = exp["mask"].bool() & (torch.arange(exp["mask"].shape[1]) % 2 == 1)
+    assert odd.any() and (exp["is_w"][odd] < 0.45).all()
+    assert (exp["loss_mask"][odd] == 0).all() if mode == "mask" else torch.equal(exp["loss_mask"], exp["mask"])
+    trainer.train_on(exp)
+
+
+# ------------------------------------------------------------------------------ issue 25 item 8: one disable_adapter
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_lora_reference_logprobs_run_under_one_disable_adapter_per_experience(packing, char_llama_dir, prompt_file,
+                                                                              tmp_path, trainer_factory, monkeypatch):
+    """A LoRA actor is its own KL reference with the adapters disabled: an experience pass of 2 micro-batches
+    enters disable_adapter() once (not once per micro-batch), and the reference log-probs are those of the
+    base model (adapters moved off zero first, so they differ from the actor's)."""
+    import contextlib
+
+    from aplot_rlhf.trainers.ppo_layout import response_logprobs, trim_left_padding
+    trainer = trainer_factory(ppo_config(char_llama_dir, prompt_file, tmp_path, lora_rank=4, lora_alpha=8,
+                                         micro_batch_size=2, kl_mode="loss", packing=packing))
+    peft_model = trainer.actor.module
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    real, entries = peft_model.disable_adapter, []
+
+    @contextlib.contextmanager
+    def counting():
+        entries.append(1)
+        with real():
+            yield
+    monkeypatch.setattr(peft_model, "disable_adapter", counting)
+    exp = first_rollout(trainer)
+    assert exp["ids"].shape[0] == 4 and len(entries) == 1, entries
+    with torch.no_grad(), real():
+        base = response_logprobs(trainer.actor, *trim_left_padding(exp["ids"], exp["attn"], exp["posids"]),
+                                 exp["tokens"])
+    mask = exp["mask"].bool()
+    torch.testing.assert_close(exp["ref_lp"][mask], base[mask], rtol=1e-4, atol=1e-4)
+    assert (exp["old_lp"] - exp["ref_lp"])[mask].abs().max() > 1e-3

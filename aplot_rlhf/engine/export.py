@@ -1,11 +1,13 @@
 """Hugging Face folders from a (ZeRO-3 partitioned, maybe LoRA) model, and the weights the vLLM sync reads.
 
-Written atomically (a temporary folder swapped in); a LoRA model is written merged, with its peft adapter
-folder beside it. models.lora computes the merged weights; it receives our gather function.
+Written atomically (a temporary folder swapped in); a LoRA model is written merged, in fp32 (a bf16 merge
+rounds small LoRA updates away: models/lora.py), with its peft adapter folder beside it. models.lora
+computes the merged weights; it receives our gather function.
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 
@@ -55,8 +57,9 @@ def iter_gathered_named_params(module: torch.nn.Module, zero3: bool):
 def export_pretrained(hf_model, tokenizer, out_dir: str, extra_config: dict | None = None) -> str | None:
     """Consolidate (from ZeRO-3 if needed) and write a transformers folder atomically (rank 0).
 
-    A LoRA (peft) model is written merged (a plain transformers folder) and its adapter folder beside
-    it, `<out_dir>_adapter`."""
+    A LoRA (peft) model is written merged (a plain transformers folder) in lora.MERGED_EXPORT_DTYPE (fp32,
+    recorded as config.json's dtype, whatever the training precision), and its adapter folder beside it,
+    `<out_dir>_adapter`."""
     peft_model = hf_model if lora.is_lora(hf_model) else None
     with Phase.of("export"):
         if peft_model is not None:  # merged one layer at a time; the adapters gathered one tensor at a time
@@ -69,12 +72,26 @@ def export_pretrained(hf_model, tokenizer, out_dir: str, extra_config: dict | No
             config = hf_model.config
             for k, v in (extra_config or {}).items():
                 setattr(config, k, v)
+            merged_dtype = lora.MERGED_EXPORT_DTYPE if peft_model is not None else None
             _replace_dir(out_dir, lambda tmp: (hf_model.save_pretrained(tmp, state_dict=state, safe_serialization=True),
-                                               tokenizer.save_pretrained(tmp)))
+                                               _record_dtype(tmp, merged_dtype), tokenizer.save_pretrained(tmp)))
             if peft_model is not None:
                 _replace_dir(out_dir.rstrip("/") + "_adapter", lambda tmp: lora.save_adapter(peft_model, adapter, tmp))
         barrier()
     return out_dir if is_rank0() else None
+
+
+def _record_dtype(folder: str, dtype: torch.dtype | None) -> None:
+    """config.json's dtype := `dtype` (save_pretrained records the live model's, the training precision)."""
+    if dtype is None:
+        return
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["dtype"] = str(dtype).split(".")[1]
+    config.pop("torch_dtype", None)  # the older key, which would contradict it
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
 
 
 def _replace_dir(out_dir: str, write) -> None:

@@ -18,6 +18,12 @@ attention paths, chosen from the model's `config._attn_implementation`:
   so one giant row would be slower than padding), and a 4D block-diagonal mask (causal too for decoders)
   is passed, which transformers uses as given for both decoders (create_causal_mask) and encoders
   (create_bidirectional_mask).
+
+Host syncs: transformers (5.x) searches `position_ids` for sequence starts (`find_packed_sequence_indices`,
+whose `.all()` waits for the device) on every decoder forward that has position ids but no attention
+mask, cu_seq_lens or not. The varlen paths therefore pass a marked all-ones 2D mask (`packed_row_mask`),
+which skips that search, and their mask functions return None for it (no mask, no `.all()`): a packed
+decoder forward makes no host sync in mask creation.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ log = logging.getLogger(__name__)
 DENSE_IMPLEMENTATIONS = ("sdpa", "eager")
 VARLEN_SDPA = "aplot_varlen_sdpa"  # ours, namespaced; it contains "sdpa", so transformers checks sdpa support
 SLOTS_KWARG = "aplot_attention_slots"  # the layout's length buckets, which transformers passes on to attention
+PACKED_ROW_ATTR = "_aplot_packed_row"  # marks packed_row_mask's tensor: the varlen kwargs carry the real layout
 
 
 def is_varlen(config) -> bool:
@@ -165,15 +172,52 @@ def to_device(layout: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in layout.items()}
 
 
+def packed_row_mask(input_ids: torch.Tensor) -> torch.Tensor:
+    """An all-True [1, T] mask on input_ids' device, marked (PACKED_ROW_ATTR) as standing for a varlen layout.
+
+    Given instead of None, it stops transformers' create_causal_mask from searching position_ids for
+    sequence starts (a host sync per forward); the varlen mask functions turn it into no mask at all."""
+    mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    setattr(mask, PACKED_ROW_ATTR, True)
+    return mask
+
+
+def is_packed_row_mask(mask) -> bool:
+    return bool(getattr(mask, PACKED_ROW_ATTR, False))
+
+
+def _register_flash_packed_mask(impl: str) -> None:
+    """Wrap transformers' mask function for a flash implementation (once): None for a `packed_row_mask`
+    (its own `attention_mask.all()` would wait for the device), else the original's answer."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    original = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(impl)
+    if original is None or getattr(original, PACKED_ROW_ATTR, False):
+        return
+
+    def flash_mask(*args, attention_mask=None, **kwargs):
+        if is_packed_row_mask(attention_mask):
+            return None
+        return original(*args, attention_mask=attention_mask, **kwargs)
+    setattr(flash_mask, PACKED_ROW_ATTR, True)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(impl, flash_mask)
+
+
 def attention_kwargs(layout: dict, config, causal: bool, dtype: torch.dtype) -> dict:
     """The kwargs that make an HF model attend within sequences only: varlen kwargs for flash attention
-    and varlen_sdpa, else a 4D mask [R, 1, L, L] built on the layout's device (bool for sdpa, additive for eager)."""
+    and varlen_sdpa (decoders: with a `packed_row_mask`, so transformers does not search the position ids
+    for sequence starts), else a 4D mask [R, 1, L, L] built on the layout's device (bool for sdpa,
+    additive for eager)."""
     if is_varlen(config):
         if layout["input_ids"].shape[0] != 1:
             raise ValueError(f"packing: the varlen path ({config._attn_implementation}) needs a one-row layout "
                              "(capacity None)")
         cu = layout["cu_seq_lens"]
-        kwargs = {"attention_mask": None, "position_ids": layout["position_ids"], "cu_seq_lens_q": cu,
+        mask = None
+        if causal:  # create_bidirectional_mask (encoders) never reads position_ids: nothing to skip there
+            mask = packed_row_mask(layout["input_ids"])
+            if config._attn_implementation != VARLEN_SDPA:
+                _register_flash_packed_mask(config._attn_implementation)
+        kwargs = {"attention_mask": mask, "position_ids": layout["position_ids"], "cu_seq_lens_q": cu,
                   "cu_seq_lens_k": cu, "max_length_q": layout["max_length"], "max_length_k": layout["max_length"]}
         if config._attn_implementation == VARLEN_SDPA and "attn_buckets" in layout:
             kwargs[SLOTS_KWARG] = tuple(layout[k] for k in ("attn_slot_token", "attn_slot_valid", "attn_token_slot",
@@ -338,9 +382,12 @@ def trims_bert_last_layer(base) -> bool:
 
 
 def varlen_sdpa_mask(*args, attention_mask=None, q_length=None, kv_length=None, q_offset=0, kv_offset=0, **kwargs):
-    """Mask creation for varlen_sdpa: None when there is nothing to mask (no 2D mask, no cache offset),
-    as for flash attention, so a packed row never materializes a [T, T] mask; else transformers' sdpa_mask."""
+    """Mask creation for varlen_sdpa: None when there is nothing to mask (no 2D mask, or a `packed_row_mask`;
+    no cache offset), as for flash attention, so a packed row never materializes a [T, T] mask; else
+    transformers' sdpa_mask."""
     from transformers.masking_utils import sdpa_mask
+    if is_packed_row_mask(attention_mask):
+        return None
     if (attention_mask is None and isinstance(q_offset, int) and isinstance(kv_offset, int)
             and q_offset == 0 and kv_offset == 0 and q_length == kv_length):
         return None

@@ -52,9 +52,13 @@ class HFRollout:
         self.eos_ids = {tokenizer.eos_token_id}
 
     @torch.no_grad()
-    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seeds):
+    def generate(self, prompts, *, max_new_tokens, temperature, top_p, seeds, return_logprobs: bool = False):
         """One batched `generate`: its rows draw from one generator seeded with the batch's first seed
-        (distinct per rank and iteration), inside `fork_rng` so the trainer's RNG stream is untouched."""
+        (distinct per rank and iteration), inside `fork_rng` so the trainer's RNG stream is untouched.
+
+        return_logprobs: also the log-prob of each sampled token under the distribution it was drawn from
+        (generate's processed scores: temperature and top-p applied), as the vLLM backend reports them;
+        keeps every step's [B, vocab] scores until generate returns."""
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -73,9 +77,17 @@ class HFRollout:
             torch.manual_seed(seeds[0])
             out = self.model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                                       pad_token_id=pad, eos_token_id=list(self.eos_ids), use_cache=True,
-                                      synced_gpus=self.synced, **sampling)
+                                      synced_gpus=self.synced, return_dict_in_generate=return_logprobs,
+                                      output_scores=return_logprobs, **sampling)
         self.model.train(was_training)
-        return [cut_at_eos(row[width:].tolist(), self.eos_ids) for row in out.cpu()]
+        sequences = out.sequences if return_logprobs else out
+        responses = [cut_at_eos(row[width:].tolist(), self.eos_ids) for row in sequences.cpu()]
+        if not return_logprobs:
+            return responses
+        new = sequences[:, width:]
+        lps = torch.stack([torch.log_softmax(s.float(), -1).gather(-1, new[:, t:t + 1])[:, 0]
+                           for t, s in enumerate(out.scores)], 1).cpu()
+        return responses, [lps[i, :len(r)].tolist() for i, r in enumerate(responses)]
 
     def sync_weights(self, named_tensors) -> None:
         pass  # generates from the live training weights

@@ -50,9 +50,12 @@ from .ppo_math import (
     kl_per_token,
     masked_mean,
     masked_moments,
+    mismatch_metrics,
     moments_to_mean_var,
     normalize_scores,
     policy_loss,
+    rollout_is_weights,
+    rollout_mismatch,
     token_rewards,
     value_loss,
     whiten,
@@ -237,7 +240,8 @@ class PPOTrainer:
 
     def reference_logprobs(self, logprobs_under):
         """logprobs_under(model) under the KL reference: its own model, or (LoRA) the actor with its
-        adapters disabled (padded and packed layouts alike)."""
+        adapters disabled (padded and packed layouts alike). Called once per experience pass, so a LoRA
+        actor enters disable_adapter() once, not once per micro-batch."""
         if self.reference is not None:
             return logprobs_under(self.reference)
         with self.actor.module.disable_adapter():
@@ -297,8 +301,12 @@ class PPOTrainer:
             self.backend.sync_weights(hf_export.iter_gathered_named_params(self.actor.module, self.zero3))
         return time.perf_counter() - t0
 
-    def generate(self, prompt_ids: list[list[int]], temperature: float | None = None, seeds: list[int] | None = None):
+    def generate(self, prompt_ids: list[list[int]], temperature: float | None = None, seeds: list[int] | None = None,
+                 return_logprobs: bool = False):
+        """-> responses (token lists); with return_logprobs, (responses, the engine's log-prob of each sampled
+        token under the distribution it sampled from)."""
         cfg = self.cfg
+        extra = {"return_logprobs": True} if return_logprobs else {}
         with comm.Phase.of("generate"):
             handoff = cfg.vllm_sleep and cfg.rollout_backend == "vllm" and torch.cuda.is_available()
             if handoff:  # optimizer states and partitions leave the GPU while vLLM holds it
@@ -306,7 +314,8 @@ class PPOTrainer:
             self.backend.wake()
             out = self.backend.generate(prompt_ids, max_new_tokens=cfg.max_new_tokens,
                                         temperature=cfg.temperature if temperature is None else temperature,
-                                        top_p=cfg.top_p, seeds=seeds if seeds is not None else [0] * len(prompt_ids))
+                                        top_p=cfg.top_p, seeds=seeds if seeds is not None else [0] * len(prompt_ids),
+                                        **extra)
             self.backend.sleep()
             if handoff:
                 ds_api.reload_states(*self.trained_engines.values())
@@ -333,14 +342,17 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------- experience and training
     @torch.no_grad()
-    def make_experience(self, prompts, rm_prompts, responses) -> dict:
+    def make_experience(self, prompts, rm_prompts, responses, rollout_lp: list[list[float]] | None = None) -> dict:
         """Rollout -> the tensors training reads: log-probs, advantages (and, with a critic, values and
         returns), on the trainer's device. With samples_per_prompt K the K samples of a prompt are
-        consecutive rows, and group baselines (grpo, rloo) compare them."""
+        consecutive rows, and group baselines (grpo, rloo) compare them.
+
+        rollout_lp: the generation engine's log-prob of each sampled token: the mismatch with the trainer's
+        is measured (`rollout_mismatch`) and, with --rollout_is, corrected (`rollout_is_weights`)."""
         cfg, dev = self.cfg, comm.device()
         ids, attn, posids, tokens, mask = pad_prompt_response(prompts, responses, self.tok.pad_token_id)
         ids, attn, posids, tokens, mask = (t.to(dev) for t in (ids, attn, posids, tokens, mask))
-        old_lp, ref_lp, values = [], [], []
+        old_lp, values, micro_lp = [], [], []  # micro_lp: per micro-batch, its response log-probs under a model
         # the log-probs of the policy that sampled: tempered, as vLLM/HF sampled, over the tokenizer's tokens
         lp_kw = dict(temperature=cfg.temperature, vocab_size=self.vocab_size)
         with comm.Phase.of("experience"):
@@ -350,21 +362,21 @@ class PPOTrainer:
                 sl = slice(i, i + cfg.micro_batch_size)
                 if cfg.packing:
                     layout = self.packed_layout(prompts[sl], responses[sl], tokens.shape[1])
-                    old_lp.append(packed_response_logprobs(self.actor, layout, tokens[sl], **lp_kw))
-                    ref_lp.append(self.reference_logprobs(
-                        lambda m: packed_response_logprobs(m, layout, tokens[sl], **lp_kw)))
+                    micro_lp.append(lambda m, layout=layout, tok=tokens[sl]: packed_response_logprobs(
+                        m, layout, tok, **lp_kw))
                     if self.critic is not None:
                         values.append(packed_response_values(self.critic, layout))
-                    continue
-                P = ids.shape[1] - tokens.shape[1]  # the rollout's longest prompt
-                seqs = trim_left_padding(ids[sl], attn[sl], posids[sl],
-                                         first_column(prompts, range(i, min(i + cfg.micro_batch_size, len(prompts))),
-                                                      P))
-                old_lp.append(response_logprobs(self.actor, *seqs, tokens[sl], **lp_kw))
-                ref_lp.append(self.reference_logprobs(
-                    lambda m: response_logprobs(m, *seqs, tokens[sl], **lp_kw)))
-                if self.critic is not None:
-                    values.append(response_values(self.critic, *seqs, tokens.shape[1]))
+                else:
+                    P = ids.shape[1] - tokens.shape[1]  # the rollout's longest prompt
+                    seqs = trim_left_padding(ids[sl], attn[sl], posids[sl],
+                                             first_column(prompts, range(i, min(i + cfg.micro_batch_size,
+                                                                                len(prompts))), P))
+                    micro_lp.append(lambda m, seqs=seqs, tok=tokens[sl]: response_logprobs(m, *seqs, tok, **lp_kw))
+                    if self.critic is not None:
+                        values.append(response_values(self.critic, *seqs, tokens.shape[1]))
+                old_lp.append(micro_lp[-1](self.actor))
+            # the reference over every micro-batch in one pass: a LoRA actor disables its adapters once
+            ref_lp = self.reference_logprobs(lambda m: [lp_under(m) for lp_under in micro_lp])
             for e in self.trained_engines.values():
                 e.train()
         old_lp, ref_lp = torch.cat(old_lp), torch.cat(ref_lp)
@@ -392,13 +404,27 @@ class PPOTrainer:
             adv = critic_free_advantages(estimator, scores, kl, mask, K, beta, cfg.gamma, cfg.grpo_std_normalize,
                                          reduce_sum=comm.all_reduce_sum)
         out["adv"] = adv
+        if rollout_lp is not None:
+            engine_lp = torch.zeros(old_lp.shape, dtype=old_lp.dtype)  # filled on the host, one copy to the device
+            for i, row in enumerate(rollout_lp):
+                engine_lp[i, :len(row)] = torch.tensor(row, dtype=old_lp.dtype)
+            engine_lp = engine_lp.to(old_lp.device)
+            out["rollout_lp"] = engine_lp
+            out["rollout_mismatch"] = rollout_mismatch(old_lp, engine_lp, mask, cfg.rollout_is_cap)
+            weights, out["loss_mask"] = rollout_is_weights(old_lp, engine_lp, out["loss_mask"], cfg.rollout_is,
+                                                           cfg.rollout_is_cap)
+            if weights is not None:
+                out["is_w"] = weights
+        elif cfg.rollout_is != "off":
+            raise ValueError("--rollout_is needs the rollout engine's log-probs (make_experience's rollout_lp)")
         return experience_on(dev, **out)
 
     def train_on(self, exp: dict) -> dict:
         cfg = self.cfg
         n = exp["ids"].shape[0]
         stats = []
-        keys = TRAIN_KEYS + (CRITIC_KEYS if self.critic is not None else ()) + (("ref_lp",) if "ref_lp" in exp else ())
+        keys = TRAIN_KEYS + (CRITIC_KEYS if self.critic is not None else ()) + tuple(k for k in ("ref_lp", "is_w")
+                                                                                   if k in exp)
         gen = torch.Generator().manual_seed(cfg.seed * MINIBATCH_SEED_STRIDE + self.iteration)
         zero = torch.zeros((), device=exp["ids"].device)
         # DeepSpeed divides each micro-batch's loss by the accumulation steps and averages gradients over ranks;
@@ -428,7 +454,8 @@ class PPOTrainer:
                         lp, ent = response_logprobs(self.actor, *seqs, mb["tokens"], with_entropy=True,
                                                     temperature=cfg.temperature, vocab_size=self.vocab_size)
                     pl, clip_frac, approx_kl = policy_loss(lp, mb["old_lp"], mb["adv"], mb["loss_mask"], cfg.clip_ratio,
-                                                           cfg.loss_aggregation, policy_counts, cfg.max_new_tokens)
+                                                           cfg.loss_aggregation, policy_counts, cfg.max_new_tokens,
+                                                           is_weights=mb.get("is_w"))
                     entropy = masked_mean(ent, mb["mask"])  # logged; the bonus weighs every token of the mini-batch
                     loss = pl - cfg.entropy_coef * aggregate(ent, mb["mask"], "token_mean", response_counts)
                     kl_loss = zero
@@ -481,11 +508,12 @@ class PPOTrainer:
         batch = [b for b in self.prompt_batch(self.iteration) for _ in range(K)]
         prompts, rm_prompts = [b[0] for b in batch], [b[1] for b in batch]
         t0 = time.perf_counter()
-        responses = self.generate(prompts, seeds=sample_seeds(self.cfg.seed, self.iteration, self.rank, self.world,
-                                                              len(prompts)))
+        responses, rollout_lp = self.generate(prompts, seeds=sample_seeds(self.cfg.seed, self.iteration, self.rank,
+                                                                          self.world, len(prompts)),
+                                              return_logprobs=True)
         gen_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        exp = self.make_experience(prompts, rm_prompts, responses)
+        exp = self.make_experience(prompts, rm_prompts, responses, rollout_lp)
         exp_s = time.perf_counter() - t1
         t2 = time.perf_counter()
         train_stats = self.train_on(exp)
@@ -501,6 +529,9 @@ class PPOTrainer:
             "gen_tokens_per_s": gen_tokens / max(gen_s, 1e-9), "gen_s": gen_s, "experience_s": exp_s,
             "train_s": train_s, "sync_s": sync_s,
         }
+        # how far the sampler's policy is from the trainer's (kernels, precision, LoRA merged in bf16): global values
+        mm = exp["rollout_mismatch"]
+        local.update(mismatch_metrics(comm.all_reduce_sum(mm[:3]), comm.all_gather_no_grad(mm[3:]).max()))
         if K > 1:  # how much signal the groups carry: their reward spread, and the share with none at all
             local.update({"reward/group_std": exp["group_std"][0], "reward/uniform_group_frac": exp["uniform_frac"][0]})
         metrics = self.run.reduce(local)

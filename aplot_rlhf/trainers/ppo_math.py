@@ -114,19 +114,72 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip: float, aggregation: str = "token_mean",
-                counts: torch.Tensor | None = None, horizon: int | None = None):
+                counts: torch.Tensor | None = None, horizon: int | None = None,
+                is_weights: torch.Tensor | None = None):
     """Clipped surrogate. -> (loss, clip fraction, approx KL old||new), all scalars.
 
     aggregation, counts, horizon: how token losses become the loss (`aggregate`); the diagnostics are
-    this batch's token means."""
+    this batch's token means. is_weights [B, T]: rollout importance weights (`rollout_is_weights`,
+    constants) multiplying each token's clipped loss; None = 1."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, counts, horizon)
+    token_loss = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        token_loss = token_loss * is_weights
+    loss = aggregate(token_loss, mask, aggregation, counts, horizon)
     clip_frac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
     return loss, clip_frac.detach(), approx_kl.detach()
+
+
+ROLLOUT_IS_MODES = ("off", "truncate", "mask")
+
+
+def rollout_is_weights(train_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor, mode: str,
+                       cap: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Rollout importance weights for the sampler/trainer mismatch: ratio = exp(old train log-prob - rollout
+    log-prob) per token, both of the sampled token under the policy of this rollout (the trainer's forward
+    vs the generation engine's, which differ in kernels, precision and, with LoRA, merged bf16 weights).
+
+    'truncate': w = min(ratio, cap) (truncated IS, Yao et al. 2025; OpenRLHF's vllm_is correction, verl's
+    rollout_is truncate); 'mask': tokens with ratio outside [1/cap, cap] leave the loss (and its token counts),
+    the others keep w = ratio (verl's token-level mask mode, bounds 1/cap and cap); 'off': no weights.
+    Inputs [B, T] -> (weights [B, T], detached, 0 on masked tokens; or None for 'off', the loss mask [B, T])."""
+    if mode == "off":
+        return None, mask
+    log_ratio = (train_logprobs - rollout_logprobs).detach().float()
+    valid = mask > 0
+    if mode == "truncate":
+        weights = torch.exp(log_ratio.clamp(max=math.log(cap)))
+        return torch.where(valid, weights, torch.zeros_like(weights)), mask
+    if mode == "mask":
+        keep = valid & (log_ratio.abs() <= math.log(cap))
+        weights = torch.where(keep, torch.exp(log_ratio.clamp(-math.log(cap), math.log(cap))),
+                              torch.zeros_like(log_ratio))
+        return weights, mask * keep.to(mask.dtype)
+    raise ValueError(f"rollout_is must be one of {ROLLOUT_IS_MODES}, got {mode!r}")
+
+
+def rollout_mismatch(train_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+                     cap: float) -> torch.Tensor:
+    """[valid tokens, sum of |train - rollout| log-prob, tokens whose ratio is outside [1/cap, cap], max |train -
+    rollout|] over the valid tokens of [B, T] inputs, fp32 on their device: the first three add up over ranks
+    (`mismatch_metrics`), the last is a max."""
+    diff = (train_logprobs - rollout_logprobs).detach().float().abs()
+    valid = mask > 0
+    diff = torch.where(valid, diff, torch.zeros_like(diff))
+    return torch.stack([valid.sum().float(), diff.sum(), (diff > math.log(cap)).sum().float(),
+                        diff.max() if diff.numel() else diff.sum()])
+
+
+def mismatch_metrics(summed: torch.Tensor, max_diff: torch.Tensor) -> dict:
+    """`rollout_mismatch`'s first three entries summed over ranks, and its max over ranks -> the logged
+    rollout/logprob_abs_diff_mean, rollout/logprob_abs_diff_max and rollout/logprob_mismatch_frac (tensors)."""
+    n = summed[0].clamp_min(1.0)
+    return {"rollout/logprob_abs_diff_mean": summed[1] / n, "rollout/logprob_abs_diff_max": max_diff,
+            "rollout/logprob_mismatch_frac": summed[2] / n}
 
 
 def value_loss(values, old_values, returns, mask, clip: float, counts: torch.Tensor | None = None):
