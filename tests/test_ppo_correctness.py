@@ -426,8 +426,10 @@ def test_two_ranks_give_the_gradient_of_one_batch(aggregation, char_llama_dir, p
                                                                             "--no-export"]
         launch = ([PYTHON] if world == 1 else
                   [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())])
+        # a process group of its own: not the variables an in-process trainer of this module may have set
+        env = {k: v for k, v in python_env().items() if k not in DIST_VARS}
         proc = subprocess.run(launch + [str(REPO / "tests" / "ppo_grad_check.py"), str(exp), *flags],
-                              env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
         return torch.load(out / f"grads_world{world}.pt")
 
@@ -496,7 +498,7 @@ def test_lora_reference_logprobs_run_under_one_disable_adapter_per_experience(pa
     assert exp["ids"].shape[0] == 4 and len(entries) == 1, entries
     with torch.no_grad(), real():
         base = response_logprobs(trainer.actor, *trim_left_padding(exp["ids"], exp["attn"], exp["posids"]),
-                                 exp["tokens"])
+                                 exp["tokens"], vocab_size=trainer.vocab_size)
     mask = exp["mask"].bool()
     torch.testing.assert_close(exp["ref_lp"][mask], base[mask], rtol=1e-4, atol=1e-4)
     assert (exp["old_lp"] - exp["ref_lp"])[mask].abs().max() > 1e-3

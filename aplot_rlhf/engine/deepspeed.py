@@ -36,6 +36,7 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> tuple[int, 
                            "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
                            "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port()))})
     if not dist.is_initialized():
+        _forget_destroyed_groups()
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -43,6 +44,19 @@ def init_distributed(backend: str = "auto", timeout_s: int = 600) -> tuple[int, 
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
+
+
+def _forget_destroyed_groups() -> None:
+    """DeepSpeed caches process groups in module globals (deepspeed.utils.groups: the cloned world group, the
+    data/model/expert parallel groups). A second run in one process (a notebook, a sweep, a test module) after
+    the first destroyed its process group would hand DeepSpeed those dead groups ("Group ... is not
+    registered"): drop them, so DeepSpeed builds them again on the new group."""
+    from deepspeed.utils import groups
+    for name, value in list(vars(groups).items()):
+        if isinstance(value, dist.ProcessGroup):
+            setattr(groups, name, None)
+        elif isinstance(value, dict) and any(isinstance(v, dist.ProcessGroup) for v in value.values()):
+            value.clear()
 
 def effective_precision(precision: str) -> str:
     """bf16/fp16 need an accelerator; on CPU we train in fp32 (and say so)."""
