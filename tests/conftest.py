@@ -44,6 +44,16 @@ def char_llama_dir(tmp_path_factory) -> str:
     A small vocabulary lets PPO move the policy in a few steps on a CPU, so the test can check that
     the reward really goes up; head_dim 64 because vLLM's CPU attention rejects 16.
     """
+    return save_char_llama(tmp_path_factory.mktemp("char_llama"), tied=False)
+
+
+@pytest.fixture(scope="session")
+def char_llama_tied_dir(tmp_path_factory) -> str:
+    """The same character Llama with its LM head tied to its input embedding (as SmolLM2's is)."""
+    return save_char_llama(tmp_path_factory.mktemp("char_llama_tied"), tied=True)
+
+
+def save_char_llama(out, tied: bool) -> str:
     import torch
     from tokenizers import Tokenizer, decoders, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -55,8 +65,7 @@ def char_llama_dir(tmp_path_factory) -> str:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
-    out = tmp_path_factory.mktemp("char_llama")
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=tied)
     LlamaForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)

@@ -41,6 +41,28 @@ def _keep_torch_threads(threads: int):
         os.environ.pop("OMP_NUM_THREADS", None)
 
 
+# What vLLM's layer-wise reload says about layers the sync sends no weight for, and why each is expected here:
+# rotary embeddings hold only their cos/sin cache (computed, never loaded), and with tied embeddings the LM head
+# shares the embedding matrix the sync sends (VLLMRollout._retie_lm_head ties it again). Any other layer that
+# "failed to load" is a real problem and is still reported.
+_EXPECTED_UNLOADED = ("RotaryEmbedding",)
+
+
+@contextlib.contextmanager
+def _quiet_expected_reload_warnings(tied: bool):
+    expected = _EXPECTED_UNLOADED + (("ParallelLMHead",) if tied else ())
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not (record.getMessage().endswith(": Failed to load weights")
+                    and record.getMessage().split(":", 1)[0] in expected)
+    reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    reload_log.addFilter(keep)
+    try:
+        yield
+    finally:
+        reload_log.removeFilter(keep)
+
+
 class VLLMRollout:
     name = "vllm"
 
@@ -99,6 +121,7 @@ class VLLMRollout:
         # processed log-probs, so they are never drawn and take no mass
         self.logit_bias = {int(t): float("-inf") for t in banned_token_ids} or None
         self.sleeping = False
+        self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False))
 
     def _worker(self):
         # LLM -> engine -> in-process executor -> worker wrapper -> worker (has reload_weights)
@@ -138,8 +161,36 @@ class VLLMRollout:
 
     def sync_weights(self, named_tensors) -> None:
         self.wake()
-        self._worker().reload_weights(weights_iterator=named_tensors)
+        with _quiet_expected_reload_warnings(self.tied):
+            self._worker().reload_weights(weights_iterator=named_tensors)
+        if self.tied:
+            self._retie_lm_head()
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def _model(self):
+        runner = self._worker().model_runner
+        return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+    def _retie_lm_head(self) -> None:
+        """A model with tied embeddings (SmolLM2, Llama-3.2, Qwen2.5-0.5B, ...) has one matrix for its input
+        embedding and its LM head; the HF actor yields it once, as the embedding. vLLM's layer-wise reload
+        loads it into the embedding and gives the LM head back its pre-sync tensors, unprocessed: on GPUs the
+        head still shares the embedding's storage (refilled in place), but on CPUs its matmul runs on a
+        pre-packed copy (oneDNN / sgl `cpu_linear`) made from the *old* weights, so the engine would sample
+        from the new embeddings and the old head, another policy than the trainer's. Tie the head to the
+        embedding again and redo its post-load processing (per tensor-parallel shard: both are split along the
+        vocabulary alike)."""
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+        modules = list(self._model().modules())
+        heads = [m for m in modules if isinstance(m, ParallelLMHead)]
+        embeds = [m for m in modules if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)]
+        if len(heads) != 1 or len(embeds) != 1:
+            raise RuntimeError(f"vLLM model with tied embeddings has {len(heads)} LM heads and {len(embeds)} input "
+                               "embeddings: cannot tie them again after a weight sync; use --rollout_backend hf")
+        head, embed = heads[0], embeds[0]
+        if head.weight is not embed.weight:
+            head.tie_weights(embed)
+        head.quant_method.process_weights_after_loading(head)
 
     def sleep(self) -> None:
         if self.use_sleep and not self.sleeping:
