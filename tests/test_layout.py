@@ -127,8 +127,15 @@ def test_the_loader_names_the_flag_and_the_file(tiny_llama_dir, tmp_path):
     with pytest.raises(ModelError, match=r"^--model_name_or_path .*empty: no config.json in this folder"):
         load_model("reward", str(empty))
     (empty / "adapter_config.json").write_text("{}")
-    with pytest.raises(ModelError, match=r"a LoRA adapter folder: pass the merged model folder"):
+    with pytest.raises(ModelError, match=r"a LoRA adapter folder, not a model: pass the merged model folder"):
         load_config("eval", str(empty))
+    run = tmp_path / "run"  # what train_rm --lora_rank writes: model/ and model_adapter/ beside it
+    shutil.copytree(tiny_llama_dir, run / "model")
+    (run / "model_adapter").mkdir()
+    (run / "model_adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelError, match=rf"^--model {run}/model_adapter: a LoRA adapter folder, not a model: "
+                                         rf"pass --model {run}/model, the merged model"):
+        load_tokenizer("eval", str(run / "model_adapter"))  # eval_rm reads the tokenizer first
     cut = tmp_path / "cut"
     shutil.copytree(tiny_llama_dir, cut)
     weights = cut / "model.safetensors"

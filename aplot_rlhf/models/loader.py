@@ -95,18 +95,18 @@ def resolve(role_name: str, path: str, gguf_file: str = "", weights: bool = True
     if not os.path.isdir(folder):
         raise InputNotFoundError(f"{r.flag} {path}: not a folder (a model is a folder with config.json, or a "
                                  ".gguf file)")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        if os.path.isfile(os.path.join(folder, "adapter_config.json")):  # <run>/model_adapter, passed for <run>/model
+            merged = folder.rstrip("/")[:-len("_adapter")] if folder.rstrip("/").endswith("_adapter") else ""
+            use = (f"pass {r.flag} {merged}, the merged model written beside it"
+                   if merged and os.path.isfile(os.path.join(merged, "config.json")) else
+                   "pass the merged model folder")
+            raise ModelError(f"{r.flag} {path}: a LoRA adapter folder, not a model: {use} (or load the adapter "
+                             "over its base model with peft)")
+        if weights:
+            raise ModelError(f"{r.flag} {path}: no config.json in this folder, so it is not a transformers model")
     if not weights:
         return folder, None
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        hint = ""
-        if os.path.isfile(os.path.join(folder, "adapter_config.json")):
-            merged = folder.rstrip("/")[:-len("_adapter")] if folder.rstrip("/").endswith("_adapter") else ""
-            hint = (f" (it is a LoRA adapter folder: pass {r.flag} {merged}, the merged model train_rm / train_ppo "
-                    "wrote beside it, or load the adapter over its base model with peft)"
-                    if merged and os.path.isfile(os.path.join(merged, "config.json")) else
-                    " (it is a LoRA adapter folder: pass the merged model folder, or load the adapter over its base "
-                    "model with peft)")
-        raise ModelError(f"{r.flag} {path}: no config.json in this folder, so it is not a transformers model{hint}")
     check_safetensors(folder, r.flag)
     return folder, None
 
