@@ -32,7 +32,9 @@ def main():
         syncs = [by_step[k]["ppo/sync_s"] for k in sorted(by_step)]
         prompts = [p[0] for p in trainer.eval_prompts]
         engine_tokens = trainer.generate(prompts, temperature=0.0)
-        reference = HFRollout(trainer.actor.module, trainer.tok, zero3=trainer.zero3)
+        # greedy over the tokenizer's tokens, as the rollout engines sample (padded embedding rows banned)
+        reference = HFRollout(trainer.actor.module, trainer.tok, zero3=trainer.zero3,
+                              banned_token_ids=trainer.padded_ids)
         # the frozen KL reference still holds the starting weights after training (not the actor's)
         # (read from the file itself: under ZeRO-3 from_pretrained would partition a fresh copy)
         from safetensors.torch import load_file

@@ -5,27 +5,6 @@ from __future__ import annotations
 import logging
 
 
-def check_model_paths(cfg, job: str) -> None:
-    """Every model, tokenizer and GGUF path the run names exists (or is a hub name) and is whole: config.json
-    present, safetensors as long as their headers say; PPO's reward model scores with a one-output head.
-    Reads no weights (models.loader.resolve)."""
-    import os
-
-    from ..errors import InputNotFoundError
-    from ..models.loader import load_config, resolve
-    if job == "rm":
-        resolve("reward", cfg.model_name_or_path, cfg.gguf_file)
-        tok = cfg.tokenizer_name_or_path
-        if tok and not os.path.exists(tok) and tok.startswith(("/", ".", "~")):
-            raise InputNotFoundError(f"--tokenizer_name_or_path {tok}: no such folder")
-        return
-    resolve("actor", cfg.actor_model, cfg.actor_gguf_file)
-    if cfg.reference_model:
-        resolve("reference", cfg.reference_model)
-    if not cfg.reward_model.startswith("rule:"):
-        load_config("reward_scorer", cfg.reward_model)  # config.json only: its head has one output
-
-
 def train_main(job: str, argv, description: str) -> dict | int:
     """job: 'rm' or 'ppo'. Heavy imports come after flag parsing, so --help is fast."""
     from ..config import PPOConfig, RMConfig, load_config
@@ -34,7 +13,8 @@ def train_main(job: str, argv, description: str) -> dict | int:
     from . import dry_run
     if cfg.dry_run:  # checks the same paths first, reported as the dry run's verdict
         return (dry_run.dry_run_rm if job == "rm" else dry_run.dry_run_ppo)(cfg)
-    check_model_paths(cfg, job)  # one error line, before DeepSpeed or any model loads
+    from ..models.loader import check_run_paths
+    check_run_paths(cfg, job)  # one error line, before DeepSpeed or any model loads
     from ..trainers.run import train_to_the_end
     if job == "rm":
         from ..trainers.rm import RewardModelTrainer

@@ -176,9 +176,9 @@ def _run(check) -> int:
 
 def dry_run_rm(cfg) -> int:
     def check():
+        from ..models.loader import check_run_paths
         from ..plan import plan_from_namespace
-        from ._train import check_model_paths
-        check_model_paths(cfg, "rm")
+        check_run_paths(cfg, "rm")
         hw = hardware()
         ds_cfg = check_deepspeed_json(cfg, hw.nodes * hw.gpus_per_node)
         data = _check_rm_data(cfg, hw.nodes * hw.gpus_per_node)
@@ -192,9 +192,9 @@ def dry_run_rm(cfg) -> int:
 
 def dry_run_ppo(cfg) -> int:
     def check():
+        from ..models.loader import check_run_paths
         from ..plan import plan_from_namespace
-        from ._train import check_model_paths
-        check_model_paths(cfg, "ppo")
+        check_run_paths(cfg, "ppo")
         hw = hardware()
         ds_cfg = check_deepspeed_json(cfg, hw.nodes * hw.gpus_per_node)
         for path, role in ((cfg.critic_ds_config, "critic"), (cfg.reference_ds_config, "reference")):

@@ -287,3 +287,20 @@ def check_max_length(length: int, config, tokenizer=None, *, flag: str = "--max_
     if limit is not None and length > limit[0]:
         raise ConfigError(f"{flag} {length} is more than the {what} can take: {limit[0]} tokens ({limit[1]}); "
                           f"use {flag} {limit[0]} or less")
+
+
+def check_run_paths(cfg, job: str) -> None:
+    """Every model, tokenizer and GGUF path the run names exists (or is a hub name) and is whole: config.json
+    present, safetensors as long as their headers say; PPO's reward model scores with a one-output head.
+    Reads no weights (models.loader.resolve)."""
+    if job == "rm":
+        resolve("reward", cfg.model_name_or_path, cfg.gguf_file)
+        tok = cfg.tokenizer_name_or_path
+        if tok and not os.path.exists(tok) and tok.startswith(("/", ".", "~")):
+            raise InputNotFoundError(f"--tokenizer_name_or_path {tok}: no such folder")
+        return
+    resolve("actor", cfg.actor_model, cfg.actor_gguf_file)
+    if cfg.reference_model:
+        resolve("reference", cfg.reference_model)
+    if not cfg.reward_model.startswith("rule:"):
+        load_config("reward_scorer", cfg.reward_model)  # config.json only: its head has one output
