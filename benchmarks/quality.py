@@ -392,11 +392,507 @@ def final_eval(rows: list[dict]) -> dict:
 def load_states(preset: str, methods: list[str], seeds: list[int]) -> dict:
     return {(m, s): json.loads(run_state(preset, m, s).read_text())
             for m in methods for s in seeds if run_state(preset, m, s).exists()}
+# ------------------------------------------------------------------------------------------ stats
+def t_quantile(q: float, df: int) -> float:
+    from scipy.stats import t
+    return float(t.ppf(q, df))
+
+
+def t_ci95(xs: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the two-sided 95% t-interval over seeds (n - 1 degrees of freedom)."""
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, float("nan")
+    return mean, t_quantile(0.975, n - 1) * sd(xs) / math.sqrt(n)
+
+
+def sd(xs: list[float]) -> float:
+    n = len(xs)
+    if n < 2:
+        return float("nan")
+    mean = sum(xs) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+
+
+def mde80(s: float, n: int) -> float:
+    """Smallest true mean paired difference a two-sided paired t-test (alpha 0.05) detects with 80% power at n
+    seeds, given the SD s of the per-seed differences: solved on the noncentral t distribution."""
+    if n < 2 or not s == s:
+        return float("nan")
+    if s == 0:
+        return 0.0
+    from scipy.stats import nct
+    crit, df, se = t_quantile(0.975, n - 1), n - 1, s / math.sqrt(n)
+
+    def power(nc: float) -> float:
+        p = nct.sf(crit, df, nc) + nct.cdf(-crit, df, nc)
+        return p if p == p else float(nc > crit)  # scipy's nct can return NaN far in the tail (df = 1)
+    lo, hi = 0.0, 0.0
+    while power(hi) < 0.8 and hi < 200:
+        lo, hi = hi, hi + 0.05
+    for _ in range(40):  # bisection on the noncentrality
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if power(mid) < 0.8 else (lo, mid)
+    return hi * se
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value (binomial, p = 1/2, over the b + c discordant pairs)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    from scipy.stats import binomtest
+    return float(binomtest(min(b, c), n, 0.5).pvalue)
+
+
+def fmt(mean: float, hw: float, scale: float = 100.0, sign: bool = False) -> str:
+    m = f"{scale * mean:+.1f}" if sign else f"{scale * mean:.1f}"
+    return m if math.isnan(hw) else f"{m} ± {scale * hw:.1f}"
+
+
+def cell(xs: list[float], sign: bool = False) -> str:
+    return fmt(*t_ci95(xs), sign=sign) if xs else "—"
+
+
+def moving_average(xs: list, k: int) -> list[float]:
+    out = []
+    for i in range(len(xs)):
+        w = [x for x in xs[max(0, i - k + 1):i + 1] if x is not None and x == x]
+        out.append(sum(w) / len(w) if w else float("nan"))
+    return out
+
+
+def shorter_wins(preset: str) -> dict:
+    """Accuracy of the rule 'prefer the shorter response' (characters) on each pair set (RM-Bench: eval_rm's
+    length diagnostic gives it per run)."""
+    from aplot_rlhf.data.pairs import load_pairs, split_pairs
+    sets = {"id_val": split_pairs(load_pairs(str(TRAIN)), 0.1, 1234)[1]}
+    for k in PAIR_SETS[1:]:
+        sets[k] = load_pairs(str(oasst_file(preset) if k == "oasst" else OOD[k]))
+    return {k: sum(len(p["chosen"]) < len(p["rejected"]) for p in v) / len(v) for k, v in sets.items()}
+
+
+def steps_to_reach(curve: list, target: float) -> int | None:
+    """First evaluated step whose id_val accuracy is >= target (None: never)."""
+    return next((st for st, a in curve if a >= target - 1e-9), None)
+
+
 # ------------------------------------------------------------------------------------------ report
+LABEL = {"id_val": "ID (id_val)", "hhh438": "HHH-438", "bigbench_hhh": "BIG-bench HHH", "oasst": "OASST",
+         "rm_bench": "RM-Bench overall", "rmb_chat": "RM-Bench chat", "rmb_code": "RM-Bench code",
+         "rmb_safety": "RM-Bench safety", "rmb_hard": "RM-Bench hard", "rmb_normal": "RM-Bench normal",
+         "rmb_easy": "RM-Bench easy", "ood_mean": "OOD mean"}
+
+
 def report(preset: str, methods: list[str], seeds: list[int]) -> str:
     states = load_states(preset, methods, seeds)
-    say(f"{len(states)} finished runs: " + ", ".join(f"{m}/s{s}" for m, s in states))
-    return ""
+    out_dir = state_dir(preset)
+    if not states:
+        say(f"no finished runs in {run_state(preset, 'x', 0).parent}: nothing to report")
+        return ""
+    methods = [m for m in methods if any((m, s) in states for s in seeds)]
+    done = {m: [s for s in seeds if (m, s) in states] for m in methods}
+    paired_seeds = [s for s in seeds if all((m, s) in states for m in methods)]
+    sets = [k for k in SETS if any(k in st["accuracy"] for st in states.values())]
+    lrc = lr_state(preset)
+    complete = all(len(done[m]) == len(seeds) for m in methods)
+    out = [f"## Quality study, preset `{preset}`: {'complete' if complete else 'PARTIAL'}\n",
+           f"Built by `python benchmarks/quality.py --preset {preset} --report` from the state files in "
+           f"`benchmarks/results/quality/{preset}/` at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+           "Finished runs: " + "; ".join(f"{m} {len(done[m])} of {len(seeds)} seeds ({', '.join(map(str, done[m])) or 'none'})"
+                                        for m in methods) + "."]
+    if not complete:
+        out.append(f"**Partial: {len(paired_seeds)} of {len(seeds)} planned seeds have every method. Numbers below "
+                   "describe the seeds done so far; no conclusion is drawn from them.**")
+    summary = {"preset": preset, "params": PRESETS[preset], "methods": methods, "seeds_planned": seeds,
+               "seeds_done": done, "lr_check": lrc}
+
+    # learning-rate check
+    if lrc.get("methods"):
+        out.append(f"\n### Learning rate per method, chosen on id_val only (seed {lrc['seed']}, "
+                   f"{lrc['train_pairs'] or 'all'} training pairs, final id_val accuracy %)\n")
+        out.append("| method | " + " | ".join(f"lr {lr}" for lr in lrc["lrs"]) + " | chosen |")
+        out.append("|---" * (len(lrc["lrs"]) + 2) + "|")
+        for m, v in lrc["methods"].items():
+            out.append(f"| {m} | " + " | ".join(f"{100 * v['runs'][lr]['final_id_val']:.1f}" if lr in v["runs"]
+                                                  else "—" for lr in lrc["lrs"]) + f" | {v.get('chosen', '—')} |")
+    used = {m: sorted({states[(m, s)]["lr"] for s in done[m]}) for m in methods}
+    out.append("\nLearning rate the finished runs used: " + ", ".join(f"{m} {'/'.join(v)}" for m, v in used.items()) + ".")
+
+    # accuracies per method
+    try:
+        rule = shorter_wins(preset)
+    except Exception as exc:  # the data folder is not on this machine: the rest of the report still builds
+        rule = {}
+        say(f"shorter-wins rule not computed ({exc})")
+    for st in states.values():
+        ln = st["length"].get("rm_bench")
+        if ln and ln.get("shorter_wins_accuracy") is not None:
+            rule.setdefault("rm_bench", ln["shorter_wins_accuracy"])
+    acc = {k: st["accuracy"] for k, st in states.items()}
+    out.append(f"\n### Accuracy per method (%), mean ± 95% t-interval over seeds\n")
+    out.append("RM-Bench columns are its official scores (per domain: the mean of hard, normal and easy; overall: the "
+               "mean of the domains chat, code and safety). OOD mean = mean of HHH-438, BIG-bench HHH, OASST and "
+               "RM-Bench overall.\n")
+    out.append("| method | seeds | " + " | ".join(LABEL[k] for k in sets) + " |")
+    out.append("|---" * (len(sets) + 2) + "|")
+    summary["accuracy"] = {f"{m}/s{s}": acc[(m, s)] for m in methods for s in done[m]}
+    summary["per_method"] = {}
+    for m in methods:
+        row = []
+        for k in sets:
+            xs = [acc[(m, s)][k] for s in done[m] if k in acc[(m, s)]]
+            row.append(cell(xs))
+            if xs:
+                mu, hw = t_ci95(xs)
+                summary["per_method"][f"{m}/{k}"] = {"mean": mu, "ci95": hw, "n": len(xs)}
+        out.append(f"| {m} | {len(done[m])} | " + " | ".join(row) + " |")
+    if rule:
+        out.append("| *shorter response wins (no model)* | — | " + " | ".join(
+            f"{100 * rule[k]:.1f}" if k in rule else "—" for k in sets) + " |")
+    n_sets = {}
+    for st in states.values():
+        n_sets |= {k: v["n"] for k, v in st["correct"].items()}
+    out.append("\nComparisons per set: " + ", ".join(f"{k} {v}" for k, v in sorted(n_sets.items()))
+               + " (RM-Bench: 9 per prompt).")
+
+    # paired differences against bt, with the minimum detectable effect
+    others = [m for m in methods if m != "bt"]
+    summary["paired_vs_bt"] = {}
+    if "bt" in methods and others:
+        out.append("\n### Paired difference against BT, per seed (points), 95% t-interval, wins / ties / losses, and "
+                   "the minimum detectable effect\n")
+        out.append("Same seed = same head initialization and data order. MDE: the smallest true mean difference a "
+                   "two-sided paired t-test (alpha 0.05) would detect with 80% power at this many seeds, given the "
+                   "observed SD of the per-seed differences.\n")
+        out.append("| method | set | per seed (seed: points) | mean ± 95% CI | W / T / L | SD | MDE (80%) |\n"
+                   "|---|---|---|---|---|---|---|")
+        for m in others:
+            for k in sets:
+                ks = [s for s in seeds if (m, s) in acc and ("bt", s) in acc and k in acc[(m, s)] and k in acc[("bt", s)]]
+                d = [acc[(m, s)][k] - acc[("bt", s)][k] for s in ks]
+                if not d:
+                    continue
+                mean, hw = t_ci95(d)
+                w, lo = sum(x > 1e-9 for x in d), sum(x < -1e-9 for x in d)
+                s_d, mde = sd(d), mde80(sd(d), len(d))
+                summary["paired_vs_bt"][f"{m}/{k}"] = {"per_seed": dict(zip(ks, d)), "mean": mean, "ci95": hw,
+                                                       "wins": w, "ties": len(d) - w - lo, "losses": lo,
+                                                       "sd": s_d, "mde80": mde}
+                name = f"**{m}**" if m == "aplot" else m
+                out.append(f"| {name} | {LABEL[k]} | " + ", ".join(f"{s}: {100 * x:+.1f}" for s, x in zip(ks, d))
+                           + f" | {fmt(mean, hw, sign=True)} | {w} / {len(d) - w - lo} / {lo} | "
+                           + ("—" if s_d != s_d else f"{100 * s_d:.1f}") + " | "
+                           + ("—" if mde != mde else f"{100 * mde:.1f}") + " |")
+
+        # McNemar on pooled comparisons: the same items scored by both methods at the same seed
+        out.append("\n### Pair-level disagreement with BT, pooled over seeds (exact McNemar)\n")
+        out.append("The same comparisons scored by both models of a seed (eval_rm's per-response scores), pooled over "
+                   "the seeds both finished. RM-Bench pools its 9 comparisons per prompt, which are not independent: "
+                   "read its p-value as optimistic.\n")
+        out.append("| method | set | seeds | comparisons | only the method right | only BT right | two-sided p |\n"
+                   "|---|---|---|---|---|---|---|")
+        summary["mcnemar"] = {}
+        for m in others:
+            for k in ["id_val", *PAIR_SETS[1:], "rm_bench"]:
+                b = c = n = 0
+                used_seeds = []
+                for s in seeds:
+                    if (m, s) in states and ("bt", s) in states and k in states[(m, s)]["correct"] \
+                            and k in states[("bt", s)]["correct"]:
+                        ca, cb = states[(m, s)]["correct"][k], states[("bt", s)]["correct"][k]
+                        if ca["items_sha1"] != cb["items_sha1"] or ca["n"] != cb["n"]:
+                            say(f"McNemar {m}/{k} seed {s}: the two runs scored different items; left out")
+                            continue
+                        b += sum(x == "1" and y == "0" for x, y in zip(ca["bits"], cb["bits"]))
+                        c += sum(x == "0" and y == "1" for x, y in zip(ca["bits"], cb["bits"]))
+                        n += ca["n"]
+                        used_seeds.append(s)
+                if used_seeds:
+                    p = mcnemar_exact(b, c)
+                    summary["mcnemar"][f"{m}/{k}"] = {"seeds": used_seeds, "n": n, "method_only": b, "bt_only": c, "p": p}
+                    out.append(f"| {m} | {LABEL[k]} | {len(used_seeds)} | {n} | {b} | {c} | {p:.3g} |")
+
+        # convergence: steps to reach BT's final id_val accuracy
+        out.append("\n### Convergence: optimizer steps to reach BT's final id_val accuracy (same seed)\n")
+        out.append("From the id_val curve logged every eval_steps; '—' = never reached within the run. A method "
+                   "that converges faster reaches BT's final accuracy in fewer steps than BT itself.\n")
+        out.append("| method | " + " | ".join(f"seed {s}" for s in paired_seeds) + " | reached | median steps |")
+        out.append("|---" * (len(paired_seeds) + 3) + "|")
+        summary["steps_to_bt_final"] = {}
+        for m in methods:
+            row = []
+            for s in paired_seeds:
+                target = acc[("bt", s)]["id_val"]
+                row.append(steps_to_reach(states[(m, s)]["id_val_curve"], target))
+            got = sorted(x for x in row if x is not None)
+            med = got[len(got) // 2] if got and len(got) % 2 else (sum(got[len(got) // 2 - 1:len(got) // 2 + 1]) / 2 if got else None)
+            summary["steps_to_bt_final"][m] = dict(zip(paired_seeds, row))
+            out.append(f"| {m} | " + " | ".join("—" if x is None else str(x) for x in row)
+                       + f" | {len(got)} / {len(row)} | {'—' if med is None else med} |")
+
+    # margin diagnostics over training
+    aplots = [m for m in methods if m.startswith("aplot")]
+    if aplots:
+        out.append("\n### APLOT margin diagnostics over training (per optimizer step, mean over seeds)\n")
+        out.append("Means over the first 10%, the middle 10% and the last 10% of steps. easy: margin < 0.05, "
+                   "hard: margin > 0.3; margin_gap_corr: the batch correlation of the margin with r_c − r_r.\n")
+        out.append("| method | " + " | ".join(f"{k} first → mid → last" for k in DIAG_KEYS) + " |")
+        out.append("|---" * (len(DIAG_KEYS) + 1) + "|")
+        summary["aplot_diagnostics"] = {}
+        for m in aplots:
+            cells = []
+            for k in DIAG_KEYS:
+                per = [states[(m, s)]["train_metrics"].get(f"aplot/{k}") for s in done[m]]
+                per = [[x for x in v if x is not None] for v in per if v]
+                if not per:
+                    cells.append("—")
+                    continue
+                n = min(len(v) for v in per)
+                w = max(1, n // 10)
+
+                def avg(lo, hi):
+                    vals = [x for v in per for x in v[lo:hi]]
+                    return sum(vals) / len(vals) if vals else float("nan")
+                trio = (avg(0, w), avg(n // 2 - w // 2, n // 2 - w // 2 + w), avg(n - w, n))
+                summary["aplot_diagnostics"][f"{m}/{k}"] = trio
+                cells.append(" → ".join(f"{x:.3g}" for x in trio))
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+
+    # length diagnostic
+    out.append("\n### Length diagnostic: accuracy (%) when the chosen response is the longer / the shorter one "
+               "(eval_rm's `length`, characters), mean over seeds\n")
+    lsets = [k for k in ["id_val", *PAIR_SETS[1:], "rm_bench"] if any(k in st["length"] for st in states.values())]
+    out.append("| method | " + " | ".join(f"{LABEL[k]} longer / shorter" for k in lsets) + " |")
+    out.append("|---" * (len(lsets) + 1) + "|")
+    summary["length"] = {}
+    for m in methods:
+        cells = []
+        for k in lsets:
+            pair = []
+            for side in ("chosen_longer", "chosen_shorter"):
+                xs = [states[(m, s)]["length"][k][side]["accuracy"] for s in done[m]
+                      if k in states[(m, s)]["length"] and states[(m, s)]["length"][k][side]["accuracy"] is not None]
+                pair.append(sum(xs) / len(xs) if xs else float("nan"))
+            summary["length"][f"{m}/{k}"] = {"chosen_longer": pair[0], "chosen_shorter": pair[1]}
+            cells.append(f"{100 * pair[0]:.1f} / {100 * pair[1]:.1f}")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    st0 = next(iter(states.values()))
+    out.append("\nShare of comparisons where the chosen response is the longer one: " + ", ".join(
+        f"{LABEL[k]} {100 * st0['length'][k]['chosen_longer']['n'] / max(1, sum(st0['length'][k][x]['n'] for x in ('chosen_longer', 'chosen_shorter', 'same_length'))):.0f}%"
+        for k in lsets if k in st0["length"]) + ".")
+
+    # separation on id_val
+    out.append("\n### Separation on id_val (final model): chosen − rejected reward, pooled over seeds\n")
+    out.append("| method | median diff | mean diff | std of diff | median diff / reward std |\n|---|---|---|---|---|")
+    sep = {}
+    for m in methods:
+        ds = [g for s in done[m] for g in states[(m, s)]["id_val_gaps"]]
+        zs = [g / states[(m, s)]["id_val_reward_std"] for s in done[m] for g in states[(m, s)]["id_val_gaps"]
+              if states[(m, s)]["id_val_reward_std"]]
+        if not ds:
+            continue
+        sep[m] = (ds, zs)
+        med = sorted(ds)[len(ds) // 2]
+        out.append(f"| {m} | {med:+.3f} | {sum(ds) / len(ds):+.3f} | {sd(ds):.3f} | {sorted(zs)[len(zs) // 2]:+.3f} |")
+
+    # wall time and machine
+    out.append("\n### Wall time per run (s) and machine load, mean over seeds\n")
+    out.append("| method | threads | train_rm | eval_rm (id_val + 4 OOD sets) | s / optimizer step | "
+               "1-min load at start | CPU |\n|---|---|---|---|---|---|---|")
+    summary["wall_s"] = {}
+    for m in methods:
+        rs = [states[(m, s)] for s in done[m]]
+        steps = [x for r in rs for x in r["train_metrics"].get("step_s", []) if x is not None]
+        loads = [r["machine_train"]["machine"]["load_1_5_15"][0] for r in rs if r.get("machine_train")]
+        cpu = next((r["machine_train"]["machine"]["cpu"] for r in rs if r.get("machine_train")), "?")
+        summary["wall_s"] |= {f"{m}/s{r['seed']}": {"train": r["train_s"], "eval": r["eval_s"]} for r in rs}
+        out.append(f"| {m} | {rs[0]['threads']} | {sum(r['train_s'] for r in rs) / len(rs):.0f} | "
+                   f"{sum(r['eval_s'] for r in rs) / len(rs):.0f} | "
+                   f"{(sum(steps) / len(steps)) if steps else float('nan'):.2f} | "
+                   f"{', '.join(f'{x:.1f}' for x in loads)} | {cpu} |")
+
+    # identical-start sanity check: step-1 batch metrics are computed before the first update
+    starts = {}
+    for (m, s), st in states.items():
+        if st["first_step_chosen_reward"] is not None:
+            starts.setdefault(s, set()).add(round(st["first_step_chosen_reward"], 5))
+    same = all(len(v) == 1 for v in starts.values())
+    out.append(f"\nSame start within each seed (step-1 batch chosen reward identical across methods): "
+               f"{'yes' if same else 'NO'} ({', '.join(f'seed {s}: {sorted(v)}' for s, v in sorted(starts.items()))}).")
+    mism = [f"{m}/s{s}" for (m, s), st in states.items() if st["id_val_eval_rm_accuracy"] is not None
+            and abs(st["id_val_eval_rm_accuracy"] - st["accuracy"]["id_val"]) > 1e-6]
+    out.append("eval_rm's id_val accuracy equals the trainer's final id_val accuracy in every run: "
+               + ("yes." if not mism else f"NO ({', '.join(mism)})."))
+
+    out.append("\nPlots: " + ", ".join(f"[{p.name}]({p.name})" for p in _plots(states, methods, seeds, sets, sep, lrc, out_dir)))
+    text = "\n".join(out) + "\n"
+    write_json(out_dir / "summary.json", summary)
+    (out_dir / "tables.md").write_text(text)
+    print(text)
+    return text
+
+
+def _plots(states, methods, seeds, sets, sep, lrc, out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    done = {m: [s for s in seeds if (m, s) in states] for m in methods}
+    acc = {k: st["accuracy"] for k, st in states.items()}
+    paths = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        paths.append(out_dir / name)
+
+    # 1. the headline: paired difference against BT per set, mean and 95% CI, seeds as dots
+    others = [m for m in methods if m != "bt"]
+    if "bt" in methods and others:
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(sets) * len(others) + 1.5))
+        y = 0
+        ticks = []
+        for k in sets:
+            for m in others:
+                ks = [s for s in seeds if (m, s) in acc and ("bt", s) in acc and k in acc[(m, s)] and k in acc[("bt", s)]]
+                d = [100 * (acc[(m, s)][k] - acc[("bt", s)][k]) for s in ks]
+                if d:
+                    mu, hw = t_ci95(d)
+                    ax.errorbar(mu, y, xerr=0 if hw != hw else hw, fmt="o", color=colors[m], capsize=3)
+                    ax.scatter(d, [y + 0.2] * len(d), s=9, color=colors[m], alpha=0.5)
+                    ticks.append((y, f"{LABEL[k]}" + (f" ({m})" if len(others) > 1 else "") + f"  n={len(d)}"))
+                    y -= 1
+        ax.axvline(0, color="k", lw=0.8)
+        reach = max([abs(v) for c in ax.collections for v in c.get_offsets()[:, 0]] + [1.0])
+        ax.set_xlim(-1.6 * reach, 1.6 * reach)  # a 2-seed t-interval would squash the rest: it runs off the axis
+        ax.set_yticks([t for t, _ in ticks], [lab for _, lab in ticks], fontsize=8)
+        ax.set_xlabel(f"{' / '.join(others)} − BT, points (dot: mean ± 95% CI; small dots: seeds)")
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title("Paired difference against BT, same seed", fontsize=10)
+        save(fig, "paired_diff.png")
+
+    # 2. accuracy per set, mean ± CI per method, seeds as dots
+    cols = min(6, len(sets))
+    rows = -(-len(sets) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols + 1, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(sets):]:
+        ax.axis("off")
+    for ax, k in zip(axes.flat, sets):
+        for i, m in enumerate(methods):
+            ys = [100 * acc[(m, s)][k] for s in done[m] if k in acc[(m, s)]]
+            if not ys:
+                continue
+            mu, hw = t_ci95(ys)
+            ax.errorbar(i, mu, yerr=0 if hw != hw else hw, fmt="s", color=colors[m], capsize=3)
+            ax.scatter([i + 0.15] * len(ys), ys, color=colors[m], s=9, alpha=0.5)
+        ax.axhline(50, color="k", lw=0.5, ls=":")
+        ax.set_xticks(range(len(methods)), methods, fontsize=7)
+        ax.set_xlim(-0.5, len(methods) - 0.5)
+        ax.set_title(LABEL[k], fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("accuracy / score (%)")
+    fig.suptitle("Accuracy per set: mean ± 95% CI over seeds (small dots: seeds; dotted: chance)", fontsize=9)
+    save(fig, "accuracy.png")
+
+    # 3. convergence on id_val
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for m in methods:
+        for ax, key, sc in zip(axes, ("id_val_curve", "id_val_margin_curve"), (100, 1)):
+            curves = [dict((int(a), b) for a, b in states[(m, s)][key]) for s in done[m]]
+            if not curves:
+                continue
+            x = sorted(set.intersection(*(set(c) for c in curves)))
+            ys = [[c[st] for c in curves] for st in x]
+            ax.plot(x, [sc * sum(v) / len(v) for v in ys], marker="o", ms=3, color=colors[m],
+                    label=f"{m} ({len(curves)} seeds)")
+            ax.fill_between(x, [sc * min(v) for v in ys], [sc * max(v) for v in ys], color=colors[m], alpha=0.1)
+    axes[0].set_ylabel("id_val accuracy (%)")
+    axes[1].set_ylabel("id_val mean reward(chosen) − reward(rejected)")
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Convergence on id_val: mean over seeds, band = min..max", fontsize=10)
+    save(fig, "convergence.png")
+
+    # 4. APLOT margin diagnostics over training
+    aplots = [m for m in methods if m.startswith("aplot") and done[m]]
+    if aplots:
+        fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+        for m in aplots:
+            for ax, k in zip(axes.flat, DIAG_KEYS):
+                per = [states[(m, s)]["train_metrics"] for s in done[m]]
+                per = [(p["step"], p.get(f"aplot/{k}")) for p in per if p.get(f"aplot/{k}")]
+                if not per:
+                    continue
+                n = min(len(v) for _, v in per)
+                vals = []
+                for i in range(n):
+                    v = [p[1][i] for p in per if p[1][i] is not None]
+                    vals.append(sum(v) / len(v) if v else float("nan"))
+                ax.plot(per[0][0][:n], moving_average(vals, 5), color=colors[m], label=f"{m} ({len(per)} seeds)")
+        for ax, k in zip(axes.flat, DIAG_KEYS):
+            ax.set_title(k + (" (corr. of margin with r_c − r_r)" if k == "margin_gap_corr" else ""), fontsize=9)
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+        axes.flat[0].legend(fontsize=7)
+        fig.suptitle("APLOT margin per training batch (mean over seeds, 5-step moving average)", fontsize=10)
+        save(fig, "aplot_diagnostics.png")
+
+    # 5. length diagnostic
+    lsets = [k for k in ["id_val", *PAIR_SETS[1:], "rm_bench"] if any(k in st["length"] for st in states.values())]
+    fig, axes = plt.subplots(1, len(lsets), figsize=(2.4 * len(lsets) + 1, 3.4), sharey=True)
+    for ax, k in zip(axes, lsets):
+        for i, m in enumerate(methods):
+            for j, side in enumerate(("chosen_longer", "chosen_shorter")):
+                xs = [100 * states[(m, s)]["length"][k][side]["accuracy"] for s in done[m]
+                      if k in states[(m, s)]["length"] and states[(m, s)]["length"][k][side]["accuracy"] is not None]
+                if xs:
+                    ax.bar(j * (len(methods) + 1) + i, sum(xs) / len(xs), color=colors[m],
+                           label=m if j == 0 else None, alpha=0.8)
+        ax.axhline(50, color="k", lw=0.5, ls=":")
+        ax.set_xticks([(len(methods) - 1) / 2, len(methods) + 1 + (len(methods) - 1) / 2],
+                      ["chosen\nlonger", "chosen\nshorter"], fontsize=8)
+        ax.set_title("RM-Bench (9 per prompt)" if k == "rm_bench" else LABEL[k], fontsize=9)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Length diagnostic: accuracy split by which response is longer (mean over seeds)", fontsize=9)
+    save(fig, "length.png")
+
+    # 6. separation on id_val
+    if sep:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        for m, arrs in sep.items():
+            for ax, arr in zip(axes, arrs):
+                ax.hist(arr, bins=40, histtype="step", lw=1.4, density=True, color=colors[m],
+                        label=f"{m} (median {sorted(arr)[len(arr) // 2]:+.2f})")
+        axes[0].set_xlabel("reward(chosen) − reward(rejected)")
+        axes[1].set_xlabel("(reward(chosen) − reward(rejected)) / std of the run's rewards")
+        for ax in axes:
+            ax.axvline(0, color="k", lw=0.6)
+            ax.legend(fontsize=7)
+        fig.suptitle("id_val separation of the final models, pooled over seeds", fontsize=10)
+        save(fig, "separation.png")
+
+    # 7. lr check
+    if lrc.get("methods"):
+        ms = list(lrc["methods"])
+        fig, axes = plt.subplots(1, len(ms), figsize=(4.5 * len(ms), 3.4), sharey=True, squeeze=False)
+        for ax, m in zip(axes[0], ms):
+            for lr, v in sorted(lrc["methods"][m]["runs"].items(), key=lambda kv: float(kv[0])):
+                chosen = lr == lrc["methods"][m].get("chosen")
+                ax.plot([a for a, _ in v["curve"]], [100 * b for _, b in v["curve"]], marker="o", ms=3,
+                        lw=2.2 if chosen else 1, label=f"lr {lr}" + (" (chosen)" if chosen else ""))
+            ax.set_title(f"{m}: lr check (seed {lrc['seed']}, id_val only)", fontsize=9)
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("id_val accuracy (%)")
+        save(fig, "lr_check.png")
+    return paths
 
 
 # ------------------------------------------------------------------------------------------ main
