@@ -844,7 +844,8 @@ def _plots(states, methods, seeds, sets, sep, lrc, out_dir: Path) -> list[Path]:
 
     # 5. length diagnostic
     lsets = [k for k in ["id_val", *PAIR_SETS[1:], "rm_bench"] if any(k in st["length"] for st in states.values())]
-    fig, axes = plt.subplots(1, len(lsets), figsize=(2.4 * len(lsets) + 1, 3.4), sharey=True)
+    fig, axes = plt.subplots(1, len(lsets), figsize=(2.4 * len(lsets) + 1, 3.4), sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, k in zip(axes, lsets):
         for i, m in enumerate(methods):
             for j, side in enumerate(("chosen_longer", "chosen_shorter")):
