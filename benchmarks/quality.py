@@ -126,11 +126,11 @@ def lr_dir(preset: str, method: str, lr: str) -> Path:
     return preset_dir(preset) / "lr_check" / f"{method}_lr{lr}_s{LR_CHECK_SEED}"
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj, indent: int | None = 1) -> None:
     """Atomic: a reader (or a stop) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # a --report beside the running study writes its own
+    tmp.write_text(json.dumps(obj, indent=indent, default=str) + "\n")
     tmp.replace(path)
 
 
@@ -353,7 +353,7 @@ def harvest(preset: str, method: str, seed: int) -> dict:
         "correct": correct, "train_metrics": diag,
         "first_step_chosen_reward": first["train/rewards/chosen"] if first else None,
     }
-    write_json(run_state(preset, method, seed), state)
+    write_json(run_state(preset, method, seed), state, indent=None)  # one line: ~25 KB, not 2,000 lines
     return state
 
 
