@@ -534,23 +534,26 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
     out.append(f"\n### Accuracy per method (%), mean ± 95% t-interval over seeds\n")
     out.append("RM-Bench columns are its official scores (per domain: the mean of hard, normal and easy; overall: the "
                "mean of the domains chat, code and safety). OOD mean = mean of HHH-438, BIG-bench HHH, OASST and "
-               "RM-Bench overall.\n")
-    out.append("| method | seeds | " + " | ".join(LABEL[k] for k in sets) + " |")
-    out.append("|---" * (len(sets) + 2) + "|")
+               "RM-Bench overall.")
     summary["accuracy"] = {f"{m}/s{s}": acc[(m, s)] for m in methods for s in done[m]}
     summary["per_method"] = {}
-    for m in methods:
-        row = []
-        for k in sets:
-            xs = [acc[(m, s)][k] for s in done[m] if k in acc[(m, s)]]
-            row.append(cell(xs))
-            if xs:
-                mu, hw = t_ci95(xs)
-                summary["per_method"][f"{m}/{k}"] = {"mean": mu, "ci95": hw, "n": len(xs)}
-        out.append(f"| {m} | {len(done[m])} | " + " | ".join(row) + " |")
-    if rule:
-        out.append("| *shorter response wins (no model)* | — | " + " | ".join(
-            f"{100 * rule[k]:.1f}" if k in rule else "—" for k in sets) + " |")
+    for group in ([k for k in sets if k not in RMB_KEYS], [k for k in sets if k in RMB_KEYS]):
+        if not group:
+            continue
+        out.append("\n| method | seeds | " + " | ".join(LABEL[k] for k in group) + " |")
+        out.append("|---" * (len(group) + 2) + "|")
+        for m in methods:
+            row = []
+            for k in group:
+                xs = [acc[(m, s)][k] for s in done[m] if k in acc[(m, s)]]
+                row.append(cell(xs))
+                if xs:
+                    mu, hw = t_ci95(xs)
+                    summary["per_method"][f"{m}/{k}"] = {"mean": mu, "ci95": hw, "n": len(xs)}
+            out.append(f"| {m} | {len(done[m])} | " + " | ".join(row) + " |")
+        if rule and any(k in rule for k in group):
+            out.append("| *shorter response wins (no model)* | — | " + " | ".join(
+                f"{100 * rule[k]:.1f}" if k in rule else "—" for k in group) + " |")
     n_sets = {}
     for st in states.values():
         n_sets |= {k: v["n"] for k, v in st["correct"].items()}
