@@ -944,21 +944,30 @@ def main() -> None:
                       for m in methods for x in PRESETS[args.preset]["lrs"]]:
                 f.result()
             lrs = {m: chosen_lr(args.preset, m) for m in methods}
+            if not all(lrs.values()):
+                raise SystemExit(f"lr check incomplete: {lrs}")
             say("learning rates chosen on id_val: " + ", ".join(f"{m} {lr}" for m, lr in lrs.items()))
         # main methods first, then the ablations; seed-major within each group, so a study stopped early
         # still holds complete per-seed comparisons of the main methods
         order = [(m, s) for group in ([m for m in methods if m in MAIN], [m for m in methods if m not in MAIN])
                  for s in seeds for m in group]
         jobs = [pool.submit(train_and_eval, args.preset, m, s, lrs[m], threads) for m, s in order]
-        for f in jobs:
-            f.result()
+        failed = []
+        for (m, s), f in zip(order, jobs):
+            try:
+                f.result()
+            except subprocess.CalledProcessError as exc:  # one broken run must not stop a night's study
+                failed.append(f"{m}_s{s}")
+                say(f"FAILED {m} seed {s}: {exc}; see {run_dir(args.preset, m, s)}/*.log; the next command redoes it")
         pool.shutdown()
         with open(preset_dir(args.preset) / "study_wall.jsonl", "a") as fh:
             fh.write(json.dumps({"argv": sys.argv[1:], "end": time.strftime("%Y-%m-%d %H:%M:%S"),
                                  "start": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
                                  "wall_s": time.time() - t0, "jobs": args.jobs, "threads": threads}) + "\n")
-        say(f"study finished in {time.time() - t0:.0f} s")
+        say(f"study finished in {time.time() - t0:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
     report(args.preset, methods, seeds)
+    if not args.report and failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
