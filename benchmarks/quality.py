@@ -37,6 +37,7 @@ import platform
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -473,6 +474,11 @@ def shorter_wins(preset: str) -> dict:
     return {k: sum(len(p["chosen"]) < len(p["rejected"]) for p in v) / len(v) for k, v in sets.items()}
 
 
+def paired_with_bt(acc: dict, method: str, key: str, seeds: list[int]) -> list[int]:
+    """The seeds where both `method` and bt have a value for `key`."""
+    return [s for s in seeds if key in acc.get((method, s), {}) and key in acc.get(("bt", s), {})]
+
+
 def steps_to_reach(curve: list, target: float) -> int | None:
     """First evaluated step whose id_val accuracy is >= target (None: never)."""
     return next((st for st, a in curve if a >= target - 1e-9), None)
@@ -500,7 +506,8 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
     out = [f"## Quality study, preset `{preset}`: {'complete' if complete else 'PARTIAL'}\n",
            f"Built by `python benchmarks/quality.py --preset {preset} --report` from the state files in "
            f"`benchmarks/results/quality/{preset}/` at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-           "Finished runs: " + "; ".join(f"{m} {len(done[m])} of {len(seeds)} seeds ({', '.join(map(str, done[m])) or 'none'})"
+           "Finished runs: " + "; ".join(f"{m} {len(done[m])} of {len(seeds)} seeds "
+                                        f"({', '.join(map(str, done[m])) or 'none'})"
                                         for m in methods) + "."]
     if not complete:
         out.append(f"**Partial: {len(paired_seeds)} of {len(seeds)} planned seeds have every method. Numbers below "
@@ -518,7 +525,8 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
             out.append(f"| {m} | " + " | ".join(f"{100 * v['runs'][lr]['final_id_val']:.1f}" if lr in v["runs"]
                                                   else "—" for lr in lrc["lrs"]) + f" | {v.get('chosen', '—')} |")
     used = {m: sorted({states[(m, s)]["lr"] for s in done[m]}) for m in methods}
-    out.append("\nLearning rate the finished runs used: " + ", ".join(f"{m} {'/'.join(v)}" for m, v in used.items()) + ".")
+    out.append("\nLearning rate the finished runs used: "
+               + ", ".join(f"{m} {'/'.join(v)}" for m, v in used.items()) + ".")
 
     # accuracies per method
     try:
@@ -531,7 +539,7 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
         if ln and ln.get("shorter_wins_accuracy") is not None:
             rule.setdefault("rm_bench", ln["shorter_wins_accuracy"])
     acc = {k: st["accuracy"] for k, st in states.items()}
-    out.append(f"\n### Accuracy per method (%), mean ± 95% t-interval over seeds\n")
+    out.append("\n### Accuracy per method (%), mean ± 95% t-interval over seeds\n")
     out.append("RM-Bench columns are its official scores (per domain: the mean of hard, normal and easy; overall: the "
                "mean of the domains chat, code and safety). OOD mean = mean of HHH-438, BIG-bench HHH, OASST and "
                "RM-Bench overall.")
@@ -573,7 +581,7 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
                    "|---|---|---|---|---|---|---|")
         for m in others:
             for k in sets:
-                ks = [s for s in seeds if (m, s) in acc and ("bt", s) in acc and k in acc[(m, s)] and k in acc[("bt", s)]]
+                ks = paired_with_bt(acc, m, k, seeds)
                 d = [acc[(m, s)][k] - acc[("bt", s)][k] for s in ks]
                 if not d:
                     continue
@@ -614,7 +622,8 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
                         used_seeds.append(s)
                 if used_seeds:
                     p = mcnemar_exact(b, c)
-                    summary["mcnemar"][f"{m}/{k}"] = {"seeds": used_seeds, "n": n, "method_only": b, "bt_only": c, "p": p}
+                    summary["mcnemar"][f"{m}/{k}"] = {"seeds": used_seeds, "n": n, "method_only": b, "bt_only": c,
+                                                      "p": p}
                     out.append(f"| {m} | {LABEL[k]} | {len(used_seeds)} | {n} | {b} | {c} | {p:.3g} |")
 
         # convergence: steps to reach BT's final id_val accuracy
@@ -630,7 +639,7 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
                 target = acc[("bt", s)]["id_val"]
                 row.append(steps_to_reach(states[(m, s)]["id_val_curve"], target))
             got = sorted(x for x in row if x is not None)
-            med = got[len(got) // 2] if got and len(got) % 2 else (sum(got[len(got) // 2 - 1:len(got) // 2 + 1]) / 2 if got else None)
+            med = statistics.median(got) if got else None
             summary["steps_to_bt_final"][m] = dict(zip(paired_seeds, row))
             out.append(f"| {m} | " + " | ".join("—" if x is None else str(x) for x in row)
                        + f" | {len(got)} / {len(row)} | {'—' if med is None else med} |")
@@ -682,9 +691,11 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
             cells.append(f"{100 * pair[0]:.1f} / {100 * pair[1]:.1f}")
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     st0 = next(iter(states.values()))
-    out.append("\nShare of comparisons where the chosen response is the longer one: " + ", ".join(
-        f"{LABEL[k]} {100 * st0['length'][k]['chosen_longer']['n'] / max(1, sum(st0['length'][k][x]['n'] for x in ('chosen_longer', 'chosen_shorter', 'same_length'))):.0f}%"
-        for k in lsets if k in st0["length"]) + ".")
+    share = {k: st0["length"][k]["chosen_longer"]["n"] / max(1, sum(
+        st0["length"][k][x]["n"] for x in ("chosen_longer", "chosen_shorter", "same_length"))) for k in lsets
+        if k in st0["length"]}
+    out.append("\nShare of comparisons where the chosen response is the longer one: "
+               + ", ".join(f"{LABEL[k]} {100 * v:.0f}%" for k, v in share.items()) + ".")
 
     # separation on id_val
     out.append("\n### Separation on id_val (final model): chosen − rejected reward, pooled over seeds\n")
@@ -729,7 +740,8 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
     out.append("eval_rm's id_val accuracy equals the trainer's final id_val accuracy in every run: "
                + ("yes." if not mism else f"NO ({', '.join(mism)})."))
 
-    out.append("\nPlots: " + ", ".join(f"[{p.name}]({p.name})" for p in _plots(states, methods, seeds, sets, sep, lrc, out_dir)))
+    plots = _plots(states, methods, seeds, sets, sep, lrc, out_dir)
+    out.append("\nPlots: " + ", ".join(f"[{p.name}]({p.name})" for p in plots))
     text = "\n".join(out) + "\n"
     write_json(out_dir / "summary.json", summary)
     (out_dir / "tables.md").write_text(text)
@@ -760,7 +772,7 @@ def _plots(states, methods, seeds, sets, sep, lrc, out_dir: Path) -> list[Path]:
         ticks = []
         for k in sets:
             for m in others:
-                ks = [s for s in seeds if (m, s) in acc and ("bt", s) in acc and k in acc[(m, s)] and k in acc[("bt", s)]]
+                ks = paired_with_bt(acc, m, k, seeds)
                 d = [100 * (acc[(m, s)][k] - acc[("bt", s)][k]) for s in ks]
                 if d:
                     mu, hw = t_ci95(d)
