@@ -489,6 +489,7 @@ LABEL = {"id_val": "ID (id_val)", "hhh438": "HHH-438", "bigbench_hhh": "BIG-benc
          "rm_bench": "RM-Bench overall", "rmb_chat": "RM-Bench chat", "rmb_code": "RM-Bench code",
          "rmb_safety": "RM-Bench safety", "rmb_hard": "RM-Bench hard", "rmb_normal": "RM-Bench normal",
          "rmb_easy": "RM-Bench easy", "ood_mean": "OOD mean"}
+PAIR_LABEL = {"rm_bench": "RM-Bench (all 9 comparisons per prompt)"}  # where a table counts comparisons, not scores
 
 
 def report(preset: str, methods: list[str], seeds: list[int]) -> str:
@@ -600,8 +601,10 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
         # McNemar on pooled comparisons: the same items scored by both methods at the same seed
         out.append("\n### Pair-level disagreement with BT, pooled over seeds (exact McNemar)\n")
         out.append("The same comparisons scored by both models of a seed (eval_rm's per-response scores), pooled over "
-                   "the seeds both finished. RM-Bench pools its 9 comparisons per prompt, which are not independent: "
-                   "read its p-value as optimistic.\n")
+                   "the seeds both finished. It asks whether these particular models rank pairs differently; it "
+                   "ignores the seed-to-seed variation, so it is not a test of the method (the paired t-interval above is). "
+                   "RM-Bench pools its 9 comparisons per prompt, which are not independent: its p-value is "
+                   "optimistic.\n")
         out.append("| method | set | seeds | comparisons | only the method right | only BT right | two-sided p |\n"
                    "|---|---|---|---|---|---|---|")
         summary["mcnemar"] = {}
@@ -624,7 +627,8 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
                     p = mcnemar_exact(b, c)
                     summary["mcnemar"][f"{m}/{k}"] = {"seeds": used_seeds, "n": n, "method_only": b, "bt_only": c,
                                                       "p": p}
-                    out.append(f"| {m} | {LABEL[k]} | {len(used_seeds)} | {n} | {b} | {c} | {p:.3g} |")
+                    out.append(f"| {m} | {PAIR_LABEL.get(k, LABEL[k])} | {len(used_seeds)} | {n} | {b} | {c} | "
+                               f"{p:.3g} |")
 
         # convergence: steps to reach BT's final id_val accuracy
         out.append("\n### Convergence: optimizer steps to reach BT's final id_val accuracy (same seed)\n")
@@ -676,7 +680,7 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
     out.append("\n### Length diagnostic: accuracy (%) when the chosen response is the longer / the shorter one "
                "(eval_rm's `length`, characters), mean over seeds\n")
     lsets = [k for k in ["id_val", *PAIR_SETS[1:], "rm_bench"] if any(k in st["length"] for st in states.values())]
-    out.append("| method | " + " | ".join(f"{LABEL[k]} longer / shorter" for k in lsets) + " |")
+    out.append("| method | " + " | ".join(f"{PAIR_LABEL.get(k, LABEL[k])} longer / shorter" for k in lsets) + " |")
     out.append("|---" * (len(lsets) + 1) + "|")
     summary["length"] = {}
     for m in methods:
@@ -695,7 +699,7 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
         st0["length"][k][x]["n"] for x in ("chosen_longer", "chosen_shorter", "same_length"))) for k in lsets
         if k in st0["length"]}
     out.append("\nShare of comparisons where the chosen response is the longer one: "
-               + ", ".join(f"{LABEL[k]} {100 * v:.0f}%" for k, v in share.items()) + ".")
+               + ", ".join(f"{PAIR_LABEL.get(k, LABEL[k])} {100 * v:.0f}%" for k, v in share.items()) + ".")
 
     # separation on id_val
     out.append("\n### Separation on id_val (final model): chosen − rejected reward, pooled over seeds\n")
