@@ -19,7 +19,7 @@ training pairs) that runs first; OOD sets are never used to choose anything.
   python benchmarks/quality.py --preset quick --jobs 2         # 320 pairs, all six methods, 3 seeds
 
 State (committed, small): benchmarks/results/quality/<preset>/lr_check.json (every lr check's id_val
-curve and the chosen lr per method) and runs/<method>_s<seed>.json (one per finished run: accuracies,
+curve and the chosen lr per method) and states/<method>_s<seed>.json (one per finished run: accuracies,
 RM-Bench scores, length diagnostic, per-pair correctness, id_val curves, margin diagnostics, wall time
 and machine load). The report is rebuilt from these files alone. The big run folders stay under
 runs/quality/<preset>/ (git-ignored). A run counts as done when its state file exists; a run folder
@@ -111,7 +111,8 @@ def preset_dir(preset: str) -> Path:
 
 
 def state_dir(preset: str) -> Path:
-    """Committed state of a preset: lr_check.json and runs/<method>_s<seed>.json."""
+    """Committed state of a preset: lr_check.json and states/<method>_s<seed>.json (not 'runs/': git ignores
+    every folder of that name)."""
     return RESULTS / preset
 
 
@@ -120,7 +121,7 @@ def run_dir(preset: str, method: str, seed: int) -> Path:
 
 
 def run_state(preset: str, method: str, seed: int) -> Path:
-    return state_dir(preset) / "runs" / f"{method}_s{seed}.json"
+    return state_dir(preset) / "states" / f"{method}_s{seed}.json"
 
 
 def lr_dir(preset: str, method: str, lr: str) -> Path:
@@ -602,7 +603,8 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
         out.append("\n### Pair-level disagreement with BT, pooled over seeds (exact McNemar)\n")
         out.append("The same comparisons scored by both models of a seed (eval_rm's per-response scores), pooled over "
                    "the seeds both finished. It asks whether these particular models rank pairs differently; it "
-                   "ignores the seed-to-seed variation, so it is not a test of the method (the paired t-interval above is). "
+                   "ignores the seed-to-seed variation, so it is not a test of the method (the paired t-interval "
+                   "above is). "
                    "RM-Bench pools its 9 comparisons per prompt, which are not independent: its p-value is "
                    "optimistic.\n")
         out.append("| method | set | seeds | comparisons | only the method right | only BT right | two-sided p |\n"
