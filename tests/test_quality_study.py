@@ -91,3 +91,15 @@ def test_report_from_state_files_alone(quality, tmp_path, monkeypatch):
     assert summary["steps_to_bt_final"]["aplot"] == {"1": 2, "2": None}
     assert "complete" in text.splitlines()[0]
     assert (tmp_path / "results" / "smoke" / "paired_diff.png").exists()
+
+
+def test_state_files_are_not_git_ignored(quality):
+    """The committed state is the study's only record in a fresh checkout: git must not ignore its paths
+    (the repository ignores every folder named runs/)."""
+    import shutil
+    import subprocess
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in (quality.run_state("full", "bt", 1), quality.state_dir("full") / "lr_check.json"):
+        rc = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO).returncode
+        assert rc == 1, f"{path} is ignored by git"
