@@ -3,33 +3,41 @@
 Trains MiniLM reward models (ZeRO-2, one process) with loss `bt`, `bt_smooth` (label smoothing 0.1),
 `aplot` (lambda 0.1, gamma 1, eps 0.1, 50 Sinkhorn iterations) and APLOT ablations (lambda 0, lambda
 0.5, gamma 2) over several seeds, on the hh-rlhf harmless pairs with the trainer's own fixed split
-(--eval_split_fraction 0.1 --split_seed 1234 -> ID validation set 'id_val', evaluated periodically
-for convergence curves). Every exported model is then scored once with `eval_rm --details` on the
-OOD sets HHH-438, BIG-bench HHH and OASST (a fixed, seeded subset in the quick preset).
+(--eval_split_fraction 0.1 --split_seed 1234 -> ID validation set 'id_val', evaluated every eval_steps
+for convergence curves). Every exported model is then scored once with `eval_rm --details --scores_dir`
+on id_val (for the length diagnostic and per-pair scores) and the OOD sets HHH-438, BIG-bench HHH, OASST
+(a fixed, seeded subset in the quick preset) and RM-Bench (chat, code, safety; its official scores).
 
 Everything goes through the project's CLIs (`python -m aplot_rlhf.cli.train_rm`, `... eval_rm`).
-Within a seed the runs differ only in the loss flags: the seed sets the head init and the data
-order, identically for every method. The learning rate is chosen on id_val only, by a BT-only
-check (seed 0, not a study seed) that runs first; OOD sets are never used to choose anything.
+Within a seed the runs differ only in the loss flags and the learning rate: the seed sets the head init
+and the data order, identically for every method. The learning rate is chosen on id_val only, for EACH
+method separately, by a small check (seed 0, not a study seed; the preset's lr grid, lr_check_pairs
+training pairs) that runs first; OOD sets are never used to choose anything.
 
-  python benchmarks/quality.py --preset quick                  # lr check, then the study, then the report
-  python benchmarks/quality.py --preset quick --jobs 2         # two runs at a time, one thread each
-  python benchmarks/quality.py --preset quick --seeds 1,2 --methods bt,aplot
-  python benchmarks/quality.py --preset quick --report         # only aggregate finished runs
-  python benchmarks/quality.py --preset full                   # 1,800 training pairs, max length 128
+  python benchmarks/quality.py --preset full                   # lr checks, the study (bt, aplot, 8 seeds), report
+  python benchmarks/quality.py --preset full --report          # only aggregate finished runs
+  python benchmarks/quality.py --preset quick --jobs 2         # 320 pairs, all six methods, 3 seeds
 
-A run counts as done when its `ood.json` exists (written last); a partial run folder is deleted and
-redone, so the command can be stopped and restarted at any point.
+State (committed, small): benchmarks/results/quality/<preset>/lr_check.json (every lr check's id_val
+curve and the chosen lr per method) and states/<method>_s<seed>.json (one per finished run: accuracies,
+RM-Bench scores, length diagnostic, per-pair correctness, id_val curves, margin diagnostics, wall time
+and machine load). The report is rebuilt from these files alone. The big run folders stay under
+runs/quality/<preset>/ (git-ignored). A run counts as done when its state file exists; a run folder
+whose eval finished (ood.json) is turned into its state file by the next command, --report included;
+any other partial run folder is deleted and redone, so the command can be stopped and rerun at any point.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import platform
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -45,8 +53,12 @@ RUNS = REPO / "runs" / "quality"
 TRAIN = DATA / "hh-rlhf" / "harmless-base-test.pairs.jsonl"
 OOD = {"hhh438": DATA / "hhh-438" / "438HHH.pairs.jsonl",
        "bigbench_hhh": DATA / "bigbench-hhh" / "hhh_alignment.pairs.jsonl",
-       "oasst": DATA / "oasst-en100" / "en_100_tree.pairs.jsonl"}
-SETS = ["id_val", *OOD]
+       "oasst": DATA / "oasst-en100" / "en_100_tree.pairs.jsonl",
+       "rm_bench": DATA / "rm-bench"}  # folder of *_filtered.json: chat, code, safety-refuse, safety-response
+PAIR_SETS = ["id_val", "hhh438", "bigbench_hhh", "oasst"]
+RMB_KEYS = ["rmb_chat", "rmb_code", "rmb_safety", "rmb_hard", "rmb_normal", "rmb_easy"]
+OOD_MEAN_OF = ["hhh438", "bigbench_hhh", "oasst", "rm_bench"]  # rm_bench: its official overall score
+SETS = ["id_val", "hhh438", "bigbench_hhh", "oasst", "rm_bench", *RMB_KEYS, "ood_mean"]
 
 METHODS = {  # name -> the train_rm flags that differ between methods; everything else is shared
     "bt": ["--loss", "bt"],
@@ -65,16 +77,22 @@ MAIN = ["bt", "bt_smooth", "aplot"]
 PRESETS = {
     # each run took 4-7 min on a shared 2-core CPU, 2 at a time with one thread each (see benchmarks/RESULTS.md)
     "quick": dict(train_pairs=320, max_length=96, eval_steps=20, oasst_pairs=300, lrs=["3e-5", "1e-4"],
-                  lr_check_pairs=400),
-    # the whole training split (1,800 pairs), max length 128: ~13 min per run on 2 cores
-    "full": dict(train_pairs=0, max_length=128, eval_steps=25, oasst_pairs=0, lrs=["3e-5", "1e-4"],
-                  lr_check_pairs=0),
+                  lr_check_pairs=400, eval_items=0, methods="bt,bt_smooth,aplot,aplot_lam0,aplot_lam0.5,aplot_gamma2",
+                  seeds="1,2,3"),
+    # the whole training split (1,800 pairs, 225 steps), max length 128. The lr check trains each method on the
+    # first 600 of them (75 steps) at three lrs: a third of the study's steps, so it leans to larger lrs
+    "full": dict(train_pairs=0, max_length=128, eval_steps=25, oasst_pairs=0, lrs=["3e-5", "1e-4", "3e-4"],
+                 lr_check_pairs=600, eval_items=0, methods="bt,aplot", seeds="1,2,3,4,5,6,7,8"),
+    # a minutes-long end-to-end check of this script (not a study): tiny sets, short sequences
+    "smoke": dict(train_pairs=16, max_length=32, eval_steps=1, oasst_pairs=20, lrs=["1e-4", "3e-4"],
+                  lr_check_pairs=16, eval_items=6, methods="bt,aplot", seeds="1,2"),
 }
 SHARED = ["--micro_batch_size", "8", "--gradient_accumulation_steps", "1", "--warmup_ratio", "0.05",
           "--lr_scheduler", "cosine", "--weight_decay", "0.0", "--epochs", "1", "--zero_stage", "2",
           "--precision", "fp32", "--eval_batch_size", "32", "--eval_at_start", "--save_total_limit", "1",
           "--no-progress", "--no-tensorboard", "--log_steps", "1"]
 LR_CHECK_SEED = 0
+DIAG_KEYS = ["margin_mean", "margin_std", "margin_gap_corr", "easy_frac", "hard_frac", "ot_batch_size"]
 _print_lock = threading.Lock()
 
 
@@ -92,12 +110,30 @@ def preset_dir(preset: str) -> Path:
     return RUNS / preset
 
 
+def state_dir(preset: str) -> Path:
+    """Committed state of a preset: lr_check.json and states/<method>_s<seed>.json (not 'runs/': git ignores
+    every folder of that name)."""
+    return RESULTS / preset
+
+
 def run_dir(preset: str, method: str, seed: int) -> Path:
     return preset_dir(preset) / f"{method}_s{seed}"
 
 
-def lr_dir(preset: str, lr: str) -> Path:
-    return preset_dir(preset) / "lr_check" / f"bt_lr{lr}_s{LR_CHECK_SEED}"
+def run_state(preset: str, method: str, seed: int) -> Path:
+    return state_dir(preset) / "states" / f"{method}_s{seed}.json"
+
+
+def lr_dir(preset: str, method: str, lr: str) -> Path:
+    return preset_dir(preset) / "lr_check" / f"{method}_lr{lr}_s{LR_CHECK_SEED}"
+
+
+def write_json(path: Path, obj, indent: int | None = 1) -> None:
+    """Atomic: a reader (or a stop) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # a --report beside the running study writes its own
+    tmp.write_text(json.dumps(obj, indent=indent, default=str) + "\n")
+    tmp.replace(path)
 
 
 def oasst_file(preset: str) -> Path:
@@ -116,12 +152,39 @@ def oasst_file(preset: str) -> Path:
     return subset
 
 
+def id_val_file(preset: str) -> Path:
+    """The trainer's id_val split (same fraction and seed) as a pairs file, for eval_rm's per-pair scores."""
+    from aplot_rlhf.data.pairs import load_pairs, split_pairs
+    path = preset_dir(preset) / "id_val.pairs.jsonl"
+    if not path.exists():
+        val = split_pairs(load_pairs(str(TRAIN)), 0.1, 1234)[1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"id": p["origin"], "prompt": p["prompt"], "chosen": p["chosen"],
+                                           "rejected": p["rejected"]}) + "\n" for p in val))
+        tmp.replace(path)
+    return path
+
+
 def env_for(threads: int) -> dict:
+    pp = os.environ.get("PYTHONPATH", "")
     return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                 OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                # the subprocesses import this checkout's package, whatever is installed in the venv
+                PYTHONPATH=str(REPO) + (os.pathsep + pp if pp else ""),
                 # DeepSpeed JIT-builds its CPU comm op at start-up; a private build folder keeps other
                 # environments on the machine from rebuilding (or lock-blocking) it under our runs
                 TORCH_EXTENSIONS_DIR=str(RUNS / "torch_extensions"))
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 
 
 def train_cmd(preset: str, out: Path, seed: int, lr: str, loss_flags: list[str], export: bool = True,
@@ -150,74 +213,163 @@ def fresh(out: Path) -> None:
     out.mkdir(parents=True)
 
 
-def lr_check_one(preset: str, lr: str, threads: int) -> None:
-    out = lr_dir(preset, lr)
-    if (out / "done.json").exists():
+# ------------------------------------------------------------------------------------------ lr check
+def lr_state(preset: str) -> dict:
+    path = state_dir(preset) / "lr_check.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def lr_check_one(preset: str, method: str, lr: str, threads: int) -> None:
+    """Train `method` at `lr` on the check's pairs (seed 0, no export) and record its id_val curve."""
+    if lr in lr_state(preset).get("methods", {}).get(method, {}).get("runs", {}):
         return
+    out = lr_dir(preset, method, lr)
     fresh(out)
     t0 = time.time()
-    _run(train_cmd(preset, out, LR_CHECK_SEED, lr, METHODS["bt"], export=False,
+    load0 = machine()
+    _run(train_cmd(preset, out, LR_CHECK_SEED, lr, METHODS[method], export=False,
                    train_pairs=PRESETS[preset]["lr_check_pairs"]), out / "train.log", threads)
-    (out / "done.json").write_text(json.dumps({"train_s": time.time() - t0}))
-    say(f"lr check bt lr {lr}: id_val {final_eval(read_metrics(out))['id_val']['accuracy']:.3f} "
-        f"({time.time() - t0:.0f} s)")
+    rows = read_metrics(out)
+    result = {"final_id_val": final_eval(rows)["id_val"]["accuracy"], "curve": eval_curve(rows),
+              "train_s": round(time.time() - t0, 1), "machine": load0, "load_end": machine()["load_1_5_15"]}
+    with _print_lock:  # read-modify-write of the one state file
+        state = lr_state(preset) or {"seed": LR_CHECK_SEED, "train_pairs": PRESETS[preset]["lr_check_pairs"],
+                                     "lrs": PRESETS[preset]["lrs"], "selected_on": "id_val final accuracy; "
+                                     "ties: the smaller lr", "methods": {}}
+        state["methods"].setdefault(method, {"flags": METHODS[method], "runs": {}})["runs"][lr] = result
+        write_json(state_dir(preset) / "lr_check.json", state)
+    say(f"lr check {method} lr {lr}: id_val {result['final_id_val']:.3f} ({result['train_s']:.0f} s)")
 
 
+def chosen_lr(preset: str, method: str) -> str:
+    """The lr with the best final id_val accuracy in `method`'s own check (ties: the smaller lr), recorded in
+    the state file; '' while the check is incomplete."""
+    state = lr_state(preset)
+    m = state.get("methods", {}).get(method)
+    if not m or any(lr not in m["runs"] for lr in PRESETS[preset]["lrs"]):
+        return ""
+    if "chosen" not in m:
+        scores = {lr: m["runs"][lr]["final_id_val"] for lr in PRESETS[preset]["lrs"]}
+        m["chosen"] = max(sorted(scores, key=float), key=lambda lr: (round(scores[lr], 6), -float(lr)))
+        with _print_lock:
+            write_json(state_dir(preset) / "lr_check.json", state)
+    return m["chosen"]
+
+
+# ------------------------------------------------------------------------------------------ runs
 def trained_s(out: Path) -> float | None:
-    """Training wall seconds if the run finished training and exported its model, else None.
-
-    train_done.json is the driver's marker; a run whose driver died after the export (train.log ends
-    with the export line) also counts, its time read from the log's first and export timestamps.
-    """
-    if (out / "train_done.json").exists():
+    """Training wall seconds if the run finished training and exported its model, else None."""
+    if (out / "train_done.json").exists() and (out / "model" / "config.json").exists():
         return json.loads((out / "train_done.json").read_text())["train_s"]
-    log = out / "train.log"
-    if not ((out / "model" / "config.json").exists() and (out / "eval_rewards.pt").exists() and log.exists()):
-        return None
-    import datetime
-    stamps = [datetime.datetime.strptime(m, "%Y-%m-%d %H:%M:%S") for m in
-              re.findall(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)[,.]\d+", log.read_text())]
-    if "exported reward model" not in log.read_text() or len(stamps) < 2:
-        return None
-    train_s = (stamps[-1] - stamps[0]).total_seconds()
-    (out / "train_done.json").write_text(json.dumps({"train_s": train_s, "note": "recovered from train.log "
-                                                      "timestamps after the driver stopped"}))
-    return train_s
+    return None
 
 
-def train_and_eval(preset: str, method: str, seed: int, lr: str, threads: int, ood: bool = True) -> None:
-    out = run_dir(preset, method, seed)
-    if (out / "ood.json").exists():
-        return
-    t0 = time.time()
-    train_s = trained_s(out)
-    if train_s is not None:  # trained and exported; only the OOD eval is missing
-        if not ood:
-            return
-        say(f"OOD eval only: {method} seed {seed}")
-    else:
-        fresh(out)
-        say(f"start {method} seed {seed}")
-        _run(train_cmd(preset, out, seed, lr, METHODS[method]), out / "train.log", threads)
-        train_s = time.time() - t0
-        (out / "train_done.json").write_text(json.dumps({"train_s": train_s}))
-        if not ood:
-            say(f"done  {method} seed {seed} (no OOD eval): id_val "
-                f"{final_eval(read_metrics(out))['id_val']['accuracy']:.3f} (train {train_s:.0f} s)")
-            return
-    t0 = time.time() - train_s
+def eval_cmd(preset: str, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "aplot_rlhf.cli.eval_rm", "--model", str(out / "model"), "--details",
-           "--batch_size", "32"]
+           "--batch_size", "32", "--scores_dir", str(out / "scores"), "--data", f"id_val={id_val_file(preset)}"]
     for name, path in OOD.items():
         cmd += ["--data", f"{name}={oasst_file(preset) if name == 'oasst' else path}"]
-    _run(cmd, out / "eval.log", threads)
+    if PRESETS[preset]["eval_items"]:
+        cmd += ["--max_pairs", str(PRESETS[preset]["eval_items"])]
+    return cmd
+
+
+def train_and_eval(preset: str, method: str, seed: int, lr: str, threads: int) -> None:
+    out = run_dir(preset, method, seed)
+    if run_state(preset, method, seed).exists():
+        return
+    if (out / "ood.json").exists():
+        harvest(preset, method, seed)
+        return
+    t0 = time.time()
+    load0 = machine()
+    train_s = trained_s(out)
+    if train_s is not None:  # trained and exported; only the eval is missing
+        say(f"eval only: {method} seed {seed}")
+    else:
+        fresh(out)
+        say(f"start {method} seed {seed} (lr {lr})")
+        _run(train_cmd(preset, out, seed, lr, METHODS[method]), out / "train.log", threads)
+        train_s = time.time() - t0
+        write_json(out / "train_done.json", {"train_s": train_s, "machine": load0,
+                                             "load_end": machine()["load_1_5_15"]})
+    t1 = time.time()
+    _run(eval_cmd(preset, out), out / "eval.log", threads)
     result = json.loads((out / "eval.log").read_text().strip().splitlines()[-1])
-    eval_s = time.time() - t0 - train_s
-    (out / "ood.json").write_text(json.dumps({"ood": result, "train_s": train_s, "eval_s": eval_s,
-                                              "lr": lr, "flags": METHODS[method]}, indent=1))
-    idv = final_eval(read_metrics(out))["id_val"]["accuracy"]
-    say(f"done  {method} seed {seed}: id_val {idv:.3f}, " + ", ".join(
-        f"{k} {v['accuracy']:.3f}" for k, v in result.items()) + f" (train {train_s:.0f} s, OOD eval {eval_s:.0f} s)")
+    write_json(out / "ood.json", {"ood": result, "train_s": train_s, "eval_s": time.time() - t1, "lr": lr,
+                                  "flags": METHODS[method], "threads": threads,
+                                  "machine_train": json.loads((out / "train_done.json").read_text()),
+                                  "machine_eval_end": machine()})
+    s = harvest(preset, method, seed)
+    say(f"done  {method} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in s["accuracy"].items())
+        + f" (train {train_s:.0f} s, eval {s['eval_s']:.0f} s, load {machine()['load_1_5_15']})")
+
+
+def _bits(rows: list[dict]) -> dict:
+    """Per-comparison correctness (chosen strictly above rejected), in file order; RM-Bench: 9 per item."""
+    bits = "".join("1" if c > r else "0" for row in rows for c in row["chosen_scores"] for r in row["rejected_scores"])
+    ids = hashlib.sha1("\n".join(str(row["origin"]) for row in rows).encode()).hexdigest()[:12]
+    return {"n": len(bits), "items_sha1": ids, "bits": bits}
+
+
+def harvest(preset: str, method: str, seed: int) -> dict:
+    """Turn a finished run folder (ood.json written) into its small committed state file; returns it."""
+    out = run_dir(preset, method, seed)
+    o = json.loads((out / "ood.json").read_text())
+    rows = read_metrics(out)
+    ev = o["ood"]
+    acc = {"id_val": final_eval(rows)["id_val"]["accuracy"]}
+    acc |= {k: ev[k]["accuracy"] for k in PAIR_SETS[1:] if k in ev}
+    if "rm_bench" in ev:
+        rmb = ev["rm_bench"]
+        acc["rm_bench"] = rmb["overall"]
+        acc |= {f"rmb_{d}": v["score"] for d, v in rmb["domains"].items()}
+        acc |= {f"rmb_{k}": rmb[k] for k in ("hard", "normal", "easy")}
+    if all(k in acc for k in OOD_MEAN_OF):
+        acc["ood_mean"] = sum(acc[k] for k in OOD_MEAN_OF) / len(OOD_MEAN_OF)
+    scores = {}
+    for f in sorted((out / "scores").glob("*.jsonl")):
+        scores[f.stem] = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    correct = {k: _bits(v) for k, v in scores.items()}
+    gaps = [round(r["chosen_scores"][0] - r["rejected_scores"][0], 5) for r in scores.get("id_val", [])]
+    allr = [x for r in scores.get("id_val", []) for x in r["chosen_scores"] + r["rejected_scores"]]
+    mu = sum(allr) / len(allr) if allr else 0.0
+    reward_std = math.sqrt(sum((x - mu) ** 2 for x in allr) / max(1, len(allr) - 1)) if allr else None
+    train = [r for r in rows if "train/loss" in r or "train/step_s" in r]
+    diag = {"step": [r["step"] for r in train]}
+    for k in ["loss", "step_s", *[f"aplot/{d}" for d in DIAG_KEYS]]:
+        if any(f"train/{k}" in r for r in train):
+            diag[k] = [None if (v := r.get(f"train/{k}")) is None or v != v else round(v, 5) for r in train]
+    first = next((r for r in rows if "train/rewards/chosen" in r and r["step"] == 1), None)
+    state = {
+        "preset": preset, "method": method, "seed": seed, "lr": o["lr"], "flags": o["flags"],
+        "params": {k: v for k, v in PRESETS[preset].items() if k not in ("methods", "seeds")},
+        "threads": o.get("threads"), "train_s": round(o["train_s"], 1), "eval_s": round(o["eval_s"], 1),
+        "machine_train": o.get("machine_train"), "machine_eval_end": o.get("machine_eval_end"),
+        "accuracy": acc,
+        "id_val_curve": eval_curve(rows), "id_val_margin_curve": eval_curve(rows, "id_val", "rewards/margins"),
+        "id_val_eval_rm_accuracy": ev.get("id_val", {}).get("accuracy"),
+        "id_val_gaps": gaps, "id_val_reward_std": reward_std,
+        "eval": {k: {kk: vv for kk, vv in v.items() if kk != "length"} for k, v in ev.items()},
+        "length": {k: v["length"] for k, v in ev.items() if "length" in v},
+        "correct": correct, "train_metrics": diag,
+        "first_step_chosen_reward": first["train/rewards/chosen"] if first else None,
+    }
+    write_json(run_state(preset, method, seed), state, indent=None)  # one line: ~25 KB, not 2,000 lines
+    return state
+
+
+def harvest_finished(preset: str) -> None:
+    """State files for every run folder whose eval finished (ood.json exists) but has none yet: never touches a
+    run in progress, whose ood.json is not written yet."""
+    if not preset_dir(preset).exists():
+        return
+    for d in sorted(preset_dir(preset).iterdir()):
+        m = re.fullmatch(r"(.+)_s(\d+)", d.name)
+        if m and m.group(1) in METHODS and (d / "ood.json").exists() \
+                and not run_state(preset, m.group(1), int(m.group(2))).exists():
+            harvest(preset, m.group(1), int(m.group(2)))
+            say(f"harvested {d.name} into {run_state(preset, m.group(1), int(m.group(2))).relative_to(REPO)}")
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -239,40 +391,13 @@ def final_eval(rows: list[dict]) -> dict:
     return {"id_val": {k.split("/", 2)[2]: v for k, v in last.items() if k.startswith("eval/id_val/")}}
 
 
-def chosen_lr(preset: str) -> tuple[str, dict]:
-    """The lr with the best final id_val accuracy in the BT check (ties: the smaller lr)."""
-    scores = {}
-    for lr in PRESETS[preset]["lrs"]:
-        d = lr_dir(preset, lr)
-        if (d / "done.json").exists():
-            rows = read_metrics(d)
-            scores[lr] = {"final": final_eval(rows)["id_val"]["accuracy"],
-                          "curve": eval_curve(rows), "train_s": json.loads((d / "done.json").read_text())["train_s"]}
-    if len(scores) < len(PRESETS[preset]["lrs"]):
-        return "", scores
-    best = max(sorted(scores, key=float), key=lambda lr: (round(scores[lr]["final"], 6), -float(lr)))
-    return best, scores
-
-
-def load_runs(preset: str, methods: list[str], seeds: list[int]) -> dict:
-    runs = {}
-    for m in methods:
-        for s in seeds:
-            d = run_dir(preset, m, s)
-            if (d / "ood.json").exists():
-                o = json.loads((d / "ood.json").read_text())
-                runs[(m, s)] = {"metrics": read_metrics(d), "ood": o["ood"], "train_s": o["train_s"],
-                                "eval_s": o["eval_s"], "lr": o["lr"], "dir": d}
-            elif (d / "train_done.json").exists():  # trained with --ood_methods leaving it out
-                cfg = json.loads((d / "config.json").read_text())
-                runs[(m, s)] = {"metrics": read_metrics(d), "ood": {}, "eval_s": None,
-                                "train_s": json.loads((d / "train_done.json").read_text())["train_s"],
-                                "lr": str(cfg["learning_rate"]), "dir": d}
-    return runs
-
-
+def load_states(preset: str, methods: list[str], seeds: list[int]) -> dict:
+    return {(m, s): json.loads(run_state(preset, m, s).read_text())
+            for m in methods for s in seeds if run_state(preset, m, s).exists()}
 # ------------------------------------------------------------------------------------------ stats
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+def t_quantile(q: float, df: int) -> float:
+    from scipy.stats import t
+    return float(t.ppf(q, df))
 
 
 def t_ci95(xs: list[float]) -> tuple[float, float]:
@@ -281,8 +406,46 @@ def t_ci95(xs: list[float]) -> tuple[float, float]:
     mean = sum(xs) / n
     if n < 2:
         return mean, float("nan")
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    return mean, T95.get(n - 1, 1.96) * sd / math.sqrt(n)
+    return mean, t_quantile(0.975, n - 1) * sd(xs) / math.sqrt(n)
+
+
+def sd(xs: list[float]) -> float:
+    n = len(xs)
+    if n < 2:
+        return float("nan")
+    mean = sum(xs) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+
+
+def mde80(s: float, n: int) -> float:
+    """Smallest true mean paired difference a two-sided paired t-test (alpha 0.05) detects with 80% power at n
+    seeds, given the SD s of the per-seed differences: solved on the noncentral t distribution."""
+    if n < 2 or not s == s:
+        return float("nan")
+    if s == 0:
+        return 0.0
+    from scipy.stats import nct
+    crit, df, se = t_quantile(0.975, n - 1), n - 1, s / math.sqrt(n)
+
+    def power(nc: float) -> float:
+        p = nct.sf(crit, df, nc) + nct.cdf(-crit, df, nc)
+        return p if p == p else float(nc > crit)  # scipy's nct can return NaN far in the tail (df = 1)
+    lo, hi = 0.0, 0.0
+    while power(hi) < 0.8 and hi < 200:
+        lo, hi = hi, hi + 0.05
+    for _ in range(40):  # bisection on the noncentrality
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if power(mid) < 0.8 else (lo, mid)
+    return hi * se
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value (binomial, p = 1/2, over the b + c discordant pairs)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    from scipy.stats import binomtest
+    return float(binomtest(min(b, c), n, 0.5).pvalue)
 
 
 def fmt(mean: float, hw: float, scale: float = 100.0, sign: bool = False) -> str:
@@ -290,361 +453,539 @@ def fmt(mean: float, hw: float, scale: float = 100.0, sign: bool = False) -> str
     return m if math.isnan(hw) else f"{m} ± {scale * hw:.1f}"
 
 
-def accuracies(runs: dict) -> dict:
-    acc = {}
-    for (m, s), r in runs.items():
-        acc[(m, s)] = {"id_val": final_eval(r["metrics"])["id_val"]["accuracy"],
-                       **{k: v["accuracy"] for k, v in r["ood"].items()}}
-        if all(k in acc[(m, s)] for k in OOD):
-            acc[(m, s)]["ood_mean"] = sum(acc[(m, s)][k] for k in OOD) / len(OOD)
-    return acc
-
-
-def shorter_wins(preset: str) -> dict:
-    """Accuracy of the rule 'prefer the shorter response' (characters) on each evaluated set."""
-    from aplot_rlhf.data.pairs import load_pairs, split_pairs
-    sets = {"id_val": split_pairs(load_pairs(str(TRAIN)), 0.1, 1234)[1]}
-    for k, path in OOD.items():
-        sets[k] = load_pairs(str(oasst_file(preset) if k == "oasst" else path))
-    return {k: sum(len(p["chosen"]) < len(p["rejected"]) for p in v) / len(v) for k, v in sets.items()}
-
-
 def cell(xs: list[float], sign: bool = False) -> str:
     return fmt(*t_ci95(xs), sign=sign) if xs else "—"
 
 
-def moving_average(xs: list[float], k: int) -> list[float]:
+def moving_average(xs: list, k: int) -> list[float]:
     out = []
     for i in range(len(xs)):
-        w = [x for x in xs[max(0, i - k + 1):i + 1] if x == x]
+        w = [x for x in xs[max(0, i - k + 1):i + 1] if x is not None and x == x]
         out.append(sum(w) / len(w) if w else float("nan"))
     return out
 
 
+def shorter_wins(preset: str) -> dict:
+    """Accuracy of the rule 'prefer the shorter response' (characters) on each pair set (RM-Bench: eval_rm's
+    length diagnostic gives it per run)."""
+    from aplot_rlhf.data.pairs import load_pairs, split_pairs
+    sets = {"id_val": split_pairs(load_pairs(str(TRAIN)), 0.1, 1234)[1]}
+    for k in PAIR_SETS[1:]:
+        sets[k] = load_pairs(str(oasst_file(preset) if k == "oasst" else OOD[k]))
+    return {k: sum(len(p["chosen"]) < len(p["rejected"]) for p in v) / len(v) for k, v in sets.items()}
+
+
+def paired_with_bt(acc: dict, method: str, key: str, seeds: list[int]) -> list[int]:
+    """The seeds where both `method` and bt have a value for `key`."""
+    return [s for s in seeds if key in acc.get((method, s), {}) and key in acc.get(("bt", s), {})]
+
+
+def steps_to_reach(curve: list, target: float) -> int | None:
+    """First evaluated step whose id_val accuracy is >= target (None: never)."""
+    return next((st for st, a in curve if a >= target - 1e-9), None)
+
+
 # ------------------------------------------------------------------------------------------ report
+LABEL = {"id_val": "ID (id_val)", "hhh438": "HHH-438", "bigbench_hhh": "BIG-bench HHH", "oasst": "OASST",
+         "rm_bench": "RM-Bench overall", "rmb_chat": "RM-Bench chat", "rmb_code": "RM-Bench code",
+         "rmb_safety": "RM-Bench safety", "rmb_hard": "RM-Bench hard", "rmb_normal": "RM-Bench normal",
+         "rmb_easy": "RM-Bench easy", "ood_mean": "OOD mean"}
+PAIR_LABEL = {"rm_bench": "RM-Bench (all 9 comparisons per prompt)"}  # where a table counts comparisons, not scores
+
+
 def report(preset: str, methods: list[str], seeds: list[int]) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch
+    states = load_states(preset, methods, seeds)
+    out_dir = state_dir(preset)
+    if not states:
+        say(f"no finished runs in {run_state(preset, 'x', 0).parent}: nothing to report")
+        return ""
+    methods = [m for m in methods if any((m, s) in states for s in seeds)]
+    done = {m: [s for s in seeds if (m, s) in states] for m in methods}
+    paired_seeds = [s for s in seeds if all((m, s) in states for m in methods)]
+    sets = [k for k in SETS if any(k in st["accuracy"] for st in states.values())]
+    lrc = lr_state(preset)
+    complete = all(len(done[m]) == len(seeds) for m in methods)
+    out = [f"## Quality study, preset `{preset}`: {'complete' if complete else 'PARTIAL'}\n",
+           f"Built by `python benchmarks/quality.py --preset {preset} --report` from the state files in "
+           f"`benchmarks/results/quality/{preset}/` at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+           "Finished runs: " + "; ".join(f"{m} {len(done[m])} of {len(seeds)} seeds "
+                                        f"({', '.join(map(str, done[m])) or 'none'})"
+                                        for m in methods) + "."]
+    if not complete:
+        out.append(f"**Partial: {len(paired_seeds)} of {len(seeds)} planned seeds have every method. Numbers below "
+                   "describe the seeds done so far; no conclusion is drawn from them.**")
+    summary = {"preset": preset, "params": PRESETS[preset], "methods": methods, "seeds_planned": seeds,
+               "seeds_done": done, "lr_check": lrc}
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    runs = load_runs(preset, methods, seeds)
-    if not runs:
-        raise SystemExit(f"no finished runs under {preset_dir(preset)}")
-    methods = [m for m in methods if any((m, s) in runs for s in seeds)]
-    acc = accuracies(runs)
-    n_pairs = {}
-    for r in runs.values():
-        n_pairs["id_val"] = int(final_eval(r["metrics"])["id_val"]["n"])
-        n_pairs.update({k: v["n"] for k, v in r["ood"].items()})
-    out = []
+    # learning-rate check
+    if lrc.get("methods"):
+        out.append(f"\n### Learning rate per method, chosen on id_val only (seed {lrc['seed']}, "
+                   f"{lrc['train_pairs'] or 'all'} training pairs, final id_val accuracy %)\n")
+        out.append("| method | " + " | ".join(f"lr {lr}" for lr in lrc["lrs"]) + " | chosen |")
+        out.append("|---" * (len(lrc["lrs"]) + 2) + "|")
+        for m, v in lrc["methods"].items():
+            out.append(f"| {m} | " + " | ".join(f"{100 * v['runs'][lr]['final_id_val']:.1f}" if lr in v["runs"]
+                                                  else "—" for lr in lrc["lrs"]) + f" | {v.get('chosen', '—')} |")
+    used = {m: sorted({states[(m, s)]["lr"] for s in done[m]}) for m in methods}
+    out.append("\nLearning rate the finished runs used: "
+               + ", ".join(f"{m} {'/'.join(v)}" for m, v in used.items()) + ".")
 
-    lr, lr_scores = chosen_lr(preset)
-    if lr_scores:
-        out.append("### Learning-rate check (BT, seed 0, id_val only)\n")
-        out.append("| lr | id_val accuracy by step | final id_val | train wall (s) |\n|---|---|---|---|")
-        for k, v in sorted(lr_scores.items(), key=lambda kv: float(kv[0])):
-            curve = ", ".join(f"{st}: {100 * a:.1f}" for st, a in v["curve"])
-            out.append(f"| {k} | {curve} | {100 * v['final']:.1f} | {v['train_s']:.0f} |")
-        out.append(f"\nChosen: lr = {lr} (best final id_val accuracy).\n")
-
-    # main table: mean ± 95% t-CI over seeds
-    out.append("### Accuracy (%), mean ± 95% CI over seeds (t-distribution)\n")
-    out.append("| method | seeds | " + " | ".join(f"{k} (n={n_pairs.get(k, '?')})" for k in SETS)
-               + " | OOD mean | ID − OOD mean |")
-    out.append("|---" * (len(SETS) + 4) + "|")
-    for m in methods:
-        ss = [s for s in seeds if (m, s) in acc]
-        cells = [cell([acc[(m, s)][k] for s in ss if k in acc[(m, s)]]) for k in SETS + ["ood_mean"]]
-        gap = cell([acc[(m, s)]["id_val"] - acc[(m, s)]["ood_mean"] for s in ss if "ood_mean" in acc[(m, s)]], True)
-        out.append(f"| {m} | {len(ss)} | " + " | ".join(cells) + f" | {gap} |")
-
-    # a model-free reference: "the shorter response is preferred" (ties count as wrong, like the eval)
-    heur = shorter_wins(preset)
-    out.append("| *shorter response wins (no model)* | — | " + " | ".join(f"{100 * heur[k]:.1f}" for k in SETS)
-               + f" | {100 * sum(heur[k] for k in OOD) / len(OOD):.1f} | — |")
-
-    # per-OOD-set gap
-    out.append("\n### ID − OOD gap per set (points), mean ± 95% CI over seeds\n")
-    out.append("| method | " + " | ".join(f"id_val − {k}" for k in OOD) + " |\n" + "|---" * (len(OOD) + 1) + "|")
-    for m in methods:
-        ss = [s for s in seeds if (m, s) in acc]
-        out.append(f"| {m} | " + " | ".join(cell([acc[(m, s)]["id_val"] - acc[(m, s)][k] for s in ss
-                                                  if k in acc[(m, s)]], True) for k in OOD) + " |")
-
-    # paired comparisons vs BT: same seed = same head init and data order
-    paired_json = {}
-    out.append("\n### Paired comparison against BT (same seed: same head init, same data order)\n")
-    out.append("Per-seed accuracy difference in points (method − BT), its mean ± 95% t-CI, and the sign count "
-               "(wins / ties / losses over seeds).\n")
-    out.append("| method | eval set | per-seed diff (seed: points) | mean ± 95% CI | W / T / L |\n"
-               "|---|---|---|---|---|")
-    for m in methods:
-        if m == "bt":
+    # accuracies per method
+    try:
+        rule = shorter_wins(preset)
+    except Exception as exc:  # the data folder is not on this machine: the rest of the report still builds
+        rule = {}
+        say(f"shorter-wins rule not computed ({exc})")
+    for st in states.values():
+        ln = st["length"].get("rm_bench")
+        if ln and ln.get("shorter_wins_accuracy") is not None:
+            rule.setdefault("rm_bench", ln["shorter_wins_accuracy"])
+    acc = {k: st["accuracy"] for k, st in states.items()}
+    out.append("\n### Accuracy per method (%), mean ± 95% t-interval over seeds\n")
+    out.append("RM-Bench columns are its official scores (per domain: the mean of hard, normal and easy; overall: the "
+               "mean of the domains chat, code and safety). OOD mean = mean of HHH-438, BIG-bench HHH, OASST and "
+               "RM-Bench overall.")
+    summary["accuracy"] = {f"{m}/s{s}": acc[(m, s)] for m in methods for s in done[m]}
+    summary["per_method"] = {}
+    for group in ([k for k in sets if k not in RMB_KEYS], [k for k in sets if k in RMB_KEYS]):
+        if not group:
             continue
-        both = [s for s in seeds if (m, s) in acc and ("bt", s) in acc]
-        if not both:
-            continue
-        for k in SETS + ["ood_mean"]:
-            ks = [s for s in both if k in acc[(m, s)] and k in acc[("bt", s)]]
-            d = [acc[(m, s)][k] - acc[("bt", s)][k] for s in ks]
-            if not d:
-                continue
-            mean, hw = t_ci95(d)
-            w, losses = sum(x > 1e-9 for x in d), sum(x < -1e-9 for x in d)
-            paired_json[f"{m}/{k}"] = {"per_seed": dict(zip(ks, d)), "mean": mean, "ci95": hw,
-                                       "wins": w, "ties": len(d) - w - losses, "losses": losses}
-            name = f"**{m}**" if m == "aplot" else m
-            out.append(f"| {name} | {k} | " + ", ".join(f"{s}: {100 * x:+.1f}" for s, x in zip(ks, d))
-                       + f" | {fmt(mean, hw, sign=True)} | {w} / {len(d) - w - losses} / {losses} |")
+        out.append("\n| method | seeds | " + " | ".join(LABEL[k] for k in group) + " |")
+        out.append("|---" * (len(group) + 2) + "|")
+        for m in methods:
+            row = []
+            for k in group:
+                xs = [acc[(m, s)][k] for s in done[m] if k in acc[(m, s)]]
+                row.append(cell(xs))
+                if xs:
+                    mu, hw = t_ci95(xs)
+                    summary["per_method"][f"{m}/{k}"] = {"mean": mu, "ci95": hw, "n": len(xs)}
+            out.append(f"| {m} | {len(done[m])} | " + " | ".join(row) + " |")
+        if rule and any(k in rule for k in group):
+            out.append("| *shorter response wins (no model)* | — | " + " | ".join(
+                f"{100 * rule[k]:.1f}" if k in rule else "—" for k in group) + " |")
+    n_sets = {}
+    for st in states.values():
+        n_sets |= {k: v["n"] for k, v in st["correct"].items()}
+    out.append("\nComparisons per set: " + ", ".join(f"{k} {v}" for k, v in sorted(n_sets.items()))
+               + " (RM-Bench: 9 per prompt).")
 
-    # pooled pair-level check on id_val (McNemar over seeds x pairs): APLOT vs BT
-    mc = []
-    for m in methods:
-        if m == "bt":
-            continue
-        b = c = 0
-        for s in seeds:
-            if (m, s) in runs and ("bt", s) in runs:
-                ra = torch.load(runs[(m, s)]["dir"] / "eval_rewards.pt")["id_val"]
-                rb = torch.load(runs[("bt", s)]["dir"] / "eval_rewards.pt")["id_val"]
-                ca, cb = ra["chosen"] > ra["rejected"], rb["chosen"] > rb["rejected"]
-                b += int((ca & ~cb).sum())
-                c += int((~ca & cb).sum())
-        if b + c:
-            z = (abs(b - c) - 1) / math.sqrt(b + c) if b + c else 0.0
-            p = math.erfc(max(z, 0.0) / math.sqrt(2))
-            mc.append(f"| {m} | {b} | {c} | {p:.2f} |")
-    if mc:
-        out.append("\n### id_val pair-level disagreement with BT, pooled over seeds (McNemar, continuity-corrected)\n")
-        out.append("| method | pairs only the method gets right | pairs only BT gets right | two-sided p |\n"
-                   "|---|---|---|---|")
-        out += mc
+    # paired differences against bt, with the minimum detectable effect
+    others = [m for m in methods if m != "bt"]
+    summary["paired_vs_bt"] = {}
+    if "bt" in methods and others:
+        out.append("\n### Paired difference against BT, per seed (points), 95% t-interval, wins / ties / losses, and "
+                   "the minimum detectable effect\n")
+        out.append("Same seed = same head initialization and data order. MDE: the smallest true mean difference a "
+                   "two-sided paired t-test (alpha 0.05) would detect with 80% power at this many seeds, given the "
+                   "observed SD of the per-seed differences.\n")
+        out.append("| method | set | per seed (seed: points) | mean ± 95% CI | W / T / L | SD | MDE (80%) |\n"
+                   "|---|---|---|---|---|---|---|")
+        for m in others:
+            for k in sets:
+                ks = paired_with_bt(acc, m, k, seeds)
+                d = [acc[(m, s)][k] - acc[("bt", s)][k] for s in ks]
+                if not d:
+                    continue
+                mean, hw = t_ci95(d)
+                w, lo = sum(x > 1e-9 for x in d), sum(x < -1e-9 for x in d)
+                s_d, mde = sd(d), mde80(sd(d), len(d))
+                summary["paired_vs_bt"][f"{m}/{k}"] = {"per_seed": dict(zip(ks, d)), "mean": mean, "ci95": hw,
+                                                       "wins": w, "ties": len(d) - w - lo, "losses": lo,
+                                                       "sd": s_d, "mde80": mde}
+                name = f"**{m}**" if m == "aplot" else m
+                out.append(f"| {name} | {LABEL[k]} | " + ", ".join(f"{s}: {100 * x:+.1f}" for s, x in zip(ks, d))
+                           + f" | {fmt(mean, hw, sign=True)} | {w} / {len(d) - w - lo} / {lo} | "
+                           + ("—" if s_d != s_d else f"{100 * s_d:.1f}") + " | "
+                           + ("—" if mde != mde else f"{100 * mde:.1f}") + " |")
 
-    # reward separation on id_val
-    out.append("\n### Separation on id_val (final model): chosen − rejected reward, pooled over seeds\n")
-    out.append("| method | median diff | mean diff | std of diff | median diff / reward std | "
-               "share of pairs with diff > 1 |\n|---|---|---|---|---|---|")
-    sep = {}
-    for m in methods:
-        ds, zs = [], []
-        for s in seeds:
-            if (m, s) in runs:
-                r = torch.load(runs[(m, s)]["dir"] / "eval_rewards.pt")["id_val"]
-                d = (r["chosen"] - r["rejected"]).float()
-                ds.append(d)
-                zs.append(d / torch.cat([r["chosen"], r["rejected"]]).float().std())
-        d, z = torch.cat(ds), torch.cat(zs)
-        sep[m] = (d.numpy(), z.numpy())
-        out.append(f"| {m} | {d.median():+.3f} | {d.mean():+.3f} | {d.std():.3f} | {z.median():+.3f} | "
-                   f"{100 * (d > 1).float().mean():.1f}% |")
+        # McNemar on pooled comparisons: the same items scored by both methods at the same seed
+        out.append("\n### Pair-level disagreement with BT, pooled over seeds (exact McNemar)\n")
+        out.append("The same comparisons scored by both models of a seed (eval_rm's per-response scores), pooled over "
+                   "the seeds both finished. It asks whether these particular models rank pairs differently; it "
+                   "ignores the seed-to-seed variation, so it is not a test of the method (the paired t-interval "
+                   "above is). "
+                   "RM-Bench pools its 9 comparisons per prompt, which are not independent: its p-value is "
+                   "optimistic.\n")
+        out.append("| method | set | seeds | comparisons | only the method right | only BT right | two-sided p |\n"
+                   "|---|---|---|---|---|---|---|")
+        summary["mcnemar"] = {}
+        for m in others:
+            for k in ["id_val", *PAIR_SETS[1:], "rm_bench"]:
+                b = c = n = 0
+                used_seeds = []
+                for s in seeds:
+                    if (m, s) in states and ("bt", s) in states and k in states[(m, s)]["correct"] \
+                            and k in states[("bt", s)]["correct"]:
+                        ca, cb = states[(m, s)]["correct"][k], states[("bt", s)]["correct"][k]
+                        if ca["items_sha1"] != cb["items_sha1"] or ca["n"] != cb["n"]:
+                            say(f"McNemar {m}/{k} seed {s}: the two runs scored different items; left out")
+                            continue
+                        b += sum(x == "1" and y == "0" for x, y in zip(ca["bits"], cb["bits"]))
+                        c += sum(x == "0" and y == "1" for x, y in zip(ca["bits"], cb["bits"]))
+                        n += ca["n"]
+                        used_seeds.append(s)
+                if used_seeds:
+                    p = mcnemar_exact(b, c)
+                    summary["mcnemar"][f"{m}/{k}"] = {"seeds": used_seeds, "n": n, "method_only": b, "bt_only": c,
+                                                      "p": p}
+                    out.append(f"| {m} | {PAIR_LABEL.get(k, LABEL[k])} | {len(used_seeds)} | {n} | {b} | {c} | "
+                               f"{p:.3g} |")
 
-    # APLOT diagnostics summary (train metrics, mean over seeds)
-    keys = ["margin_mean", "margin_std", "margin_gap_corr", "easy_frac", "hard_frac", "ot_batch_size"]
+        # convergence: steps to reach BT's final id_val accuracy
+        out.append("\n### Convergence: optimizer steps to reach BT's final id_val accuracy (same seed)\n")
+        out.append("From the id_val curve logged every eval_steps; '—' = never reached within the run. A method "
+                   "that converges faster reaches BT's final accuracy in fewer steps than BT itself.\n")
+        out.append("| method | " + " | ".join(f"seed {s}" for s in paired_seeds) + " | reached | median steps |")
+        out.append("|---" * (len(paired_seeds) + 3) + "|")
+        summary["steps_to_bt_final"] = {}
+        for m in methods:
+            row = []
+            for s in paired_seeds:
+                target = acc[("bt", s)]["id_val"]
+                row.append(steps_to_reach(states[(m, s)]["id_val_curve"], target))
+            got = sorted(x for x in row if x is not None)
+            med = statistics.median(got) if got else None
+            summary["steps_to_bt_final"][m] = dict(zip(paired_seeds, row))
+            out.append(f"| {m} | " + " | ".join("—" if x is None else str(x) for x in row)
+                       + f" | {len(got)} / {len(row)} | {'—' if med is None else med} |")
+
+    # margin diagnostics over training
     aplots = [m for m in methods if m.startswith("aplot")]
     if aplots:
-        out.append("\n### APLOT margin diagnostics during training (per optimizer step, mean over seeds)\n")
-        out.append("| method | steps | " + " | ".join(f"{k} first 5 → last 5" for k in keys) + " |")
-        out.append("|---" * (len(keys) + 2) + "|")
+        out.append("\n### APLOT margin diagnostics over training (per optimizer step, mean over seeds)\n")
+        out.append("Means over the first 10%, the middle 10% and the last 10% of steps. easy: margin < 0.05, "
+                   "hard: margin > 0.3; margin_gap_corr: the batch correlation of the margin with r_c − r_r.\n")
+        out.append("| method | " + " | ".join(f"{k} first → mid → last" for k in DIAG_KEYS) + " |")
+        out.append("|---" * (len(DIAG_KEYS) + 1) + "|")
+        summary["aplot_diagnostics"] = {}
         for m in aplots:
-            per_seed = [[r for r in runs[(m, s)]["metrics"] if "train/aplot/margin_mean" in r]
-                        for s in seeds if (m, s) in runs]
-            n = min(len(x) for x in per_seed)
+            cells = []
+            for k in DIAG_KEYS:
+                per = [states[(m, s)]["train_metrics"].get(f"aplot/{k}") for s in done[m]]
+                per = [[x for x in v if x is not None] for v in per if v]
+                if not per:
+                    cells.append("—")
+                    continue
+                n = min(len(v) for v in per)
+                w = max(1, n // 10)
 
-            def avg(k, sl):
-                vals = [r[f"train/aplot/{k}"] for rows in per_seed for r in rows[:n][sl]]
-                vals = [v for v in vals if v == v]
-                return sum(vals) / len(vals) if vals else float("nan")
-            out.append(f"| {m} | {n} | " + " | ".join(
-                f"{avg(k, slice(0, 5)):.3g} → {avg(k, slice(n - 5, n)):.3g}" for k in keys) + " |")
+                def avg(lo, hi):
+                    vals = [x for v in per for x in v[lo:hi]]
+                    return sum(vals) / len(vals) if vals else float("nan")
+                trio = (avg(0, w), avg(n // 2 - w // 2, n // 2 - w // 2 + w), avg(n - w, n))
+                summary["aplot_diagnostics"][f"{m}/{k}"] = trio
+                cells.append(" → ".join(f"{x:.3g}" for x in trio))
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
 
-    # wall times
-    out.append("\n### Wall time per run (s): training incl. periodic id_val evals + OOD eval, mean over seeds\n")
-    out.append("| method | train_rm | eval_rm (OOD) | mean s / optimizer step |\n|---|---|---|---|")
+    # length diagnostic
+    out.append("\n### Length diagnostic: accuracy (%) when the chosen response is the longer / the shorter one "
+               "(eval_rm's `length`, characters), mean over seeds\n")
+    lsets = [k for k in ["id_val", *PAIR_SETS[1:], "rm_bench"] if any(k in st["length"] for st in states.values())]
+    out.append("| method | " + " | ".join(f"{PAIR_LABEL.get(k, LABEL[k])} longer / shorter" for k in lsets) + " |")
+    out.append("|---" * (len(lsets) + 1) + "|")
+    summary["length"] = {}
     for m in methods:
-        rs = [runs[(m, s)] for s in seeds if (m, s) in runs]
-        steps = [[r["train/step_s"] for r in x["metrics"] if "train/step_s" in r] for x in rs]
-        sps = sum(sum(v) for v in steps) / max(1, sum(len(v) for v in steps))
-        ev = [r["eval_s"] for r in rs if r["eval_s"] is not None]
-        out.append(f"| {m} | {sum(r['train_s'] for r in rs) / len(rs):.0f} | "
-                   f"{f'{sum(ev) / len(ev):.0f}' if ev else 'not run'} | {sps:.2f} |")
+        cells = []
+        for k in lsets:
+            pair = []
+            for side in ("chosen_longer", "chosen_shorter"):
+                xs = [states[(m, s)]["length"][k][side]["accuracy"] for s in done[m]
+                      if k in states[(m, s)]["length"] and states[(m, s)]["length"][k][side]["accuracy"] is not None]
+                pair.append(sum(xs) / len(xs) if xs else float("nan"))
+            summary["length"][f"{m}/{k}"] = {"chosen_longer": pair[0], "chosen_shorter": pair[1]}
+            cells.append(f"{100 * pair[0]:.1f} / {100 * pair[1]:.1f}")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    st0 = next(iter(states.values()))
+    share = {k: st0["length"][k]["chosen_longer"]["n"] / max(1, sum(
+        st0["length"][k][x]["n"] for x in ("chosen_longer", "chosen_shorter", "same_length"))) for k in lsets
+        if k in st0["length"]}
+    out.append("\nShare of comparisons where the chosen response is the longer one: "
+               + ", ".join(f"{PAIR_LABEL.get(k, LABEL[k])} {100 * v:.0f}%" for k, v in share.items()) + ".")
+
+    # separation on id_val
+    out.append("\n### Separation on id_val (final model): chosen − rejected reward, pooled over seeds\n")
+    out.append("| method | median diff | mean diff | std of diff | median diff / reward std |\n|---|---|---|---|---|")
+    sep = {}
+    for m in methods:
+        ds = [g for s in done[m] for g in states[(m, s)]["id_val_gaps"]]
+        zs = [g / states[(m, s)]["id_val_reward_std"] for s in done[m] for g in states[(m, s)]["id_val_gaps"]
+              if states[(m, s)]["id_val_reward_std"]]
+        if not ds:
+            continue
+        sep[m] = (ds, zs)
+        med = sorted(ds)[len(ds) // 2]
+        out.append(f"| {m} | {med:+.3f} | {sum(ds) / len(ds):+.3f} | {sd(ds):.3f} | {sorted(zs)[len(zs) // 2]:+.3f} |")
+
+    # wall time and machine
+    out.append("\n### Wall time per run (s) and machine load, mean over seeds\n")
+    out.append("| method | threads | train_rm | eval_rm (id_val + 4 OOD sets) | s / optimizer step | "
+               "1-min load at start | CPU |\n|---|---|---|---|---|---|---|")
+    summary["wall_s"] = {}
+    for m in methods:
+        rs = [states[(m, s)] for s in done[m]]
+        steps = [x for r in rs for x in r["train_metrics"].get("step_s", []) if x is not None]
+        loads = [r["machine_train"]["machine"]["load_1_5_15"][0] for r in rs if r.get("machine_train")]
+        cpu = next((r["machine_train"]["machine"]["cpu"] for r in rs if r.get("machine_train")), "?")
+        summary["wall_s"] |= {f"{m}/s{r['seed']}": {"train": r["train_s"], "eval": r["eval_s"]} for r in rs}
+        out.append(f"| {m} | {rs[0]['threads']} | {sum(r['train_s'] for r in rs) / len(rs):.0f} | "
+                   f"{sum(r['eval_s'] for r in rs) / len(rs):.0f} | "
+                   f"{(sum(steps) / len(steps)) if steps else float('nan'):.2f} | "
+                   f"{', '.join(f'{x:.1f}' for x in loads)} | {cpu} |")
 
     # identical-start sanity check: step-1 batch metrics are computed before the first update
     starts = {}
-    for (m, s), r in runs.items():
-        first = next((x for x in r["metrics"] if "train/rewards/chosen" in x and x["step"] == 1), None)
-        if first:
-            starts.setdefault(s, set()).add(round(first["train/rewards/chosen"], 5))
+    for (m, s), st in states.items():
+        if st["first_step_chosen_reward"] is not None:
+            starts.setdefault(s, set()).add(round(st["first_step_chosen_reward"], 5))
     same = all(len(v) == 1 for v in starts.values())
     out.append(f"\nSame start within each seed (step-1 batch chosen reward identical across methods): "
                f"{'yes' if same else 'NO'} ({', '.join(f'seed {s}: {sorted(v)}' for s, v in sorted(starts.items()))}).")
+    mism = [f"{m}/s{s}" for (m, s), st in states.items() if st["id_val_eval_rm_accuracy"] is not None
+            and abs(st["id_val_eval_rm_accuracy"] - st["accuracy"]["id_val"]) > 1e-6]
+    out.append("eval_rm's id_val accuracy equals the trainer's final id_val accuracy in every run: "
+               + ("yes." if not mism else f"NO ({', '.join(mism)})."))
 
-    _plots(plt, runs, methods, seeds, sep, lr_scores, preset)
-    (RESULTS / f"summary_{preset}.json").write_text(json.dumps({
-        "preset": preset, "params": PRESETS[preset], "lr": lr or next(iter(runs.values()))["lr"],
-        "lr_check": {k: {"final_id_val": v["final"], "curve": v["curve"]} for k, v in lr_scores.items()},
-        "accuracy": {f"{m}/s{s}": v for (m, s), v in sorted(acc.items())},
-        "paired_vs_bt": paired_json,
-        "wall_s": {f"{m}/s{s}": {"train": r["train_s"], "ood_eval": r["eval_s"]} for (m, s), r in sorted(runs.items())},
-        "ood_details": {f"{m}/s{s}": r["ood"] for (m, s), r in sorted(runs.items())},
-    }, indent=1, default=str))
+    plots = _plots(states, methods, seeds, sets, sep, lrc, out_dir)
+    out.append("\nPlots: " + ", ".join(f"[{p.name}]({p.name})" for p in plots))
     text = "\n".join(out) + "\n"
-    (RESULTS / f"tables_{preset}.md").write_text(text)
+    write_json(out_dir / "summary.json", summary)
+    (out_dir / "tables.md").write_text(text)
     print(text)
     return text
 
 
-def png_path(name: str, preset: str) -> Path:
-    """Plots of the quick preset keep their plain names (RESULTS.md links them); other presets get a suffix."""
-    return RESULTS / (f"{name}.png" if preset == "quick" else f"{name}_{preset}.png")
-
-
-def _plots(plt, runs, methods, seeds, sep, lr_scores, preset):
+def _plots(states, methods, seeds, sets, sep, lrc, out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     colors = {m: f"C{i}" for i, m in enumerate(METHODS)}
-    # 1. convergence on id_val: accuracy and mean reward margin vs step (mean over seeds, band = min..max)
+    done = {m: [s for s in seeds if (m, s) in states] for m in methods}
+    acc = {k: st["accuracy"] for k, st in states.items()}
+    paths = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        paths.append(out_dir / name)
+
+    # 1. the headline: paired difference against BT per set, mean and 95% CI, seeds as dots
+    others = [m for m in methods if m != "bt"]
+    if "bt" in methods and others:
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(sets) * len(others) + 1.5))
+        y = 0
+        ticks = []
+        for k in sets:
+            for m in others:
+                ks = paired_with_bt(acc, m, k, seeds)
+                d = [100 * (acc[(m, s)][k] - acc[("bt", s)][k]) for s in ks]
+                if d:
+                    mu, hw = t_ci95(d)
+                    ax.errorbar(mu, y, xerr=0 if hw != hw else hw, fmt="o", color=colors[m], capsize=3)
+                    ax.scatter(d, [y + 0.2] * len(d), s=9, color=colors[m], alpha=0.5)
+                    ticks.append((y, f"{LABEL[k]}" + (f" ({m})" if len(others) > 1 else "") + f"  n={len(d)}"))
+                    y -= 1
+        ax.axvline(0, color="k", lw=0.8)
+        reach = max([abs(v) for c in ax.collections for v in c.get_offsets()[:, 0]] + [1.0])
+        ax.set_xlim(-1.6 * reach, 1.6 * reach)  # a 2-seed t-interval would squash the rest: it runs off the axis
+        ax.set_yticks([t for t, _ in ticks], [lab for _, lab in ticks], fontsize=8)
+        ax.set_xlabel(f"{' / '.join(others)} − BT, points (dot: mean ± 95% CI; small dots: seeds)")
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title("Paired difference against BT, same seed", fontsize=10)
+        save(fig, "paired_diff.png")
+
+    # 2. accuracy per set, mean ± CI per method, seeds as dots
+    cols = min(6, len(sets))
+    rows = -(-len(sets) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols + 1, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(sets):]:
+        ax.axis("off")
+    for ax, k in zip(axes.flat, sets):
+        for i, m in enumerate(methods):
+            ys = [100 * acc[(m, s)][k] for s in done[m] if k in acc[(m, s)]]
+            if not ys:
+                continue
+            mu, hw = t_ci95(ys)
+            ax.errorbar(i, mu, yerr=0 if hw != hw else hw, fmt="s", color=colors[m], capsize=3)
+            ax.scatter([i + 0.15] * len(ys), ys, color=colors[m], s=9, alpha=0.5)
+        ax.axhline(50, color="k", lw=0.5, ls=":")
+        ax.set_xticks(range(len(methods)), methods, fontsize=7)
+        ax.set_xlim(-0.5, len(methods) - 0.5)
+        ax.set_title(LABEL[k], fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("accuracy / score (%)")
+    fig.suptitle("Accuracy per set: mean ± 95% CI over seeds (small dots: seeds; dotted: chance)", fontsize=9)
+    save(fig, "accuracy.png")
+
+    # 3. convergence on id_val
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for m in methods:
-        for ax, key in zip(axes, ("accuracy", "rewards/margins")):
-            curves = [dict(eval_curve(runs[(m, s)]["metrics"], "id_val", key)) for s in seeds if (m, s) in runs]
-            x = sorted(set.intersection(*(set(c) for c in curves)))  # steps every seed evaluated at
+        for ax, key, sc in zip(axes, ("id_val_curve", "id_val_margin_curve"), (100, 1)):
+            curves = [dict((int(a), b) for a, b in states[(m, s)][key]) for s in done[m]]
+            if not curves:
+                continue
+            x = sorted(set.intersection(*(set(c) for c in curves)))
             ys = [[c[st] for c in curves] for st in x]
-            sc = 100 if key == "accuracy" else 1
-            ax.plot(x, [sc * sum(y) / len(y) for y in ys], marker="o", ms=3, color=colors[m],
-                    label=f"{m} ({len(curves)} seeds)", ls="-" if m in MAIN else "--")
-            ax.fill_between(x, [sc * min(y) for y in ys], [sc * max(y) for y in ys], color=colors[m], alpha=0.08)
+            ax.plot(x, [sc * sum(v) / len(v) for v in ys], marker="o", ms=3, color=colors[m],
+                    label=f"{m} ({len(curves)} seeds)")
+            ax.fill_between(x, [sc * min(v) for v in ys], [sc * max(v) for v in ys], color=colors[m], alpha=0.1)
     axes[0].set_ylabel("id_val accuracy (%)")
     axes[1].set_ylabel("id_val mean reward(chosen) − reward(rejected)")
     for ax in axes:
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"Convergence on id_val ({preset}): mean over seeds, band = min..max", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png_path("convergence", preset), dpi=110)
-    plt.close(fig)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Convergence on id_val: mean over seeds, band = min..max", fontsize=10)
+    save(fig, "convergence.png")
 
-    # 2. separation: distribution of chosen - rejected on id_val (raw, and divided by each run's reward std)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for m in methods:
-        for ax, arr in zip(axes, sep[m]):
-            ax.hist(arr, bins=40, histtype="step", lw=1.4, density=True, color=colors[m],
-                    ls="-" if m in MAIN else "--", label=f"{m} (median {float(sorted(arr)[len(arr) // 2]):+.2f})")
-    axes[0].set_xlabel("reward(chosen) − reward(rejected)")
-    axes[1].set_xlabel("(reward(chosen) − reward(rejected)) / std of the run's rewards")
-    for ax in axes:
-        ax.axvline(0, color="k", lw=0.6)
-        ax.set_ylabel("density")
-        ax.legend(fontsize=7)
-    fig.suptitle("id_val separation of the final models, pooled over seeds", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png_path("separation", preset), dpi=110)
-    plt.close(fig)
-
-    # 3. APLOT diagnostics over training (mean over seeds, 5-step moving average)
-    keys = ["margin_mean", "margin_std", "margin_gap_corr", "ot_batch_size", "easy_frac", "hard_frac"]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for m in methods:
-        if not m.startswith("aplot"):
-            continue
-        per_seed = [[r for r in runs[(m, s)]["metrics"] if "train/aplot/margin_mean" in r]
-                    for s in seeds if (m, s) in runs]
-        n = min(len(x) for x in per_seed)
-        steps = [r["step"] for r in per_seed[0][:n]]
-        for ax, k in zip(axes.flat, keys):
-            vals = []
-            for i in range(n):
-                v = [rows[i][f"train/aplot/{k}"] for rows in per_seed]
-                v = [x for x in v if x == x]
-                vals.append(sum(v) / len(v) if v else float("nan"))
-            ax.plot(steps, moving_average(vals, 5), color=colors[m], label=m)
-    for ax, k in zip(axes.flat, keys):
-        ax.set_title(k + (" (corr. of margin with r_c − r_r)" if k == "margin_gap_corr" else ""), fontsize=9)
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-    if any(m.startswith("aplot") for m in methods):
+    # 4. APLOT margin diagnostics over training
+    aplots = [m for m in methods if m.startswith("aplot") and done[m]]
+    if aplots:
+        fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+        for m in aplots:
+            for ax, k in zip(axes.flat, DIAG_KEYS):
+                per = [states[(m, s)]["train_metrics"] for s in done[m]]
+                per = [(p["step"], p.get(f"aplot/{k}")) for p in per if p.get(f"aplot/{k}")]
+                if not per:
+                    continue
+                n = min(len(v) for _, v in per)
+                vals = []
+                for i in range(n):
+                    v = [p[1][i] for p in per if p[1][i] is not None]
+                    vals.append(sum(v) / len(v) if v else float("nan"))
+                ax.plot(per[0][0][:n], moving_average(vals, 5), color=colors[m], label=f"{m} ({len(per)} seeds)")
+        for ax, k in zip(axes.flat, DIAG_KEYS):
+            ax.set_title(k + (" (corr. of margin with r_c − r_r)" if k == "margin_gap_corr" else ""), fontsize=9)
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
         axes.flat[0].legend(fontsize=7)
-    fig.suptitle("APLOT margin diagnostics per training batch (mean over seeds, 5-step moving average)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png_path("aplot_diagnostics", preset), dpi=110)
-    plt.close(fig)
+        fig.suptitle("APLOT margin per training batch (mean over seeds, 5-step moving average)", fontsize=10)
+        save(fig, "aplot_diagnostics.png")
 
-    # 4. per-seed accuracies, every set (dots = seeds, bar = mean)
-    fig, axes = plt.subplots(1, len(SETS) + 1, figsize=(3.2 * (len(SETS) + 1), 3.6), sharey=False)
-    acc = accuracies(runs)
-    for ax, k in zip(axes, SETS + ["ood_mean"]):
+    # 5. length diagnostic
+    lsets = [k for k in ["id_val", *PAIR_SETS[1:], "rm_bench"] if any(k in st["length"] for st in states.values())]
+    fig, axes = plt.subplots(1, len(lsets), figsize=(2.4 * len(lsets) + 1, 3.4), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, k in zip(axes, lsets):
         for i, m in enumerate(methods):
-            ys = [100 * acc[(m, s)][k] for s in seeds if (m, s) in acc]
-            ax.bar(i, sum(ys) / len(ys), color=colors[m], alpha=0.35)
-            ax.scatter([i] * len(ys), ys, color=colors[m], s=12, zorder=3)
-        ax.set_xticks(range(len(methods)), methods, rotation=60, fontsize=7)
-        lo = min(100 * acc[(m, s)][k] for (m, s) in acc) - 3
-        ax.set_ylim(max(0, lo), None)
-        ax.set_title(k, fontsize=9)
+            for j, side in enumerate(("chosen_longer", "chosen_shorter")):
+                xs = [100 * states[(m, s)]["length"][k][side]["accuracy"] for s in done[m]
+                      if k in states[(m, s)]["length"] and states[(m, s)]["length"][k][side]["accuracy"] is not None]
+                if xs:
+                    ax.bar(j * (len(methods) + 1) + i, sum(xs) / len(xs), color=colors[m],
+                           label=m if j == 0 else None, alpha=0.8)
+        ax.axhline(50, color="k", lw=0.5, ls=":")
+        ax.set_xticks([(len(methods) - 1) / 2, len(methods) + 1 + (len(methods) - 1) / 2],
+                      ["chosen\nlonger", "chosen\nshorter"], fontsize=8)
+        ax.set_title("RM-Bench (9 per prompt)" if k == "rm_bench" else LABEL[k], fontsize=9)
     axes[0].set_ylabel("accuracy (%)")
-    fig.tight_layout()
-    fig.savefig(png_path("accuracy_per_seed", preset), dpi=110)
-    plt.close(fig)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Length diagnostic: accuracy split by which response is longer (mean over seeds)", fontsize=9)
+    save(fig, "length.png")
 
-    if lr_scores:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for lr, v in sorted(lr_scores.items(), key=lambda kv: float(kv[0])):
-            ax.plot([a for a, _ in v["curve"]], [100 * b for _, b in v["curve"]], marker="o", label=f"BT lr {lr}")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("id_val accuracy (%)")
-        ax.set_title("Learning-rate check (BT, seed 0, id_val only)", fontsize=9)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(png_path("lr_check", preset), dpi=110)
-        plt.close(fig)
+    # 6. separation on id_val
+    if sep:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        for m, arrs in sep.items():
+            for ax, arr in zip(axes, arrs):
+                ax.hist(arr, bins=40, histtype="step", lw=1.4, density=True, color=colors[m],
+                        label=f"{m} (median {sorted(arr)[len(arr) // 2]:+.2f})")
+        axes[0].set_xlabel("reward(chosen) − reward(rejected)")
+        axes[1].set_xlabel("(reward(chosen) − reward(rejected)) / std of the run's rewards")
+        for ax in axes:
+            ax.axvline(0, color="k", lw=0.6)
+            ax.legend(fontsize=7)
+        fig.suptitle("id_val separation of the final models, pooled over seeds", fontsize=10)
+        save(fig, "separation.png")
+
+    # 7. lr check
+    if lrc.get("methods"):
+        ms = list(lrc["methods"])
+        fig, axes = plt.subplots(1, len(ms), figsize=(4.5 * len(ms), 3.4), sharey=True, squeeze=False)
+        for ax, m in zip(axes[0], ms):
+            for lr, v in sorted(lrc["methods"][m]["runs"].items(), key=lambda kv: float(kv[0])):
+                chosen = lr == lrc["methods"][m].get("chosen")
+                ax.plot([a for a, _ in v["curve"]], [100 * b for _, b in v["curve"]], marker="o", ms=3,
+                        lw=2.2 if chosen else 1, label=f"lr {lr}" + (" (chosen)" if chosen else ""))
+            ax.set_title(f"{m}: lr check (seed {lrc['seed']}, id_val only)", fontsize=9)
+            ax.set_xlabel("optimizer step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("id_val accuracy (%)")
+        save(fig, "lr_check.png")
+    return paths
 
 
 # ------------------------------------------------------------------------------------------ main
+def parse_lr(arg: str, methods: list[str]) -> dict:
+    """'auto' -> {} (each method's own check); '1e-4' -> that lr for all; 'bt=1e-4,aplot=3e-5' -> per method."""
+    if arg == "auto":
+        return {}
+    if "=" not in arg:
+        return {m: arg for m in methods}
+    given = dict(kv.split("=", 1) for kv in arg.split(","))
+    missing = [m for m in methods if m not in given]
+    if missing:
+        raise SystemExit(f"--lr gives no lr for {missing}")
+    return given
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="quick", choices=PRESETS)
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list from {', '.join(METHODS)}")
-    ap.add_argument("--seeds", default="1,2,3", help="comma list of training seeds (0 is the lr check's)")
-    ap.add_argument("--lr", default="auto", help="'auto': the best of the preset's lrs on id_val in a BT check")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at a time; each gets max(1, cores // jobs) threads")
+    ap.add_argument("--methods", default="", help=f"comma list from {', '.join(METHODS)} (default: the preset's)")
+    ap.add_argument("--seeds", default="", help="comma list of training seeds (default: the preset's; "
+                    "0 is the lr check's)")
+    ap.add_argument("--lr", default="auto", help="'auto': per method, the best of the preset's lrs on id_val in "
+                    "that method's own check; or one lr for all; or method=lr,...")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores // jobs)")
-    ap.add_argument("--ood_methods", default="all", help="comma list of methods whose models get the OOD eval "
-                    "('all'); the others are trained and scored on id_val only (a later run with 'all' adds it)")
-    ap.add_argument("--report", action="store_true", help="only aggregate finished runs")
+    ap.add_argument("--report", action="store_true", help="only aggregate finished runs (and turn finished run "
+                    "folders into their state files)")
     args = ap.parse_args()
-    methods = [m for m in args.methods.split(",") if m]
+    methods = [m for m in (args.methods or PRESETS[args.preset]["methods"]).split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = [int(s) for s in (args.seeds or PRESETS[args.preset]["seeds"]).split(",")]
     if LR_CHECK_SEED in seeds:
         raise SystemExit(f"seed {LR_CHECK_SEED} is the learning-rate check's; use other study seeds")
     threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
+    harvest_finished(args.preset)
     if not args.report:
         t0 = time.time()
-        lr = args.lr
+        lrs = parse_lr(args.lr, methods)
         pool = ThreadPoolExecutor(max_workers=args.jobs)
-        if lr == "auto":
-            for f in [pool.submit(lr_check_one, args.preset, x, threads) for x in PRESETS[args.preset]["lrs"]]:
+        if not lrs:
+            for f in [pool.submit(lr_check_one, args.preset, m, x, threads)
+                      for m in methods for x in PRESETS[args.preset]["lrs"]]:
                 f.result()
-            lr, _ = chosen_lr(args.preset)
-            say(f"learning rate chosen on id_val: {lr}")
+            lrs = {m: chosen_lr(args.preset, m) for m in methods}
+            if not all(lrs.values()):
+                raise SystemExit(f"lr check incomplete: {lrs}")
+            say("learning rates chosen on id_val: " + ", ".join(f"{m} {lr}" for m, lr in lrs.items()))
         # main methods first, then the ablations; seed-major within each group, so a study stopped early
         # still holds complete per-seed comparisons of the main methods
         order = [(m, s) for group in ([m for m in methods if m in MAIN], [m for m in methods if m not in MAIN])
                  for s in seeds for m in group]
-        ood = set(methods if args.ood_methods == "all" else args.ood_methods.split(","))
-        jobs = [pool.submit(train_and_eval, args.preset, m, s, lr, threads, m in ood) for m, s in order]
-        for f in jobs:
-            f.result()
+        jobs = [pool.submit(train_and_eval, args.preset, m, s, lrs[m], threads) for m, s in order]
+        failed = []
+        for (m, s), f in zip(order, jobs):
+            try:
+                f.result()
+            except subprocess.CalledProcessError as exc:  # one broken run must not stop a night's study
+                failed.append(f"{m}_s{s}")
+                say(f"FAILED {m} seed {s}: {exc}; see {run_dir(args.preset, m, s)}/*.log; the next command redoes it")
         pool.shutdown()
         with open(preset_dir(args.preset) / "study_wall.jsonl", "a") as fh:
             fh.write(json.dumps({"argv": sys.argv[1:], "end": time.strftime("%Y-%m-%d %H:%M:%S"),
                                  "start": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
                                  "wall_s": time.time() - t0, "jobs": args.jobs, "threads": threads}) + "\n")
-        say(f"study finished in {time.time() - t0:.0f} s")
+        say(f"study finished in {time.time() - t0:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
     report(args.preset, methods, seeds)
+    if not args.report and failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

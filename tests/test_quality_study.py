@@ -1,0 +1,105 @@
+"""benchmarks/quality.py's statistics and its state files (issue 21, item 2): the numbers its report rests on.
+
+Pure functions and a report built from hand-made state files; the training and eval subprocesses are covered
+by the CLIs' own tests and by the study itself (`--preset smoke` runs the whole path in minutes)."""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_study", REPO / "benchmarks" / "quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["quality_study"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_t_interval_matches_the_t_table(quality):
+    mean, hw = quality.t_ci95([0.0, 1.0, 2.0])  # sd 1, n 3: t(0.975, 2) = 4.303
+    assert mean == 1.0 and hw == pytest.approx(4.303 / math.sqrt(3), rel=1e-3)
+    assert math.isnan(quality.t_ci95([0.5])[1])
+
+
+def test_minimum_detectable_effect(quality):
+    # large n: the normal approximation (1.96 + 0.8416) * sd / sqrt(n) holds
+    assert quality.mde80(1.0, 200) == pytest.approx(2.8016 / math.sqrt(200), rel=0.01)
+    # 8 seeds: noncentral t, a little above the t-quantile sum (2.365 + 0.896) / sqrt(8) = 1.153
+    assert quality.mde80(1.0, 8) == pytest.approx(1.156, abs=0.01)
+    assert quality.mde80(2.0, 8) == pytest.approx(2 * quality.mde80(1.0, 8), rel=1e-6)
+    assert 5 < quality.mde80(1.0, 2) < 15  # finite where scipy's nct goes NaN in the tail
+    assert math.isnan(quality.mde80(1.0, 1)) and quality.mde80(0.0, 5) == 0.0
+
+
+def test_mcnemar_exact(quality):
+    assert quality.mcnemar_exact(0, 0) == 1.0
+    assert quality.mcnemar_exact(5, 5) == 1.0
+    assert quality.mcnemar_exact(10, 0) == pytest.approx(2 / 2 ** 10)
+    assert quality.mcnemar_exact(3, 9) == quality.mcnemar_exact(9, 3)
+
+
+def test_steps_to_reach(quality):
+    curve = [[0, 0.5], [25, 0.6], [50, 0.65], [75, 0.64]]
+    assert quality.steps_to_reach(curve, 0.6) == 25
+    assert quality.steps_to_reach(curve, 0.65) == 50
+    assert quality.steps_to_reach(curve, 0.7) is None
+
+
+def test_bits_are_per_comparison_in_file_order(quality):
+    rows = [{"origin": "a", "chosen_scores": [1.0], "rejected_scores": [0.0]},
+            {"origin": "b", "chosen_scores": [0.0], "rejected_scores": [0.0]},  # a tie loses
+            {"origin": "c", "chosen_scores": [1.0, 0.0, 2.0], "rejected_scores": [0.5, 1.5, -1.0]}]
+    b = quality._bits(rows)
+    assert b["bits"] == "10" + "101" + "001" + "111" and b["n"] == 11
+
+
+def test_report_from_state_files_alone(quality, tmp_path, monkeypatch):
+    """Hand-made state files for 2 seeds of bt and aplot: the report's paired table, McNemar counts and
+    convergence steps are the ones computed by hand, and no run folder is read."""
+    monkeypatch.setattr(quality, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(quality, "RUNS", tmp_path / "no_runs_here")
+    monkeypatch.setattr(quality, "shorter_wins", lambda preset: {})
+    length = {"unit": "characters", "chosen_longer": {"accuracy": 0.5, "n": 2}, "chosen_shorter":
+              {"accuracy": 0.5, "n": 2}, "same_length": {"accuracy": None, "n": 0}, "shorter_wins_accuracy": 0.5}
+    bits = {("bt", 1): "1100", ("aplot", 1): "1110", ("bt", 2): "1010", ("aplot", 2): "0010"}
+    for (m, s), b in bits.items():
+        acc = {"id_val": b.count("1") / 4, "hhh438": 0.5 + 0.01 * s + (0.02 if m == "aplot" else 0.0)}
+        tm = {"step": [1, 2], "step_s": [1.0, 1.0]}
+        if m == "aplot":
+            tm |= {f"aplot/{k}": [0.5, 0.4] for k in quality.DIAG_KEYS}
+        quality.write_json(quality.run_state("smoke", m, s), {
+            "method": m, "seed": s, "lr": "1e-4", "threads": 1, "train_s": 10.0, "eval_s": 5.0,
+            "machine_train": {"machine": {"cpu": "test", "load_1_5_15": [1.0, 1.0, 1.0]}}, "accuracy": acc,
+            "id_val_curve": [[0, 0.25], [2, acc["id_val"]]], "id_val_margin_curve": [[0, 0.0], [2, 0.1]],
+            "id_val_eval_rm_accuracy": acc["id_val"], "id_val_gaps": [0.1, -0.1, 0.2, 0.3], "id_val_reward_std": 1.0,
+            "length": {"id_val": length}, "correct": {"id_val": {"n": 4, "items_sha1": "x", "bits": b}},
+            "train_metrics": tm, "first_step_chosen_reward": 0.1 * s})
+    text = quality.report("smoke", ["bt", "aplot"], [1, 2])
+    summary = json.loads((tmp_path / "results" / "smoke" / "summary.json").read_text())
+    d = summary["paired_vs_bt"]["aplot/id_val"]
+    assert d["per_seed"] == {"1": 0.25, "2": -0.25} and d["wins"] == 1 and d["losses"] == 1
+    assert summary["paired_vs_bt"]["aplot/hhh438"]["mean"] == pytest.approx(0.02)
+    mc = summary["mcnemar"]["aplot/id_val"]
+    assert (mc["method_only"], mc["bt_only"], mc["n"]) == (1, 1, 8)
+    assert summary["steps_to_bt_final"]["aplot"] == {"1": 2, "2": None}
+    assert "complete" in text.splitlines()[0]
+    assert (tmp_path / "results" / "smoke" / "paired_diff.png").exists()
+
+
+def test_state_files_are_not_git_ignored(quality):
+    """The committed state is the study's only record in a fresh checkout: git must not ignore its paths
+    (the repository ignores every folder named runs/)."""
+    import shutil
+    import subprocess
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in (quality.run_state("full", "bt", 1), quality.state_dir("full") / "lr_check.json"):
+        rc = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO).returncode
+        assert rc == 1, f"{path} is ignored by git"
