@@ -129,9 +129,11 @@ def test_lora_ppo_vllm_sync_pushes_merged_weights_and_reference_is_the_base(char
     for r in results:  # run_check also asserts the actor's base weights still equal the file (the KL reference)
         assert r["backend"] == "vllm" and len(r["rewards"]) == 3
         assert r["greedy_equal"], (r["engine"], r["hf"])
-    # the KL to the reference (adapters disabled) is 0 while the adapters' B is still 0, then grows
+    # the KL to the reference (adapters disabled) is 0 while the adapters' B is still 0, then not: the logged k1
+    # estimate is unbiased but its sign over 8 short samples is noise (measured: -0.006 then +0.064 on one
+    # commit, -0.029 then -0.028 on another), so the test asks that it moved, not which way
     kl = [json.loads(line)["ppo/kl"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 1e-4, kl
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and abs(kl[-1]) > 1e-4, kl
     from transformers import AutoModelForCausalLM
     assert AutoModelForCausalLM.from_pretrained(out / "policy") is not None  # merged: a plain folder
     assert (out / "policy_adapter" / "adapter_model.safetensors").exists()
