@@ -87,7 +87,7 @@ def run_wrapper(tmp_path, step_code: str, signals: list[tuple[float, int]]):
 
 
 SLOW_SAVE = ("import os, sys, time\nout = sys.argv[1]\nwhile not os.path.exists(out + '/PREEMPT'): time.sleep(0.05)\n"
-             "time.sleep(30)\n")  # a 70B save: still writing when slurm's SIGTERM comes
+             "time.sleep(4)\n")  # a 70B save: still writing when slurm's SIGTERM comes (at 1.5 s)
 FAILED_SAVE = ("import os, sys, time\nout = sys.argv[1]\nwhile not os.path.exists(out + '/PREEMPT'): time.sleep(0.05)\n"
                "sys.exit(1)\n")  # the save failed (a rank died): no PREEMPTED marker
 CRASH = "import sys, time\ntime.sleep(0.5)\nsys.exit(1)\n"
