@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -214,6 +215,72 @@ def check_engine_and_run(cfg) -> list[str]:
     return errors
 
 
+_NAME = re.compile(r"^([A-Za-z][A-Za-z0-9_.-]*)=(.+)$")
+
+
+def parse_reward_spec(spec: str) -> tuple[str, str, str]:
+    """'[NAME=]SPEC' -> (name, kind, target); kind in rule, python, http, model. The name defaults to the
+    rule, the function, 'remote' or the model folder's name (its parent's when the folder is called model)."""
+    m = _NAME.match(spec)
+    name, spec = (m.group(1), m.group(2)) if m and "/" not in m.group(1) else ("", spec)
+    if spec.startswith("rule:"):
+        return name or spec.split(":")[1], "rule", spec
+    if spec.startswith("python:"):
+        target = spec[len("python:"):]
+        if target.count(":") < 1 or not target.rsplit(":", 1)[1]:
+            raise ConfigError(f"--reward_model {spec}: write python:FILE.py:FUNCTION or python:package.module:FUNCTION")
+        return name or target.rsplit(":", 1)[1], "python", target
+    if spec.startswith(("http://", "https://")):
+        return name or "remote", "http", spec
+    folder = os.path.normpath(spec)
+    default = os.path.basename(folder)
+    if default == "model" and os.path.basename(os.path.dirname(folder)):
+        default = os.path.basename(os.path.dirname(folder))
+    return name or default, "model", spec
+
+
+def reward_specs(cfg) -> list[tuple[str, str, str]]:
+    """The run's reward sources as (name, kind, target), names made unique (a second 'rm' becomes 'rm_2')."""
+    out, seen = [], {}
+    for spec in cfg.reward_model:
+        name, kind, target = parse_reward_spec(spec)
+        seen[name] = seen.get(name, 0) + 1
+        out.append((name if seen[name] == 1 else f"{name}_{seen[name]}", kind, target))
+    return out
+
+
+def reward_weights(cfg) -> list[float]:
+    return [float(w) for w in cfg.reward_weights] if cfg.reward_weights else [1.0] * len(cfg.reward_model)
+
+
+def reward_source_errors(cfg) -> list[str]:
+    """PPO's --reward_model entries and --reward_weights: the spellings rewards.py reads, one weight each."""
+    errors = []
+    for spec in cfg.reward_model:
+        try:
+            _, kind, target = parse_reward_spec(str(spec))
+        except ConfigError as exc:
+            errors.append(str(exc))
+            continue
+        if not target.strip():
+            errors.append(f"reward_model entry {spec!r} is empty")
+        elif kind == "rule" and not (target == "rule:neg_length" or (target.startswith("rule:char_frac:")
+                                                                     and len(target) == len("rule:char_frac:C"))):
+            errors.append(f"reward_model {target!r}: unknown rule, use rule:neg_length or rule:char_frac:C")
+    if cfg.reward_weights:
+        if len(cfg.reward_weights) != len(cfg.reward_model):
+            errors.append(f"reward_weights has {len(cfg.reward_weights)} value(s) for {len(cfg.reward_model)} "
+                          "reward_model source(s): give one weight per source, in the same order")
+        try:
+            weights = [float(w) for w in cfg.reward_weights]
+        except (TypeError, ValueError):
+            errors.append(f"reward_weights must be numbers, got {cfg.reward_weights!r}")
+        else:
+            if not all(math.isfinite(w) for w in weights) or not any(weights):
+                errors.append(f"reward_weights must be finite and not all 0, got {cfg.reward_weights!r}")
+    return errors
+
+
 def lora_errors(cfg) -> list[str]:
     """Range checks of the LoRA knobs (both jobs)."""
     errors = check_ranges(cfg, {"lora_rank": _at_least(0), "lora_alpha": _above(0.0),
@@ -325,8 +392,10 @@ def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typ is list:
             default = f.default_factory()
-            item = type(default[0]) if default else str
-            parser.add_argument(flag, dest=f.name, nargs="+", type=item, default=None, help=help_text)
+            item = f.metadata.get("item") or (type(default[0]) if default else str)
+            # extend: a repeated flag adds to the list (the default 'store' kept only the last occurrence)
+            parser.add_argument(flag, dest=f.name, nargs="+", action="extend", type=item, default=None,
+                                help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=typ, default=None, help=help_text)
     return parser
@@ -404,7 +473,21 @@ ROLLOUT_IS_MODES = ("off", "truncate", "mask")  # trainers.ppo_math.ROLLOUT_IS_M
 class PPOSpecific:
     actor_model: str = knob("", "policy to align (SFT causal LM): local folder, hub name, or .gguf file")
     actor_gguf_file: str = knob("", "GGUF file name inside actor_model, if the actor is a GGUF")
-    reward_model: str = knob("", "reward model folder saved by train_rm (any tokenizer)")
+    reward_model: list = knob([], "reward sources, repeatable, each [NAME=]SPEC: a reward model folder saved by "
+                              "train_rm (any tokenizer), python:FILE.py:FUNC or python:package.module:FUNC (a "
+                              "function of the prompts, responses and the prompt rows' other fields), "
+                              "http://HOST:PORT (a reward-model server, `python -m aplot_rlhf.cli.serve_rm`), or "
+                              "rule:neg_length / rule:char_frac:C (tests). Several are weighted by --reward_weights "
+                              "and summed")
+    reward_weights: list = knob([], "one weight per --reward_model source, in order (default: 1 each); each source "
+                                    "is normalized by its own statistics where it has them (--normalize_reward), "
+                                    "then weighted and summed", item=float)
+    reward_timeout_s: float = knob(300.0, "bound on one call of a python: reward function and on one HTTP request to "
+                                          "a reward server; a function over it stops the run, a request over it is "
+                                          "retried (0 = unbounded)")
+    reward_server_wait_s: float = knob(600.0, "how long the rollout waits and retries (with backoff) while a reward "
+                                              "server is unreachable or restarting before the run stops with an "
+                                              "error; the server's bearer token comes from $APLOT_RM_API_KEY")
     allow_untrained_reward_head: bool = knob(False, "accept a reward model whose score head is not in its checkpoint "
                                                     "(random scores: debugging only)")
     reference_model: str = knob("", "frozen KL reference; defaults to actor_model")
@@ -486,6 +569,11 @@ class PPOConfig(PPOSpecific, ModelConfig, EngineConfig, RunConfig):
     """PPO alignment: every knob of the job."""
 
     output_dir: str = knob("runs/ppo", "where checkpoints, metrics.jsonl, tensorboard logs and the policy go")
+
+    def __post_init__(self):
+        if isinstance(self.reward_model, str):  # PPOConfig(reward_model="folder"): one source
+            self.reward_model = [self.reward_model] if self.reward_model else []
+
     # fields of the shared groups PPO has no use for: not flags of train_ppo, refused in its YAML, not saved
     UNUSED: ClassVar[dict] = {
         "model_name_or_path": "PPO's models are --actor_model, --reference_model and --reward_model",
@@ -535,6 +623,7 @@ class PPOConfig(PPOSpecific, ModelConfig, EngineConfig, RunConfig):
         for name in ("actor_model", "reward_model"):
             if not getattr(self, name):
                 errors.append(f"{name} is required")
+        errors += reward_source_errors(self)
         if not self.prompt_data:
             errors.append("prompt_data needs at least one file")
         if self.rollout_backend not in ("vllm", "hf"):
@@ -554,7 +643,8 @@ class PPOConfig(PPOSpecific, ModelConfig, EngineConfig, RunConfig):
             "value_clip": _above(0.0), "gamma": _UNIT, "lam": _UNIT, "kl_coef": _at_least(0.0),
             "kl_target": _above(0.0), "kl_horizon": _at_least(1), "reward_clip": _above(0.0),
             "entropy_coef": _at_least(0.0), "ppo_iterations": _at_least(1), "reward_batch_size": _at_least(1),
-            "temperature": _at_least(0.0), "samples_per_prompt": _at_least(1)}) + check_engine_and_run(self)
+            "temperature": _at_least(0.0), "samples_per_prompt": _at_least(1), "reward_timeout_s": _at_least(0.0),
+            "reward_server_wait_s": _at_least(0.0)}) + check_engine_and_run(self)
         errors += ranges
         if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
             errors.append(f"advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, "

@@ -123,7 +123,7 @@ def test_experience_tensors_are_checked_to_live_on_the_trainers_device(dropout_l
     tensors = {k: v for k, v in exp.items() if torch.is_tensor(v)}
     assert {k: v.device for k, v in tensors.items()} == {k: comm.device() for k in tensors}
     assert set(TRAIN_KEYS) <= set(exp)  # the mini-batch reads only these
-    assert trainer.reward(["x"], ["eee"]).device == comm.device()
+    assert trainer.rewards.sources[0](["x"], ["eee"]).device == comm.device()
 
 
 # ------------------------------------------------------------------------------ 2. dropout
@@ -266,11 +266,11 @@ def test_reward_model_in_ppo_sees_the_ids_train_rm_built(chat_rm_dir, tiny_llama
     # the prompt as the PPO trainer passes it on (setup builds this formatter from the same flags)
     _, rm_prompt = PromptFormatter(trainer.tok, trainer.cfg.max_prompt_length, trainer.cfg.prompt_format)(prompt)
     seen = []
-    hf = trainer.reward.model.hf
+    hf = trainer.rewards.sources[0].model.hf
     hook = hf.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()),
                                         with_kwargs=True)
     try:
-        trainer.reward([rm_prompt], ["yes, it is red."])
+        trainer.rewards.sources[0]([rm_prompt], ["yes, it is red."])
     finally:
         hook.remove()
     tok = AutoTokenizer.from_pretrained(chat_rm_dir)
@@ -284,13 +284,13 @@ def test_critic_from_the_reward_model_starts_at_the_normalized_score(chat_rm_dir
                                                                     tmp_path, trainer_factory):
     trainer = trainer_factory(ppo_config(tiny_llama_dir, prompt_file, tmp_path, reward_model=chat_rm_dir,
                                          critic_init="reward", prompt_format="chat"))
-    mean, std = trainer.reward.mean, trainer.reward.std
+    mean, std = trainer.rewards.sources[0].mean, trainer.rewards.sources[0].std
     assert abs(mean) > 1e-3 and abs(std - 1.0) > 1e-3  # a real offset and scale to fold in
-    ids, _ = trainer.reward.encode([CHAT_PAIRS[1]["prompt"]], ["yes, it is blue."])[0]
+    ids, _ = trainer.rewards.sources[0].encode([CHAT_PAIRS[1]["prompt"]], ["yes, it is blue."])[0]
     ids = torch.tensor([ids])
     with torch.no_grad():
         value = trainer.critic.module(ids, torch.ones_like(ids))[0, -1].item()
-        raw = trainer.reward([CHAT_PAIRS[1]["prompt"]], ["yes, it is blue."])[0].item()
+        raw = trainer.rewards.sources[0]([CHAT_PAIRS[1]["prompt"]], ["yes, it is blue."])[0].item()
     assert value == pytest.approx((raw - mean) / std, abs=1e-4), (value, raw, mean, std)
 
 

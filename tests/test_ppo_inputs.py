@@ -45,13 +45,23 @@ def test_hh_transcript_to_messages():
                     {"role": "user", "content": "bye"}]
 
 
-def test_nan_reward_is_an_error_naming_the_rows(smol_tokenizer_dir):
+def test_nan_reward_is_an_error_naming_the_source_and_row(smol_tokenizer_dir):
     from transformers import AutoTokenizer
+
+    from aplot_rlhf.rewards import RewardError, Rewards
+
+    class NanScorer:  # a reward model's forward that produced a NaN for the second response
+        name, mean, std, in_process = "rm", None, None, True
+
+        def __call__(self, prompts, texts, rows=None):
+            return torch.tensor([0.5, float("nan")])
+
     trainer = PPOTrainer(SimpleNamespace(normalize_reward=False, reward_clip=10.0))
     trainer.tok, trainer.rank, trainer.iteration = AutoTokenizer.from_pretrained(smol_tokenizer_dir), 0, 3
-    trainer.reward = lambda prompts, texts: torch.tensor([0.5, float("nan")])
-    with pytest.raises(FloatingPointError, match=r"rank 0.*NaN/inf for 1 response.*iteration 3.*\[1\]"):
-        trainer.score(["a", "b"], [[5], [6]])
+    trainer.rewards = Rewards([NanScorer()], [1.0])
+    rows = [{"origin": "p.jsonl:1", "fields": {}}, {"origin": "p.jsonl:2", "fields": {}}]
+    with pytest.raises(RewardError, match=r"rank 0.*iteration 3: reward rm returned nan for prompt row p.jsonl:2"):
+        trainer.score(["a", "b"], [[5], [6]], rows)
 
 
 def test_rule_rewards():

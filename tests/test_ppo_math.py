@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from aplot_rlhf.rewards import normalize_scores
 from aplot_rlhf.trainers.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -12,7 +13,6 @@ from aplot_rlhf.trainers.ppo_math import (
     kl_per_token,
     logprobs_of,
     masked_mean,
-    normalize_scores,
     policy_loss,
     response_mask,
     token_rewards,

@@ -203,13 +203,19 @@ def dry_run_ppo(cfg) -> int:
                 _check_role_json(cfg, path, role, ds_cfg, hw.nodes * hw.gpus_per_node)
         data = _check_prompt_data(cfg, hw.nodes * hw.gpus_per_node)
         actor = _model_folder(cfg.actor_model)
-        reward = None if cfg.reward_model.startswith("rule:") else _model_folder(cfg.reward_model)
+        from ..config import reward_specs
+        from ..rewards import check_reward_functions
+        check_reward_functions(cfg)  # python: sources import and name a function
+        # only reward models loaded in this process take GPU memory here (not functions, rules or servers)
+        in_process = [_model_folder(target) for _, kind, target in reward_specs(cfg) if kind == "model"]
+        reward = in_process[0] if len(cfg.reward_model) == 1 and in_process else None  # the critic's start
         common = SimpleNamespace(zero_stage=cfg.zero_stage, precision=cfg.precision,
                                  micro_batch_size=cfg.micro_batch_size,
                                  gradient_checkpointing=cfg.gradient_checkpointing,
                                  lora_rank=cfg.lora_rank, lora_target_modules=cfg.lora_target_modules)
         plan = plan_from_namespace(common, model=actor, job="ppo", nodes=hw.nodes, gpus_per_node=hw.gpus_per_node,
-                                   gpu_mem_gib=hw.gpu_mem_gib, cpu_mem_gib=hw.cpu_mem_gib, reward_model=reward,
+                                   gpu_mem_gib=hw.gpu_mem_gib, cpu_mem_gib=hw.cpu_mem_gib,
+                                   reward_models=tuple(in_process),
                                    critic_model=actor if cfg.critic_init == "actor" or reward is None else reward,
                                    critic=cfg.advantage_estimator == "gae",
                                    reference_model=_model_folder(cfg.reference_model) if cfg.reference_model else None,

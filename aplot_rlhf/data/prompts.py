@@ -28,8 +28,9 @@ def hh_to_messages(transcript: str) -> list[dict] | None:
 
 def load_prompts(paths, prompt_key: str = "prompt", what: str = "prompt_data",
                  skips: SkipCounter | None = None) -> list[dict]:
-    """-> [{"prompt": str | messages, "origin": "file:line"}]; empty prompts are counted skips (in `skips`
-    when given: the dry run reports them)."""
+    """-> [{"prompt": str | messages, "origin": "file:line", "fields": the row's other fields}]; empty
+    prompts are counted skips (in `skips` when given: the dry run reports them). The other fields (an
+    `answer` column, say) reach reward functions (rewards.FunctionReward)."""
     skips = SkipCounter() if skips is None else skips
     out = []
     for path in paths:
@@ -45,7 +46,8 @@ def load_prompts(paths, prompt_key: str = "prompt", what: str = "prompt_data",
             if not text.strip():
                 skips.add("empty prompt(s) skipped")
                 continue
-            out.append({"prompt": prompt, "origin": origin})
+            fields = {k: v for k, v in rec.items() if k != prompt_key}
+            out.append({"prompt": prompt, "origin": origin, "fields": fields})
     skips.report(what)
     if not out:
         raise DataError(f"{what}: zero usable prompts in {', '.join(paths)}")

@@ -19,6 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from ..config import reward_specs
 from ..errors import InputNotFoundError, ModelError
 
 log = logging.getLogger(__name__)
@@ -302,5 +303,6 @@ def check_run_paths(cfg, job: str) -> None:
     resolve("actor", cfg.actor_model, cfg.actor_gguf_file)
     if cfg.reference_model:
         resolve("reference", cfg.reference_model)
-    if not cfg.reward_model.startswith("rule:"):
-        load_config("reward_scorer", cfg.reward_model)  # config.json only: its head has one output
+    for _, kind, target in reward_specs(cfg):
+        if kind == "model":
+            load_config("reward_scorer", target)  # config.json only: its head has one output

@@ -29,7 +29,8 @@ JOBS = ("rm", "ppo")
 class PlanInput:
     """Every knob of one planned run. `model` is the RM backbone (job 'rm') or the PPO actor.
 
-    PPO roles: critic defaults to reward_model, reward_model and reference default to the actor.
+    PPO roles: critic defaults to reward_model, reward_model and reference default to the actor;
+    reward_models lists the reward models held in process when not exactly that one (() for none).
     micro_batch: pairs per GPU for 'rm' (2 sequences each), sequences per GPU for 'ppo' training.
     seq_len: tokens per sequence for 'rm'; PPO trains on prompt_len + gen_len tokens.
     vllm_gpu_util None: vLLM takes just its weights + the KV cache for gen_batch sequences + a workspace.
@@ -54,6 +55,7 @@ class PlanInput:
     critic: bool = True  # False: a critic-free estimator (grpo, rloo, reinforce_pp) holds no critic at all
     reference_model: ModelShape | None = None
     reward_model: ModelShape | None = None
+    reward_models: tuple | None = None  # the in-process reward models (None: one, reward_model or the actor)
     offload_frozen: bool = False
     vllm_tp: int = 1
     vllm_gpu_util: float | None = None
@@ -160,7 +162,9 @@ def _role_list(inp: PlanInput) -> list[tuple[str, ModelShape, str, bool]]:
         ("actor", inp.model, "lm", True),
         *([("critic", inp.critic_model or reward, "scalar", True)] if inp.critic else []),
         *([] if base_reference else [("reference", inp.reference_model or inp.model, "lm", False)]),
-        ("reward_model", reward, "scalar", False),
+        # a reward function or a reward-model server holds no weights here: reward_models=() counts none
+        *[("reward_model" if i == 0 else f"reward_model_{i + 1}", shape, "scalar", False)
+          for i, shape in enumerate(inp.reward_models if inp.reward_models is not None else (reward,))],
     ]
 
 

@@ -151,6 +151,8 @@ def plan_from_namespace(ns: Any, **overrides: Any) -> Plan:
     for key in ("model", "critic_model", "reference_model", "reward_model"):
         if values.get(key) is not None:
             values[key] = resolve_model(values[key])
+    if values.get("reward_models") is not None:
+        values["reward_models"] = tuple(resolve_model(m) for m in values["reward_models"])
     unknown = set(values) - {f.name for f in dataclasses.fields(PlanInput)}
     if unknown:
         raise ValueError(f"unknown plan fields: {sorted(unknown)}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import time
 
@@ -28,7 +27,7 @@ from ..models.loader import check_max_length, load_config, load_model, load_toke
 from ..models.lora import apply_lora, trainable_summary
 from ..models.packing import capacity_for, check_packing_support, pack_prompt_response, to_device
 from ..models.policy import check_same_vocabulary, load_critic, reference_tokenizer
-from ..rewards import ModelReward, RuleReward
+from ..rewards import RewardError, build_rewards
 from ..rollout.base import sample_seeds
 from .ppo_layout import (
     first_column,
@@ -52,7 +51,6 @@ from .ppo_math import (
     masked_moments,
     mismatch_metrics,
     moments_to_mean_var,
-    normalize_scores,
     policy_loss,
     rollout_is_weights,
     rollout_mismatch,
@@ -134,7 +132,8 @@ class PPOTrainer:
         if cfg.max_prompts:
             prompts = prompts[:cfg.max_prompts]
         formatter = PromptFormatter(self.tok, cfg.max_prompt_length, cfg.prompt_format)
-        encoded = [(*formatter(p["prompt"]), p["origin"]) for p in prompts]
+        # (actor ids, the prompt as given, its file:line, the row's other fields for reward functions)
+        encoded = [(*formatter(p["prompt"]), p["origin"], p["fields"]) for p in prompts]
         formatter.skips.report("prompt_data")
         n_eval = min(cfg.eval_prompts, len(encoded) // 2)
         check_prompt_count(len(encoded), n_eval, cfg.rollout_batch_size, self.world)
@@ -174,11 +173,7 @@ class PPOTrainer:
                                            attn_implementation=cfg.attn_implementation)
                 if cfg.disable_dropout and reference is not None:
                     disable_dropout(reference)
-                if cfg.reward_model.startswith("rule:"):
-                    self.reward = RuleReward(cfg.reward_model)
-                else:
-                    self.reward = ModelReward(cfg.reward_model, self.frozen_ds_cfg, dtype, cfg.reward_batch_size,
-                                              allow_untrained_head=cfg.allow_untrained_reward_head)
+                self.rewards = build_rewards(cfg, self.frozen_ds_cfg, dtype)
             critic = None
             if self.uses_critic:
                 with self.run.loading(self.critic_ds_cfg):
@@ -258,20 +253,26 @@ class PPOTrainer:
 
     def _load_critic(self, actor, dtype, copy_actor: bool):
         cfg = self.cfg
-        critic_init = "actor" if isinstance(self.reward, RuleReward) else cfg.critic_init
-        if critic_init == "reward" and self.reward.tok.get_vocab() != self.tok.get_vocab():
+        rm = self.rewards.model  # the critic starts from a reward model only where it is the one source
+        critic_init = cfg.critic_init if rm is not None else "actor"
+        if cfg.critic_init == "reward" and rm is None and self.run.is_rank0:
+            log.info("critic initialized from the actor: critic_init 'reward' needs one --reward_model that is a "
+                     "reward-model folder (this run has %s)", ", ".join(self.rewards.names))
+        if critic_init == "reward" and rm.tok.get_vocab() != self.tok.get_vocab():
             log.warning("reward model's tokenizer differs from the actor's: critic initialized from the actor")
             critic_init = "actor"
-        critic = load_critic(critic_init, reward_path=cfg.reward_model, actor_path=cfg.actor_model,
+        # values regress to the weighted, normalized rewards: start the head on their scale
+        w = self.rewards.weights[0]
+        head_mean = rm.mean if rm is not None and cfg.normalize_reward and rm.std and w > 0 else None
+        head_std = rm.std / w if head_mean is not None else None
+        critic = load_critic(critic_init, reward_path=rm.path if rm is not None else "", actor_path=cfg.actor_model,
                              actor_gguf_file=cfg.actor_gguf_file, dtype=dtype,
                              gradient_checkpointing=cfg.gradient_checkpointing,
                              attn_implementation=cfg.attn_implementation,
                              allow_untrained_head=cfg.allow_untrained_reward_head,
                              actor_backbone=(copy.deepcopy(actor.base_model)
                                              if copy_actor and critic_init == "actor" else None),
-                             # values regress to the normalized rewards: start the head on their scale
-                             reward_mean=self.reward.mean if cfg.normalize_reward else None,
-                             reward_std=self.reward.std if cfg.normalize_reward else None,
+                             reward_mean=head_mean, reward_std=head_std,
                              gather=ds_api.gathered_params)
         if cfg.disable_dropout:
             disable_dropout(critic)
@@ -321,18 +322,31 @@ class PPOTrainer:
                 ds_api.reload_states(*self.trained_engines.values())
         return out
 
-    def score(self, rm_prompts: list, responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(raw RM scores [B], normalized and clipped scores [B]) on the trainer's device; NaN/inf is an
-        error naming the prompts. rm_prompts: the prompts as given (str or chat messages)."""
+    def score(self, rm_prompts: list, responses: list[list[int]], rows: list[dict] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(raw scores [B]: the weighted sum of the sources' raw scores, normalized and clipped scores [B],
+        each source's raw scores [S, B]) on the trainer's device. rm_prompts: the prompts as given (str or chat
+        messages); rows: each prompt row's {"origin", "fields"} (reward functions read the fields).
+
+        A source that fails (raises, NaN/inf, wrong count, timeout) stops the run on every rank with one
+        error naming the source and the prompt row: the failing rank says what, the others that it failed."""
         texts = [self.tok.decode(r, skip_special_tokens=True) for r in responses]
+        rows = rows if rows is not None else [{"origin": "?", "fields": {}} for _ in responses]
+        failure = None
         with comm.Phase.of("reward"):
-            raw = self.reward(rm_prompts, texts).to(comm.device())
-        if not torch.isfinite(raw).all():  # one host sync per rollout
-            bad = [i for i in range(len(raw)) if not math.isfinite(raw[i].item())]
-            raise FloatingPointError(f"[rank {self.rank}] reward model returned NaN/inf for {len(bad)} response(s) "
-                                     f"(iteration {self.iteration}, batch rows {bad}): check the reward model")
-        norm = normalize_scores(raw, self.reward.mean, self.reward.std) if self.cfg.normalize_reward else raw
-        return raw, norm.clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
+            try:
+                per = self.rewards(rm_prompts, texts, rows)
+            except RewardError as exc:
+                failure, per = exc, None
+        # every rank learns of a failure on any rank (else the others wait in the next collective forever)
+        failed = comm.all_reduce_sum(torch.tensor([float(failure is not None)], device=comm.device()))
+        if failed.item() > 0:  # one host sync per rollout (the finite check above already syncs)
+            if failure is not None:
+                raise RewardError(f"[rank {self.rank}] iteration {self.iteration}: {failure}") from failure
+            raise RewardError(f"[rank {self.rank}] iteration {self.iteration}: a reward source failed on another rank "
+                              "(its error line says which and where)")
+        raw, norm = self.rewards.combine(per, self.cfg.normalize_reward)
+        return raw, norm.clamp(-self.cfg.reward_clip, self.cfg.reward_clip), per
 
     def packed_layout(self, prompts, responses, width: int) -> dict:
         """--packing: prompt+response sequences packed (models.packing), on the trainer's device, with
@@ -342,13 +356,15 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------- experience and training
     @torch.no_grad()
-    def make_experience(self, prompts, rm_prompts, responses, rollout_lp: list[list[float]] | None = None) -> dict:
+    def make_experience(self, prompts, rm_prompts, responses, rollout_lp: list[list[float]] | None = None,
+                        rows: list[dict] | None = None) -> dict:
         """Rollout -> the tensors training reads: log-probs, advantages (and, with a critic, values and
         returns), on the trainer's device. With samples_per_prompt K the K samples of a prompt are
         consecutive rows, and group baselines (grpo, rloo) compare them.
 
         rollout_lp: the generation engine's log-prob of each sampled token: the mismatch with the trainer's
-        is measured (`rollout_mismatch`) and, with --rollout_is, corrected (`rollout_is_weights`)."""
+        is measured (`rollout_mismatch`) and, with --rollout_is, corrected (`rollout_is_weights`).
+        rows: each prompt row's {"origin", "fields"} for the reward sources (score)."""
         cfg, dev = self.cfg, comm.device()
         ids, attn, posids, tokens, mask = pad_prompt_response(prompts, responses, self.tok.pad_token_id)
         ids, attn, posids, tokens, mask = (t.to(dev) for t in (ids, attn, posids, tokens, mask))
@@ -380,11 +396,12 @@ class PPOTrainer:
             for e in self.trained_engines.values():
                 e.train()
         old_lp, ref_lp = torch.cat(old_lp), torch.cat(ref_lp)
-        raw, scores = self.score(rm_prompts, responses)
+        raw, scores, per_source = self.score(rm_prompts, responses, rows)
         kl = kl_per_token(old_lp, ref_lp, cfg.kl_estimator) * mask
         beta = self.kl_ctl.beta if cfg.kl_mode == "reward" else 0.0  # else the KL is a loss term in train_on
         out = dict(ids=ids, attn=attn, posids=posids, tokens=tokens, mask=mask, old_lp=old_lp, raw_scores=raw,
-                   scores=scores, kl_seq=kl.sum(1), loss_mask=mask, prompts=prompts, responses=responses)
+                   scores=scores, source_scores=per_source.T, kl_seq=kl.sum(1), loss_mask=mask, prompts=prompts,
+                   responses=responses)
         if cfg.kl_mode == "loss":
             out["ref_lp"] = ref_lp
         K = cfg.samples_per_prompt
@@ -500,20 +517,22 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------- loop
     def prompt_batch(self, iteration: int) -> list[tuple]:
-        """This rank's rollout prompts of `iteration` ((ids, prompt, origin) each; epochs follow one another)."""
+        """This rank's rollout prompts of `iteration` ((ids, prompt, origin, fields) each; epochs follow one
+        another)."""
         return [self.prompts[i] for i in self.sampler.batch(iteration)]
 
     def step(self) -> dict:
         K = self.cfg.samples_per_prompt  # each prompt K times, its samples consecutive (one group per prompt)
         batch = [b for b in self.prompt_batch(self.iteration) for _ in range(K)]
         prompts, rm_prompts = [b[0] for b in batch], [b[1] for b in batch]
+        rows = [{"origin": b[2], "fields": b[3]} for b in batch]
         t0 = time.perf_counter()
         responses, rollout_lp = self.generate(prompts, seeds=sample_seeds(self.cfg.seed, self.iteration, self.rank,
                                                                           self.world, len(prompts)),
                                               return_logprobs=True)
         gen_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        exp = self.make_experience(prompts, rm_prompts, responses, rollout_lp)
+        exp = self.make_experience(prompts, rm_prompts, responses, rollout_lp, rows=rows)
         exp_s = time.perf_counter() - t1
         t2 = time.perf_counter()
         train_stats = self.train_on(exp)
@@ -536,6 +555,7 @@ class PPOTrainer:
             local.update({"reward/group_std": exp["group_std"][0], "reward/uniform_group_frac": exp["uniform_frac"][0]})
         metrics = self.run.reduce(local)
         metrics["reward/raw_mean"], metrics["reward/raw_std"] = raw_mean.item(), raw_var.sqrt().item()
+        metrics.update(self.source_metrics(exp["source_scores"]))
         metrics["gen_tokens_per_s"] *= self.world  # throughput adds up over ranks
         metrics["kl_coef"] = self.kl_ctl.beta
         metrics["lr"] = self.actor_sched.get_last_lr()[0]
@@ -544,6 +564,17 @@ class PPOTrainer:
         if K > 1 and self.cfg.advantage_estimator in ("grpo", "rloo"):
             self._note_group_signal(metrics["reward/uniform_group_frac"])
         return metrics
+
+    def source_metrics(self, source_scores: torch.Tensor) -> dict:
+        """Each reward source's raw mean and std over the global batch (`reward/<name>/mean`, `/std`):
+        source_scores [B, S]; one all-reduce for every source together."""
+        ones = torch.ones_like(source_scores[:, 0])
+        moments = comm.all_reduce_sum(torch.stack([masked_moments(source_scores[:, i], ones)
+                                                   for i in range(source_scores.shape[1])]))
+        mean, var = moments_to_mean_var(moments.T)
+        values = torch.stack([mean, var.sqrt()], 1).tolist()  # one host sync for every source
+        return {f"reward/{name}/{stat}": v for name, row in zip(self.rewards.names, values)
+                for stat, v in zip(("mean", "std"), row)}
 
     def _note_group_signal(self, uniform_frac: float) -> None:
         """GRPO/RLOO learn from reward differences inside a prompt's group: when every group's rewards are
@@ -570,11 +601,12 @@ class PPOTrainer:
 
     @torch.no_grad()
     def evaluate_reward(self, prompts) -> float:
-        """Mean raw RM score of greedy responses to `prompts` (list of (ids, prompt, origin)), over ranks."""
+        """Mean raw reward (the weighted sum over sources) of greedy responses to `prompts` (list of (ids,
+        prompt, origin, fields)), over ranks."""
         shard, counts = self.run.shard(prompts)
         counted = torch.tensor([float(c) for c in counts], device=comm.device())
         responses = self.generate([p[0] for p in shard], temperature=0.0)  # greedy: seeds unused
-        raw, _ = self.score([p[1] for p in shard], responses)
+        raw, _, _ = self.score([p[1] for p in shard], responses, [{"origin": p[2], "fields": p[3]} for p in shard])
         total = comm.all_reduce_sum(torch.stack([(raw * counted).sum(), counted.sum()]))
         return (total[0] / total[1]).item()
 

@@ -77,13 +77,6 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str =
     raise ValueError(f"kl estimator must be k1, k2 or k3, got {kind!r}")
 
 
-def normalize_scores(scores: torch.Tensor, mean: float | None, std: float | None) -> torch.Tensor:
-    """RM scores standardized with the RM's own eval-set statistics (stored in its config)."""
-    if mean is None or std is None or not math.isfinite(std) or std <= 0:
-        return scores
-    return (scores - mean) / std
-
-
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
     """Per-token reward: -β·KL on every response token, plus the sequence score at the last valid one.
 
