@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-ppo test test-fast lint install install-gpu check-gpu-deps check-compile gpu-check gpu-check-smoke trl-venv peer-trl clean-venv
+.PHONY: demo demo-ppo demo-grpo test test-fast lint install install-gpu check-gpu-deps check-compile gpu-check gpu-check-smoke trl-venv peer-trl clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: $(STAMP)
 demo-ppo: $(STAMP)
 	@test -f runs/demo/model/config.json || $(PY) -m aplot_rlhf.cli.demo
 	$(PY) -m aplot_rlhf.cli.demo_ppo
+
+# GRPO on SmolLM2-135M-Instruct with a verifiable reward: a Python function checks arithmetic answers
+demo-grpo: $(STAMP)
+	$(PY) -m aplot_rlhf.cli.demo_grpo
 
 test: $(STAMP)
 	@# the multi-node test builds network namespaces with iproute2 (present on most images; installed if not)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import numbers
 import os
@@ -107,7 +108,8 @@ class FunctionReward:
     Called once per batch as fn(prompts, responses, **columns) -> one number per response, where prompts
     are the prompts as given (str or chat messages), responses the decoded response texts, and every other
     field of the prompt rows arrives as a keyword argument holding one value per response (None where a
-    row lacks it): a prompt file with an `answer` column gives fn(prompts, responses, answer=[...]).
+    row lacks it): a prompt file with an `answer` column gives fn(prompts, responses, answer=[...]). A
+    function with **kwargs gets every field; one without gets only the fields it names.
     Every rank calls it on its own responses. An exception, a wrong count, a non-number, a NaN/inf or a call
     longer than `timeout_s` (0: unbounded) is a RewardError naming the function and the prompt row.
     """
@@ -116,13 +118,22 @@ class FunctionReward:
 
     def __init__(self, target: str, name: str = "", timeout_s: float = 0.0):
         self.fn = load_reward_function(target)
+        params = list(inspect.signature(self.fn).parameters.values())
+        self.takes_all = any(p.kind is p.VAR_KEYWORD for p in params)
+        self.named = [p.name for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         self.label = f"reward function {target.rsplit(':', 1)[1]} ({target.rsplit(':', 1)[0]})"
         self.name = name or target.rsplit(":", 1)[1]
         self.timeout_s = timeout_s
         self.mean = self.std = None
 
+    def _columns(self, rows) -> list[str]:
+        """The row fields the function takes: all of them with **kwargs, else the ones it names."""
+        if self.takes_all:
+            return sorted({k for r in rows for k in r["fields"]})
+        return self.named
+
     def _call(self, prompts, texts, rows):
-        columns = sorted({k for r in rows for k in r["fields"]})
+        columns = self._columns(rows)
         kwargs = {k: [r["fields"].get(k) for r in rows] for k in columns}
         if not self.timeout_s:
             return self.fn(prompts, texts, **kwargs)

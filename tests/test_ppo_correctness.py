@@ -71,7 +71,10 @@ def ppo_config(actor, prompt_file, out, **extra):
             "temperature": 1.0, "seed": 5, "prompt_format": "text", "critic_learning_rate": 1e-3, **extra}
     flags = []
     for k, v in args.items():
-        flags += [f"--{k}" if v else f"--no-{k}"] if isinstance(v, bool) else [f"--{k}", str(v)]
+        if isinstance(v, bool):
+            flags.append(f"--{k}" if v else f"--no-{k}")
+        else:
+            flags += [f"--{k}", *map(str, v if isinstance(v, list) else [v])]
     return load_config(PPOConfig, flags + ["--no-progress", "--no-tensorboard", "--no-export"])
 
 
@@ -292,6 +295,26 @@ def test_critic_from_the_reward_model_starts_at_the_normalized_score(chat_rm_dir
         value = trainer.critic.module(ids, torch.ones_like(ids))[0, -1].item()
         raw = trainer.rewards.sources[0]([CHAT_PAIRS[1]["prompt"]], ["yes, it is blue."])[0].item()
     assert value == pytest.approx((raw - mean) / std, abs=1e-4), (value, raw, mean, std)
+
+
+def test_a_reward_model_is_normalized_by_its_own_statistics_before_the_weighted_sum(chat_rm_dir, tiny_llama_dir,
+                                                                                    prompt_file, tmp_path,
+                                                                                    trainer_factory):
+    fn = tmp_path / "count.py"
+    fn.write_text("def letters(prompts, responses, **fields):\n    return [sum(c.isalpha() for c in r) / 10 "
+                  "for r in responses]\n")
+    trainer = trainer_factory(ppo_config(tiny_llama_dir, prompt_file, tmp_path, prompt_format="chat",
+                                         reward_model=[f"rm={chat_rm_dir}", f"python:{fn}:letters"],
+                                         reward_weights=[0.5, 2.0]))
+    rm = trainer.rewards.sources[0]
+    assert trainer.rewards.model is None  # two sources: the critic starts from the actor
+    assert abs(rm.mean) > 1e-3 and abs(rm.std - 1.0) > 1e-3
+    prompt, text = CHAT_PAIRS[1]["prompt"], "yes, it is blue."
+    raw, norm, per = trainer.score([prompt], [trainer.tok.encode(text, add_special_tokens=False)])
+    alone = rm([prompt], [text])[0].item()
+    assert per[:, 0].tolist() == pytest.approx([alone, 1.1], abs=1e-6)
+    assert raw.item() == pytest.approx(0.5 * alone + 2.0 * 1.1, abs=1e-5)
+    assert norm.item() == pytest.approx(0.5 * (alone - rm.mean) / rm.std + 2.0 * 1.1, abs=1e-5)
 
 
 # ------------------------------------------------------------------------------ 9. log averaging

@@ -15,6 +15,9 @@ def train_main(job: str, argv, description: str) -> dict | int:
         return (dry_run.dry_run_rm if job == "rm" else dry_run.dry_run_ppo)(cfg)
     from ..models.loader import check_run_paths
     check_run_paths(cfg, job)  # one error line, before DeepSpeed or any model loads
+    if job == "ppo":
+        from ..rewards import check_reward_functions
+        check_reward_functions(cfg)  # a python: source's file and function, before any model loads
     from ..trainers.run import train_to_the_end
     if job == "rm":
         from ..trainers.rm import RewardModelTrainer
