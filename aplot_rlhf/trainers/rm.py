@@ -14,7 +14,7 @@ import os
 import torch
 
 from ..config import RMConfig
-from ..data.collate import collate_pairs, collate_pairs_packed
+from ..data.collate import collate_pairs, collate_pairs_packed, collate_pairs_shared
 from ..data.export_contract import rm_export_fields
 from ..data.pair_tokenizer import PairTokenizer, pair_length
 from ..data.reading import DataError
@@ -109,11 +109,21 @@ class RewardModelTrainer:
                 log.info("LoRA rank %d: %d of %d parameters train (adapters + score head)", cfg.lora_rank,
                          *trainable_summary(model))
         self.model, self.hf_model = model, model.hf
-        self.pack = None  # --packing: pairs -> a packed batch (rows of at most max_length tokens, or one varlen row)
+        # --packing: pairs -> a packed batch (rows of at most max_length tokens, or one varlen row);
+        # --share_prompt: pairs -> prompt-shared rows (each pair's prompt once, then its two responses)
+        self.pack = None
         if cfg.packing:
             model.prepare_packing(cfg.attn_implementation)  # sdpa -> varlen_sdpa (models.packing)
             capacity, reads_last = capacity_for(model.hf.config, cfg.max_length), model.reads_last_token
             self.pack = lambda pairs: collate_pairs_packed(pairs, self.tokenizer.pad_token_id, capacity, reads_last)
+        if cfg.share_prompt:  # after --packing's switch to varlen_sdpa: a shared row runs it with a dense mask
+            why = model.shared_prompt_support()
+            if why is None:  # a dense mask costs rows x L^2: rows of max_length tokens; a block mask takes one row
+                capacity = None if model.hf.config._attn_implementation == "flex_attention" else cfg.max_length
+                self.pack = lambda pairs: collate_pairs_shared(pairs, self.tokenizer.pad_token_id, capacity)
+            elif self.run.is_rank0:
+                log.warning("--share_prompt: %s; falling back to the %s layout", why,
+                            "packed" if cfg.packing else "padded")
 
     def _setup_engine(self) -> None:
         self.engine, self.scheduler = ds_api.initialize(self.model, self.ds_cfg, self.cfg, self.total_steps)
