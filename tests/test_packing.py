@@ -177,12 +177,13 @@ def test_packed_ppo_logprobs_and_values_equal_padded(attn, capacity, tiny_llama_
 
 # ------------------------------------------------------------------------------- end to end
 
-def run_rm(model_dir, out, packing, zero_stage):
+def run_rm(model_dir, out, packing, zero_stage, extra=()):
     from test_rm_train import rm_args
     flags = rm_args(model_dir, out, zero_stage=zero_stage, max_steps=3, save_steps=0, loss="aplot", max_train_pairs=12,
                     max_eval_pairs=6, micro_batch_size=3, gradient_accumulation_steps=1) + ["--no-export"]
     if packing:
         flags.append("--packing")
+    flags += list(extra)
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
            "-m", "aplot_rlhf.cli.train_rm", *flags]
     proc = subprocess.run(cmd, env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -206,6 +207,20 @@ def test_train_rm_with_packing_matches_the_padded_run(which, tiny_llama_dir, min
     for name in padded_eval:  # evaluation (score_pairs) runs packed too
         for side in ("chosen", "rejected"):
             assert torch.allclose(packed_eval[name][side], padded_eval[name][side], atol=1e-3)
+
+
+@pytest.mark.slow
+def test_train_rm_with_share_prompt_matches_the_padded_run(tiny_llama_dir, tmp_path):
+    # issue 24: each pair's prompt once, chosen and rejected after it, under ZeRO-3; evaluation shares it too
+    padded, padded_eval = run_rm(tiny_llama_dir, tmp_path / "padded", packing=False, zero_stage=2)
+    shared, shared_eval = run_rm(tiny_llama_dir, tmp_path / "shared", packing=False, zero_stage=3,
+                                 extra=["--share_prompt"])
+    assert sorted(shared) == [1, 2, 3]
+    for step in shared:
+        assert shared[step]["train/loss"] == pytest.approx(padded[step]["train/loss"], abs=1e-4)
+    for name in padded_eval:
+        for side in ("chosen", "rejected"):
+            assert torch.allclose(shared_eval[name][side], padded_eval[name][side], atol=1e-3)
 
 
 @pytest.mark.slow
