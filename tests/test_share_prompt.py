@@ -219,16 +219,21 @@ def test_shared_rm_equals_padded(arch, pooling, smol_tok):
     assert (r_leak - padded[0]).abs().max() > 1e-3
 
 
-def test_shared_prefix_stops_at_the_response_and_keeps_a_token_each():
-    from aplot_rlhf.data.collate import shared_prefix_length
-    pair = {"chosen_ids": [1, 2, 3, 4, 5], "chosen_start": 3, "rejected_ids": [1, 2, 3, 4, 6], "rejected_start": 3}
-    assert shared_prefix_length(pair) == 3  # token 4 is in both responses, but responses are not shared
-    assert shared_prefix_length(dict(pair, rejected_ids=[1, 2], rejected_start=1)) == 1
-    assert shared_prefix_length(dict(pair, rejected_ids=[9, 2, 3, 4, 6])) == 0
-    batch = collate_pairs_shared([dict(pair, strength=None)], pad_id=0, capacity=None)["packed"]
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 4, 6]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4]]
-    assert batch["reward_index"].tolist() == [4, 6]
+def test_shared_prefix_is_the_prompt_and_keeps_a_token_each():
+    from aplot_rlhf.data.collate import collate_shared
+    # 0 and 1 share the prompt [1, 2, 3] (token 4 begins both responses but is not shared); 2 is cut differently
+    seqs, starts = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6], [2, 3, 7]], [3, 3, 2]
+    layout = collate_shared(seqs, starts, pad_id=0, capacity=None)
+    assert layout["input_ids"].tolist() == [[1, 2, 3, 4, 5, 4, 6, 2, 3, 7]]
+    assert layout["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 0, 1, 2]]
+    assert layout["reward_index"].tolist() == [4, 6, 9]
+    assert layout["pool_segment"].tolist() == [-1, -1, -1, 0, 0, 1, 1, -1, -1, 2]
+    # a response of a single pad token (pad == eos): its reward is read at the prompt's last token, shared
+    one = collate_shared([[1, 2, 3, 0], [1, 2, 3, 9]], [3, 3], pad_id=0, capacity=None)
+    assert one["input_ids"].tolist() == [[1, 2, 3, 0, 9]] and one["reward_index"].tolist() == [2, 4]
+    # a sequence that is all prompt keeps its last token as its own
+    whole = collate_shared([[1, 2, 3], [1, 2, 3, 9]], [3, 3], pad_id=0, capacity=None)
+    assert whole["input_ids"].tolist() == [[1, 2, 3, 3, 9]] and whole["reward_index"].tolist() == [2, 4]
 
 
 def test_encoders_are_refused_and_flash_attention_falls_back(minilm_path, smol_tok):

@@ -169,7 +169,9 @@ def _cumsum(xs):
 
 
 def to_device(layout: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in layout.items()}
+    """Every tensor of `layout` (and of the dicts in it) on `device`."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else to_device(v, device) if isinstance(v, dict)
+            else v for k, v in layout.items()}
 
 
 def packed_row_mask(input_ids: torch.Tensor) -> torch.Tensor:

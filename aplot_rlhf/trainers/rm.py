@@ -109,8 +109,8 @@ class RewardModelTrainer:
                 log.info("LoRA rank %d: %d of %d parameters train (adapters + score head)", cfg.lora_rank,
                          *trainable_summary(model))
         self.model, self.hf_model = model, model.hf
-        # --packing: pairs -> a packed batch (rows of at most max_length tokens, or one varlen row);
-        # --share_prompt: pairs -> prompt-shared rows (each pair's prompt once, then its two responses)
+        # pairs -> a micro-batch (data.collate): padded; --packing: packed (rows of at most max_length tokens,
+        # or one varlen row); --share_prompt: prompt-shared rows (each pair's prompt once, then its two responses)
         self.pack = None
         if cfg.packing:
             model.prepare_packing(cfg.attn_implementation)  # sdpa -> varlen_sdpa (models.packing)
@@ -124,6 +124,7 @@ class RewardModelTrainer:
             elif self.run.is_rank0:
                 log.warning("--share_prompt: %s; falling back to the %s layout", why,
                             "packed" if cfg.packing else "padded")
+        self.collate = self.pack or (lambda pairs: collate_pairs(pairs, self.tokenizer.pad_token_id))
 
     def _setup_engine(self) -> None:
         self.engine, self.scheduler = ds_api.initialize(self.model, self.ds_cfg, self.cfg, self.total_steps)
@@ -167,16 +168,10 @@ class RewardModelTrainer:
 
     def forward(self, pairs: list[dict]):
         """(rewards [2B]: chosen then rejected, embeddings [2B, d], the batch, its real token count)."""
-        if self.pack is not None:
-            batch = self.pack(pairs)
-            with comm.Phase.of("forward"):
-                rewards, emb = self.engine(packed=to_device(batch["packed"], self.device))
-            return rewards, emb, batch, float(batch["packed"]["n_tokens"])
-        batch = collate_pairs(pairs, self.tokenizer.pad_token_id)
+        batch = self.collate(pairs)  # whatever the layout: the forward's inputs, and its tokens counted on the host
         with comm.Phase.of("forward"):
-            rewards, emb = self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                                       batch["response_start"].to(self.device))
-        return rewards, emb, batch, float(batch["attention_mask"].sum())  # counted on the host: no device sync
+            rewards, emb = self.engine(**to_device(batch["inputs"], self.device))
+        return rewards, emb, batch, float(batch["n_tokens"])
 
     def train_micro_step(self, pairs: list[dict], boundary: bool = True) -> dict:
         """Forward, loss, backward and (at an accumulation boundary) the optimizer step of one micro-batch.
