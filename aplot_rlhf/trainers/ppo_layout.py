@@ -2,7 +2,7 @@
 
 A rollout is prompt token lists and response token lists. `Layout.build` turns a micro-batch of them into
 one `Layout`, built once and read by every forward of that micro-batch (actor, reference, critic, in
-experience and training) and by the readers (`response_logprobs`, `response_values`), whatever its kind:
+experience and training) and by the readers (`logprobs_on`, `values_on`), whatever its kind:
 
 - "padded": prompts left-padded, responses right-padded (`pad_prompt_response`), every response at the
   same columns;
