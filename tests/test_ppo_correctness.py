@@ -470,8 +470,8 @@ def test_rollout_logprobs_are_compared_every_iteration_and_weigh_the_loss(mode, 
 
 # ------------------------------------------------------------------------------ issue 25 item 8: one disable_adapter
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_lora_reference_logprobs_run_under_one_disable_adapter_per_experience(packing, char_llama_dir, prompt_file,
+@pytest.mark.parametrize("layout", ["padded", "packing", "share_prompt"])
+def test_lora_reference_logprobs_run_under_one_disable_adapter_per_experience(layout, char_llama_dir, prompt_file,
                                                                               tmp_path, trainer_factory, monkeypatch):
     """A LoRA actor is its own KL reference with the adapters disabled: an experience pass of 2 micro-batches
     enters disable_adapter() once (not once per micro-batch), and the reference log-probs are those of the
@@ -480,7 +480,9 @@ def test_lora_reference_logprobs_run_under_one_disable_adapter_per_experience(pa
 
     from aplot_rlhf.trainers.ppo_layout import response_logprobs, trim_left_padding
     trainer = trainer_factory(ppo_config(char_llama_dir, prompt_file, tmp_path, lora_rank=4, lora_alpha=8,
-                                         micro_batch_size=2, kl_mode="loss", packing=packing))
+                                         micro_batch_size=2, kl_mode="loss",
+                                         **({layout: True} if layout != "padded" else {})))
+    assert trainer.layout_kind == {"padded": "padded", "packing": "packed", "share_prompt": "shared"}[layout]
     peft_model = trainer.actor.module
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

@@ -200,10 +200,13 @@ def rm_outputs(model, pairs, pad_id, shared=None):
     return rewards.detach(), emb, margin, loss.detach(), grads
 
 
-@pytest.mark.parametrize("arch,pooling", [("llama", "token"), ("llama", "mean"), ("gqa_llama", "token"),
-                                          ("smollm2", "mean")])
-def test_shared_rm_equals_padded(arch, pooling, smol_tok):
-    model = reward_model(arch, smol_tok, pooling)
+@pytest.mark.parametrize("arch,pooling,attn", [("llama", "token", "sdpa"), ("llama", "mean", "sdpa"),
+                                               ("gqa_llama", "token", "sdpa"), ("smollm2", "mean", "sdpa"),
+                                               ("llama", "mean", "eager"), ("gqa_llama", "token", "aplot_varlen_sdpa")])
+def test_shared_rm_equals_padded(arch, pooling, attn, smol_tok):
+    if attn == packing.VARLEN_SDPA:  # what train_rm --packing --share_prompt runs: varlen_sdpa with a dense mask
+        packing.register_varlen_sdpa()
+    model = reward_model(arch, smol_tok, pooling, attn)
     pairs = encoded_pairs(smol_tok)
     pad = smol_tok.pad_token_id
     shared = collate_pairs_shared(pairs, pad, capacity=256)
