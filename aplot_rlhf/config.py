@@ -37,7 +37,8 @@ class ModelConfig:
     embedding_pooling: str = knob("token", "APLOT embedding: 'token' (hidden state at the reward token) or 'mean' "
                                            "(mean over response tokens)")
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
-    attn_implementation: str = knob("sdpa", "attention kernel passed to transformers (sdpa, eager, flash_attention_2)")
+    attn_implementation: str = knob("sdpa", "attention kernel passed to transformers (sdpa, eager, flash_attention_2, "
+                                    "aplot_varlen_sdpa, flex_attention: --share_prompt's GPU path)")
     disable_dropout: bool = knob(True, "set every dropout to 0 (reward scores should not be noisy)")
     packing: bool = knob(False, "padding-free batches: several sequences share a row, attention stays within each "
                          "(flash_attention_2 varlen when the model runs it, else a block-diagonal mask for sdpa/eager)")

@@ -241,6 +241,23 @@ def test_ppo_with_packing_matches_the_padded_run(char_llama_dir, tmp_path):
         assert first_packed[key] == pytest.approx(first_padded[key], rel=1e-3, abs=1e-6), key
 
 
+@pytest.mark.slow
+def test_ppo_with_share_prompt_matches_the_padded_run(char_llama_dir, tmp_path):
+    # issue 24: groups of 2 samples per prompt, each prompt once per micro-batch, under ZeRO-3
+    from test_ppo import ppo_flags, run_check
+    rows = {}
+    for name, extra in (("padded", []), ("shared", ["--share_prompt"])):
+        out = tmp_path / name
+        (r,) = run_check(ppo_flags(char_llama_dir, out, "hf", zero_stage=3, ppo_iterations=2, samples_per_prompt=2,
+                                   rollout_batch_size=4) + extra, free_port(), nproc=1)
+        assert len(r["rewards"]) == 2 and r["greedy_equal"]
+        rows[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first_padded, first_shared = rows["padded"][0], rows["shared"][0]
+    for key in ("ppo/reward/raw_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/entropy",
+                "ppo/clip_frac"):
+        assert first_shared[key] == pytest.approx(first_padded[key], rel=1e-3, abs=1e-6), key
+
+
 def test_packed_micro_batch_of_short_responses_lines_up_with_the_rollout(tiny_llama_dir):
     """A micro-batch whose responses all stopped early still yields [b, T] with the rollout's T (the
     experience tensors' width), equal to the padded path, whose first column comes from the host."""
