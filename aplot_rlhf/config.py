@@ -38,10 +38,16 @@ class ModelConfig:
     embedding_pooling: str = knob("token", "APLOT embedding: 'token' (hidden state at the reward token) or 'mean' "
                                            "(mean over response tokens)")
     gradient_checkpointing: bool = knob(False, "recompute activations in backward to save memory")
-    attn_implementation: str = knob("sdpa", "attention kernel passed to transformers (sdpa, eager, flash_attention_2)")
+    attn_implementation: str = knob("sdpa", "attention kernel passed to transformers (sdpa, eager, flash_attention_2, "
+                                    "aplot_varlen_sdpa, flex_attention: --share_prompt's GPU path)")
     disable_dropout: bool = knob(True, "set every dropout to 0 (reward scores should not be noisy)")
     packing: bool = knob(False, "padding-free batches: several sequences share a row, attention stays within each "
                          "(flash_attention_2 varlen when the model runs it, else a block-diagonal mask for sdpa/eager)")
+    share_prompt: bool = knob(False, "decoders: lay each pair out as ONE copy of its prompt followed by both "
+                              "responses, each attending to the prompt and to itself only, so the prompt is "
+                              "computed once (exact). Needs attention sdpa, eager, aplot_varlen_sdpa or "
+                              "flex_attention; with flash attention it falls back to the unshared layout (one log "
+                              "line); encoders (bidirectional) are refused")
     lora_rank: int = knob(0, "LoRA (peft) rank of the adapters; 0 = full fine-tuning. With LoRA the base weights are "
                           "frozen and only the adapters and the score head train")
     lora_alpha: float = knob(16.0, "LoRA alpha: the adapters' update is scaled by lora_alpha / lora_rank")
@@ -607,6 +613,11 @@ class PPOConfig(PPOSpecific, ModelConfig, EngineConfig, RunConfig):
                            "log-probs (eval mode) and training log-probs (train mode) agree",
         "packing": "padding-free experience and training forwards (actor, reference, critic): prompt+response "
                    "sequences share rows, attention stays within each (flash_attention_2 varlen, else a block mask)",
+        "share_prompt": "experience and training forwards (actor, reference, critic) lay each distinct prompt of a "
+                        "micro-batch out once, followed by its responses (the samples_per_prompt samples of a "
+                        "group), each attending to the prompt and to itself only (exact). Needs attention sdpa, "
+                        "eager, aplot_varlen_sdpa or flex_attention; otherwise it falls back to the --packing or "
+                        "padded layout with one log line. The reward model's scoring is unchanged",
         "lora_rank": "LoRA (peft) rank for the actor and the critic (the same knobs for both); 0 = full fine-tuning. "
                      "With LoRA the KL reference is the actor with its adapters disabled (no second copy), the critic "
                      "trains its own adapters and value head, and vLLM receives merged weights",

@@ -177,12 +177,13 @@ def test_packed_ppo_logprobs_and_values_equal_padded(attn, capacity, tiny_llama_
 
 # ------------------------------------------------------------------------------- end to end
 
-def run_rm(model_dir, out, packing, zero_stage):
+def run_rm(model_dir, out, packing, zero_stage, extra=()):
     from test_rm_train import rm_args
     flags = rm_args(model_dir, out, zero_stage=zero_stage, max_steps=3, save_steps=0, loss="aplot", max_train_pairs=12,
                     max_eval_pairs=6, micro_batch_size=3, gradient_accumulation_steps=1) + ["--no-export"]
     if packing:
         flags.append("--packing")
+    flags += list(extra)
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(free_port()),
            "-m", "aplot_rlhf.cli.train_rm", *flags]
     proc = subprocess.run(cmd, env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -209,6 +210,20 @@ def test_train_rm_with_packing_matches_the_padded_run(which, tiny_llama_dir, min
 
 
 @pytest.mark.slow
+def test_train_rm_with_share_prompt_matches_the_padded_run(tiny_llama_dir, tmp_path):
+    # issue 24: each pair's prompt once, chosen and rejected after it, under ZeRO-3; evaluation shares it too
+    padded, padded_eval = run_rm(tiny_llama_dir, tmp_path / "padded", packing=False, zero_stage=2)
+    shared, shared_eval = run_rm(tiny_llama_dir, tmp_path / "shared", packing=False, zero_stage=3,
+                                 extra=["--share_prompt"])
+    assert sorted(shared) == [1, 2, 3]
+    for step in shared:
+        assert shared[step]["train/loss"] == pytest.approx(padded[step]["train/loss"], abs=1e-4)
+    for name in padded_eval:
+        for side in ("chosen", "rejected"):
+            assert torch.allclose(shared_eval[name][side], padded_eval[name][side], atol=1e-3)
+
+
+@pytest.mark.slow
 def test_ppo_with_packing_matches_the_padded_run(char_llama_dir, tmp_path):
     from test_ppo import ppo_flags, run_check
     rows = {}
@@ -224,6 +239,23 @@ def test_ppo_with_packing_matches_the_padded_run(char_llama_dir, tmp_path):
     for key in ("ppo/reward/raw_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/entropy",
                 "ppo/clip_frac"):
         assert first_packed[key] == pytest.approx(first_padded[key], rel=1e-3, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_ppo_with_share_prompt_matches_the_padded_run(char_llama_dir, tmp_path):
+    # issue 24: groups of 2 samples per prompt, each prompt once per micro-batch, under ZeRO-3
+    from test_ppo import ppo_flags, run_check
+    rows = {}
+    for name, extra in (("padded", []), ("shared", ["--share_prompt"])):
+        out = tmp_path / name
+        (r,) = run_check(ppo_flags(char_llama_dir, out, "hf", zero_stage=3, ppo_iterations=2, samples_per_prompt=2,
+                                   rollout_batch_size=4) + extra, free_port(), nproc=1)
+        assert len(r["rewards"]) == 2 and r["greedy_equal"]
+        rows[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first_padded, first_shared = rows["padded"][0], rows["shared"][0]
+    for key in ("ppo/reward/raw_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/entropy",
+                "ppo/clip_frac"):
+        assert first_shared[key] == pytest.approx(first_padded[key], rel=1e-3, abs=1e-6), key
 
 
 def test_packed_micro_batch_of_short_responses_lines_up_with_the_rollout(tiny_llama_dir):

@@ -493,8 +493,8 @@ def test_rollout_logprobs_are_compared_every_iteration_and_weigh_the_loss(mode, 
 
 # ------------------------------------------------------------------------------ issue 25 item 8: one disable_adapter
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_lora_reference_logprobs_run_under_one_disable_adapter_per_experience(packing, char_llama_dir, prompt_file,
+@pytest.mark.parametrize("layout", ["padded", "packing", "share_prompt"])
+def test_lora_reference_logprobs_run_under_one_disable_adapter_per_experience(layout, char_llama_dir, prompt_file,
                                                                               tmp_path, trainer_factory, monkeypatch):
     """A LoRA actor is its own KL reference with the adapters disabled: an experience pass of 2 micro-batches
     enters disable_adapter() once (not once per micro-batch), and the reference log-probs are those of the
@@ -503,7 +503,9 @@ def test_lora_reference_logprobs_run_under_one_disable_adapter_per_experience(pa
 
     from aplot_rlhf.trainers.ppo_layout import response_logprobs, trim_left_padding
     trainer = trainer_factory(ppo_config(char_llama_dir, prompt_file, tmp_path, lora_rank=4, lora_alpha=8,
-                                         micro_batch_size=2, kl_mode="loss", packing=packing))
+                                         micro_batch_size=2, kl_mode="loss",
+                                         **({layout: True} if layout != "padded" else {})))
+    assert trainer.layout_kind == {"padded": "padded", "packing": "packed", "share_prompt": "shared"}[layout]
     peft_model = trainer.actor.module
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -525,3 +527,54 @@ def test_lora_reference_logprobs_run_under_one_disable_adapter_per_experience(pa
     mask = exp["mask"].bool()
     torch.testing.assert_close(exp["ref_lp"][mask], base[mask], rtol=1e-4, atol=1e-4)
     assert (exp["old_lp"] - exp["ref_lp"])[mask].abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------ issue 24: --share_prompt
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_share_prompt_trainer_matches_the_padded_trainer(estimator, char_llama_dir, prompt_file, tmp_path,
+                                                         trainer_factory, caplog):
+    """The same rollout (2 prompts x 2 samples) through a padded trainer and a --share_prompt trainer: the same
+    log-probs, reference log-probs and values in make_experience, and the same actor and critic gradients in
+    train_on (ZeRO-0 fp32, the optimizer step skipped to read them). A flash-attention trainer falls back."""
+    import logging
+
+    from aplot_rlhf.models.packing import shared_attention_support
+    trainers, grads = {}, {}
+    for share in (False, True):
+        cfg = ppo_config(char_llama_dir, prompt_file, tmp_path / f"share{share}", samples_per_prompt=2,
+                         rollout_batch_size=2, advantage_estimator=estimator, zero_stage=0, precision="fp32",
+                         kl_mode="loss", entropy_coef=0.01, share_prompt=share)
+        trainers[share] = trainer = trainer_factory(cfg)
+        if trainer.critic is not None:  # values off zero (the actor-initialized head starts at 0)
+            torch.manual_seed(3)
+            with torch.no_grad():
+                trainer.critic.module.value_head.weight.normal_(0, 0.1)
+    assert trainers[False].layout_kind == "padded" and trainers[True].layout_kind == "shared"
+    batch = [b for b in trainers[False].prompt_batch(0) for _ in range(2)]
+    prompts, rm_prompts = [b[0] for b in batch], [b[1] for b in batch]
+    responses = trainers[False].generate(prompts, seeds=[1, 2, 3, 4])
+    exps = {share: t.make_experience(prompts, rm_prompts, responses) for share, t in trainers.items()}
+    mask = exps[False]["mask"].bool()
+    for key in ("old_lp", "ref_lp") + (("old_values",) if estimator == "gae" else ()):
+        diff = (exps[False][key] - exps[True][key])[mask].abs().max().item()
+        assert diff < 1e-5, (key, diff)
+    for share, trainer in trainers.items():
+        engines = [e for e in (trainer.actor, trainer.critic) if e is not None]
+        for engine in engines:
+            engine.zero_grad()
+            engine.step = lambda *a, **k: None
+        trainer.train_on(exps[False])
+        grads[share] = {f"{i}.{n}": p.grad.clone() for i, e in enumerate(engines)
+                        for n, p in e.module.named_parameters() if p.grad is not None}
+    assert grads[False].keys() == grads[True].keys() and len(grads[False]) > 10
+    scale = max(g.abs().max().item() for g in grads[False].values())
+    diff = max((grads[False][k] - grads[True][k]).abs().max().item() for k in grads[False])
+    assert diff < 1e-5 * scale, (diff, scale)
+    # where no per-token mask can be given (flash attention) the trainer falls back, saying so once
+    trainer = trainers[True]
+    flash = type("Config", (), {"_attn_implementation": "flash_attention_2"})()
+    assert shared_attention_support(flash)
+    with caplog.at_level(logging.WARNING):
+        kind, _ = trainer._layout_kind([type("Model", (), {"config": flash})()])
+    assert kind == "padded" and "falling back to the padded layout" in caplog.text

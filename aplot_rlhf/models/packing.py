@@ -169,7 +169,9 @@ def _cumsum(xs):
 
 
 def to_device(layout: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in layout.items()}
+    """Every tensor of `layout` (and of the dicts in it) on `device`."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else to_device(v, device) if isinstance(v, dict)
+            else v for k, v in layout.items()}
 
 
 def packed_row_mask(input_ids: torch.Tensor) -> torch.Tensor:
@@ -206,7 +208,9 @@ def attention_kwargs(layout: dict, config, causal: bool, dtype: torch.dtype) -> 
     """The kwargs that make an HF model attend within sequences only: varlen kwargs for flash attention
     and varlen_sdpa (decoders: with a `packed_row_mask`, so transformers does not search the position ids
     for sequence starts), else a 4D mask [R, 1, L, L] built on the layout's device (bool for sdpa,
-    additive for eager)."""
+    additive for eager). A prompt-shared layout (pack_shared) gets shared_attention_kwargs."""
+    if "branch" in layout:
+        return shared_attention_kwargs(layout, config, dtype)
     if is_varlen(config):
         if layout["input_ids"].shape[0] != 1:
             raise ValueError(f"packing: the varlen path ({config._attn_implementation}) needs a one-row layout "
@@ -431,17 +435,10 @@ def pack_prompt_response(prompts: list[list[int]], responses: list[list[int]], p
     B, T = len(prompts), width or max(1, max(len(r) for r in responses))
     starts = layout["start"].tolist()  # a CPU tensor built above: no device sync
     pos = [[0] * T for _ in range(B)]
-    cols = set()
     for b, (p, r) in enumerate(zip(prompts, responses)):
         for t in range(len(r)):
-            flat = starts[b] + len(p) - 1 + t
-            pos[b][t] = flat
-            cols.add(flat % L)
-    keep = sorted(cols) or [0]
-    rank = {c: k for k, c in enumerate(keep)}
-    K = len(keep)
-    resp_keep = [[(f // L) * K + rank[f % L] if t < len(r) else 0 for t, f in enumerate(row)]
-                 for row, r in zip(pos, responses)]
+            pos[b][t] = starts[b] + len(p) - 1 + t
+    keep, resp_keep = keep_columns(pos, [len(r) for r in responses], L)
     layout.update(resp_pos=torch.tensor(pos, dtype=torch.long), keep_cols=torch.tensor(keep, dtype=torch.long),
                   resp_keep=torch.tensor(resp_keep, dtype=torch.long))
     return layout
@@ -453,3 +450,128 @@ def ensure_registered(attn_implementation: str) -> str:
     if attn_implementation == VARLEN_SDPA:
         register_varlen_sdpa()
     return attn_implementation
+
+
+# ------------------------------------------------------------------------------ prompt-shared layout
+# A causal model's hidden states at a prompt do not depend on the tokens after it, so a prompt followed by
+# several responses can be run once: each response attends to the prompt and to itself (causally), never to a
+# sibling, and its positions continue from the prompt's length. Exact, not an approximation.
+
+FLEX = "flex_attention"
+SHARED_DENSE = ("sdpa", "eager", VARLEN_SDPA)  # a 4D mask used as given (varlen_sdpa without varlen kwargs is sdpa)
+
+
+def shared_attention_support(config) -> str | None:
+    """None when prompt-shared rows are exact for this model's attention, else why not (one line). For causal
+    decoders only (the caller knows which it has: an encoder's prompt states depend on its response): dense
+    4D masks for sdpa / eager / varlen_sdpa, a FlexAttention block mask for flex_attention; flash attention's
+    varlen kernel cannot express "the prompt, then myself only"."""
+    impl = str(getattr(config, "_attn_implementation", "") or "")
+    if impl in SHARED_DENSE or impl == FLEX:
+        return None
+    return f"attention {impl!r} takes no per-token mask (use sdpa, eager, {VARLEN_SDPA} or {FLEX})"
+
+
+def pack_shared(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, capacity: int | None) -> dict:
+    """Groups (prefix, [suffix, ...]) laid out as prefix, suffix 1, suffix 2, ... and first-fit packed into rows
+    of at most `capacity` tokens (None: one row); an empty prefix leaves its suffixes plainly packed.
+    -> input_ids, position_ids (each suffix continues from the prefix's length), segment (the group's index,
+    -1 on padding), branch (0 on a prefix, j+1 on suffix j, -1 on padding) [R, L]; prefix_at [G] (flat index
+    of each prefix's first token), suffix_at (per group, the flat index of each suffix's first token),
+    n_tokens, n_slots. All CPU tensors, built on the host."""
+    sizes = [len(p) + sum(len(s) for s in sufs) for p, sufs in groups]
+    rows = first_fit_rows(sizes, capacity)
+    L = max(sum(sizes[g] for g in r) for r in rows)
+    R = len(rows)
+    flat_ids, flat_pos = [pad_id] * (R * L), [0] * (R * L)
+    flat_seg, flat_branch = [-1] * (R * L), [-1] * (R * L)
+    prefix_at, suffix_at = [0] * len(groups), [[] for _ in groups]
+    for r, members in enumerate(rows):
+        at = r * L
+        for g in members:
+            prefix, suffixes = groups[g]
+            P = len(prefix)
+            prefix_at[g] = at
+            flat_ids[at:at + P], flat_pos[at:at + P] = prefix, range(P)
+            flat_seg[at:at + P], flat_branch[at:at + P] = [g] * P, [0] * P
+            at += P
+            for j, s in enumerate(suffixes):
+                n = len(s)
+                suffix_at[g].append(at)
+                flat_ids[at:at + n], flat_pos[at:at + n] = s, range(P, P + n)
+                flat_seg[at:at + n], flat_branch[at:at + n] = [g] * n, [j + 1] * n
+                at += n
+    shape = (R, L)
+    return {"input_ids": torch.tensor(flat_ids, dtype=torch.long).view(shape),
+            "position_ids": torch.tensor(flat_pos, dtype=torch.long).view(shape),
+            "segment": torch.tensor(flat_seg, dtype=torch.long).view(shape),
+            "branch": torch.tensor(flat_branch, dtype=torch.long).view(shape),
+            "prefix_at": prefix_at, "suffix_at": suffix_at, "n_tokens": sum(sizes), "n_slots": R * L}
+
+
+def shared_allowed(segment: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """[R, 1, L, L] bool: query q sees key k iff both are in one group, k <= q, and k is on the prefix or on
+    q's own suffix (padding sees earlier padding: no query row is empty)."""
+    L = segment.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=segment.device).tril()
+    own = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    return ((segment[:, :, None] == segment[:, None, :]) & own & causal)[:, None]
+
+
+def shared_attention_kwargs(layout: dict, config, dtype: torch.dtype) -> dict:
+    """attention_kwargs for a pack_shared layout: a FlexAttention BlockMask (flex_attention; torch runs its
+    backward on GPUs only), else a dense 4D mask (bool for sdpa / varlen_sdpa, additive for eager)."""
+    why = shared_attention_support(config)
+    if why is not None:
+        raise ValueError(f"prompt sharing: {why}")
+    seg, branch = layout["segment"], layout["branch"]
+    if config._attn_implementation == FLEX:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def shared_mask(b, h, q, k):
+            return ((seg[b, q] == seg[b, k]) & (k <= q)
+                    & ((branch[b, k] == 0) | (branch[b, k] == branch[b, q])))
+        R, L = seg.shape
+        mask = create_block_mask(shared_mask, B=R, H=None, Q_LEN=L, KV_LEN=L, device=seg.device)
+        return {"attention_mask": mask, "position_ids": layout["position_ids"]}
+    allowed = shared_allowed(seg, branch)
+    if config._attn_implementation == "eager":
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill_(~allowed,
+                                                                                            torch.finfo(dtype).min)
+    return {"attention_mask": allowed, "position_ids": layout["position_ids"]}
+
+
+def keep_columns(pos: list[list[int]], lengths: list[int], L: int) -> tuple[list[int], list[list[int]]]:
+    """The row columns any sequence reads logits at (`logits_to_keep`) and, per row of `pos` (flat indices into
+    the R*L tokens; entries past lengths[b] are unused), the flat index into the R*len(keep) kept logits."""
+    cols = sorted({f % L for row, n in zip(pos, lengths) for f in row[:n]}) or [0]
+    rank = {c: k for k, c in enumerate(cols)}
+    K = len(cols)
+    return cols, [[(f // L) * K + rank[f % L] if t < n else 0 for t, f in enumerate(row)]
+                  for row, n in zip(pos, lengths)]
+
+
+def pack_prompt_shared(prompts: list[list[int]], responses: list[list[int]], pad_id: int, capacity: int | None,
+                       width: int | None = None) -> dict:
+    """pack_prompt_response with each distinct prompt laid out once and its responses after it (pack_shared):
+    the same resp_pos [B, T], keep_cols, resp_keep [B, T]. A response's first token is predicted by its
+    prompt's last token (shared by the group), token t > 0 by its own token t-1."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("prompt sharing: an empty prompt leaves no position to predict the first response token")
+    groups: dict[tuple, list[int]] = {}
+    for b, p in enumerate(prompts):
+        groups.setdefault(tuple(p), []).append(b)
+    members = list(groups.values())
+    layout = pack_shared([(prompts[m[0]], [responses[b] for b in m]) for m in members], pad_id, capacity)
+    L = layout["input_ids"].shape[1]
+    B, T = len(prompts), width or max(1, max(len(r) for r in responses))
+    pos = [[0] * T for _ in range(B)]
+    for g, m in enumerate(members):
+        last = layout["prefix_at"][g] + len(prompts[m[0]]) - 1
+        for b, at in zip(m, layout["suffix_at"][g]):
+            for t in range(len(responses[b])):
+                pos[b][t] = last if t == 0 else at + t - 1
+    keep, resp_keep = keep_columns(pos, [len(r) for r in responses], L)
+    layout.update(resp_pos=torch.tensor(pos, dtype=torch.long), keep_cols=torch.tensor(keep, dtype=torch.long),
+                  resp_keep=torch.tensor(resp_keep, dtype=torch.long))
+    return layout

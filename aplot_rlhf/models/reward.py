@@ -78,6 +78,17 @@ class RewardModel(nn.Module):
                               f"supported (their head or position ids differ from BERT's); supported encoders: "
                               f"{', '.join(PACKABLE_ENCODERS)}, and decoders with a `score` head")
 
+    def shared_prompt_support(self) -> str | None:
+        """--share_prompt: None when a pair's chosen and rejected can share one forward of their prompt, else why
+        not (attention that takes no per-token mask: the caller falls back). Encoders are refused (ConfigError):
+        their attention is bidirectional, so a prompt's hidden states depend on the response after it."""
+        from .packing import shared_attention_support
+        if not self.reads_last_token:
+            raise ConfigError(f"--share_prompt: the reward model {self.hf.config.model_type!r} is an encoder "
+                              "(bidirectional attention: a prompt's states depend on its response, so it cannot be "
+                              "shared); encoders keep the unshared layout: drop --share_prompt")
+        return shared_attention_support(self.hf.config)
+
     def _transformers_model(self):
         """The sequence-classification model itself (under LoRA, the one peft wraps: attribute lookups on
         a PeftModel would reach its LoraModel, whose `.model` is the whole classifier, not the backbone)."""
@@ -112,7 +123,8 @@ class RewardModel(nn.Module):
         if self.pooling == "mean":  # per sequence, over its response tokens
             # sums in fp32: a bf16 count stops at 256 and bf16 atomic adds drift with their order
             w = layout["pool_weight"].float()
-            seg = layout["segment"].reshape(-1).clamp_min(0)
+            # prompt-shared rows name each response token's sequence in pool_segment (segment is the pair)
+            seg = layout.get("pool_segment", layout["segment"]).reshape(-1).clamp_min(0)
             S = layout["reward_index"].shape[0]
             total = torch.zeros(S, flat.shape[-1], dtype=torch.float32, device=flat.device).index_add_(
                 0, seg, flat.float() * w[:, None])

@@ -25,19 +25,11 @@ from ..engine import export as hf_export
 from ..models.dropout import disable_dropout
 from ..models.loader import check_max_length, load_config, load_model, load_tokenizer
 from ..models.lora import apply_lora, trainable_summary
-from ..models.packing import capacity_for, check_packing_support, pack_prompt_response, to_device
+from ..models.packing import capacity_for, check_packing_support, shared_attention_support
 from ..models.policy import check_same_vocabulary, load_critic, reference_tokenizer
 from ..rewards import RewardError, build_rewards
 from ..rollout.base import sample_seeds
-from .ppo_layout import (
-    first_column,
-    packed_response_logprobs,
-    packed_response_values,
-    pad_prompt_response,
-    response_logprobs,
-    response_values,
-    trim_left_padding,
-)
+from .ppo_layout import Layout, logprobs_on, pad_prompt_response, values_on
 from .ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -67,9 +59,10 @@ log = logging.getLogger(__name__)
 MINIBATCH_SEED_STRIDE = 1_000_003
 
 
-# what a PPO mini-batch reads from the experience (the rest are per-sequence statistics for the log);
+# what a PPO mini-batch reads from the experience (its layout is built from the token lists `prompts` and
+# `responses`; the rest are per-sequence statistics for the log);
 # the critic's keys exist only with a critic (gae), the reference log-probs only with the KL as a loss
-TRAIN_KEYS = ("ids", "attn", "posids", "tokens", "mask", "loss_mask", "old_lp", "adv")
+TRAIN_KEYS = ("tokens", "mask", "loss_mask", "old_lp", "adv")
 CRITIC_KEYS = ("old_values", "ret")
 
 
@@ -199,14 +192,28 @@ class PPOTrainer:
         # from_pretrained returns eval mode; gradient checkpointing only runs on modules in train mode
         for e in self.trained_engines.values():
             e.train()
-        self.pack_capacity = None
-        if cfg.packing:  # every model that runs a packed forward must keep attention inside sequences
-            for model in [m for m in (actor, reference, critic.backbone if critic is not None else None)
-                          if m is not None]:
-                check_packing_support(model.config, cfg.attn_implementation)
-            self.pack_capacity = capacity_for(actor.config, cfg.max_prompt_length + cfg.max_new_tokens)
+        self.layout_kind, self.pack_capacity = self._layout_kind(
+            [m for m in (actor, reference, critic.backbone if critic is not None else None) if m is not None])
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
+
+    def _layout_kind(self, models) -> tuple[str, int | None]:
+        """(the layout every experience and training forward uses, its packed rows' capacity): 'shared'
+        (--share_prompt, where every model's attention can mask it), 'packed' (--packing), else 'padded'."""
+        cfg = self.cfg
+        row_tokens = cfg.max_prompt_length + cfg.max_new_tokens
+        if cfg.share_prompt:
+            why = next((w for w in (shared_attention_support(m.config) for m in models) if w), None)
+            if why is None:  # a dense mask costs rows x L^2: rows of row_tokens; a block mask takes one row
+                return "shared", None if models[0].config._attn_implementation == "flex_attention" else row_tokens
+            if self.run.is_rank0:
+                log.warning("--share_prompt: %s; falling back to the %s layout", why,
+                            "packed" if cfg.packing else "padded")
+        if cfg.packing:  # every model that runs a packed forward must keep attention inside sequences
+            for model in models:
+                check_packing_support(model.config, cfg.attn_implementation)
+            return "packed", capacity_for(models[0].config, row_tokens)
+        return "padded", None
 
     def _resume(self) -> None:
         state = self.run.resume(self.trained_engines)
@@ -348,11 +355,11 @@ class PPOTrainer:
         raw, norm = self.rewards.combine(per, self.cfg.normalize_reward)
         return raw, norm.clamp(-self.cfg.reward_clip, self.cfg.reward_clip), per
 
-    def packed_layout(self, prompts, responses, width: int) -> dict:
-        """--packing: prompt+response sequences packed (models.packing), on the trainer's device, with
-        `width` response columns (the rollout's)."""
-        return to_device(pack_prompt_response(prompts, responses, self.tok.pad_token_id, self.pack_capacity, width),
-                         comm.device())
+    def layout(self, prompts, responses, width: int) -> Layout:
+        """One micro-batch's layout (padded, packed or prompt-shared: self.layout_kind), on the trainer's
+        device, with `width` response columns (the rollout's): every forward of the micro-batch reads it."""
+        return Layout.build(self.layout_kind, prompts, responses, self.tok.pad_token_id, width, comm.device(),
+                            self.pack_capacity)
 
     # ------------------------------------------------------------------------------------- experience and training
     @torch.no_grad()
@@ -376,20 +383,10 @@ class PPOTrainer:
                 e.eval()
             for i in range(0, ids.shape[0], cfg.micro_batch_size):  # vocab-sized logits: one micro-batch at a time
                 sl = slice(i, i + cfg.micro_batch_size)
-                if cfg.packing:
-                    layout = self.packed_layout(prompts[sl], responses[sl], tokens.shape[1])
-                    micro_lp.append(lambda m, layout=layout, tok=tokens[sl]: packed_response_logprobs(
-                        m, layout, tok, **lp_kw))
-                    if self.critic is not None:
-                        values.append(packed_response_values(self.critic, layout))
-                else:
-                    P = ids.shape[1] - tokens.shape[1]  # the rollout's longest prompt
-                    seqs = trim_left_padding(ids[sl], attn[sl], posids[sl],
-                                             first_column(prompts, range(i, min(i + cfg.micro_batch_size,
-                                                                                len(prompts))), P))
-                    micro_lp.append(lambda m, seqs=seqs, tok=tokens[sl]: response_logprobs(m, *seqs, tok, **lp_kw))
-                    if self.critic is not None:
-                        values.append(response_values(self.critic, *seqs, tokens.shape[1]))
+                layout = self.layout(prompts[sl], responses[sl], tokens.shape[1])
+                micro_lp.append(lambda m, layout=layout, tok=tokens[sl]: logprobs_on(m, layout, tok, **lp_kw))
+                if self.critic is not None:
+                    values.append(values_on(self.critic, layout))
                 old_lp.append(micro_lp[-1](self.actor))
             # the reference over every micro-batch in one pass: a LoRA actor disables its adapters once
             ref_lp = self.reference_logprobs(lambda m: [lp_under(m) for lp_under in micro_lp])
@@ -458,18 +455,11 @@ class PPOTrainer:
                     rows = order[start:start + cfg.micro_batch_size].sort().values
                     idx = rows.to(exp["ids"].device)
                     mb = {k: exp[k][idx] for k in keys}
-                    if cfg.packing:  # the micro-batch's token lists, on the host: no device sync
-                        rows = rows.tolist()
-                        layout = self.packed_layout([exp["prompts"][r] for r in rows],
-                                                    [exp["responses"][r] for r in rows], mb["tokens"].shape[1])
-                        lp, ent = packed_response_logprobs(self.actor, layout, mb["tokens"], with_entropy=True,
-                                                           temperature=cfg.temperature, vocab_size=self.vocab_size)
-                    else:
-                        P = exp["ids"].shape[1] - exp["tokens"].shape[1]
-                        seqs = trim_left_padding(mb["ids"], mb["attn"], mb["posids"],
-                                                 first_column(exp["prompts"], rows.tolist(), P))
-                        lp, ent = response_logprobs(self.actor, *seqs, mb["tokens"], with_entropy=True,
-                                                    temperature=cfg.temperature, vocab_size=self.vocab_size)
+                    rows = rows.tolist()  # the micro-batch's token lists, on the host: no device sync
+                    layout = self.layout([exp["prompts"][r] for r in rows], [exp["responses"][r] for r in rows],
+                                         mb["tokens"].shape[1])
+                    lp, ent = logprobs_on(self.actor, layout, mb["tokens"], with_entropy=True,
+                                          temperature=cfg.temperature, vocab_size=self.vocab_size)
                     pl, clip_frac, approx_kl = policy_loss(lp, mb["old_lp"], mb["adv"], mb["loss_mask"], cfg.clip_ratio,
                                                            cfg.loss_aggregation, policy_counts, cfg.max_new_tokens,
                                                            is_weights=mb.get("is_w"))
@@ -484,8 +474,7 @@ class PPOTrainer:
                     self.actor.step()
                     vl = vclip = zero
                     if self.critic is not None:
-                        values = (packed_response_values(self.critic, layout) if cfg.packing
-                                  else response_values(self.critic, *seqs, mb["tokens"].shape[1]))
+                        values = values_on(self.critic, layout)
                         vl, vclip = value_loss(values, mb["old_values"], mb["ret"], mb["mask"], cfg.value_clip,
                                                response_counts)
                         self.critic.backward(vl * undo_ds_mean)

@@ -1,9 +1,18 @@
 """How PPO lays a rollout out for its forwards, and reads response log-probs and values back.
 
-A rollout is prompt token lists (each rank's, left-padded) and response token lists. `pad_prompt_response`
-builds the padded batch every experience and training forward reads (`trim_left_padding` cuts a
-micro-batch's all-padding columns, `first_column` finds them from the host-side lists); the `packed_*`
-readers do the same on `models.packing.pack_prompt_response` layouts (`--packing`).
+A rollout is prompt token lists and response token lists. `Layout.build` turns a micro-batch of them into
+one `Layout`, built once and read by every forward of that micro-batch (actor, reference, critic, in
+experience and training) and by the readers (`logprobs_on`, `values_on`), whatever its kind:
+
+- "padded": prompts left-padded, responses right-padded (`pad_prompt_response`), every response at the
+  same columns;
+- "packed" (--packing): sequences back to back, attention within each (`models.packing.pack_prompt_response`);
+- "shared" (--share_prompt): each distinct prompt once, its responses after it, each attending to the prompt
+  and to itself only (`models.packing.pack_prompt_shared`): a group's prompt is computed once.
+
+A layout says where the logits predicting response token t of row b sit (`resp_pos`: a flat index into the
+model's [R*L] outputs; `resp_keep`: into the `keep` columns projected onto the vocabulary), so the readers
+have no branch on the kind.
 """
 from __future__ import annotations
 
@@ -12,20 +21,21 @@ import inspect
 import torch
 
 from ..models.lora import is_lora
-from ..models.packing import attention_kwargs
+from ..models.packing import attention_kwargs, pack_prompt_response, pack_prompt_shared, to_device
 from .ppo_math import entropy_from_logits, logprobs_of, tempered
 
 
-def pad_prompt_response(prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+def pad_prompt_response(prompts: list[list[int]], responses: list[list[int]], pad_id: int, width: int | None = None):
     """One batch of prompt+response rows, prompts left-padded and responses right-padded.
 
     Every response starts at the same column P (the longest prompt), so the logits predicting
     response token t sit at column P-1+t in every row and the model only needs the last T+1 columns
     of logits (`logits_to_keep`): the vocabulary projection skips the prompts. Position ids count
     from 0 at each row's first real token, as in generation.
+    width: T, the response columns (default: the longest response, at least 1).
     -> input_ids, attention_mask, position_ids [B, P+T], response tokens [B, T], response mask [B, T].
     """
-    B, T = len(prompts), max(1, max(len(r) for r in responses))
+    B, T = len(prompts), width or max(1, max(len(r) for r in responses))
     P = max(len(p) for p in prompts)
     ids = torch.full((B, P + T), pad_id, dtype=torch.long)
     attn = torch.zeros((B, P + T), dtype=torch.long)
@@ -73,53 +83,101 @@ def real_vocabulary(logits: torch.Tensor, vocab_size: int | None) -> torch.Tenso
     return logits if vocab_size is None or logits.shape[-1] <= vocab_size else logits[..., :vocab_size]
 
 
-def response_logprobs(model, ids, attn, position_ids, tokens, with_entropy: bool = False, temperature: float = 1.0,
-                      vocab_size: int | None = None):
-    """Log-probs [B, T] (and entropies) of the response tokens of a `pad_prompt_response` batch, under the
-    policy that sampled them: logits divided by the sampling temperature, over the first `vocab_size`
-    columns (the tokenizer's length; None = every column).
 
-    Responses occupy the last T columns, so the logits that predict them are columns -T-1 .. -2; models
-    that take `logits_to_keep` project only those T+1 hidden states onto the vocabulary.
-    """
-    T = tokens.shape[1]
-    kwargs = {"logits_to_keep": T + 1} if _accepts_logits_to_keep(model) else {}
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=position_ids, use_cache=False,
-                   **kwargs).logits[:, -T - 1:-1]
-    logits = tempered(real_vocabulary(logits, vocab_size), temperature)
-    lp = logprobs_of(logits, tokens)
-    return (lp, entropy_from_logits(logits)) if with_entropy else lp
+LAYOUTS = ("padded", "packed", "shared")
 
 
-def response_values(critic, ids, attn, position_ids, T: int):
-    """Critic values [B, T] at the positions that predict each response token (columns -T-1 .. -2)."""
-    return critic(ids, attn, position_ids)[:, -T - 1:-1]
+class Layout:
+    """One micro-batch of prompt+response rows as every model reads it.
+
+    inputs(model): the forward's keyword arguments (input_ids, attention_mask, position_ids, and for packed
+    layouts the attention kwargs of the model's attention implementation, built once per implementation);
+    keep: `logits_to_keep` (an int for padded rows, the kept columns for packed ones); resp_keep / resp_pos
+    [B, T]: flat indices of the outputs predicting each response token among the kept logits / among all
+    [R*L] positions (entries past a response's end point anywhere: the response mask drops them)."""
+
+    def __init__(self, kind: str, batch: dict, keep, resp_keep: torch.Tensor, resp_pos: torch.Tensor):
+        self.kind, self.batch, self.keep, self.resp_keep, self.resp_pos = kind, batch, keep, resp_keep, resp_pos
+        self._attention: dict = {}
+
+    @classmethod
+    def build(cls, kind: str, prompts: list[list[int]], responses: list[list[int]], pad_id: int, width: int,
+              device, capacity: int | None = None) -> "Layout":
+        """The layout of one micro-batch from its host-side token lists (no device sync), moved to `device`
+        whole. width: the rollout's response columns T; capacity: tokens per packed row (None: one row)."""
+        if kind == "padded":
+            ids, attn, posids, _, _ = pad_prompt_response(prompts, responses, pad_id, width)
+            return cls.from_padded(*(x.to(device, non_blocking=True) for x in (ids, attn, posids)), width)
+        if kind not in LAYOUTS:
+            raise ValueError(f"unknown layout {kind!r} (one of {', '.join(LAYOUTS)})")
+        build = pack_prompt_response if kind == "packed" else pack_prompt_shared
+        return cls.of_packed(to_device(build(prompts, responses, pad_id, capacity, width), device))
+
+    @classmethod
+    def of_packed(cls, batch: dict) -> "Layout":
+        """A packed or prompt-shared layout from its models.packing dict (pack_prompt_response, pack_prompt_shared)."""
+        return cls("shared" if "branch" in batch else "packed", batch, batch["keep_cols"], batch["resp_keep"],
+                   batch["resp_pos"])
+
+    @classmethod
+    def from_padded(cls, ids, attn, position_ids, T: int) -> "Layout":
+        """A padded layout from tensors (a `pad_prompt_response` batch, its all-padding columns trimmed or not)."""
+        B, L = ids.shape
+        t = torch.arange(T, device=ids.device)
+        rows = torch.arange(B, device=ids.device)[:, None]
+        return cls("padded", {"input_ids": ids, "attention_mask": attn, "position_ids": position_ids}, T + 1,
+                   rows * (T + 1) + t, rows * L + (L - T - 1) + t)
+
+    def inputs(self, model) -> dict:
+        """The forward's keyword arguments for `model` (an HF model, a Critic, or a DeepSpeed engine of one)."""
+        if self.kind == "padded":
+            return dict(self.batch)
+        module = getattr(model, "module", model)
+        config = module.backbone.config if hasattr(module, "backbone") else module.config
+        dtype = next(module.parameters()).dtype
+        key = (str(getattr(config, "_attn_implementation", "")), dtype)
+        if key not in self._attention:  # actor, reference and critic share one mask
+            self._attention[key] = attention_kwargs(self.batch, config, causal=True, dtype=dtype)
+        return {"input_ids": self.batch["input_ids"], **self._attention[key]}
 
 
-def _packed_inputs(model, layout: dict, config=None) -> dict:
-    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the HF model
-    config = config if config is not None else module.config
-    return {"input_ids": layout["input_ids"],
-            **attention_kwargs(layout, config, causal=True, dtype=next(module.parameters()).dtype)}
-
-
-def packed_response_logprobs(model, layout, tokens, with_entropy: bool = False, temperature: float = 1.0,
-                             vocab_size: int | None = None):
-    """response_logprobs on a `pack_prompt_response` layout: the same [B, T] log-probs (and entropies),
-    with only the kept columns (`logits_to_keep` as indices) projected onto the vocabulary."""
+def logprobs_on(model, layout: Layout, tokens, with_entropy: bool = False, temperature: float = 1.0,
+                vocab_size: int | None = None):
+    """Log-probs [B, T] (and entropies) of the response tokens under the policy that sampled them: logits
+    divided by the sampling temperature, over the first `vocab_size` columns (the tokenizer's length; None =
+    every column). Models that take `logits_to_keep` project only the layout's kept positions onto the
+    vocabulary."""
     if _accepts_logits_to_keep(model):
-        logits = model(use_cache=False, logits_to_keep=layout["keep_cols"], **_packed_inputs(model, layout)).logits
-        index = layout["resp_keep"]
+        logits = model(use_cache=False, logits_to_keep=layout.keep, **layout.inputs(model)).logits
+        index = layout.resp_keep
     else:
-        logits, index = model(use_cache=False, **_packed_inputs(model, layout)).logits, layout["resp_pos"]
+        logits, index = model(use_cache=False, **layout.inputs(model)).logits, layout.resp_pos
     logits = tempered(real_vocabulary(logits.reshape(-1, logits.shape[-1])[index], vocab_size), temperature)
     lp = logprobs_of(logits, tokens)
     return (lp, entropy_from_logits(logits)) if with_entropy else lp
 
 
-def packed_response_values(critic, layout):
-    """response_values on a `pack_prompt_response` layout: [B, T] values at the positions predicting each token."""
-    module = getattr(critic, "module", critic)
-    kwargs = _packed_inputs(critic, layout, module.backbone.config)
-    values = critic(kwargs.pop("input_ids"), kwargs.pop("attention_mask"), kwargs.pop("position_ids"), **kwargs)
-    return values.reshape(-1)[layout["resp_pos"]]
+def values_on(critic, layout: Layout):
+    """Critic values [B, T] at the positions that predict each response token."""
+    return critic(**layout.inputs(critic)).reshape(-1)[layout.resp_pos]
+
+
+# the readers on tensors, for callers holding a padded batch (trimmed or not) or a packed layout dict
+def response_logprobs(model, ids, attn, position_ids, tokens, **kwargs):
+    """logprobs_on a `pad_prompt_response` batch: responses in its last T columns."""
+    return logprobs_on(model, Layout.from_padded(ids, attn, position_ids, tokens.shape[1]), tokens, **kwargs)
+
+
+def response_values(critic, ids, attn, position_ids, T: int):
+    """values_on a `pad_prompt_response` batch."""
+    return values_on(critic, Layout.from_padded(ids, attn, position_ids, T))
+
+
+def packed_response_logprobs(model, layout: dict, tokens, **kwargs):
+    """logprobs_on a `models.packing.pack_prompt_response` (or pack_prompt_shared) layout dict."""
+    return logprobs_on(model, Layout.of_packed(layout), tokens, **kwargs)
+
+
+def packed_response_values(critic, layout: dict):
+    """values_on a `models.packing.pack_prompt_response` (or pack_prompt_shared) layout dict."""
+    return values_on(critic, Layout.of_packed(layout))

@@ -14,7 +14,7 @@ import os
 import torch
 
 from ..config import RMConfig
-from ..data.collate import collate_pairs, collate_pairs_packed
+from ..data.collate import collate_pairs, collate_pairs_packed, collate_pairs_shared
 from ..data.export_contract import rm_export_fields
 from ..data.pair_tokenizer import PairTokenizer, pair_length
 from ..data.reading import DataError
@@ -109,11 +109,22 @@ class RewardModelTrainer:
                 log.info("LoRA rank %d: %d of %d parameters train (adapters + score head)", cfg.lora_rank,
                          *trainable_summary(model))
         self.model, self.hf_model = model, model.hf
-        self.pack = None  # --packing: pairs -> a packed batch (rows of at most max_length tokens, or one varlen row)
+        # pairs -> a micro-batch (data.collate): padded; --packing: packed (rows of at most max_length tokens,
+        # or one varlen row); --share_prompt: prompt-shared rows (each pair's prompt once, then its two responses)
+        self.pack = None
         if cfg.packing:
             model.prepare_packing(cfg.attn_implementation)  # sdpa -> varlen_sdpa (models.packing)
             capacity, reads_last = capacity_for(model.hf.config, cfg.max_length), model.reads_last_token
             self.pack = lambda pairs: collate_pairs_packed(pairs, self.tokenizer.pad_token_id, capacity, reads_last)
+        if cfg.share_prompt:  # after --packing's switch to varlen_sdpa: a shared row runs it with a dense mask
+            why = model.shared_prompt_support()
+            if why is None:  # a dense mask costs rows x L^2: rows of max_length tokens; a block mask takes one row
+                capacity = None if model.hf.config._attn_implementation == "flex_attention" else cfg.max_length
+                self.pack = lambda pairs: collate_pairs_shared(pairs, self.tokenizer.pad_token_id, capacity)
+            elif self.run.is_rank0:
+                log.warning("--share_prompt: %s; falling back to the %s layout", why,
+                            "packed" if cfg.packing else "padded")
+        self.collate = self.pack or (lambda pairs: collate_pairs(pairs, self.tokenizer.pad_token_id))
 
     def _setup_engine(self) -> None:
         self.engine, self.scheduler = ds_api.initialize(self.model, self.ds_cfg, self.cfg, self.total_steps)
@@ -157,16 +168,10 @@ class RewardModelTrainer:
 
     def forward(self, pairs: list[dict]):
         """(rewards [2B]: chosen then rejected, embeddings [2B, d], the batch, its real token count)."""
-        if self.pack is not None:
-            batch = self.pack(pairs)
-            with comm.Phase.of("forward"):
-                rewards, emb = self.engine(packed=to_device(batch["packed"], self.device))
-            return rewards, emb, batch, float(batch["packed"]["n_tokens"])
-        batch = collate_pairs(pairs, self.tokenizer.pad_token_id)
+        batch = self.collate(pairs)  # whatever the layout: the forward's inputs, and its tokens counted on the host
         with comm.Phase.of("forward"):
-            rewards, emb = self.engine(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                                       batch["response_start"].to(self.device))
-        return rewards, emb, batch, float(batch["attention_mask"].sum())  # counted on the host: no device sync
+            rewards, emb = self.engine(**to_device(batch["inputs"], self.device))
+        return rewards, emb, batch, float(batch["n_tokens"])
 
     def train_micro_step(self, pairs: list[dict], boundary: bool = True) -> dict:
         """Forward, loss, backward and (at an accumulation boundary) the optimizer step of one micro-batch.
