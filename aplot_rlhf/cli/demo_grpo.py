@@ -103,8 +103,9 @@ def report(cfg, held_out, before, after, texts, wall_s) -> None:
     gained = sum(a > b for a, b in zip(after, before))
     lost = sum(a < b for a, b in zip(after, before))
     n = len(before)
-    print(f"\nheld-out accuracy ({n} questions never trained on, greedy): {sum(before) / n:.3f} -> {sum(after) / n:.3f}, "
-          f"change {mean:+.3f} +- {half:.3f} (95%), right only after: {gained}, right only before: {lost}")
+    print(f"\nheld-out accuracy ({n} questions never trained on, greedy): {sum(before) / n:.3f} -> "
+          f"{sum(after) / n:.3f}, change {mean:+.3f} +- {half:.3f} (95%), right only after: {gained}, "
+          f"right only before: {lost}")
     for p, t in list(zip(held_out, texts))[:4]:
         print(f"  {p[1][0]['content']!r} (answer {p[3]['answer']}) -> {t!r}")
     verdict = "improved" if mean - half > 0 else "no significant change"
