@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import logging
 import math
 import numbers
 import os
@@ -26,7 +27,7 @@ import threading
 import torch
 
 from .config import parse_reward_spec, reward_specs, reward_weights
-from .data.collate import collate_pairs
+from .data.collate import collate_pairs, collate_shared
 from .data.export_contract import encoder_from_export, export_reward_statistics
 from .data.prompts import reward_model_prompt
 from .data.reading import SkipCounter
@@ -35,7 +36,10 @@ from .engine import distributed as comm
 from .errors import ConfigError, InputNotFoundError, UserError
 from .models.dropout import disable_dropout
 from .models.loader import load_model, load_tokenizer
+from .models.packing import to_device
 from .models.reward import RewardModel
+
+log = logging.getLogger(__name__)
 
 
 class RewardError(UserError):
@@ -209,7 +213,7 @@ class ModelReward:
     in_process = True
 
     def __init__(self, path: str, ds_cfg: dict, dtype, batch_size: int, allow_untrained_head: bool = False,
-                 name: str = ""):
+                 name: str = "", share_prompt: bool = False):
         self.path, self.name = path, name or parse_reward_spec(path)[0]
         self.tok = load_tokenizer("reward_scorer", path)
         hf = load_model("reward_scorer", path, dtype=dtype, allow_untrained_head=allow_untrained_head)
@@ -221,7 +225,15 @@ class ModelReward:
         if hf.config.pad_token_id is None:
             hf.config.pad_token_id = self.tok.pad_token_id
         self.mean, self.std = export_reward_statistics(cfg)
-        self.model = ds_api.initialize_frozen(RewardModel(hf), ds_cfg)
+        model = RewardModel(hf)
+        # --share_prompt: a decoder scores a group's K responses with one forward of their prompt (exact);
+        # an encoder (bidirectional) or attention without a per-token mask keeps the padded batches
+        self.shared = share_prompt and model.reads_last_token and model.shared_prompt_support() is None
+        if share_prompt and not self.shared:
+            log.info("--share_prompt: the reward model %s scores unshared (%s)", path,
+                     "an encoder" if not model.reads_last_token else model.shared_prompt_support())
+        self.capacity = None if hf.config._attn_implementation == "flex_attention" else self.encoder.max_length
+        self.model = ds_api.initialize_frozen(model, ds_cfg)
         self.batch_size = batch_size
 
     def encode(self, prompts, response_texts) -> list[tuple[list[int], int]]:
@@ -230,9 +242,17 @@ class ModelReward:
     @torch.no_grad()
     def __call__(self, prompts, response_texts, rows=None) -> torch.Tensor:
         """Scores [B] fp32 on the trainer's device."""
+        dev = comm.device()
+        if self.shared:  # prompt-shared rows: a prompt's consecutive responses share one forward of it
+            encoded, scores = self.encode(prompts, response_texts), []
+            for i in range(0, len(encoded), self.batch_size):
+                ids, starts = zip(*encoded[i:i + self.batch_size])
+                layout = collate_shared(list(ids), list(starts), self.tok.pad_token_id, self.capacity)
+                scores.append(self.model(packed=to_device(layout, dev))[0].float())
+            return torch.cat(scores)
         encoded = [{"chosen_ids": ids, "chosen_start": start, "rejected_ids": ids, "rejected_start": start,
                     "strength": None} for ids, start in self.encode(prompts, response_texts)]
-        scores, dev = [], comm.device()
+        scores = []
         for i in range(0, len(encoded), self.batch_size):
             batch = collate_pairs(encoded[i:i + self.batch_size], self.tok.pad_token_id)
             n = len(encoded[i:i + self.batch_size])
@@ -302,5 +322,6 @@ def build_rewards(cfg, frozen_ds_cfg: dict, dtype) -> Rewards:
                                         wait_s=cfg.reward_server_wait_s))
         else:
             sources.append(ModelReward(target, frozen_ds_cfg, dtype, cfg.reward_batch_size,
-                                       allow_untrained_head=cfg.allow_untrained_reward_head, name=name))
+                                       allow_untrained_head=cfg.allow_untrained_reward_head, name=name,
+                                       share_prompt=cfg.share_prompt))
     return Rewards(sources, reward_weights(cfg))

