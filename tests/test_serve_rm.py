@@ -85,8 +85,8 @@ def post(url, body, token=TOKEN, **kw):
 def test_ppo_against_the_server_matches_ppo_in_process(server, token, chat_rm_dir, tiny_llama_dir,  # noqa: F811
                                                       prompt_file, tmp_path, trainer_factory):  # noqa: F811
     common = dict(critic_init="actor", prompt_format="chat", ppo_iterations=1)
-    local = trainer_factory(ppo_config(tiny_llama_dir, prompt_file, tmp_path / "local", reward_model="rm=" + chat_rm_dir,
-                                       **common))
+    local = trainer_factory(ppo_config(tiny_llama_dir, prompt_file, tmp_path / "local",
+                                       reward_model="rm=" + chat_rm_dir, **common))
     remote = trainer_factory(ppo_config(tiny_llama_dir, prompt_file, tmp_path / "remote",
                                         reward_model="rm=" + server.url, **common))
     source = remote.rewards.sources[0]
