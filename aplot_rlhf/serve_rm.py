@@ -120,11 +120,12 @@ class Scorer:
 
 
 class Batcher:
-    """Merges concurrent requests into forwards of at most max_batch_tokens tokens (a request is never split
-    across forwards of different batches; one over the budget runs alone). One worker thread runs them."""
+    """Merges concurrent requests into forwards of at most max_batch_tokens tokens and max_batch_requests
+    requests (0: no cap; 1: one request per forward). A request is never split across merged batches; one over
+    the token budget runs alone (in several forwards). One worker thread runs them."""
 
-    def __init__(self, scorer: Scorer, max_batch_tokens: int):
-        self.scorer, self.max_batch_tokens = scorer, max_batch_tokens
+    def __init__(self, scorer: Scorer, max_batch_tokens: int, max_batch_requests: int = 0):
+        self.scorer, self.max_batch_tokens, self.max_batch_requests = scorer, max_batch_tokens, max_batch_requests
         self.queue: asyncio.Queue | None = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rm-forward")
         self.forwards = self.requests = 0
@@ -140,7 +141,8 @@ class Batcher:
         while True:
             batch = [held or await self.queue.get()]
             held, tokens = None, sum(len(s[0]) for s in batch[0][0])
-            while not self.queue.empty():  # everything that arrived during the last forward, up to the budget
+            while not self.queue.empty() and len(batch) != self.max_batch_requests:
+                # everything that arrived during the last forward, up to the budget
                 item = self.queue.get_nowait()
                 size = sum(len(s[0]) for s in item[0])
                 if tokens + size > self.max_batch_tokens:
@@ -201,11 +203,12 @@ def parse_score_request(body: bytes) -> tuple[list, list[str]]:
     return prompts, responses
 
 
-def build_app(scorer: Scorer, max_batch_tokens: int, max_body_bytes: int, api_key: str = ""):
+def build_app(scorer: Scorer, max_batch_tokens: int, max_body_bytes: int, api_key: str = "",
+              max_batch_requests: int = 0):
     """The FastAPI app: /score (batched), /info, /health; a bearer token on /score and /info when api_key."""
     from contextlib import asynccontextmanager
 
-    batcher = Batcher(scorer, max_batch_tokens)
+    batcher = Batcher(scorer, max_batch_tokens, max_batch_requests)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -237,7 +240,9 @@ def build_app(scorer: Scorer, max_batch_tokens: int, max_body_bytes: int, api_ke
 
     @app.get("/info")
     async def info(request: Request):
-        return refused(request) or scorer.info() | {"max_body_bytes": max_body_bytes}
+        return refused(request) or scorer.info() | {"max_body_bytes": max_body_bytes,
+                                                    "max_batch_requests": max_batch_requests,
+                                                    "forwards": batcher.forwards, "requests": batcher.requests}
 
     @app.post("/score")
     async def score(request: Request):
@@ -273,10 +278,10 @@ def build_app(scorer: Scorer, max_batch_tokens: int, max_body_bytes: int, api_ke
 
 
 def serve(scorer: Scorer, host: str, port: int, max_batch_tokens: int, max_body_bytes: int, api_key: str = "",
-          log_level: str = "info") -> None:
+          max_batch_requests: int = 0, log_level: str = "info") -> None:
     """Run the server until SIGINT/SIGTERM (uvicorn finishes the requests in flight first)."""
     import uvicorn
-    app = build_app(scorer, max_batch_tokens, max_body_bytes, api_key)
+    app = build_app(scorer, max_batch_tokens, max_body_bytes, api_key, max_batch_requests)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("listening on %s without a token: anyone who reaches this port can query the model "
                     "(set APLOT_RM_API_KEY or --api_key)", host)

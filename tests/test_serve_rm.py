@@ -160,11 +160,17 @@ def test_concurrent_requests_are_merged_and_answered_in_order(server):
     from concurrent.futures import ThreadPoolExecutor
     bodies = [{"prompts": [f"question {i}"] * 3, "responses": [f"answer {i} {j}" for j in range(3)]}
               for i in range(8)]
+    import httpx
     alone = [post(server.url, b).json()["rewards"] for b in bodies]
+    info = lambda: httpx.get(server.url + "/info", headers={"Authorization": f"Bearer {TOKEN}"}).json()  # noqa: E731
+    before = info()
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda b: post(server.url, b).json()["rewards"], bodies))
     for a, b in zip(alone, together):
         assert b == pytest.approx(a, abs=1e-6)
+    after = info()
+    assert after["requests"] - before["requests"] == 8
+    assert after["forwards"] - before["forwards"] < 8  # some requests shared a forward
 
 
 def test_a_missing_server_is_one_clear_error_after_the_wait():

@@ -37,6 +37,8 @@ def main(argv=None) -> None:
                         "(off); the scores are the same")
     p.add_argument("--max_batch_tokens", type=int, default=16384,
                    help="tokens per forward: concurrent requests are merged into one forward up to this many")
+    p.add_argument("--max_batch_requests", type=int, default=0,
+                   help="requests per forward at most (0: as many as the token budget allows; 1: no merging)")
     p.add_argument("--max_body_mb", type=float, default=16.0,
                    help="largest request body accepted; a larger one is refused with 413")
     p.add_argument("--allow_untrained_reward_head", action="store_true",
@@ -45,8 +47,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if not 0 <= args.port < 65536:
         p.error("--port must be in 0..65535")
-    if args.max_batch_tokens < 1 or args.max_body_mb <= 0:
-        p.error("--max_batch_tokens and --max_body_mb must be positive")
+    if args.max_batch_tokens < 1 or args.max_body_mb <= 0 or args.max_batch_requests < 0:
+        p.error("--max_batch_tokens and --max_body_mb must be positive, --max_batch_requests >= 0")
 
     from ..errors import InputNotFoundError
     from ..serve_rm import Scorer, serve
@@ -56,7 +58,7 @@ def main(argv=None) -> None:
     scorer = Scorer(args.model, device=args.device, dtype=args.dtype, packing=args.packing,
                     max_batch_tokens=args.max_batch_tokens, allow_untrained_head=args.allow_untrained_reward_head)
     serve(scorer, args.host, args.port, args.max_batch_tokens, int(args.max_body_mb * 2 ** 20), api_key,
-          log_level=args.log_level)
+          args.max_batch_requests, log_level=args.log_level)
 
 
 if __name__ == "__main__":
