@@ -21,7 +21,7 @@ import time
 import torch
 
 from .engine import distributed as comm
-from .rewards import RewardError
+from .errors import RewardError
 
 log = logging.getLogger(__name__)
 
