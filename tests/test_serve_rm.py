@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import PYTHON, REPO, free_port, python_env
-from test_ppo_correctness import chat_rm_dir, ppo_config, prompt_file, trainer_factory  # noqa: F401 (fixtures)
+from test_ppo_correctness import ppo_config, prompt_file, trainer_factory  # noqa: F401 (fixtures)
 
 TOKEN = "test-token-1234"
 
@@ -60,7 +60,26 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(chat_rm_dir, tmp_path_factory):  # noqa: F811
+def chat_rm_dir(tiny_llama_dir, tmp_path_factory):
+    """A chat reward model as train_rm exports one: its exporter (engine.export) writes the tiny Llama with its
+    one-output head and the export contract (data.export_contract: max_length 96, input format chat, reward
+    mean/std 0.3/1.7). The head is untrained: these tests are about scoring, and training one costs ~50 s here
+    (test_ppo_correctness's chat_rm_dir does)."""
+    from aplot_rlhf.config import RMConfig
+    from aplot_rlhf.data.export_contract import rm_export_fields
+    from aplot_rlhf.engine.export import export_pretrained
+    from aplot_rlhf.models.loader import load_model, load_tokenizer
+    torch.manual_seed(0)
+    model = load_model("reward", tiny_llama_dir)
+    out = str(tmp_path_factory.mktemp("chat_rm") / "model")
+    export_pretrained(model, load_tokenizer("reward", tiny_llama_dir), out,
+                      rm_export_fields(RMConfig(model_name_or_path=tiny_llama_dir, max_length=96, loss="bt"),
+                                       "chat", 0.3, 1.7))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(chat_rm_dir, tmp_path_factory):
     """One server for the module: token required, a 64 KiB body limit."""
     s = Server(chat_rm_dir, tmp_path_factory.mktemp("server") / "server.log", "--api_key", TOKEN,
                "--max_body_mb", str(64 / 1024)).start()
