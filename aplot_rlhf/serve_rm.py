@@ -128,7 +128,13 @@ class Batcher:
         self.scorer, self.max_batch_tokens, self.max_batch_requests = scorer, max_batch_tokens, max_batch_requests
         self.queue: asyncio.Queue | None = None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rm-forward")
+        # one tokenizing thread: a fast tokenizer whose truncation is set per call is not safe to share
+        self.tokenizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rm-tokenize")
         self.forwards = self.requests = 0
+
+    async def encode(self, prompts: list, responses: list[str]) -> list[tuple[list[int], int]]:
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer, self.scorer.encode, prompts,
+                                                                responses)
 
     async def score(self, seqs: list[tuple[list[int], int]]) -> list[float]:
         future = asyncio.get_running_loop().create_future()
@@ -215,7 +221,8 @@ def build_app(scorer: Scorer, max_batch_tokens: int, max_body_bytes: int, api_ke
         task = asyncio.create_task(batcher.run())
         yield
         task.cancel()
-        batcher.worker.shutdown(wait=False, cancel_futures=True)
+        for pool in (batcher.worker, batcher.tokenizer):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="aplot_rlhf reward model", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -266,10 +273,13 @@ def build_app(scorer: Scorer, max_batch_tokens: int, max_body_bytes: int, api_ke
             return {"rewards": []}
         t0 = time.perf_counter()
         try:
-            seqs = await asyncio.to_thread(scorer.encode, prompts, responses)
+            seqs = await batcher.encode(prompts, responses)
         except Exception as exc:  # a prompt the chat template or tokenizer rejects: the client's input
             return error(422, f"tokenizing failed: {type(exc).__name__}: {exc}")
-        rewards = await batcher.score(seqs)
+        try:
+            rewards = await batcher.score(seqs)
+        except Exception as exc:  # the forward failed (out of memory, say): a 5xx the client retries
+            return error(500, f"scoring failed: {type(exc).__name__}: {exc}")
         log.debug("scored %d responses in %.3f s", len(rewards), time.perf_counter() - t0)
         # NaN/inf are not JSON: null, which the client turns back into NaN (PPO names the source and row)
         return {"rewards": [r if math.isfinite(r) else None for r in rewards]}
