@@ -8,8 +8,9 @@ The server runs as a subprocess on 127.0.0.1. N clients (threads, one keep-alive
 each, one after another; a request is what one PPO rank sends per rollout: --per_request (prompt, response)
 pairs from the demo's HH-RLHF test pairs. For each N it prints p50 / p99 latency and responses/s, once with
 merging (the server's default) and once with `--max_batch_requests 1` (one request per forward: no batching).
-The in-process row scores the same requests one at a time with the server's own Scorer in this process (no HTTP,
-no merging). Threads: the server and the in-process scorer each get --threads torch threads.
+The in-process rows score the same requests with the server's own Scorer in this process (no HTTP): one request
+per forward, and max(--clients) requests per forward (tokenized beforehand: the forward's own gain from merging).
+Threads: the server and the in-process scorer each get --threads torch threads.
 """
 from __future__ import annotations
 
@@ -83,6 +84,7 @@ def load(url: str, bodies: list[dict], clients: int, per_client: int) -> dict:
 
 
 def start_server(args, port: int, *flags: str):
+    """serve_rm in a subprocess on 127.0.0.1:port, once /health answers."""
     import httpx
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=REPO + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
@@ -151,7 +153,22 @@ def main():
     rows = [{"mode": "in-process, one request at a time", "clients": 1, "p50_ms": 1e3 * statistics.median(lat),
              "p99_ms": 1e3 * percentile(lat, 0.99), "responses_per_s": n * args.per_request / wall,
              "requests": n}]
+    # in-process, max(clients) requests merged per forward (what the server's batcher does at best, no HTTP)
+    k = max(clients)
+    encoded = [scorer.encode(b["prompts"], b["responses"]) for b in bodies[:n]]
+    t0 = time.perf_counter()
+    lat = []
+    for i in range(0, n, k):
+        t = time.perf_counter()
+        scorer.score_encoded([s for e in encoded[i:i + k] for s in e])
+        lat.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    rows.append({"mode": f"in-process, {k} requests per forward (tokenized beforehand)", "clients": 1,
+                 "p50_ms": 1e3 * statistics.median(lat), "p99_ms": 1e3 * percentile(lat, 0.99),
+                 "responses_per_s": n * args.per_request / wall, "requests": n, "forwards": len(lat)})
     del scorer
+
+    import httpx
 
     for mode, flags in (("server, merged batches", ()), ("server, one request per forward",
                                                           ("--max_batch_requests", "1"))):
@@ -161,16 +178,20 @@ def main():
             url = f"http://127.0.0.1:{port}"
             load(url, bodies[:8], 2, 4)  # warm-up
             for c in clients:
+                before = httpx.get(url + "/info").json()
                 rows.append({"mode": mode, "clients": c, **load(url, bodies, c, args.requests)})
+                after = httpx.get(url + "/info").json()  # how many forwards the requests took
+                rows[-1]["forwards"] = after["forwards"] - before["forwards"]
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             proc.terminate()
             proc.wait(60)
 
-    print(f"\n{header}\n| mode | clients | p50 ms | p99 ms | responses/s |\n|---|---:|---:|---:|---:|")
+    print(f"\n{header}\n| mode | clients | p50 ms | p99 ms | responses/s | requests per forward |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['mode']} | {r['clients']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-              f"{r['responses_per_s']:.1f} |")
+              f"{r['responses_per_s']:.1f} | {r['requests'] / r.get('forwards', r['requests']):.2f} |")
     best = {r["mode"]: r["responses_per_s"] for r in rows if r["clients"] == max(clients)}
     merged, single = best["server, merged batches"], best["server, one request per forward"]
     print(f"\nat {max(clients)} clients, merged batches serve {merged / single:.2f}x the responses/s of one request "
