@@ -29,6 +29,12 @@ class ModelError(UserError, ValueError):
     """A model folder that cannot serve the role it was given (e.g. a reward model with an untrained head)."""
 
 
+class RewardError(UserError):
+    """A reward source failed on a batch (an exception, a wrong count, a NaN, a non-number, a timeout, a reward
+    server that stayed away); the message names the source and the prompt row or the server's URL. Raised by
+    rewards.py and remote_reward.py (here, so the HTTP client need not import rewards.py, which imports it)."""
+
+
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be resumed from (missing, incomplete, from a different run); the message
     names the path and the reason."""

@@ -33,18 +33,13 @@ from .data.prompts import reward_model_prompt
 from .data.reading import SkipCounter
 from .engine import deepspeed as ds_api
 from .engine import distributed as comm
-from .errors import ConfigError, InputNotFoundError, UserError
+from .errors import ConfigError, InputNotFoundError, RewardError
 from .models.dropout import disable_dropout
 from .models.loader import load_model, load_tokenizer
 from .models.packing import to_device
 from .models.reward import RewardModel
 
 log = logging.getLogger(__name__)
-
-
-class RewardError(UserError):
-    """A reward source failed on a batch (an exception, a wrong count, a NaN, a non-number, a timeout);
-    the message names the source and the prompt row."""
 
 
 # ----------------------------------------------------------------------------------------- sources

@@ -92,7 +92,7 @@ def no_tokenizer_model(tiny_llama_dir, tmp_path_factory) -> str:
 def test_every_role_refuses_a_folder_without_a_tokenizer(no_tokenizer_model, tiny_llama_dir):
     from aplot_rlhf.errors import ModelError
     from aplot_rlhf.models.loader import ROLES, load_tokenizer
-    assert set(ROLES) == {"reward", "reward_scorer", "eval", "actor", "reference", "critic_from_actor",
+    assert set(ROLES) == {"reward", "reward_scorer", "eval", "served", "actor", "reference", "critic_from_actor",
                           "critic_from_reward"}  # a new role joins this test
     for name, role in ROLES.items():
         with pytest.raises(ModelError, match=rf"^{role.flag} {no_tokenizer_model}: no tokenizer files in this folder"):

@@ -42,6 +42,7 @@ ROLES = {
     "reward": Role("reward model", "--model_name_or_path", "seq_cls"),  # train_rm: a fresh head on any backbone
     "reward_scorer": Role("reward model", "--reward_model", "seq_cls", trained_head=True),  # PPO's rewards
     "eval": Role("model", "--model", "seq_cls", trained_head=True),  # eval_rm
+    "served": Role("reward model", "--model", "seq_cls", trained_head=True),  # serve_rm
     "actor": Role("actor", "--actor_model", "causal_lm"),
     "reference": Role("reference model", "--reference_model", "causal_lm"),
     "critic_from_actor": Role("critic (critic_init 'actor')", "--actor_model", "backbone"),
