@@ -1,7 +1,8 @@
 """PPO demo: align SmolLM2-135M-Instruct (GGUF from PyPI) against the demo's APLOT reward model, on CPU.
 
 Run `python -m aplot_rlhf.cli.demo` first (it writes runs/demo/model). Prints the mean reward of the
-policy's greedy answers to held-out harmless prompts before and after PPO. Extra flags override the
+policy's greedy answers to held-out harmless prompts before and after PPO, the paired change with its 95%
+interval and a verdict; exits with status 1 when the interval is not above 0. Extra flags override the
 demo's PPO settings (e.g. --ppo_iterations 20, --rollout_backend hf).
 """
 from __future__ import annotations
