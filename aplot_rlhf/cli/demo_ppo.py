@@ -34,13 +34,13 @@ def demo_flags(rm: Path, output_dir: Path) -> tuple[str, list[str]]:
     except Exception:
         backend = "hf"
     import torch
-    # sized for 2 CPU cores (about 7 minutes on a quiet machine): per iteration 8 prompts (the last 64 tokens of
-    # each conversation) x 4 samples x 24 new tokens, two actor optimizer steps of 16 sequences. RLOO instead of a
-    # critic: one sample per prompt leaves the advantage r - V(prompt) to a critic that starts with a zero head
-    # and sees 16 steps, so most of it is which prompt was drawn (the RM's spread between prompts is far larger
-    # than between answers to one prompt); four samples give each answer the mean of the other three as an
-    # unbiased per-prompt baseline, for the training cost of 16 sequences with a critic. kl_coef 0.05 (the
-    # trainer's default) keeps the per-answer KL to a few nats over the 10 iterations. On CPU, vLLM's memory share
+    # sized for 2 CPU cores (about 7 minutes on a quiet machine, estimated): per iteration 8 prompts (the last 64
+    # tokens of each conversation) x 4 samples x 24 new tokens, two actor optimizer steps of 16 sequences. RLOO
+    # instead of a critic: with one sample per prompt the advantage r - V(prompt) comes from a critic that starts
+    # with a zero head and sees 16 steps, so most of it is which prompt was drawn (about 85% of the reward's
+    # variance is between prompts); four samples give each answer the mean of the other three as an unbiased
+    # per-prompt baseline, for the training cost of 16 sequences with a critic. kl_coef 0.05 is the trainer's
+    # default (the KL still reaches 7-9 nats per answer: benchmarks/RESULTS.md). On CPU, vLLM's memory share
     # is of host RAM (KV cache + weights)
     flags = ["--actor_model", str(gguf.parent), "--actor_gguf_file", gguf.name, "--reward_model", str(rm),
              "--prompt_data", str(DEMO_DATA / "hh-rlhf" / "harmless-base-test.pairs.jsonl"), "--max_prompts", "400",
