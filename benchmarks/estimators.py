@@ -1,10 +1,11 @@
 """PPO (gae, with a critic) vs critic-free estimators on the PPO demo's task, for the same wall-clock budget.
 
 SmolLM2-135M-Instruct against the demo's APLOT reward model (`make demo` writes runs/demo/model), the
-demo's PPO settings; each estimator trains for `--budget_s` seconds of PPO iterations (set-up and
-evaluations not counted), in its own process, one after the other. Reports the mean RM reward of the
-greedy answers to the 32 held-out prompts before and after, the iterations done, and the process's peak
-host memory (ru_maxrss: on a GPU machine, torch.cuda.max_memory_allocated is added).
+demo's model, prompts and learning rate, gae and the group estimators at 16 sequences per rollout (below);
+each estimator trains for `--budget_s` seconds of PPO iterations (set-up and evaluations not counted), in
+its own process, one after the other. Reports the mean RM reward of the greedy answers to the 32 held-out
+prompts before and after, the iterations done, and the process's peak host memory (ru_maxrss: on a GPU
+machine, torch.cuda.max_memory_allocated is added).
 
     python benchmarks/estimators.py --budget_s 240            # gae and grpo, one after the other
     python benchmarks/estimators.py --estimators gae grpo rloo --budget_s 300
@@ -22,8 +23,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# group estimators sample each prompt K times: 4 prompts x 4 samples = the demo's 16 sequences per rollout
-GROUP_FLAGS = ["--samples_per_prompt", "4", "--rollout_batch_size", "4", "--kl_mode", "loss"]
+# the comparison as first measured: gae samples 16 prompts once each with kl_coef 0.01 (the demo's settings until
+# issue 25 item 9; the demo now runs rloo), group estimators 4 prompts x 4 samples = the same 16 sequences
+GAE_FLAGS = ["--samples_per_prompt", "1", "--rollout_batch_size", "16", "--ppo_mini_batch_size", "8",
+             "--kl_coef", "0.01"]
+GROUP_FLAGS = ["--samples_per_prompt", "4", "--rollout_batch_size", "4", "--ppo_mini_batch_size", "8",
+               "--kl_coef", "0.01", "--kl_mode", "loss"]
 
 
 def run_one(estimator: str, budget_s: float, out: Path) -> dict:
@@ -34,8 +39,7 @@ def run_one(estimator: str, budget_s: float, out: Path) -> dict:
     from aplot_rlhf.trainers.ppo import PPOTrainer
     backend, flags = demo_flags(REPO / "runs" / "demo" / "model", out)
     extra = ["--advantage_estimator", estimator, "--ppo_iterations", "1000", "--no-export", "--no-progress"]
-    if estimator != "gae":
-        extra += GROUP_FLAGS
+    extra += GAE_FLAGS if estimator == "gae" else GROUP_FLAGS
     cfg = load_config(PPOConfig, flags + extra)
     trainer = PPOTrainer(cfg).setup()
     try:

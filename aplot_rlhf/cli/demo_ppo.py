@@ -1,7 +1,8 @@
 """PPO demo: align SmolLM2-135M-Instruct (GGUF from PyPI) against the demo's APLOT reward model, on CPU.
 
 Run `python -m aplot_rlhf.cli.demo` first (it writes runs/demo/model). Prints the mean reward of the
-policy's greedy answers to held-out harmless prompts before and after PPO. Extra flags override the
+policy's greedy answers to held-out harmless prompts before and after PPO, the paired change with its 95%
+interval and a verdict; exits with status 1 when the interval is not above 0. Extra flags override the
 demo's PPO settings (e.g. --ppo_iterations 20, --rollout_backend hf).
 """
 from __future__ import annotations
@@ -33,19 +34,37 @@ def demo_flags(rm: Path, output_dir: Path) -> tuple[str, list[str]]:
     except Exception:
         backend = "hf"
     import torch
-    # sized for 2 CPU cores (about 8 minutes): 16 prompts (the last 64 tokens of each conversation) x 24 new
-    # tokens per iteration, two optimizer steps per iteration for the actor and for the critic; on CPU,
-    # vLLM's memory share is of host RAM (KV cache + weights)
+    # sized for 2 CPU cores (about 7 minutes on a quiet machine, estimated): per iteration 8 prompts (the last 64
+    # tokens of each conversation) x 4 samples x 24 new tokens, two actor optimizer steps of 16 sequences. RLOO
+    # instead of a critic: with one sample per prompt the advantage r - V(prompt) comes from a critic that starts
+    # with a zero head and sees 16 steps, so most of it is which prompt was drawn (about 85% of the reward's
+    # variance is between prompts); four samples give each answer the mean of the other three as an unbiased
+    # per-prompt baseline, for the training cost of 16 sequences with a critic. kl_coef 0.05 is the trainer's
+    # default (the KL still reaches 7-9 nats per answer: benchmarks/RESULTS.md). On CPU, vLLM's memory share
+    # is of host RAM (KV cache + weights)
     flags = ["--actor_model", str(gguf.parent), "--actor_gguf_file", gguf.name, "--reward_model", str(rm),
              "--prompt_data", str(DEMO_DATA / "hh-rlhf" / "harmless-base-test.pairs.jsonl"), "--max_prompts", "400",
-             "--eval_prompts", "32", "--rollout_backend", backend, "--rollout_batch_size", "16",
-             "--ppo_mini_batch_size", "8", "--micro_batch_size", "8", "--max_new_tokens", "24",
-             "--max_prompt_length", "64", "--ppo_iterations", "8", "--learning_rate", "5e-5",
-             "--critic_learning_rate", "5e-5", "--kl_coef", "0.01", "--zero_stage", "2", "--warmup_ratio", "0",
+             "--eval_prompts", "32", "--rollout_backend", backend, "--advantage_estimator", "rloo",
+             "--samples_per_prompt", "4", "--rollout_batch_size", "8", "--ppo_mini_batch_size", "16",
+             "--micro_batch_size", "8", "--max_new_tokens", "24", "--max_prompt_length", "64",
+             "--ppo_iterations", "10", "--learning_rate", "5e-5", "--critic_learning_rate", "5e-5",
+             "--kl_coef", "0.05", "--zero_stage", "2", "--warmup_ratio", "0",
              "--lr_scheduler", "constant", "--output_dir", str(output_dir), "--save_total_limit", "1",
              "--overwrite_output_dir",
              "--log_steps", "1", *([] if torch.cuda.is_available() else ["--vllm_gpu_memory_utilization", "0.1"])]
     return backend, flags
+
+
+def paired_change(before, after) -> dict:
+    """The paired change of per-prompt rewards: its mean, the half-width of its 95% interval (normal
+    approximation: 1.96 standard errors), the prompts whose reward rose, and whether the interval lies above 0."""
+    import math
+    diff = (after - before).double()
+    n = len(diff)
+    mean = diff.mean().item()
+    half = 1.96 * diff.std().item() / math.sqrt(n) if n > 1 else float("nan")
+    return {"change": mean, "half_width": half, "higher": int((diff > 0).sum()), "n": n,
+            "significant": bool(n > 1 and mean - half > 0)}
 
 
 def main(argv=None) -> dict:
@@ -66,11 +85,14 @@ def main(argv=None) -> dict:
         before, first_texts = greedy_scores(trainer, held_out)
         metrics = trainer.train()
         after, last_texts = greedy_scores(trainer, held_out)
+        change = paired_change(before, after)
         if trainer.rank == 0:
-            report(cfg, backend, held_out, before, after, first_texts, last_texts, time.perf_counter() - t0)
+            report(cfg, backend, held_out, before, after, first_texts, last_texts, time.perf_counter() - t0, change,
+                   metrics.get("kl"))
             print(json.dumps({"reward_before": before.mean().item(), "reward_after": after.mean().item(),
-                              "backend": backend, "kl": metrics.get("kl"), "iterations": cfg.ppo_iterations}))
-        return {"before": before.mean().item(), "after": after.mean().item()}
+                              "backend": backend, "kl": metrics.get("kl"), "iterations": cfg.ppo_iterations,
+                              **change}))
+        return {"before": before.mean().item(), "after": after.mean().item(), **change}
     finally:
         trainer.close()
 
@@ -82,25 +104,32 @@ def greedy_scores(trainer, prompts):
     return raw, [trainer.tok.decode(r, skip_special_tokens=True) for r in responses]
 
 
-def report(cfg, backend, prompts, before, after, first_texts, last_texts, wall_s):
-    import math
+def report(cfg, backend, prompts, before, after, first_texts, last_texts, wall_s, change, kl):
     rows = [json.loads(line) for line in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
     print(f"\n{'iter':>4} {'reward':>8} {'kl':>7} {'len':>5} {'gen s':>6} {'exp s':>6} {'train s':>7} {'sync s':>6}")
     for r in rows:
         print(f"{r['step']:>4} {r['ppo/reward/raw_mean']:>8.4f} {r['ppo/kl']:>7.3f} {r['ppo/response_length']:>5.1f} "
               f"{r['ppo/gen_s']:>6.1f} {r['ppo/experience_s']:>6.1f} {r['ppo/train_s']:>7.1f} {r['ppo/sync_s']:>6.1f}")
-    diff = after - before
-    n = len(diff)
-    half = 1.96 * diff.std().item() / math.sqrt(n) if n > 1 else float("nan")
-    print(f"\nPPO ({backend} rollouts) on SmolLM2-135M-Instruct: {cfg.ppo_iterations} iterations x "
-          f"{cfg.rollout_batch_size} prompts, {wall_s:.0f} s wall (set-up, both evaluations and the export included)")
+    n = change["n"]
+    print(f"\nPPO ({cfg.advantage_estimator}, {backend} rollouts) on SmolLM2-135M-Instruct: {cfg.ppo_iterations} "
+          f"iterations x {cfg.rollout_batch_size} prompts x {cfg.samples_per_prompt} samples, {wall_s:.0f} s wall "
+          "(set-up, both evaluations and the export included)")
     print(f"mean RM reward of greedy answers to {n} held-out prompts: before {before.mean():.4f}, after "
-          f"{after.mean():.4f}; change {diff.mean():+.4f} +- {half:.4f} (95%), higher for "
-          f"{int((diff > 0).sum())} of {n} prompts")
+          f"{after.mean():.4f}; change {change['change']:+.4f} +- {change['half_width']:.4f} (95%), higher for "
+          f"{change['higher']} of {n} prompts")
+    diff = after - before
     i = int(diff.argmax())
     print(f"\nlargest gain, prompt ...{prompts[i][1][-160:]!r}\n  before ({before[i]:+.3f}): {first_texts[i]!r}\n"
           f"  after  ({after[i]:+.3f}): {last_texts[i]!r}")
     print(f"policy saved to: {os.path.join(cfg.output_dir, 'policy')}")
+    kl_text = f"; KL to the reference {kl:.2f} nats per answer at the last iteration" if kl is not None else ""
+    if change["significant"]:
+        print(f"verdict: PASS: the held-out reward rose (95% interval above 0){kl_text}")
+    else:
+        print(f"verdict: FAIL: no significant rise of the held-out reward (the 95% interval reaches 0 or below; "
+              f"exit status 1){kl_text}")
+
 
 if __name__ == "__main__":
-    main()
+    # exit status 1 when the change's 95% interval is not above 0: `make demo-ppo` is the check of the demo's claim
+    sys.exit(0 if main()["significant"] else 1)
