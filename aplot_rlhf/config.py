@@ -104,7 +104,8 @@ class LossConfig:
 @dataclass
 class EngineConfig:
     zero_stage: int = knob(3, "DeepSpeed ZeRO stage 0/1/2/3")
-    precision: str = knob("bf16", "bf16 | fp16 | fp32 (bf16 and fp16 fall back to fp32 on CPU)")
+    precision: str = knob("bf16", "bf16 | fp16 | fp32 (on CPU: bf16 where it has bf16 units, flags amx_bf16 or "
+                                 "avx512_bf16, else fp32; fp16 is fp32)")
     offload_optimizer: bool = knob(False, "ZeRO: keep optimizer states on CPU")
     offload_param: bool = knob(False, "ZeRO-3: keep parameters on CPU")
     optimizer: str = knob("auto", "auto | adamw_torch | fused_adam | cpu_adam (auto: cpu_adam with offload, fused on "

@@ -232,7 +232,8 @@ class PPOTrainer:
 
     def _setup_rollout(self) -> None:
         self.backend = self._make_backend()
-        log.info("rollout backend %s; torch uses %d CPU threads", self.cfg.rollout_backend, torch.get_num_threads())
+        log.info("rollout backend %s; precision %s; torch uses %d CPU threads", self.cfg.rollout_backend,
+                 self.precision, torch.get_num_threads())
         if self.cfg.rollout_backend == "vllm":
             self.sync_weights()  # the engine starts from the files on disk; a resumed actor differs
 
