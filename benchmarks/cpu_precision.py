@@ -1,6 +1,7 @@
 """One SmolLM2-135M reward-model training step on this CPU in fp32 and in bf16, through the train_rm CLI.
 
-Issue 24 item 4's setting: LoRA rank 16, 8 pairs per step of (up to) 256 tokens per response sequence, packing,
+Issue 24 item 4's setting: LoRA rank 16, 8 pairs per step (4 micro-batches of 2: one fp32 forward over all 8
+pairs holds ~10 GB of activations) of up to 256 tokens per sequence, packing,
 ZeRO-0, one process. Each precision runs `python -m aplot_rlhf.cli.train_rm` for --steps optimizer steps, the
 two alternating --rounds times so a drift in the machine's load lands on both; the first step of a run (warm-up)
 is left out. bf16 needs a CPU with bf16 units (amx_bf16 / avx512_bf16): elsewhere the bf16 run trains in fp32
@@ -45,7 +46,8 @@ def run(precision: str, args, data: Path, workdir: Path, i: int) -> dict:
              if not args.model else ["--model_name_or_path", args.model])
     cmd = [sys.executable, "-m", "aplot_rlhf.cli.train_rm", *model, "--train_data", str(data),
            "--precision", precision, "--lora_rank", "16", "--lora_alpha", "32", "--packing", "--zero_stage", "0",
-           "--micro_batch_size", str(args.pairs), "--gradient_accumulation_steps", "1", "--max_length",
+           "--micro_batch_size", str(args.pairs // args.accumulation), "--gradient_accumulation_steps",
+           str(args.accumulation), "--max_length",
            str(args.max_length), "--max_steps", str(args.steps), "--loss", "bt", "--log_steps", "1",
            "--warmup_ratio", "0", "--eval_split_fraction", "0", "--output_dir", str(out), "--no-export",
            "--no-tensorboard", "--no-progress", "--save_steps", "0"]
@@ -63,7 +65,9 @@ def run(precision: str, args, data: Path, workdir: Path, i: int) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="", help="an HF folder (default: SmolLM2-135M-Instruct's GGUF)")
-    p.add_argument("--pairs", type=int, default=8)
+    p.add_argument("--pairs", type=int, default=8, help="pairs per optimizer step")
+    p.add_argument("--accumulation", type=int, default=4,
+                   help="micro-batches per step (8 pairs x 256 tokens in one fp32 forward hold ~10 GB of activations)")
     p.add_argument("--max_length", type=int, default=256)
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is not timed)")
     p.add_argument("--rounds", type=int, default=1)
@@ -80,7 +84,8 @@ def main(argv=None):
             results[precision].append(r)
             print(json.dumps(r), flush=True)
     med = {k: statistics.median(s for r in v for s in r["step_s"]) for k, v in results.items()}
-    print(f"\nRM step, LoRA r16, {args.pairs} pairs x {args.max_length} tokens, packing, ZeRO-0: fp32 "
+    print(f"\nRM step, LoRA r16, {args.pairs} pairs x {args.max_length} tokens ({args.accumulation} micro-batches), "
+          f"packing, ZeRO-0: fp32 "
           f"{med['fp32']:.2f} s, bf16 (trained in {results['bf16'][0]['trained_in']}) {med['bf16']:.2f} s: "
           f"{med['fp32'] / med['bf16']:.2f}x")
     from machine import print_machine_header as again
