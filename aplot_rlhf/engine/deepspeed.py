@@ -60,7 +60,7 @@ def _forget_destroyed_groups() -> None:
 
 # The CPU flags (Linux /proc/cpuinfo) of bf16 arithmetic units: AMX tiles (Sapphire Rapids on) and AVX-512 bf16 dot
 # products (Cooper Lake, Zen 4 on). oneDNN runs bf16 matmuls on them at several times fp32's rate; without them it
-# emulates bf16 through fp32 (slower than fp32 itself), so such CPUs keep fp32.
+# emulates bf16 through fp32 conversions (no faster than fp32, often slower), so such CPUs keep fp32.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 # the ISA flags a benchmark header reports: what decides the CPU's matmul speed in fp32 and bf16
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
