@@ -110,7 +110,8 @@ class LossConfig:
 @dataclass
 class EngineConfig:
     zero_stage: int = knob(3, "DeepSpeed ZeRO stage 0/1/2/3")
-    precision: str = knob("bf16", "bf16 | fp16 | fp32 (bf16 and fp16 fall back to fp32 on CPU)")
+    precision: str = knob("bf16", "bf16 | fp16 | fp32 (on CPU: bf16 where it has bf16 units, flags amx_bf16 or "
+                                 "avx512_bf16, else fp32; fp16 is fp32)")
     offload_optimizer: bool = knob(False, "ZeRO: keep optimizer states on CPU")
     offload_param: bool = knob(False, "ZeRO-3: keep parameters on CPU")
     optimizer: str = knob("auto", "auto | adamw_torch | fused_adam | cpu_adam (auto: cpu_adam with offload, fused on "
@@ -521,6 +522,10 @@ class PPOSpecific:
     ppo_epochs: int = knob(1, "passes over each rollout")
     # K samples count K times
     ppo_mini_batch_size: int = knob(8, "sequences per rank per optimizer step in the PPO epochs")
+    skip_unmoved_old_logprobs: bool = knob(True, "when the policy cannot move between the rollout and the training "
+                                           "forward (one PPO epoch over one mini-batch, no KL in the reward, "
+                                           "--rollout_is off), take the old log-probs from the training forward "
+                                           "(ratio exactly 1, as TRL does) instead of a separate actor forward")
     critic_learning_rate: float = knob(5e-6, "critic peak learning rate (actor uses learning_rate)")
     clip_ratio: float = knob(0.2, "PPO policy clip")
     value_clip: float = knob(0.2, "value-function clip")

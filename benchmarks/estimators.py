@@ -72,6 +72,8 @@ def main(argv=None):
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one, args.budget_s, Path(args.out) / args.one)), flush=True)
         return
+    from machine import print_machine_header  # benchmarks/machine.py
+    print_machine_header()
     if not (REPO / "runs" / "demo" / "model" / "config.json").exists():
         subprocess.run([sys.executable, "-m", "aplot_rlhf.cli.demo"], cwd=REPO, check=True)
     rows = []

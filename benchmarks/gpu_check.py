@@ -147,6 +147,8 @@ def main(argv=None):
                    "temporary folder with --cpu-smoke: smoke numbers are not results)")
     p.add_argument("--steps", default="kernel,rm,ppo,offload")
     args = p.parse_args(argv)
+    from machine import print_machine_header  # benchmarks/machine.py
+    print_machine_header()
     smoke = args.cpu_smoke
     out_dir = args.out_dir or (os.path.join(tempfile.gettempdir(), "gpu_check_smoke") if smoke
                                else os.path.join(ROOT, "benchmarks", "results", "gpu_check"))

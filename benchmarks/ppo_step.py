@@ -79,6 +79,8 @@ def main():
     p.add_argument("--out", default="", help="append JSON lines here")
     p.add_argument("--local_rank", type=int, default=-1)
     args = p.parse_args()
+    from machine import print_machine_header  # benchmarks/machine.py
+    print_machine_header()
 
     from aplot_rlhf.config import PPOConfig
     from aplot_rlhf.engine import deepspeed as ds_api

@@ -944,6 +944,8 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only aggregate finished runs (and turn finished run "
                     "folders into their state files)")
     args = ap.parse_args()
+    from machine import print_machine_header  # benchmarks/machine.py
+    print_machine_header()
     methods = [m for m in (args.methods or PRESETS[args.preset]["methods"]).split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

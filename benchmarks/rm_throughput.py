@@ -57,6 +57,8 @@ def main():
     p.add_argument("--out", default="", help="append one JSON line per loss to this file")
     p.add_argument("--local_rank", type=int, default=-1)
     args = p.parse_args()
+    from machine import print_machine_header  # benchmarks/machine.py
+    print_machine_header()
 
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -233,6 +233,8 @@ def check_targets(records):
 
 def main(argv=None):
     args = parse_args(argv)
+    from machine import print_machine_header  # benchmarks/machine.py
+    print_machine_header()
     if args.cpu_smoke:
         device = torch.device("cpu")
     elif torch.cuda.is_available():

@@ -11,6 +11,9 @@ from helpers import CHARS, save_tiny_llama, smollm2_gguf
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# CPU runs in fp32 on every machine, bf16 units or not: the same numbers wherever the suite runs (subprocesses
+# inherit it); the tests of CPU bf16 (test_cpu_bf16.py) turn it back on
+os.environ.setdefault("APLOT_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")

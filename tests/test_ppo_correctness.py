@@ -524,6 +524,7 @@ def test_lora_reference_logprobs_run_under_one_disable_adapter_per_experience(la
     from aplot_rlhf.trainers.ppo_layout import response_logprobs, trim_left_padding
     trainer = trainer_factory(ppo_config(char_llama_dir, prompt_file, tmp_path, lora_rank=4, lora_alpha=8,
                                          micro_batch_size=2, kl_mode="loss",
+                                         skip_unmoved_old_logprobs=False,  # the actor's own experience forward
                                          **({layout: True} if layout != "padded" else {})))
     assert trainer.layout_kind == {"padded": "padded", "packing": "packed", "share_prompt": "shared"}[layout]
     peft_model = trainer.actor.module
@@ -598,3 +599,62 @@ def test_share_prompt_trainer_matches_the_padded_trainer(estimator, char_llama_d
     with caplog.at_level(logging.WARNING):
         kind, _ = trainer._layout_kind([type("Model", (), {"config": flash})()])
     assert kind == "padded" and "falling back to the padded layout" in caplog.text
+
+
+# ------------------------------------------------------------------------------ issue 24 item 3: the unmoved forward
+
+@pytest.mark.parametrize("extra", [
+    {"advantage_estimator": "grpo", "samples_per_prompt": 2, "rollout_batch_size": 2, "kl_mode": "loss"},
+    {"advantage_estimator": "gae", "kl_mode": "loss", "packing": True},
+    {"advantage_estimator": "gae", "kl_coef": 0.0, "micro_batch_size": 2},
+])
+def test_old_logprobs_from_the_training_forward_change_nothing_but_the_forward_count(extra, char_llama_dir, prompt_file,
+                                                                                      tmp_path, trainer_factory):
+    """One PPO epoch over one mini-batch, no KL in the reward: the experience pass skips the actor's forward
+    and the old log-probs are the training forward's, detached. The first iteration's losses, gradients and
+    metrics equal those of the run that does the forward (--no-skip_unmoved_old_logprobs); the actor runs one
+    forward fewer in the experience phase."""
+    from aplot_rlhf.engine import distributed as comm
+    runs = {}
+    for skip in (True, False):
+        cfg = ppo_config(char_llama_dir, prompt_file, tmp_path / f"skip{skip}", zero_stage=0, precision="fp32",
+                         skip_unmoved_old_logprobs=skip, **extra)
+        trainer = trainer_factory(cfg)
+        assert trainer.reuse_old_lp is skip
+        phases = []
+        hook = trainer.actor.module.register_forward_pre_hook(lambda *a: phases.append(comm.Phase.current))
+        for engine in trainer.trained_engines.values():
+            engine.zero_grad()
+            engine.step = lambda *a, **k: None  # the gradients stay in .grad
+        metrics = trainer.step()
+        hook.remove()
+        grads = {name: p.grad.clone() for name, p in trainer.actor.module.named_parameters() if p.grad is not None}
+        runs[skip] = metrics, grads, phases
+    (skipped, skipped_grads, skipped_phases), (full, full_grads, full_phases) = runs[True], runs[False]
+    assert skipped_phases.count("experience") == 0 and full_phases.count("experience") > 0
+    assert skipped_phases.count("train") == full_phases.count("train") > 0
+    assert skipped.pop("old_logprobs_reused") == 1.0 and full.pop("old_logprobs_reused") == 0.0
+    timings = ("gen_s", "gen_tokens_per_s", "experience_s", "train_s", "sync_s")
+    assert skipped.keys() == full.keys()
+    for k in skipped.keys() - set(timings):
+        assert skipped[k] == pytest.approx(full[k], abs=1e-6), k
+    assert skipped_grads.keys() == full_grads.keys() and len(skipped_grads) > 10
+    for name in skipped_grads:
+        torch.testing.assert_close(skipped_grads[name], full_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_old_logprobs_come_from_an_experience_forward_when_something_reads_them_first(char_llama_dir, prompt_file,
+                                                                                      tmp_path, trainer_factory):
+    """The KL in the reward, --rollout_is, two epochs or two mini-batches: the old log-probs are needed before
+    the training forward (or the policy moves between mini-batches), so the actor's experience forward runs."""
+    base = dict(zero_stage=0, precision="fp32")
+    cases = {"kl in the reward": {}, "rollout_is": {"kl_mode": "loss", "rollout_is": "truncate"},
+             "two epochs": {"kl_mode": "loss", "ppo_epochs": 2},
+             "two mini-batches": {"kl_mode": "loss", "ppo_mini_batch_size": 2, "micro_batch_size": 2}}
+    for i, (name, extra) in enumerate(cases.items()):
+        trainer = trainer_factory(ppo_config(char_llama_dir, prompt_file, tmp_path / str(i), **base, **extra))
+        assert not trainer.reuse_old_lp, name
+        batch = trainer.prompt_batch(0)
+        prompts = [b[0] for b in batch]
+        exp = trainer.make_experience(prompts, [b[1] for b in batch], *trainer.generate(prompts, return_logprobs=True))
+        assert torch.isfinite(exp["old_lp"]).all(), name

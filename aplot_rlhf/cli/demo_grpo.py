@@ -48,7 +48,8 @@ def demo_flags(prompts: Path, output_dir: Path) -> list[str]:
             "--advantage_estimator", "grpo", "--samples_per_prompt", "8", "--rollout_batch_size", "8",
             "--ppo_mini_batch_size", "32", "--micro_batch_size", "16", "--max_new_tokens", "32",
             "--max_prompt_length", "64", "--ppo_iterations", "20", "--learning_rate", "1e-5",
-            "--kl_mode", "loss", "--kl_coef", "0.01", "--zero_stage", "2", "--warmup_ratio", "0",
+            "--kl_mode", "loss", "--kl_coef", "0.01", "--zero_stage", "2", "--precision", "fp32",
+            "--warmup_ratio", "0",
             "--lr_scheduler", "constant", "--output_dir", str(output_dir), "--save_total_limit", "1",
             "--overwrite_output_dir", "--no-export", "--log_steps", "1",
             *([] if torch.cuda.is_available() else ["--vllm_gpu_memory_utilization", "0.1"])]

@@ -48,7 +48,7 @@ def demo_flags(rm: Path, output_dir: Path) -> tuple[str, list[str]]:
              "--samples_per_prompt", "4", "--rollout_batch_size", "8", "--ppo_mini_batch_size", "16",
              "--micro_batch_size", "8", "--max_new_tokens", "24", "--max_prompt_length", "64",
              "--ppo_iterations", "10", "--learning_rate", "5e-5", "--critic_learning_rate", "5e-5",
-             "--kl_coef", "0.05", "--zero_stage", "2", "--warmup_ratio", "0",
+             "--kl_coef", "0.05", "--zero_stage", "2", "--precision", "fp32", "--warmup_ratio", "0",
              "--lr_scheduler", "constant", "--output_dir", str(output_dir), "--save_total_limit", "1",
              "--overwrite_output_dir",
              "--log_steps", "1", *([] if torch.cuda.is_available() else ["--vllm_gpu_memory_utilization", "0.1"])]

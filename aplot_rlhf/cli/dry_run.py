@@ -31,7 +31,7 @@ def hardware() -> SimpleNamespace:
 def check_deepspeed_json(cfg, world: int) -> dict:
     """Our DeepSpeed config for `world` ranks, accepted by DeepSpeed's parser; raises ValueError if not.
 
-    Plans the requested precision (bf16 stays bf16 here even though a CPU run would fall back to fp32).
+    Plans the requested precision (bf16 stays bf16 here even where a CPU without bf16 units would train in fp32).
     """
     from ..engine import deepspeed as ds_api
     ds_cfg = ds_api.build_ds_config(cfg, world, precision=cfg.precision)

@@ -58,12 +58,79 @@ def _forget_destroyed_groups() -> None:
         elif isinstance(value, dict) and any(isinstance(v, dist.ProcessGroup) for v in value.values()):
             value.clear()
 
-def effective_precision(precision: str) -> str:
-    """bf16/fp16 need an accelerator; on CPU we train in fp32 (and say so)."""
-    if precision != "fp32" and not torch.cuda.is_available():
-        log.warning("precision %s requested but no CUDA device: training in fp32 on CPU", precision)
-        return "fp32"
-    return precision
+# The CPU flags (Linux /proc/cpuinfo) of bf16 arithmetic units: AMX tiles (Sapphire Rapids on) and AVX-512 bf16 dot
+# products (Cooper Lake, Zen 4 on). oneDNN runs bf16 matmuls on them at several times fp32's rate; without them it
+# emulates bf16 through fp32 conversions (no faster than fp32, often slower), so such CPUs keep fp32.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# the ISA flags a benchmark header reports: what decides the CPU's matmul speed in fp32 and bf16
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+# "0" keeps CPU runs in fp32 whatever the CPU (the test suite sets it: same numbers on every machine)
+CPU_BF16_ENV = "APLOT_CPU_BF16"
+_said: set[str] = set()  # precision decisions already logged in this process
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
+    """(the CPU's model name, its flags), read from /proc/cpuinfo; ("unknown", no flags) where there is none."""
+    model, flags = "unknown", frozenset()
+    try:
+        with open(path) as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown":
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:  # x86 / arm64
+                    flags = frozenset(value.split())
+                if model != "unknown" and flags:
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
+def cpu_bf16_units(flags: frozenset[str] | None = None) -> list[str]:
+    """The bf16 unit flags this CPU has (empty: none, or turned off by APLOT_CPU_BF16=0)."""
+    if not _cpu_bf16_allowed():
+        return []
+    flags = cpu_info()[1] if flags is None else flags
+    return [f for f in BF16_CPU_FLAGS if f in flags]
+
+
+def _cpu_bf16_allowed() -> bool:
+    return os.environ.get(CPU_BF16_ENV, "auto").strip().lower() not in ("0", "off", "false", "no")
+
+
+def _say_once(level: int, msg: str, *args) -> None:
+    text = msg % args
+    if text not in _said:
+        _said.add(text)
+        log.log(level, text)
+
+
+def effective_precision(precision: str, flags: frozenset[str] | None = None) -> str:
+    """The precision a run trains in: as asked on CUDA; on CPU bf16 where the CPU has bf16 units (DeepSpeed's
+    bf16 mixed precision: bf16 weights and compute, fp32 master weights in the optimizer), else fp32, said once.
+
+    flags: the CPU's flags (default: this machine's). fp16 on CPU is always fp32: no CPU trains fp16 faster."""
+    if precision == "fp32" or torch.cuda.is_available():
+        return precision
+    units = cpu_bf16_units(flags) if precision == "bf16" else []
+    model = cpu_info()[0] if flags is None else "given flags"
+    if units:
+        # DeepSpeed's bf16 path, not torch.autocast over fp32 weights: the path CUDA runs take (its master
+        # weights, ZeRO partitions, checkpoints and the bf16 weights vLLM is synced with), already wired through
+        # build_ds_config and the model loaders, and frozen models (reference, reward, LoRA base) in half the memory
+        _say_once(logging.INFO, "precision bf16 on CPU (%s, %s): DeepSpeed bf16 mixed precision (bf16 weights and "
+                  "compute, fp32 master weights)", model, " ".join(units))
+        return "bf16"
+    if precision != "bf16":
+        why = "no CPU trains fp16 faster than fp32"
+    elif not _cpu_bf16_allowed():
+        why = f"{CPU_BF16_ENV}=0"
+    else:
+        why = "it has no bf16 units: neither amx_bf16 nor avx512_bf16 among its flags"
+    _say_once(logging.WARNING, "precision %s requested on a CPU (%s): training in fp32 (%s)", precision, model, why)
+    return "fp32"
 
 
 def torch_dtype(precision: str) -> torch.dtype:

@@ -196,6 +196,21 @@ class PPOTrainer:
             [m for m in (actor, reference, critic.backbone if critic is not None else None) if m is not None])
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
+        self.reuse_old_lp = self.old_logprobs_from_training()
+        if self.reuse_old_lp and self.run.is_rank0:
+            log.info("one PPO epoch over one mini-batch: the old log-probs are the training forward's, detached (no "
+                     "experience forward of the actor; --no-skip_unmoved_old_logprobs runs it)")
+
+    def old_logprobs_from_training(self) -> bool:
+        """Whether the actor cannot move between the rollout and any training forward: one PPO epoch over one
+        mini-batch is one optimizer step, after every forward, so the training forward's log-probs, detached,
+        are the old ones (ratio exactly 1; TRL skips that forward too). Not when anything reads the old
+        log-probs before training: the KL in the reward (advantages, GAE returns) or --rollout_is (its weights
+        and mask enter the loss and its token counts)."""
+        cfg = self.cfg
+        return (cfg.skip_unmoved_old_logprobs and cfg.ppo_epochs == 1
+                and cfg.rollout_batch_size * cfg.samples_per_prompt == cfg.ppo_mini_batch_size
+                and cfg.rollout_is == "off" and (cfg.kl_mode == "loss" or cfg.kl_coef == 0))
 
     def _layout_kind(self, models) -> tuple[str, int | None]:
         """(the layout every experience and training forward uses, its packed rows' capacity): 'shared'
@@ -224,7 +239,8 @@ class PPOTrainer:
 
     def _setup_rollout(self) -> None:
         self.backend = self._make_backend()
-        log.info("rollout backend %s; torch uses %d CPU threads", self.cfg.rollout_backend, torch.get_num_threads())
+        log.info("rollout backend %s; precision %s; torch uses %d CPU threads", self.cfg.rollout_backend,
+                 self.precision, torch.get_num_threads())
         if self.cfg.rollout_backend == "vllm":
             self.sync_weights()  # the engine starts from the files on disk; a resumed actor differs
 
@@ -387,20 +403,25 @@ class PPOTrainer:
                 micro_lp.append(lambda m, layout=layout, tok=tokens[sl]: logprobs_on(m, layout, tok, **lp_kw))
                 if self.critic is not None:
                     values.append(values_on(self.critic, layout))
-                old_lp.append(micro_lp[-1](self.actor))
+                if not self.reuse_old_lp:
+                    old_lp.append(micro_lp[-1](self.actor))
             # the reference over every micro-batch in one pass: a LoRA actor disables its adapters once
             ref_lp = self.reference_logprobs(lambda m: [lp_under(m) for lp_under in micro_lp])
             for e in self.trained_engines.values():
                 e.train()
-        old_lp, ref_lp = torch.cat(old_lp), torch.cat(ref_lp)
+        ref_lp = torch.cat(ref_lp)
+        # reused: train_on fills old_lp from its forward; nothing before it reads them (the KL is 0 in the reward)
+        old_lp = torch.full_like(ref_lp, float("nan")) if self.reuse_old_lp else torch.cat(old_lp)
         raw, scores, per_source = self.score(rm_prompts, responses, rows)
-        kl = kl_per_token(old_lp, ref_lp, cfg.kl_estimator) * mask
+        kl = (torch.zeros_like(ref_lp) if self.reuse_old_lp else kl_per_token(old_lp, ref_lp, cfg.kl_estimator)) * mask
         beta = self.kl_ctl.beta if cfg.kl_mode == "reward" else 0.0  # else the KL is a loss term in train_on
         out = dict(ids=ids, attn=attn, posids=posids, tokens=tokens, mask=mask, old_lp=old_lp, raw_scores=raw,
                    scores=scores, source_scores=per_source.T, kl_seq=kl.sum(1), loss_mask=mask, prompts=prompts,
                    responses=responses)
         if cfg.kl_mode == "loss":
             out["ref_lp"] = ref_lp
+        if self.reuse_old_lp:  # the KL metric is computed once train_on has the old log-probs
+            out["kl_ref_lp"] = ref_lp
         K = cfg.samples_per_prompt
         if K > 1:
             group_std, uniform_frac, uniform = group_statistics(scores, K)
@@ -460,6 +481,8 @@ class PPOTrainer:
                                          mb["tokens"].shape[1])
                     lp, ent = logprobs_on(self.actor, layout, mb["tokens"], with_entropy=True,
                                           temperature=cfg.temperature, vocab_size=self.vocab_size)
+                    if self.reuse_old_lp:  # the policy has not moved since the rollout: these are the old ones
+                        mb["old_lp"] = exp["old_lp"][idx] = lp.detach()
                     pl, clip_frac, approx_kl = policy_loss(lp, mb["old_lp"], mb["adv"], mb["loss_mask"], cfg.clip_ratio,
                                                            cfg.loss_aggregation, policy_counts, cfg.max_new_tokens,
                                                            is_weights=mb.get("is_w"))
@@ -483,6 +506,11 @@ class PPOTrainer:
                     # logged at the scale of a whole mini-batch's (their sum over its micro-batches and ranks)
                     stats.append(torch.stack([pl.detach() * undo_ds_mean, vl.detach() * undo_ds_mean, clip_frac, vclip,
                                               approx_kl, entropy.detach(), kl_loss.detach() * undo_ds_mean]))
+        if self.reuse_old_lp:  # what make_experience measures from the old log-probs, now that train_on has them
+            exp["kl_seq"] = (kl_per_token(exp["old_lp"], exp["kl_ref_lp"], cfg.kl_estimator) * exp["mask"]).sum(1)
+            if "rollout_lp" in exp:
+                exp["rollout_mismatch"] = rollout_mismatch(exp["old_lp"], exp["rollout_lp"], exp["mask"],
+                                                           cfg.rollout_is_cap)
         names = ["policy_loss", "value_loss", "clip_frac", "value_clip_frac", "approx_kl", "entropy", "kl_loss"]
         if self.critic is None:
             names[1] = names[3] = None  # no critic: no value statistics to report
@@ -535,7 +563,7 @@ class PPOTrainer:
             "reward/normalized_mean": exp["scores"].mean(), "kl": exp["kl_seq"].mean(),
             "response_length": gen_tokens / len(responses), **train_stats,
             "gen_tokens_per_s": gen_tokens / max(gen_s, 1e-9), "gen_s": gen_s, "experience_s": exp_s,
-            "train_s": train_s, "sync_s": sync_s,
+            "train_s": train_s, "sync_s": sync_s, "old_logprobs_reused": float(self.reuse_old_lp),
         }
         # how far the sampler's policy is from the trainer's (kernels, precision, LoRA merged in bf16): global values
         mm = exp["rollout_mismatch"]
