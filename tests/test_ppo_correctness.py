@@ -565,7 +565,8 @@ def test_share_prompt_trainer_matches_the_padded_trainer(estimator, char_llama_d
     for share in (False, True):
         cfg = ppo_config(char_llama_dir, prompt_file, tmp_path / f"share{share}", samples_per_prompt=2,
                          rollout_batch_size=2, advantage_estimator=estimator, zero_stage=0, precision="fp32",
-                         kl_mode="loss", entropy_coef=0.01, share_prompt=share)
+                         kl_mode="loss", entropy_coef=0.01, share_prompt=share,
+                         skip_unmoved_old_logprobs=False)  # the experience pass's own actor forward is compared
         trainers[share] = trainer = trainer_factory(cfg)
         if trainer.critic is not None:  # values off zero (the actor-initialized head starts at 0)
             torch.manual_seed(3)
