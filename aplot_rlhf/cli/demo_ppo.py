@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
 def greedy_scores(trainer, prompts):
     """Raw RM score of the policy's greedy answer to each prompt (this process's view: the demo is single-rank)."""
     responses = trainer.generate([p[0] for p in prompts], temperature=0.0)
-    raw = trainer.score([p[1] for p in prompts], responses)[0]
+    raw = trainer.score([p[1] for p in prompts], responses, [{"origin": p[2], "fields": p[3]} for p in prompts])[0]
     return raw, [trainer.tok.decode(r, skip_special_tokens=True) for r in responses]
 
 

@@ -27,7 +27,7 @@ from ..models.loader import check_max_length, load_config, load_model, load_toke
 from ..models.lora import apply_lora, trainable_summary
 from ..models.packing import capacity_for, check_packing_support, shared_attention_support
 from ..models.policy import check_same_vocabulary, load_critic, reference_tokenizer
-from ..rewards import RewardError, build_rewards
+from ..rewards import FunctionReward, RewardError, build_rewards
 from ..rollout.base import sample_seeds
 from .ppo_layout import Layout, logprobs_on, pad_prompt_response, values_on
 from .ppo_math import (
@@ -354,7 +354,11 @@ class PPOTrainer:
         A source that fails (raises, NaN/inf, wrong count, timeout) stops the run on every rank with one
         error naming the source and the prompt row: the failing rank says what, the others that it failed."""
         texts = [self.tok.decode(r, skip_special_tokens=True) for r in responses]
-        rows = rows if rows is not None else [{"origin": "?", "fields": {}} for _ in responses]
+        if rows is None:  # a reward function reads the rows' fields: scoring it without them is a silent 0
+            if any(isinstance(s, FunctionReward) for s in self.rewards.sources):
+                raise ValueError("score() needs the prompt rows ({'origin', 'fields'} each) when a reward function "
+                                 "is a source: it reads their fields")
+            rows = [{"origin": "?", "fields": {}} for _ in responses]
         failure = None
         with comm.Phase.of("reward"):
             try:
