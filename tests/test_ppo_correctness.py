@@ -310,7 +310,8 @@ def test_a_reward_model_is_normalized_by_its_own_statistics_before_the_weighted_
     assert trainer.rewards.model is None  # two sources: the critic starts from the actor
     assert abs(rm.mean) > 1e-3 and abs(rm.std - 1.0) > 1e-3
     prompt, text = CHAT_PAIRS[1]["prompt"], "yes, it is blue."
-    raw, norm, per = trainer.score([prompt], [trainer.tok.encode(text, add_special_tokens=False)])
+    raw, norm, per = trainer.score([prompt], [trainer.tok.encode(text, add_special_tokens=False)],
+                                   [{"origin": "chat:1", "fields": {}}])
     alone = rm([prompt], [text])[0].item()
     assert per[:, 0].tolist() == pytest.approx([alone, 1.1], abs=1e-6)
     assert raw.item() == pytest.approx(0.5 * alone + 2.0 * 1.1, abs=1e-5)
