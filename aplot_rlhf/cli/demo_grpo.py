@@ -47,7 +47,7 @@ def demo_flags(prompts: Path, output_dir: Path) -> list[str]:
             "--eval_prompts", str(N_EVAL), "--prompt_format", "chat", "--rollout_backend", backend,
             "--advantage_estimator", "grpo", "--samples_per_prompt", "8", "--rollout_batch_size", "8",
             "--ppo_mini_batch_size", "32", "--micro_batch_size", "16", "--max_new_tokens", "32",
-            "--max_prompt_length", "64", "--ppo_iterations", "20", "--learning_rate", "1e-5",
+            "--max_prompt_length", "64", "--ppo_iterations", "12", "--learning_rate", "1e-5",
             "--kl_mode", "loss", "--kl_coef", "0.01", "--zero_stage", "2", "--precision", "fp32",
             "--warmup_ratio", "0",
             "--lr_scheduler", "constant", "--output_dir", str(output_dir), "--save_total_limit", "1",
