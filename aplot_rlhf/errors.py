@@ -51,7 +51,8 @@ def _shutdown_process_group() -> None:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         try:
-            dist.destroy_process_group()
+            from .engine.distributed import shutdown  # torch is loaded already; it also lets gloo drain
+            shutdown()
         except Exception:  # exiting anyway: a failed teardown must not replace the user's message
             pass
 

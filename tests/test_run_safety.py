@@ -272,14 +272,14 @@ def two_ranks(tmp_path, storage: str):
         stdout, stderr = p.communicate(timeout=600)
         lines = [line for line in stdout.splitlines() if line.startswith("{")]
         assert lines, stderr[-3000:]
-        results.append((p.returncode, json.loads(lines[-1])))
+        results.append((p.returncode, json.loads(lines[-1]), stderr[-3000:]))  # stderr: why a rank failed
     return out, node1, results
 
 
 @needs_mount
 def test_storage_the_ranks_do_not_share_is_refused_at_start_up(tmp_path):
     out, _, results = two_ranks(tmp_path, "shared")
-    for rc, result in results:
+    for rc, result, _ in results:
         assert rc == 2 and "error" in result, results
         assert f"--output_dir {out} is not one folder for every rank: rank(s) 1 cannot read" in result["error"]
         assert "--checkpoint_storage per_node" in result["error"]
@@ -288,7 +288,7 @@ def test_storage_the_ranks_do_not_share_is_refused_at_start_up(tmp_path):
 @needs_mount
 def test_per_node_storage_publishes_on_every_node(tmp_path):
     out, node1, results = two_ranks(tmp_path, "per_node")
-    assert [rc for rc, _ in results] == [0, 0], results
+    assert [rc for rc, _, _ in results] == [0, 0], results
     for folder in (out, node1):  # each node's first rank published its own step_1: no .partial left
         names = sorted(os.listdir(folder / "checkpoints"))
         assert names == ["latest_checkpoint.json", "step_1"], (folder, names)
