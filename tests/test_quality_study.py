@@ -103,3 +103,31 @@ def test_state_files_are_not_git_ignored(quality):
     for path in (quality.run_state("full", "bt", 1), quality.state_dir("full") / "lr_check.json"):
         rc = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO).returncode
         assert rc == 1, f"{path} is ignored by git"
+
+
+def test_rank_and_aplot_setting_are_chosen_on_id_val(quality, tmp_path, monkeypatch):
+    """The smollm2 preset's two selections read only the check state: the best final id_val wins, a tie goes to
+    the smaller rank / the earlier (default) setting, and the pick is written back; the runs then use it."""
+    monkeypatch.setattr(quality, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(quality, "RUNS", tmp_path / "runs")
+    preset = "smollm2"
+    with pytest.raises(SystemExit, match="rank pilot is incomplete"):
+        quality.chosen_rank(preset)
+    run = lambda acc: {"final_id_val": acc, "curve": [[0, 0.5], [75, acc]]}  # noqa: E731
+    quality.write_json(quality.state_dir(preset) / "lr_check.json", {
+        "seed": 0, "train_pairs": 600, "lrs": ["1e-4", "3e-4", "1e-3"], "methods": {},
+        "rank_pilot": {"lr": "3e-4", "runs": {"8": run(0.61), "16": run(0.64), "32": run(0.64)}},
+        "aplot_variants": {"lr": "3e-4", "flags": {v: quality.METHODS[v] for v in ["aplot", "aplot_lam0.5",
+                                                                                    "aplot_gamma2"]},
+                           "runs": {"aplot": run(0.60), "aplot_lam0.5": run(0.62), "aplot_gamma2": run(0.62)}}})
+    assert quality.chosen_rank(preset) == "16"  # 16 and 32 tie: the smaller
+    assert quality.chosen_variant(preset) == "aplot_lam0.5"  # lam0.5 and gamma2 tie: the earlier
+    assert quality.lr_state(preset)["rank_pilot"]["chosen"] == "16"
+    assert quality.method_flags(preset, "aplot_sel") == quality.METHODS["aplot_lam0.5"]
+    cmd = quality.train_cmd(preset, tmp_path / "out", 1, "3e-4", quality.method_flags(preset, "aplot_sel"))
+    assert cmd[cmd.index("--lora_rank") + 1] == "16" and cmd[cmd.index("--lora_alpha") + 1] == "32"
+    assert "--share_prompt" in cmd and "--packing" in cmd and cmd[cmd.index("--max_length") + 1] == "256"
+    assert cmd[cmd.index("--model_name_or_path") + 1].endswith(".gguf")
+    assert cmd[cmd.index("--aplot_lambda") + 1] == "0.5"
+    text = quality.report(preset, ["bt", "aplot", "aplot_sel"], [1])  # no runs yet: the selections only
+    assert "| 16 | 64.0 | yes |" in text and "| aplot_lam0.5 (`--loss aplot --aplot_lambda 0.5" in text
