@@ -94,9 +94,9 @@ TRL_STAMP := $(TRL_VENV)/.installed
 $(TRL_STAMP):
 	$(PYTHON) -m venv $(TRL_VENV)
 	$(TRL_VENV)/bin/pip install -q torch==2.13.0
-	@# transformers/accelerate/datasets at our pins (requirements/base.txt): both sides run the same BERT code
+	@# transformers/accelerate/datasets/peft at our pins (requirements/base.txt): both sides run the same model and LoRA code
 	$(TRL_VENV)/bin/pip install -q trl==1.16.0 torch==2.13.0 \
-	  $$(grep -E '^(transformers|accelerate|datasets)==' requirements/base.txt | cut -d' ' -f1)
+	  $$(grep -E '^(transformers|accelerate|datasets|peft)==' requirements/base.txt | cut -d' ' -f1)
 	$(TRL_VENV)/bin/python -c "import torch, trl; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__; print('trl', trl.__version__, 'torch', torch.__version__)"
 	@test "$$($(TRL_VENV)/bin/pip list 2>/dev/null | grep -ciE '^(torch|nvidia-)')" = 1 || { echo "a second torch or CUDA libraries came in"; exit 1; }
 	touch $(TRL_STAMP)
