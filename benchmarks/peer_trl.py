@@ -35,6 +35,8 @@ init checksums.
   python benchmarks/peer_trl.py                                   # minilm: TRL vs ours (--packing --zero_stage 0)
   python benchmarks/peer_trl.py --backbone smollm2 --finetune lora  # `make peer-trl-smollm2` runs lora, then full
   python benchmarks/peer_trl.py --backbone smollm2 --finetune full
+  python benchmarks/peer_trl.py --backbone smollm2 --finetune lora --json benchmarks/results/peer_trl_smollm2/lora.json
+  python benchmarks/peer_trl.py --from_json benchmarks/results/peer_trl_smollm2/lora.json   # reprint a saved table
   python benchmarks/peer_trl.py --backbone smollm2 --finetune lora --max_steps 2 --chunk 1 --max_length 64  # smoke
   python benchmarks/peer_trl.py --ours= --ours=--group_by_length    # several configurations of ours (use --ours=...)
   python benchmarks/peer_trl.py --max_steps 6 --chunk 6 --profile_step 5 --profile_dir benchmarks/results/peer_trl
@@ -47,6 +49,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -468,6 +471,8 @@ def main() -> None:
                    help="both sides: bf16 is ours in DeepSpeed's bf16 and TRL's Trainer under CPU autocast (only on "
                         "a CPU with bf16 units, where ours trains in bf16)")
     p.add_argument("--json", default="", help="write every side's raw numbers here")
+    p.add_argument("--keep_workdir", action="store_true",
+                   help="keep the temporary folder (data files, worker logs, the trainers' final checkpoints)")
     p.add_argument("--from_json", default="", help="only reprint the table of a run saved with --json")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
@@ -531,6 +536,7 @@ def main() -> None:
     wall = time.time() - t0
     report(sides, args, wall, len(enc_train))
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump({"args": {k: getattr(args, k) for k in ("backbone", "finetune", "max_length", "pairs_per_step",
                                                               "accumulation", "learning_rate", "precision", "chunk")},
@@ -549,6 +555,15 @@ def main() -> None:
                 with open(stem + "_profile.json", "w") as fh:
                     json.dump(prof, fh, indent=1)
                 print(f"{s.name}: profile of step {args.profile_step} -> {stem}_profile.txt", json.dumps(prof))
+    finish_workdir(workdir, args.keep_workdir)
+
+
+def finish_workdir(workdir: str, keep: bool) -> None:
+    """The run's temporary folder goes once the table is out (SmolLM2's final checkpoints take GBs), unless kept."""
+    if keep:
+        print(f"work folder kept: {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def goal_verdict(args, trl_pairs_s: float, trl_acc: float, pairs_s: float, acc: float) -> str:
