@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-ppo demo-grpo test test-fast lint install install-gpu check-gpu-deps check-compile gpu-check gpu-check-smoke trl-venv peer-trl clean-venv
+.PHONY: demo demo-ppo demo-grpo test test-fast lint install install-gpu check-gpu-deps check-compile gpu-check gpu-check-smoke trl-venv peer-trl peer-trl-smollm2 peer-grpo clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -94,9 +94,9 @@ TRL_STAMP := $(TRL_VENV)/.installed
 $(TRL_STAMP):
 	$(PYTHON) -m venv $(TRL_VENV)
 	$(TRL_VENV)/bin/pip install -q torch==2.13.0
-	@# transformers/accelerate/datasets at our pins (requirements/base.txt): both sides run the same BERT code
+	@# transformers/accelerate/datasets/peft at our pins (requirements/base.txt): both sides run the same model and LoRA code
 	$(TRL_VENV)/bin/pip install -q trl==1.16.0 torch==2.13.0 \
-	  $$(grep -E '^(transformers|accelerate|datasets)==' requirements/base.txt | cut -d' ' -f1)
+	  $$(grep -E '^(transformers|accelerate|datasets|peft)==' requirements/base.txt | cut -d' ' -f1)
 	$(TRL_VENV)/bin/python -c "import torch, trl; assert torch.__version__.split('+')[0] == '2.13.0', torch.__version__; print('trl', trl.__version__, 'torch', torch.__version__)"
 	@test "$$($(TRL_VENV)/bin/pip list 2>/dev/null | grep -ciE '^(torch|nvidia-)')" = 1 || { echo "a second torch or CUDA libraries came in"; exit 1; }
 	touch $(TRL_STAMP)
@@ -106,6 +106,19 @@ trl-venv: $(TRL_STAMP)
 # ours vs TRL RewardTrainer, alternated, at issue 14's settings (prints the table)
 peer-trl: $(STAMP) $(TRL_STAMP)
 	$(PY) benchmarks/peer_trl.py --trl-python $(TRL_VENV)/bin/python
+
+# extra flags for the peer benchmarks below, e.g. PEER_ARGS="--chunk 10" (timing runs want a quiet machine)
+PEER_ARGS ?=
+
+# issue 24 item 5: ours vs TRL RewardTrainer on SmolLM2-135M-Instruct (8 pairs/step, 256 tokens), LoRA then full
+peer-trl-smollm2: $(STAMP) $(TRL_STAMP)
+	$(PY) benchmarks/peer_trl.py --trl-python $(TRL_VENV)/bin/python --backbone smollm2 --finetune lora $(PEER_ARGS)
+	$(PY) benchmarks/peer_trl.py --trl-python $(TRL_VENV)/bin/python --backbone smollm2 --finetune full $(PEER_ARGS)
+
+# issue 24 item 5: our GRPO vs TRL GRPOTrainer on SmolLM2-135M-Instruct against the demo's reward model (trained
+# first if runs/demo/model is missing): 4 prompts x 4 samples per step, 64 + 24 tokens, 20 steps per side
+peer-grpo: $(STAMP) $(TRL_STAMP)
+	$(PY) benchmarks/peer_grpo.py --trl-python $(TRL_VENV)/bin/python $(PEER_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
