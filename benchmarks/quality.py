@@ -104,9 +104,10 @@ PRESETS = {
     "smoke": dict(train_pairs=16, max_length=32, eval_steps=1, oasst_pairs=20, lrs=["1e-4", "3e-4"],
                   lr_check_pairs=16, eval_items=6, methods="bt,aplot", seeds="1,2"),
     # the same for the smollm2 preset's path: the rank pilot, the APLOT setting check, LoRA + shared prompts
-    "smoke_smollm2": dict(model="smollm2", train_pairs=16, max_length=64, eval_steps=1, oasst_pairs=20,
+    "smoke_smollm2": dict(model="smollm2", train_pairs=16, max_length=64, eval_steps=2, oasst_pairs=20,
                           lrs=["1e-4", "3e-4"], lr_check_pairs=16, eval_items=6, methods="bt,aplot,aplot_sel",
-                          seeds="1", flags=["--packing", "--share_prompt"], lora_ranks=["4", "8"],
+                          seeds="1", flags=["--packing", "--share_prompt", "--max_eval_pairs", "24"],
+                          lora_ranks=["4", "8"],
                           aplot_variants=["aplot", "aplot_gamma2"]),
 }
 SHARED = ["--micro_batch_size", "8", "--gradient_accumulation_steps", "1", "--warmup_ratio", "0.05",
