@@ -394,6 +394,8 @@ def prepare(workdir: str, args) -> tuple[dict, list, list]:
     pairs = load_pairs(DATA)
     random.Random(0).shuffle(pairs)
     train, val = pairs[:1600], pairs[-400:]
+    if args.val_pairs:  # the first N of the 400 (a short timing run need not score all of them)
+        val = val[:args.val_pairs]
     files = {}
     for name, part in (("train", train), ("val", val)):
         files[name] = os.path.join(workdir, f"{name}.jsonl")
@@ -459,6 +461,8 @@ def main() -> None:
                         + "; ".join(f"{k}: {v['ours']}" for k, v in BACKBONES.items()) + ")")
     p.add_argument("--chunk", type=int, default=5, help="steps a side runs before the next side's turn")
     p.add_argument("--max_steps", type=int, default=0, help="stop each side after N steps (0 = the epoch)")
+    p.add_argument("--val_pairs", type=int, default=0, help="score only the first N of the 400 validation pairs "
+                   "(0 = all; both sides the same N)")
     p.add_argument("--max_length", type=int, default=0, help="default per backbone (minilm 128, smollm2 256)")
     p.add_argument("--pairs_per_step", type=int, default=0, help="default per backbone (minilm 16, smollm2 8)")
     p.add_argument("--accumulation", type=int, default=0,
