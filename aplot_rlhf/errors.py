@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 USER_ERROR_EXIT = 2
 
@@ -47,14 +48,35 @@ def _rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+# How long shutdown_process_group leaves gloo's worker threads to free their last work items.
+GLOO_DRAIN_S = 0.25
+
+
+def shutdown_process_group() -> None:
+    """Destroy the process group if one is up (without it some multi-process runs abort at exit), then wait
+    GLOO_DRAIN_S before the interpreter may finalize. A gloo worker thread frees a finished work item
+    (an all_gather's output tensors, say) just after the rank's Python code has been woken by its completion; if
+    Python already dropped those tensors, freeing them takes the GIL, and a thread that asks for the GIL while the
+    interpreter finalizes is terminated: `terminate called without an active exception`, SIGABRT, a run that
+    finished and saved everything exiting -6 (seen in CI on a loaded 2-core runner, and here in 1 of ~25 two-rank
+    runs; core dump: ~AsyncAllgatherWork -> decref_pyobject -> take_gil -> pthread_exit inside
+    ProcessGroupGloo::runLoop while the main thread was in Py_FinalizeEx). destroy_process_group does not join
+    those threads, and torch offers no call that waits for them, so the main thread sleeps briefly instead (the
+    GIL released) while they finish. NCCL's watchdog is not affected; the wait is the same for every backend.
+    """
+    dist = sys.modules.get("torch.distributed")  # torch is imported by whoever started a group
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    dist.destroy_process_group()
+    time.sleep(GLOO_DRAIN_S)
+
+
 def _shutdown_process_group() -> None:
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        try:
-            from .engine.distributed import shutdown  # torch is loaded already; it also lets gloo drain
-            shutdown()
-        except Exception:  # exiting anyway: a failed teardown must not replace the user's message
-            pass
+    """On the way out with a user error: a failed teardown must not replace the user's message."""
+    try:
+        shutdown_process_group()
+    except Exception:
+        pass
 
 
 def run_cli(main, argv=None):

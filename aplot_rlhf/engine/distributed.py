@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..errors import UserError
+from ..errors import UserError, shutdown_process_group
 
 
 def free_port() -> int:
@@ -37,27 +37,10 @@ def barrier() -> None:
             dist.barrier()
 
 
-# How long a clean shutdown leaves gloo's worker threads to free their last work items (see shutdown).
-GLOO_DRAIN_S = 0.25
-
-
 def shutdown() -> None:
-    """Tear the process group down; without it some multi-process runs abort at exit.
-
-    Then wait GLOO_DRAIN_S before the interpreter may finalize. A gloo worker thread frees a finished work item
-    (an all_gather's output tensors, say) just after the rank's Python code has been woken by its completion; if
-    Python already dropped those tensors, freeing them takes the GIL, and a thread that asks for the GIL while the
-    interpreter finalizes is terminated: `terminate called without an active exception`, SIGABRT, a run that
-    finished and saved everything exiting -6 (seen in CI on a loaded 2-core runner, and here in 1 of ~25 two-rank
-    runs; core dump: ~AsyncAllgatherWork -> decref_pyobject -> take_gil -> pthread_exit inside
-    ProcessGroupGloo::runLoop while the main thread was in Py_FinalizeEx). destroy_process_group does not join
-    those threads, and torch offers no call that waits for them, so the main thread sleeps briefly instead (the
-    GIL released) while they finish. NCCL's watchdog is not affected; the wait is the same for every backend.
-    """
-    if dist.is_initialized():
-        dist.destroy_process_group()
-        import time
-        time.sleep(GLOO_DRAIN_S)
+    """Tear the process group down; without it some multi-process runs abort at exit (errors.py has the why of
+    the short wait that follows)."""
+    shutdown_process_group()
 
 
 class Phase:
