@@ -281,6 +281,11 @@ def _record(preset: str, update) -> dict:
         return state
 
 
+def _record_check(preset: str, section: str, key: str, result: dict, header: dict) -> None:
+    """One check training's result under state[section]["runs"][key]; `header` describes a new section."""
+    _record(preset, lambda state: state.setdefault(section, dict(header, runs={}))["runs"].update({key: result}))
+
+
 def lr_check_one(preset: str, method: str, lr: str, threads: int) -> None:
     """Train `method` at `lr` on the check's pairs (seed 0, no export) and record its id_val curve."""
     if lr in lr_state(preset).get("methods", {}).get(method, {}).get("runs", {}):
@@ -322,11 +327,8 @@ def rank_pilot(preset: str, threads: int) -> str:
         if r in lr_state(preset).get("rank_pilot", {}).get("runs", {}):
             continue
         result = _check_run(preset, preset_dir(preset) / "rank_pilot" / f"bt_r{r}_lr{lr}", "bt", lr, r, threads)
-        def update(state, r=r, result=result):
-            pilot = state.setdefault("rank_pilot", {"method": "bt", "lr": lr, "ranks": ranks, "runs": {},
-                                                    "selected_on": "id_val final accuracy; ties: the smaller rank"})
-            pilot["runs"][r] = result
-        _record(preset, update)
+        _record_check(preset, "rank_pilot", r, result, {
+            "method": "bt", "lr": lr, "ranks": ranks, "selected_on": "id_val final accuracy; ties: the smaller rank"})
         say(f"rank pilot r{r} (bt, lr {lr}): id_val {result['final_id_val']:.3f} ({result['train_s']:.0f} s)")
     rank = chosen_rank(preset)
     say(f"LoRA rank chosen on id_val: {rank}")
@@ -364,13 +366,9 @@ def variant_check(preset: str, threads: int) -> str:
             result = lr_state(preset)["methods"]["aplot"]["runs"][lr]
         else:
             result = _check_run(preset, preset_dir(preset) / "aplot_variants" / f"{v}_lr{lr}", v, lr, None, threads)
-        def update(state, v=v, result=result):
-            sel = state.setdefault("aplot_variants", {"lr": lr, "variants": variants, "runs": {},
-                                                      "flags": {x: METHODS[x] for x in variants},
-                                                      "selected_on": "id_val final accuracy; ties: the earlier "
-                                                      "setting"})
-            sel["runs"][v] = result
-        _record(preset, update)
+        _record_check(preset, "aplot_variants", v, result, {
+            "lr": lr, "variants": variants, "flags": {x: METHODS[x] for x in variants},
+            "selected_on": "id_val final accuracy; ties: the earlier setting"})
         say(f"APLOT setting {v} (lr {lr}): id_val {result['final_id_val']:.3f}")
     pick = chosen_variant(preset)
     say(f"APLOT setting chosen on id_val for aplot_sel: {pick} ({' '.join(METHODS[pick])})")
