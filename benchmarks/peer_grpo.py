@@ -52,7 +52,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peer_trl import REPO, Side, StepClock, emit, finish_workdir, smollm2_fp32_folder  # noqa: E402
+from peer_trl import REPO, Side, StepClock, emit, finish_workdir, parse_or_work, smollm2_fp32_folder  # noqa: E402
 
 PROMPTS = os.path.join(REPO, "aplot_rlhf", "demo_data", "hh-rlhf", "harmless-base-test.pairs.jsonl")
 DEMO_RM = os.path.join(REPO, "runs", "demo", "model")
@@ -304,13 +304,8 @@ def main() -> None:
     p.add_argument("--json", default="", help="write every side's raw numbers here")
     p.add_argument("--keep_workdir", action="store_true",
                    help="keep the temporary folder (data files, worker logs, the trainers' final checkpoints)")
-    p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    p.add_argument("--spec", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        with open(args.spec) as fh:
-            spec = json.load(fh)
-        (worker_ours if args.worker == "ours" else worker_trl)(spec)
+    args = parse_or_work(p, worker_ours, worker_trl)
+    if args is None:  # this process was a worker
         return
     from machine import print_machine_header  # benchmarks/machine.py
     print_machine_header()

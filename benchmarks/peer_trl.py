@@ -449,6 +449,20 @@ def shared_prompt_savings(pairs: list[dict], pad_id: int, pairs_per_step: int, m
     return {"tokens": total, "computed": computed, "saved_frac": 1 - computed / total}
 
 
+def parse_or_work(p, worker_ours, worker_trl):
+    """Parse the driver's arguments, or, in a worker process the driver started (--worker, --spec), run that
+    side's worker and return None. Shared by peer_trl.py and peer_grpo.py."""
+    p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--spec", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if not args.worker:
+        return args
+    with open(args.spec) as fh:
+        spec = json.load(fh)
+    (worker_ours if args.worker == "ours" else worker_trl)(spec)
+    return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trl_python", "--trl-python", default=os.path.join(REPO, ".venv-trl", "bin", "python"))
@@ -479,13 +493,8 @@ def main() -> None:
     p.add_argument("--keep_workdir", action="store_true",
                    help="keep the temporary folder (data files, worker logs, the trainers' final checkpoints)")
     p.add_argument("--from_json", default="", help="only reprint the table of a run saved with --json")
-    p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
-    p.add_argument("--spec", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        with open(args.spec) as fh:
-            spec = json.load(fh)
-        (worker_ours if args.worker == "ours" else worker_trl)(spec)
+    args = parse_or_work(p, worker_ours, worker_trl)
+    if args is None:  # this process was a worker
         return
     bb = BACKBONES[args.backbone]
     args.max_length = args.max_length or bb["max_length"]
