@@ -522,10 +522,11 @@ class PPOSpecific:
     ppo_epochs: int = knob(1, "passes over each rollout")
     # K samples count K times
     ppo_mini_batch_size: int = knob(8, "sequences per rank per optimizer step in the PPO epochs")
-    skip_unmoved_old_logprobs: bool = knob(True, "when the policy cannot move between the rollout and the training "
-                                           "forward (one PPO epoch over one mini-batch, no KL in the reward, "
-                                           "--rollout_is off), take the old log-probs from the training forward "
-                                           "(ratio exactly 1, as TRL does) instead of a separate actor forward")
+    skip_unmoved_old_logprobs: bool = knob(True, "when nothing reads the old log-probs before training (no KL in "
+                                           "the reward, --rollout_is off), take those of the rows the policy has "
+                                           "not moved for (the first mini-batch of the first epoch: every row with "
+                                           "one epoch over one mini-batch) from the training forward, detached "
+                                           "(ratio exactly 1, as TRL does), instead of a separate actor forward")
     critic_learning_rate: float = knob(5e-6, "critic peak learning rate (actor uses learning_rate)")
     clip_ratio: float = knob(0.2, "PPO policy clip")
     value_clip: float = knob(0.2, "value-function clip")

@@ -647,16 +647,62 @@ def test_old_logprobs_from_the_training_forward_change_nothing_but_the_forward_c
 
 def test_old_logprobs_come_from_an_experience_forward_when_something_reads_them_first(char_llama_dir, prompt_file,
                                                                                       tmp_path, trainer_factory):
-    """The KL in the reward, --rollout_is, two epochs or two mini-batches: the old log-probs are needed before
-    the training forward (or the policy moves between mini-batches), so the actor's experience forward runs."""
+    """The KL in the reward or --rollout_is: the old log-probs are needed before the training forward, so the
+    actor's experience forward runs over every row. Two epochs or two mini-batches: the policy moves after the
+    first mini-batch, so every row but the first mini-batch's (which train_on fills) comes from it."""
     base = dict(zero_stage=0, precision="fp32")
-    cases = {"kl in the reward": {}, "rollout_is": {"kl_mode": "loss", "rollout_is": "truncate"},
-             "two epochs": {"kl_mode": "loss", "ppo_epochs": 2},
-             "two mini-batches": {"kl_mode": "loss", "ppo_mini_batch_size": 2, "micro_batch_size": 2}}
-    for i, (name, extra) in enumerate(cases.items()):
+    cases = {"kl in the reward": ({}, None), "rollout_is": ({"kl_mode": "loss", "rollout_is": "truncate"}, None),
+             "two epochs": ({"kl_mode": "loss", "ppo_epochs": 2}, "first"),
+             "two mini-batches": ({"kl_mode": "loss", "ppo_mini_batch_size": 2, "micro_batch_size": 2}, "first")}
+    for i, (name, (extra, unmoved)) in enumerate(cases.items()):
         trainer = trainer_factory(ppo_config(char_llama_dir, prompt_file, tmp_path / str(i), **base, **extra))
-        assert not trainer.reuse_old_lp, name
+        assert not trainer.reuse_old_lp and trainer.unmoved == unmoved, name
         batch = trainer.prompt_batch(0)
         prompts = [b[0] for b in batch]
         exp = trainer.make_experience(prompts, [b[1] for b in batch], *trainer.generate(prompts, return_logprobs=True))
-        assert torch.isfinite(exp["old_lp"]).all(), name
+        filled = torch.isfinite(exp["old_lp"]).all(1)
+        later = sorted(set(range(len(prompts))) - set(trainer.unmoved_rows(len(prompts))))
+        assert filled.nonzero()[:, 0].tolist() == later, name
+        first = 0 if unmoved is None else min(trainer.cfg.ppo_mini_batch_size, len(prompts))
+        assert len(later) == len(prompts) - first, name
+
+
+@pytest.mark.parametrize("extra", [
+    {"ppo_mini_batch_size": 2, "micro_batch_size": 1},  # two mini-batches: the policy moves after the first
+    {"ppo_epochs": 2, "micro_batch_size": 2},  # two epochs: the second revisits the first mini-batch's rows
+    {"advantage_estimator": "grpo", "samples_per_prompt": 2, "rollout_batch_size": 2, "ppo_mini_batch_size": 2,
+     "micro_batch_size": 2, "share_prompt": True},
+])
+def test_first_mini_batch_old_logprobs_from_training_equal_the_experience_forward(extra, char_llama_dir, prompt_file,
+                                                                                  tmp_path, trainer_factory):
+    """Issue 24 item 3, the first mini-batch of the first epoch: its old log-probs come from its training
+    forward (the actor has not stepped yet), every other row's from the experience forward. Two real
+    iterations (the optimizer steps between mini-batches) give the same metrics and the same weights as the
+    run that computes every old log-prob in the experience pass; a run that took the later mini-batches' old
+    log-probs from training too (after the policy moved) would show ratio 1 and no clipping there."""
+    from aplot_rlhf.engine import distributed as comm
+    runs = {}
+    for skip in (True, False):
+        cfg = ppo_config(char_llama_dir, prompt_file, tmp_path / f"skip{skip}", zero_stage=0, precision="fp32",
+                         kl_mode="loss", skip_unmoved_old_logprobs=skip, **extra)
+        trainer = trainer_factory(cfg)
+        assert trainer.unmoved == ("first" if skip else None)
+        experience_rows = []
+        hook = trainer.actor.module.register_forward_pre_hook(
+            lambda mod, args, kwargs: experience_rows.append(kwargs["input_ids"].shape[0])
+            if comm.Phase.current == "experience" else None, with_kwargs=True)
+        metrics = [trainer.step() for _ in range(2)]
+        hook.remove()
+        weights = {name: p.detach().clone() for name, p in trainer.actor.module.named_parameters()}
+        runs[skip] = metrics, weights, experience_rows
+    (skipped, w_skip, rows_skip), (full, w_full, rows_full) = runs[True], runs[False]
+    assert sum(rows_skip) < sum(rows_full)  # fewer rows through the actor in the experience pass
+    for it, (a, b) in enumerate(zip(skipped, full)):
+        assert 0 < a.pop("old_logprobs_reused") <= 1 and b.pop("old_logprobs_reused") == 0.0
+        for k in a.keys() - {"gen_s", "gen_tokens_per_s", "experience_s", "train_s", "sync_s"}:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (it, k)
+    assert any(m["clip_frac"] > 0 or m["approx_kl"] > 1e-8 for m in full)  # the policy moved within an iteration
+    for name in w_skip:
+        # Adam turns rounding-level gradient differences of near-zero gradients into up to ~3e-6 here; taking
+        # a moved mini-batch's old log-probs from training would move weights on the scale of the lr (1e-3)
+        torch.testing.assert_close(w_skip[name], w_full[name], rtol=1e-4, atol=2e-5, msg=name)

@@ -196,21 +196,43 @@ class PPOTrainer:
             [m for m in (actor, reference, critic.backbone if critic is not None else None) if m is not None])
         self.kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
                        else FixedKLController(cfg.kl_coef))
-        self.reuse_old_lp = self.old_logprobs_from_training()
-        if self.reuse_old_lp and self.run.is_rank0:
-            log.info("one PPO epoch over one mini-batch: the old log-probs are the training forward's, detached (no "
-                     "experience forward of the actor; --no-skip_unmoved_old_logprobs runs it)")
+        self.unmoved = self.old_logprobs_from_training()
+        self.reuse_old_lp = self.unmoved == "all"
+        if self.unmoved and self.run.is_rank0:
+            log.info("%s: the old log-probs of its rows are the training forward's, detached (no experience forward "
+                     "of the actor for them; --no-skip_unmoved_old_logprobs runs it)",
+                     "one PPO epoch over one mini-batch" if self.reuse_old_lp else "the first mini-batch of each "
+                     "iteration's first epoch")
 
-    def old_logprobs_from_training(self) -> bool:
-        """Whether the actor cannot move between the rollout and any training forward: one PPO epoch over one
-        mini-batch is one optimizer step, after every forward, so the training forward's log-probs, detached,
-        are the old ones (ratio exactly 1; TRL skips that forward too). Not when anything reads the old
-        log-probs before training: the KL in the reward (advantages, GAE returns) or --rollout_is (its weights
-        and mask enter the loss and its token counts)."""
+    def old_logprobs_from_training(self) -> str | None:
+        """Which rows' old log-probs the training forward gives, detached: 'all', 'first' (the first mini-batch
+        of the first epoch) or None. The actor does not move between the rollout and the first mini-batch's
+        forwards (its optimizer steps after them), so their log-probs are the old ones (ratio exactly 1); with
+        one PPO epoch over one mini-batch that is every row (TRL skips that forward too). Not when anything
+        reads the old log-probs before training: the KL in the reward (advantages, GAE returns) or --rollout_is
+        (its weights and mask enter the loss and its token counts)."""
         cfg = self.cfg
-        return (cfg.skip_unmoved_old_logprobs and cfg.ppo_epochs == 1
-                and cfg.rollout_batch_size * cfg.samples_per_prompt == cfg.ppo_mini_batch_size
-                and cfg.rollout_is == "off" and (cfg.kl_mode == "loss" or cfg.kl_coef == 0))
+        if not (cfg.skip_unmoved_old_logprobs and cfg.rollout_is == "off"
+                and (cfg.kl_mode == "loss" or cfg.kl_coef == 0)):
+            return None
+        one_step = (cfg.ppo_epochs == 1
+                    and cfg.rollout_batch_size * cfg.samples_per_prompt == cfg.ppo_mini_batch_size)
+        return "all" if one_step else "first"
+
+    def epoch_order(self, n: int, epochs: int | None = None):
+        """The row order of each PPO epoch of this iteration (one generator per iteration, so make_experience
+        knows which rows the first mini-batch will take before train_on draws the same order)."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * MINIBATCH_SEED_STRIDE + self.iteration)
+        for _ in range(self.cfg.ppo_epochs if epochs is None else epochs):
+            yield torch.randperm(n, generator=gen)
+
+    def unmoved_rows(self, n: int) -> list[int]:
+        """The rows whose old log-probs the training forward gives (`old_logprobs_from_training`), sorted."""
+        if self.unmoved == "all":
+            return list(range(n))
+        if self.unmoved == "first":
+            return sorted(next(self.epoch_order(n, 1))[:self.cfg.ppo_mini_batch_size].tolist())
+        return []
 
     def _layout_kind(self, models) -> tuple[str, int | None]:
         """(the layout every experience and training forward uses, its packed rows' capacity): 'shared'
@@ -407,24 +429,26 @@ class PPOTrainer:
                 micro_lp.append(lambda m, layout=layout, tok=tokens[sl]: logprobs_on(m, layout, tok, **lp_kw))
                 if self.critic is not None:
                     values.append(values_on(self.critic, layout))
-                if not self.reuse_old_lp:
+                if self.unmoved is None:
                     old_lp.append(micro_lp[-1](self.actor))
             # the reference over every micro-batch in one pass: a LoRA actor disables its adapters once
             ref_lp = self.reference_logprobs(lambda m: [lp_under(m) for lp_under in micro_lp])
+            if self.unmoved is not None:  # train_on fills the unmoved rows; the actor runs over the others only
+                old_lp = self.moved_rows_logprobs(prompts, responses, tokens, ids.shape[0], **lp_kw)
             for e in self.trained_engines.values():
                 e.train()
         ref_lp = torch.cat(ref_lp)
-        # reused: train_on fills old_lp from its forward; nothing before it reads them (the KL is 0 in the reward)
-        old_lp = torch.full_like(ref_lp, float("nan")) if self.reuse_old_lp else torch.cat(old_lp)
+        # unmoved rows stay NaN until train_on fills them; nothing before it reads them (the KL is 0 in the reward)
+        old_lp = old_lp if self.unmoved is not None else torch.cat(old_lp)
         raw, scores, per_source = self.score(rm_prompts, responses, rows)
-        kl = (torch.zeros_like(ref_lp) if self.reuse_old_lp else kl_per_token(old_lp, ref_lp, cfg.kl_estimator)) * mask
+        kl = (torch.zeros_like(ref_lp) if self.unmoved else kl_per_token(old_lp, ref_lp, cfg.kl_estimator)) * mask
         beta = self.kl_ctl.beta if cfg.kl_mode == "reward" else 0.0  # else the KL is a loss term in train_on
         out = dict(ids=ids, attn=attn, posids=posids, tokens=tokens, mask=mask, old_lp=old_lp, raw_scores=raw,
                    scores=scores, source_scores=per_source.T, kl_seq=kl.sum(1), loss_mask=mask, prompts=prompts,
                    responses=responses)
         if cfg.kl_mode == "loss":
             out["ref_lp"] = ref_lp
-        if self.reuse_old_lp:  # the KL metric is computed once train_on has the old log-probs
+        if self.unmoved:  # the KL metric is computed once train_on has the old log-probs
             out["kl_ref_lp"] = ref_lp
         K = cfg.samples_per_prompt
         if K > 1:
@@ -458,20 +482,33 @@ class PPOTrainer:
             raise ValueError("--rollout_is needs the rollout engine's log-probs (make_experience's rollout_lp)")
         return experience_on(dev, **out)
 
+    def moved_rows_logprobs(self, prompts, responses, tokens: torch.Tensor, n: int, **lp_kw) -> torch.Tensor:
+        """The actor's log-probs [n, T] of the rows outside `unmoved_rows` (their own micro-batches, in row
+        order), NaN on the unmoved rows that train_on fills."""
+        skip = set(self.unmoved_rows(n))
+        rows = [r for r in range(n) if r not in skip]
+        out = torch.full(tokens.shape, float("nan"), dtype=torch.float32, device=tokens.device)
+        for i in range(0, len(rows), self.cfg.micro_batch_size):
+            chunk = rows[i:i + self.cfg.micro_batch_size]
+            idx = torch.tensor(chunk, device=tokens.device)
+            layout = self.layout([prompts[r] for r in chunk], [responses[r] for r in chunk], tokens.shape[1])
+            out[idx] = logprobs_on(self.actor, layout, tokens[idx], **lp_kw).to(out.dtype)
+        return out
+
     def train_on(self, exp: dict) -> dict:
         cfg = self.cfg
         n = exp["ids"].shape[0]
         stats = []
         keys = TRAIN_KEYS + (CRITIC_KEYS if self.critic is not None else ()) + tuple(k for k in ("ref_lp", "is_w")
                                                                                    if k in exp)
-        gen = torch.Generator().manual_seed(cfg.seed * MINIBATCH_SEED_STRIDE + self.iteration)
         zero = torch.zeros((), device=exp["ids"].device)
         # DeepSpeed divides each micro-batch's loss by the accumulation steps and averages gradients over ranks;
         # the losses below are each micro-batch's share of its mini-batch's aggregate, so undo both
         undo_ds_mean = cfg.gradient_accumulation_steps * self.world
+        # rows whose old log-probs this pass's first forwards give (the policy has not moved before them)
+        unmoved_until = n if self.unmoved == "all" else cfg.ppo_mini_batch_size if self.unmoved else 0
         with comm.Phase.of("train"):
-            for _ in range(cfg.ppo_epochs):
-                order = torch.randperm(n, generator=gen)
+            for epoch, order in enumerate(self.epoch_order(n)):
                 counts = self.minibatch_counts(exp, order)
                 for start in range(0, n, cfg.micro_batch_size):
                     policy_counts, response_counts = counts[start // cfg.ppo_mini_batch_size]
@@ -485,7 +522,7 @@ class PPOTrainer:
                                          mb["tokens"].shape[1])
                     lp, ent = logprobs_on(self.actor, layout, mb["tokens"], with_entropy=True,
                                           temperature=cfg.temperature, vocab_size=self.vocab_size)
-                    if self.reuse_old_lp:  # the policy has not moved since the rollout: these are the old ones
+                    if epoch == 0 and start < unmoved_until:  # not moved since the rollout: the old ones
                         mb["old_lp"] = exp["old_lp"][idx] = lp.detach()
                     pl, clip_frac, approx_kl = policy_loss(lp, mb["old_lp"], mb["adv"], mb["loss_mask"], cfg.clip_ratio,
                                                            cfg.loss_aggregation, policy_counts, cfg.max_new_tokens,
@@ -510,7 +547,7 @@ class PPOTrainer:
                     # logged at the scale of a whole mini-batch's (their sum over its micro-batches and ranks)
                     stats.append(torch.stack([pl.detach() * undo_ds_mean, vl.detach() * undo_ds_mean, clip_frac, vclip,
                                               approx_kl, entropy.detach(), kl_loss.detach() * undo_ds_mean]))
-        if self.reuse_old_lp:  # what make_experience measures from the old log-probs, now that train_on has them
+        if self.unmoved:  # what make_experience measures from the old log-probs, now that train_on has them
             exp["kl_seq"] = (kl_per_token(exp["old_lp"], exp["kl_ref_lp"], cfg.kl_estimator) * exp["mask"]).sum(1)
             if "rollout_lp" in exp:
                 exp["rollout_mismatch"] = rollout_mismatch(exp["old_lp"], exp["rollout_lp"], exp["mask"],
@@ -567,7 +604,8 @@ class PPOTrainer:
             "reward/normalized_mean": exp["scores"].mean(), "kl": exp["kl_seq"].mean(),
             "response_length": gen_tokens / len(responses), **train_stats,
             "gen_tokens_per_s": gen_tokens / max(gen_s, 1e-9), "gen_s": gen_s, "experience_s": exp_s,
-            "train_s": train_s, "sync_s": sync_s, "old_logprobs_reused": float(self.reuse_old_lp),
+            "train_s": train_s, "sync_s": sync_s,
+            "old_logprobs_reused": len(self.unmoved_rows(len(responses))) / len(responses),
         }
         # how far the sampler's policy is from the trainer's (kernels, precision, LoRA merged in bf16): global values
         mm = exp["rollout_mismatch"]
