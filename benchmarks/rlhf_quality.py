@@ -1,0 +1,303 @@
+"""The RLHF half of "does APLOT beat Bradley-Terry?" (issue 21 item 3): the same RLHF run against an APLOT and a
+BT reward model of the same seed, the two policies judged by a reward model neither was trained against.
+
+For every policy seed and every reward model (`--rm NAME=PATH`, two of them) this runs the PPO demo's settings
+(`aplot_rlhf.cli.demo_ppo.demo_flags`: SmolLM2-135M-Instruct, RLOO, 8 prompts x 4 samples x 24 new tokens,
+kl_coef 0.05, lr 5e-5; `--iterations` of them) through `python -m aplot_rlhf.cli.train_ppo` with only the reward
+model and the seed changed: the same prompts, the same budget. Each exported policy then answers the held-out
+prompts greedily (the trainer's own `--eval_prompts` split: never trained on, the same for every run), and the
+judge (`--judge PATH`, a train_rm export) scores every answer. Per seed, the two policies' answers to a prompt are
+one comparison: a win for the one the judge scores higher, a tie when the answers are identical.
+
+Report (`tables.md`, `summary.json` under --out): per seed the win rate of the first reward model's policy
+(wins + ties / 2 over the held-out prompts) and its mean over seeds with a 95% t-interval, a sign test on the
+pooled untied comparisons, the answers' mean length per policy, and the judge's own length bias: how often it
+prefers the longer of the two answers, and, on labelled pairs (`--judge_pairs`, default the quality study's
+id_val), its accuracy when the chosen answer is the longer and when it is the shorter one. A judge that mostly
+measures length turns a length difference between the policies into a win rate: read the two together.
+
+Resumable: a finished training run leaves its policy and `states/train_<rm>_s<seed>.json`; answers are saved per
+run (`answers/<rm>_s<seed>.json`); the command skips what is done and redoes a partial run.
+
+  python benchmarks/rlhf_quality.py --rm aplot=runs/quality/smollm2/aplot_s1/model \\
+      --rm bt=runs/quality/smollm2/bt_s1/model --judge <another loss and seed> --seeds 1,2,3 \\
+      --out benchmarks/results/rlhf_quality/smollm2_s1
+  python benchmarks/rlhf_quality.py ... --report          # only rebuild the tables from the state files
+  python benchmarks/rlhf_quality.py ... --iterations 1 --eval_prompts 4 --out /tmp/rq   # an end-to-end smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+from quality import env_for, id_val_file, machine, mcnemar_exact, t_ci95, write_json  # noqa: E402
+
+
+def say(msg: str) -> None:
+    print(time.strftime("%H:%M:%S"), msg, flush=True)
+
+
+def parse_rms(specs: list[str]) -> dict[str, str]:
+    rms = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--rm {spec!r}: expected NAME=PATH (e.g. aplot=runs/quality/smollm2/aplot_s1/model)")
+        if not (Path(path) / "config.json").exists():
+            raise SystemExit(f"--rm {name}: {path} has no config.json (a train_rm export folder)")
+        if name in rms:
+            raise SystemExit(f"--rm {name} given twice")
+        rms[name] = path
+    if len(rms) != 2:
+        raise SystemExit(f"--rm: exactly two reward models to compare, got {len(rms)}")
+    return rms
+
+
+def train_flags(rm: str, seed: int, out: Path, iterations: int, eval_prompts: int) -> list[str]:
+    """The PPO demo's flags with this run's reward model, seed, budget and held-out split."""
+    from aplot_rlhf.cli.demo_ppo import demo_flags
+    _, flags = demo_flags(Path(rm), out)
+    return [*flags, "--seed", str(seed), "--ppo_iterations", str(iterations), "--eval_prompts", str(eval_prompts),
+            "--output_dir", str(out), "--no-tensorboard", "--no-progress"]
+
+
+def train(name: str, rm: str, seed: int, args, out: Path) -> dict:
+    """One RLHF run (skipped when its state file exists): returns its state."""
+    state = out / "states" / f"train_{name}_s{seed}.json"
+    if state.exists():
+        return json.loads(state.read_text())
+    run = Path(args.runs) / f"{name}_s{seed}"
+    if run.exists():  # a partial run: metrics.jsonl is append-only, so start it again
+        import shutil
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "aplot_rlhf.cli.train_ppo",
+           *train_flags(rm, seed, run, args.iterations, args.eval_prompts)]
+    say(f"train {name} seed {seed}: {run}")
+    t0, start = time.time(), machine()
+    with open(run / "train.log", "w") as log:
+        log.write(" ".join(cmd) + "\n\n")
+        log.flush()
+        subprocess.run(cmd, check=True, cwd=REPO, env=env_for(args.threads), stdout=log, stderr=subprocess.STDOUT)
+    if not (run / "policy" / "config.json").exists():
+        raise SystemExit(f"{run}: train_ppo finished without an exported policy/ (see {run / 'train.log'})")
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    last = rows[-1]
+    result = {"rm": name, "rm_path": rm, "seed": seed, "policy": str(run / "policy"), "iterations": args.iterations,
+              "final_reward_raw": last.get("ppo/reward/raw_mean"), "final_kl": last.get("ppo/kl"),
+              "reward_curve": [r.get("ppo/reward/raw_mean") for r in rows],
+              "kl_curve": [r.get("ppo/kl") for r in rows], "wall_s": round(time.time() - t0, 1),
+              "machine_start": start, "machine_end": machine()}
+    write_json(state, result)
+    return result
+
+
+def held_out_prompts(policy: str, eval_prompts: int) -> list[tuple]:
+    """The trainer's held-out split, encoded as the trainer encodes it: (actor ids, the prompt as given)."""
+    from aplot_rlhf.cli.demo_ppo import demo_flags
+    from aplot_rlhf.config import PPOConfig, load_config
+    from aplot_rlhf.data.prompts import PromptFormatter, load_prompts
+    from aplot_rlhf.models.loader import load_tokenizer
+    _, flags = demo_flags(Path(policy), Path(policy))
+    cfg = load_config(PPOConfig, [*flags, "--eval_prompts", str(eval_prompts)])
+    tok = load_tokenizer("actor", policy)
+    prompts = load_prompts(cfg.prompt_data)[:cfg.max_prompts]
+    formatter = PromptFormatter(tok, cfg.max_prompt_length, cfg.prompt_format)
+    encoded = [(*formatter(p["prompt"]),) for p in prompts]
+    n_eval = min(eval_prompts, len(encoded) // 2)
+    return [(ids, given) for ids, given in encoded[len(encoded) - n_eval:]]
+
+
+def answer(name: str, seed: int, policy: str, args, out: Path) -> list[dict]:
+    """The policy's greedy answers to the held-out prompts (saved; skipped when saved)."""
+    path = out / "answers" / f"{name}_s{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from aplot_rlhf.models.loader import load_tokenizer
+    from aplot_rlhf.rollout.hf import HFRollout
+    prompts = held_out_prompts(policy, args.eval_prompts)
+    tok = load_tokenizer("actor", policy)
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
+    backend = HFRollout(model, tok, zero3=False)
+    responses = []
+    for i in range(0, len(prompts), 16):
+        chunk = prompts[i:i + 16]
+        responses += backend.generate([p[0] for p in chunk], max_new_tokens=args.max_new_tokens, temperature=0.0,
+                                      top_p=1.0, seeds=[0])
+    rows = [{"prompt": given, "answer": tok.decode(r, skip_special_tokens=True), "tokens": len(r)}
+            for (_, given), r in zip(prompts, responses)]
+    write_json(path, rows)
+    return rows
+
+
+def judge_scores(judge: str, prompts: list, answers: list[str]) -> list[float]:
+    from aplot_rlhf.serve_rm import Scorer
+    return Scorer(judge, device="cpu").score(prompts, answers)
+
+
+def length_bias_on_pairs(judge: str, pairs_file: str) -> dict:
+    """The judge's accuracy on labelled pairs when the chosen answer is the longer / the shorter one (characters)."""
+    from aplot_rlhf.data.pairs import load_pairs
+    from aplot_rlhf.serve_rm import Scorer
+    pairs = load_pairs(pairs_file)
+    scorer = Scorer(judge, device="cpu")
+    chosen = scorer.score([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    rejected = scorer.score([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    right = [c > r for c, r in zip(chosen, rejected)]
+    longer = [len(p["chosen"]) > len(p["rejected"]) for p in pairs]
+    shorter = [len(p["chosen"]) < len(p["rejected"]) for p in pairs]
+
+    def acc(sel: list[bool]) -> float:
+        return sum(r for r, s in zip(right, sel) if s) / max(1, sum(sel))
+    return {"file": pairs_file, "pairs": len(pairs), "accuracy": sum(right) / len(pairs),
+            "accuracy_chosen_longer": acc(longer), "accuracy_chosen_shorter": acc(shorter),
+            "chosen_longer_share": sum(longer) / len(pairs)}
+
+
+def compare(a_rows: list[dict], b_rows: list[dict], a_scores: list[float], b_scores: list[float]) -> dict:
+    """One seed's comparison of two policies' answers to the same prompts: wins, ties, losses of A, A's win rate
+    (ties count half), and how often the judge preferred the longer answer where the lengths differ."""
+    if [r["prompt"] for r in a_rows] != [r["prompt"] for r in b_rows]:
+        raise ValueError("the two policies answered different prompts")
+    wins = ties = losses = longer_preferred = length_differs = 0
+    for ra, rb, sa, sb in zip(a_rows, b_rows, a_scores, b_scores):
+        if ra["answer"] == rb["answer"] or sa == sb:
+            ties += 1
+            continue
+        wins += sa > sb
+        losses += sa < sb
+        la, lb = len(ra["answer"]), len(rb["answer"])
+        if la != lb:
+            length_differs += 1
+            longer_preferred += (sa > sb) == (la > lb)
+    n = len(a_rows)
+    return {"n": n, "wins": wins, "ties": ties, "losses": losses, "win_rate": (wins + ties / 2) / n,
+            "judge_prefers_longer": longer_preferred / length_differs if length_differs else float("nan"),
+            "length_differs": length_differs,
+            "mean_chars_a": sum(len(r["answer"]) for r in a_rows) / n,
+            "mean_chars_b": sum(len(r["answer"]) for r in b_rows) / n}
+
+
+def summarize(per_seed: dict[int, dict], names: list[str]) -> dict:
+    rates = [c["win_rate"] for c in per_seed.values()]
+    mean, hw = t_ci95(rates) if rates else (float("nan"), float("nan"))
+    wins, losses = sum(c["wins"] for c in per_seed.values()), sum(c["losses"] for c in per_seed.values())
+    return {"a": names[0], "b": names[1], "seeds": sorted(per_seed), "win_rate_mean": mean, "win_rate_ci95": hw,
+            "pooled_wins": wins, "pooled_losses": losses,
+            "pooled_ties": sum(c["ties"] for c in per_seed.values()),
+            "sign_test_p": mcnemar_exact(wins, losses)}
+
+
+def report(out: Path, names: list[str], per_seed: dict[int, dict], trains: dict, bias: dict | None,
+           judge: str) -> str:
+    a, b = names
+    s = summarize(per_seed, names)
+    built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [f"## RLHF with {a} against {b}: policies judged by a reward model neither was trained against", "",
+             f"Built by `python benchmarks/rlhf_quality.py --report` at {built}. Judge: `{judge}`.", "",
+             f"| seed | prompts | wins / ties / losses of {a} | win rate of {a} | judge prefers the longer answer "
+             f"| mean answer chars {a} / {b} | final KL {a} / {b} | final train reward {a} / {b} |",
+             "|---|---|---|---|---|---|---|---|"]
+    for seed, c in sorted(per_seed.items()):
+        ta, tb = trains[(a, seed)], trains[(b, seed)]
+        lines.append(f"| {seed} | {c['n']} | {c['wins']} / {c['ties']} / {c['losses']} | "
+                     f"{100 * c['win_rate']:.1f}% | {100 * c['judge_prefers_longer']:.0f}% of {c['length_differs']} | "
+                     f"{c['mean_chars_a']:.0f} / {c['mean_chars_b']:.0f} | "
+                     f"{ta['final_kl']:.2f} / {tb['final_kl']:.2f} | "
+                     f"{ta['final_reward_raw']:.3f} / {tb['final_reward_raw']:.3f} |")
+    hw = s["win_rate_ci95"]
+    interval = "" if math.isnan(hw) else f" ± {100 * hw:.1f}"
+    lines += ["", f"Win rate of {a} over {b}, mean over {len(per_seed)} seed(s): "
+              f"**{100 * s['win_rate_mean']:.1f}%{interval}** (95% t-interval over seeds; 50% = no difference). "
+              f"Pooled over seeds: {s['pooled_wins']} wins, {s['pooled_losses']} losses, {s['pooled_ties']} ties; "
+              f"sign test on the untied comparisons p = {s['sign_test_p']:.3g}."]
+    if bias:
+        lines += ["", f"Judge's length bias on labelled pairs ({bias['file']}, {bias['pairs']} pairs, the chosen "
+                  f"answer the longer in {100 * bias['chosen_longer_share']:.0f}%): accuracy "
+                  f"{100 * bias['accuracy']:.1f}%; {100 * bias['accuracy_chosen_longer']:.1f}% when the chosen "
+                  f"answer is the longer, {100 * bias['accuracy_chosen_shorter']:.1f}% when it is the shorter."]
+    text = "\n".join(lines) + "\n"
+    (out / "tables.md").write_text(text)
+    write_json(out / "summary.json", {"summary": s, "per_seed": per_seed, "judge": judge, "judge_length_bias": bias,
+                                      "runs": {f"{k[0]}_s{k[1]}": v for k, v in trains.items()}})
+    return text
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rm", action="append", required=True, help="NAME=PATH of a train_rm export (exactly two)")
+    p.add_argument("--judge", required=True, help="a train_rm export neither policy was trained against")
+    p.add_argument("--judge_pairs", default="id_val",
+                   help="labelled pairs for the judge's length bias: a pairs file, 'id_val' (the quality study's ID "
+                        "validation split, built if missing) or '' to skip")
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--iterations", type=int, default=10, help="PPO iterations per run (the demo's 10)")
+    p.add_argument("--eval_prompts", type=int, default=64, help="held-out prompts (never trained on) to judge")
+    p.add_argument("--max_new_tokens", type=int, default=24, help="greedy answer length (the training's 24)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", required=True, help="state and report folder (commit it)")
+    p.add_argument("--runs", default="", help="run folders (default runs/rlhf_quality/<out's name>)")
+    p.add_argument("--report", action="store_true", help="only rebuild the report from finished state")
+    args = p.parse_args(argv)
+    rms = parse_rms(args.rm)
+    if not (Path(args.judge) / "config.json").exists():
+        raise SystemExit(f"--judge {args.judge}: no config.json (a train_rm export folder)")
+    if any(os.path.realpath(args.judge) == os.path.realpath(path) for path in rms.values()):
+        raise SystemExit("--judge is one of the compared reward models: the judge must be one neither policy "
+                         "was trained against")
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    out = Path(args.out)
+    args.runs = args.runs or str(REPO / "runs" / "rlhf_quality" / out.name)
+    names = list(rms)
+    trains, answers = {}, {}
+    for seed in seeds:
+        for name, path in rms.items():
+            state = out / "states" / f"train_{name}_s{seed}.json"
+            if args.report and not state.exists():
+                continue
+            trains[(name, seed)] = train(name, path, seed, args, out)
+            answers[(name, seed)] = answer(name, seed, trains[(name, seed)]["policy"], args, out)
+    per_seed = {}
+    judged = out / "judge_scores.json"
+    cache = json.loads(judged.read_text()) if judged.exists() else {}
+    for seed in seeds:
+        if (names[0], seed) not in answers or (names[1], seed) not in answers:
+            continue
+        scores = []
+        for name in names:
+            key = f"{name}_s{seed}"
+            if key not in cache:
+                rows = answers[(name, seed)]
+                cache[key] = judge_scores(args.judge, [r["prompt"] for r in rows], [r["answer"] for r in rows])
+                write_json(judged, cache)
+            scores.append(cache[key])
+        per_seed[seed] = compare(answers[(names[0], seed)], answers[(names[1], seed)], *scores)
+    if not per_seed:
+        raise SystemExit("no seed has both policies' answers yet")
+    bias_path = out / "judge_length_bias.json"
+    bias = None
+    if args.judge_pairs:
+        if bias_path.exists():
+            bias = json.loads(bias_path.read_text())
+        else:
+            pairs = str(id_val_file("full")) if args.judge_pairs == "id_val" else args.judge_pairs
+            bias = length_bias_on_pairs(args.judge, pairs)
+            write_json(bias_path, bias)
+    print(report(out, names, per_seed, trains, bias, args.judge))
+
+
+if __name__ == "__main__":
+    main()
