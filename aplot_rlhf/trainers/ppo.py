@@ -227,7 +227,8 @@ class PPOTrainer:
             yield torch.randperm(n, generator=gen)
 
     def unmoved_rows(self, n: int) -> list[int]:
-        """The rows whose old log-probs the training forward gives (`old_logprobs_from_training`), sorted."""
+        """The rows whose old log-probs the training forward gives (`old_logprobs_from_training`), sorted. Host
+        only: the epoch order is drawn by a CPU generator, so nothing here waits for the device."""
         if self.unmoved == "all":
             return list(range(n))
         if self.unmoved == "first":
@@ -605,7 +606,10 @@ class PPOTrainer:
             "response_length": gen_tokens / len(responses), **train_stats,
             "gen_tokens_per_s": gen_tokens / max(gen_s, 1e-9), "gen_s": gen_s, "experience_s": exp_s,
             "train_s": train_s, "sync_s": sync_s,
-            "old_logprobs_reused": len(self.unmoved_rows(len(responses))) / len(responses),
+            # the share of rows whose old log-probs came from training (no second draw of the epoch order)
+            "old_logprobs_reused": (1.0 if self.unmoved == "all" else
+                                    min(self.cfg.ppo_mini_batch_size, len(responses)) / len(responses)
+                                    if self.unmoved else 0.0),
         }
         # how far the sampler's policy is from the trainer's (kernels, precision, LoRA merged in bf16): global values
         mm = exp["rollout_mismatch"]
