@@ -245,6 +245,12 @@ def _run(cmd: list[str], log_path: Path, threads: int) -> None:
         subprocess.run(cmd, check=True, cwd=REPO, env=env_for(threads), stdout=log, stderr=subprocess.STDOUT)
 
 
+def drop_checkpoints(out: Path) -> None:
+    """A finished training's resume checkpoints (0.3-0.6 GB each) go: its result and exported model stay. The
+    study keeps dozens of runs; their checkpoints once filled this machine's disk."""
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
 def fresh(out: Path) -> None:
     """A partial run (no completion marker) is deleted: metrics.jsonl is append-only."""
     if out.exists():
@@ -266,6 +272,7 @@ def _check_run(preset: str, out: Path, method: str, lr: str, rank: str | None, t
     _run(train_cmd(preset, out, LR_CHECK_SEED, lr, method_flags(preset, method), export=False,
                    train_pairs=PRESETS[preset]["lr_check_pairs"], rank=rank), out / "train.log", threads)
     rows = read_metrics(out)
+    drop_checkpoints(out)
     return {"final_id_val": final_eval(rows)["id_val"]["accuracy"], "curve": eval_curve(rows),
             "train_s": round(time.time() - t0, 1), "machine": load0, "load_end": machine()["load_1_5_15"]}
 
@@ -434,6 +441,7 @@ def train_and_eval(preset: str, method: str, seed: int, lr: str, threads: int) -
         train_s = time.time() - t0
         write_json(out / "train_done.json", {"train_s": train_s, "machine": load0,
                                              "load_end": machine()["load_1_5_15"]})
+        drop_checkpoints(out)
     t1 = time.time()
     _run(eval_cmd(preset, out), out / "eval.log", threads)
     result = json.loads((out / "eval.log").read_text().strip().splitlines()[-1])
