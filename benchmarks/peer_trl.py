@@ -222,16 +222,23 @@ def worker_ours(spec: dict) -> None:
         return batch
     trainer.collate = counting_collate
 
+    losses, micro_losses = [], []  # --same_order: each optimizer step's loss (the mean of its micro-batches')
+
     def timed(pairs, boundary=True):
         if window["micro"] == 0:
             clock.before_step()
         out = inner(pairs, boundary)
+        if spec.get("same_order"):
+            micro_losses.append(out["loss"])
         slots, computed = seen.pop(0)
         window["real"] += sum(len(p[k]) for p in pairs for k in ("chosen_ids", "rejected_ids"))
         window["slots"] += slots
         window["computed"] += computed
         window["micro"] += 1
         if boundary:
+            if micro_losses:  # --same_order only: one host read per step, inside the timed interval
+                losses.append(float(sum(micro_losses)) / len(micro_losses))
+                micro_losses.clear()
             clock.after_step(window["real"], window["slots"], computed=window["computed"])
             window.update(real=0, slots=0, computed=0, micro=0)
         return out
@@ -249,6 +256,8 @@ def worker_ours(spec: dict) -> None:
     results = trainer.train()
     val = results["val"]
     out = {"done": True, "val_accuracy": val["accuracy"], "val_n": val["n"]}
+    if spec.get("same_order"):
+        out["losses"] = losses
     if clock.profile is not None:
         out["profile"] = profile_summary(clock.profile, trainer.engine.module)
     trainer.close()
@@ -291,9 +300,17 @@ def worker_trl(spec: dict) -> None:
         max_steps=spec["max_steps"] or -1, learning_rate=spec["learning_rate"], lr_scheduler_type="linear",
         warmup_steps=0, adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0, max_grad_norm=1.0,
         max_length=spec["max_length"], gradient_checkpointing=False, bf16=spec["precision"] == "bf16", fp16=False,
-        use_cpu=True, logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[], disable_tqdm=True,
+        use_cpu=True, logging_steps=1 if spec.get("same_order") else 10, save_strategy="no", eval_strategy="no",
+        report_to=[], disable_tqdm=True,
         dataloader_num_workers=0, seed=42)
-    trainer = RewardTrainer(model=model, args=args, processing_class=tok,
+    trainer_class = RewardTrainer
+    if spec.get("same_order"):  # the rows come in ours' sampler order: read them as they are
+        class InOrder(RewardTrainer):
+            def _get_train_sampler(self, train_dataset=None):
+                return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None
+                                                          else self.train_dataset)
+        trainer_class = InOrder
+    trainer = trainer_class(model=model, args=args, processing_class=tok,
                             train_dataset=datasets.Dataset.from_list(train))
     if len(trainer.train_dataset) != len(train):
         raise SystemExit(f"TRL kept {len(trainer.train_dataset)} of {len(train)} pairs")
@@ -314,7 +331,15 @@ def worker_trl(spec: dict) -> None:
             batches = [seen.pop(0) for _ in range(accumulation)]
             real, padded = sum(b[0] for b in batches), sum(b[1] for b in batches)
             clock.after_step(real, padded, computed=padded)
+    losses = []
+
+    class Losses(TrainerCallback):  # --same_order logs every step: its loss is that step's mean over micro-batches
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
     trainer.add_callback(Pause())
+    if spec.get("same_order"):
+        trainer.add_callback(Losses())
     emit({"ready": True, "steps": steps, "torch_threads": torch.get_num_threads(), "trl": trl.__version__,
           "optim": str(args.optim), "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
           "init": head_checksums(model)})
@@ -332,6 +357,8 @@ def worker_trl(spec: dict) -> None:
             c, r = logits[:len(chunk)], logits[len(chunk):]
             correct += int((c > r).sum())  # ties count as wrong, as in our eval.summarize
     out = {"done": True, "val_accuracy": correct / len(val), "val_n": len(val), "optimizer_defaults": opt_probe}
+    if spec.get("same_order"):
+        out["losses"] = losses
     if clock.profile is not None:
         out["profile"] = profile_summary(clock.profile, model)
     emit(out)
@@ -420,7 +447,13 @@ def prepare(workdir: str, args) -> tuple[dict, list, list]:
     enc_train, evals = load_rm_data(cfg, encoder)
     if len(enc_train) != len(train) or len(evals["val"]) != len(val):
         raise SystemExit(f"our loader kept {len(enc_train)}/{len(train)} train, {len(evals['val'])}/{len(val)} val")
-    for name, part in (("trl_train", enc_train), ("trl_val", evals["val"])):
+    trl_train = enc_train
+    if args.same_order:  # ours' epoch-0 order (PairSampler, seed 42, no length grouping), which TRL reads in sequence
+        from aplot_rlhf.data.sampler import PairSampler
+        micro = args.pairs_per_step // args.accumulation
+        order = [i for b in PairSampler(len(enc_train), micro, 1, 0, cfg.seed).epoch_batches(0) for i in b]
+        trl_train = [enc_train[i] for i in order]
+    for name, part in (("trl_train", trl_train), ("trl_val", evals["val"])):
         files[name] = os.path.join(workdir, f"{name}.jsonl")
         with open(files[name], "w") as fh:
             for p in part:
@@ -489,6 +522,10 @@ def main() -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="both sides: bf16 is ours in DeepSpeed's bf16 and TRL's Trainer under CPU autocast (only on "
                         "a CPU with bf16 units, where ours trains in bf16)")
+    p.add_argument("--same_order", action="store_true",
+                   help="TRL trains on the pairs in ours' order (our sampler's first epoch, read in sequence) and "
+                        "both sides record every step's loss: the table adds how far the two loss curves are "
+                        "apart, which separates the trainers' math from the sampling order's luck")
     p.add_argument("--json", default="", help="write every side's raw numbers here")
     p.add_argument("--keep_workdir", action="store_true",
                    help="keep the temporary folder (data files, worker logs, the trainers' final checkpoints)")
@@ -527,7 +564,10 @@ def main() -> None:
         print(f"prompt sharing on the {len(enc_train)} train pairs (batches of {args.pairs_per_step}): "
               f"{saving['computed']} of {saving['tokens']} tokens computed, {saving['saved_frac']:.1%} not "
               f"recomputed (each pair's prompt once)", flush=True)
-    common = {"chunk": args.chunk, "max_steps": args.max_steps, "profile_step": args.profile_step,
+    if args.same_order and (args.no_trl or any("group_by_length" in c for c in ours_configs)):
+        raise SystemExit("--same_order needs the TRL side and ours without --group_by_length (TRL reads one order)")
+    common = {"same_order": args.same_order, "chunk": args.chunk, "max_steps": args.max_steps,
+              "profile_step": args.profile_step,
               "max_length": args.max_length, "precision": args.precision, "pairs_per_step": args.pairs_per_step,
               "accumulation": args.accumulation, "learning_rate": args.learning_rate}
     sides = []
@@ -658,9 +698,28 @@ def report(sides, args, wall, n_train) -> None:
             what = "score head and LoRA adapters" if "lora_A_sum" in inits[0] else "score head"
             sums = "; ".join(f"{s.name}: {json.dumps(i)}" for s, i in zip(sides, inits))
             print(f"initial {what}: {init_verdict(inits, args.precision)} ({sums})")
+        for s in sides[1:]:
+            if "losses" in s.result and "losses" in rows[0][0].result:
+                print(f"{s.name}: " + loss_curve_verdict(rows[0][0].result["losses"], s.result["losses"]))
     for s in sides:
         print(f"{s.name}: ready {json.dumps(s.ready)}; result "
               f"{json.dumps({k: v for k, v in s.result.items() if k != 'profile'})}")
+
+
+def loss_curve_verdict(trl: list[float], ours: list[float]) -> str:
+    """How far two --same_order loss curves are apart, step by step (the same pairs in the same order, the same
+    init: the trainers' math alone separates them)."""
+    n = min(len(trl), len(ours))
+    if n == 0 or len(trl) != len(ours):
+        return f"loss curves NOT comparable ({len(trl)} TRL steps logged, {len(ours)} ours)"
+    diffs = [abs(a - b) for a, b in zip(trl, ours)]
+    worst = max(range(n), key=diffs.__getitem__)
+    tenth = max(1, n // 10)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return (f"same order, {n} steps: |loss ours - TRL| mean {mean(diffs):.2e}, max {diffs[worst]:.2e} (step "
+            f"{worst + 1}: {ours[worst]:.4f} vs {trl[worst]:.4f}); first {tenth} steps' mean loss "
+            f"{mean(ours[:tenth]):.4f} vs {mean(trl[:tenth]):.4f}, last {tenth}: {mean(ours[-tenth:]):.4f} vs "
+            f"{mean(trl[-tenth:]):.4f}")
 
 
 def report_from_json(path: str, args) -> None:
