@@ -94,10 +94,13 @@ PRESETS = {
     # Before the lr checks a rank pilot trains BT at the middle lr on the check pairs at each of lora_ranks
     # (id_val picks it, ties: the smaller rank); after them each APLOT setting of aplot_variants trains at
     # aplot's chosen lr on the check pairs and id_val picks one, which the study runs as "aplot_sel" beside
-    # the default "aplot" (issue 21: at most three settings, none chosen on an OOD set). fp32 on every CPU:
+    # the default "aplot" (issue 21: at most three settings, none chosen on an OOD set). A loss whose best lr
+    # is the grid's largest also trains at the next of lr_extend (added after BT's check picked 1e-3, the top
+    # of the grid, before any APLOT check had finished; the same rule for every loss). fp32 on every CPU:
     # the study spans sessions whose CPUs differ (bf16 units or not), and its numbers must not depend on that
     "smollm2": dict(model="smollm2", train_pairs=0, max_length=256, eval_steps=25, oasst_pairs=0,
                     lrs=["1e-4", "3e-4", "1e-3"], lr_check_pairs=600, eval_items=0, methods="bt,aplot,aplot_sel",
+                    lr_extend=["3e-3", "1e-2"],
                     seeds="1,2,3,4,5", flags=["--packing", "--share_prompt"], lora_ranks=["8", "16", "32"],
                     aplot_variants=["aplot", "aplot_lam0.5", "aplot_gamma2"]),
     # a minutes-long end-to-end check of this script (not a study): tiny sets, short sequences
@@ -389,16 +392,36 @@ def method_flags(preset: str, method: str) -> list[str]:
     return METHODS[method]
 
 
+def best_lr(scores: dict[str, float]) -> str:
+    """The lr with the best final id_val accuracy; ties: the smaller lr."""
+    return max(sorted(scores, key=float), key=lambda lr: (round(scores[lr], 6), -float(lr)))
+
+
+def method_lrs(preset: str, method: str) -> list[str]:
+    """The lrs `method`'s check trains at, given its results so far: the preset's grid, then, while the best of
+    them is the largest, the next lr of the preset's lr_extend. A best lr at the grid's top says a larger one
+    might do better; each loss gets the same rule, decided on id_val only."""
+    lrs = list(PRESETS[preset]["lrs"])
+    runs = lr_state(preset).get("methods", {}).get(method, {}).get("runs", {})
+    for nxt in PRESETS[preset].get("lr_extend", []):
+        if any(lr not in runs for lr in lrs):
+            break
+        if best_lr({lr: runs[lr]["final_id_val"] for lr in lrs}) != max(lrs, key=float):
+            break
+        lrs.append(nxt)
+    return lrs
+
+
 def chosen_lr(preset: str, method: str) -> str:
-    """The lr with the best final id_val accuracy in `method`'s own check (ties: the smaller lr), recorded in
-    the state file; '' while the check is incomplete."""
+    """The lr with the best final id_val accuracy in `method`'s own check (ties: the smaller lr) over the lrs
+    method_lrs asks for, recorded in the state file; '' while the check is incomplete."""
     state = lr_state(preset)
     m = state.get("methods", {}).get(method)
-    if not m or any(lr not in m["runs"] for lr in PRESETS[preset]["lrs"]):
+    lrs = method_lrs(preset, method)
+    if not m or any(lr not in m["runs"] for lr in lrs):
         return ""
     if "chosen" not in m:
-        scores = {lr: m["runs"][lr]["final_id_val"] for lr in PRESETS[preset]["lrs"]}
-        m["chosen"] = max(sorted(scores, key=float), key=lambda lr: (round(scores[lr], 6), -float(lr)))
+        m["chosen"] = best_lr({lr: m["runs"][lr]["final_id_val"] for lr in lrs})
         with _print_lock:
             write_json(state_dir(preset) / "lr_check.json", state)
     return m["chosen"]
@@ -649,11 +672,15 @@ def selection_tables(lrc: dict) -> list[str]:
     if lrc.get("methods"):
         out.append(f"\n### Learning rate per method, chosen on id_val only (seed {lrc['seed']}, "
                    f"{lrc['train_pairs'] or 'all'} training pairs, final id_val accuracy %)\n")
-        out.append("| method | " + " | ".join(f"lr {lr}" for lr in lrc["lrs"]) + " | chosen |")
-        out.append("|---" * (len(lrc["lrs"]) + 2) + "|")
+        cols = sorted({*lrc["lrs"], *(lr for v in lrc["methods"].values() for lr in v["runs"])}, key=float)
+        out.append("| method | " + " | ".join(f"lr {lr}" for lr in cols) + " | chosen |")
+        out.append("|---" * (len(cols) + 2) + "|")
         for m, v in lrc["methods"].items():
             out.append(f"| {m} | " + " | ".join(f"{100 * v['runs'][lr]['final_id_val']:.1f}" if lr in v["runs"]
-                                                  else "—" for lr in lrc["lrs"]) + f" | {v.get('chosen', '—')} |")
+                                                  else "—" for lr in cols) + f" | {v.get('chosen', '—')} |")
+        if any(lr not in lrc["lrs"] for lr in cols):
+            out.append(f"\nlrs beyond the grid ({', '.join(lrc['lrs'])}) ran because a method's best was the "
+                       "largest it had tried; each loss follows the same rule, on id_val only.")
     for key, what, unit in (("rank_pilot", "LoRA rank pilot", "rank"), ("aplot_variants", "APLOT setting for "
                                                                           "aplot_sel", "setting")):
         sec = lrc.get(key)
@@ -1135,10 +1162,13 @@ def main() -> None:
         checked = [m for m in methods if m != SELECTED]
         if SELECTED in methods and "aplot" not in checked:
             checked.append("aplot")  # aplot_sel trains at aplot's lr
-        if not lrs:
-            for f in [pool.submit(lr_check_one, args.preset, m, x, threads)
-                      for m in checked for x in PRESETS[args.preset]["lrs"]]:
-                f.result()
+        if not lrs:  # each method's grid, extended upward while its best lr is the largest it tried
+            def missing() -> list[tuple[str, str]]:
+                runs = {m: lr_state(args.preset).get("methods", {}).get(m, {}).get("runs", {}) for m in checked}
+                return [(m, x) for m in checked for x in method_lrs(args.preset, m) if x not in runs[m]]
+            while todo := missing():
+                for f in [pool.submit(lr_check_one, args.preset, m, x, threads) for m, x in todo]:
+                    f.result()
             lrs = {m: chosen_lr(args.preset, m) for m in checked}
             if not all(lrs.values()):
                 raise SystemExit(f"lr check incomplete: {lrs}")

@@ -131,3 +131,34 @@ def test_rank_and_aplot_setting_are_chosen_on_id_val(quality, tmp_path, monkeypa
     assert cmd[cmd.index("--aplot_lambda") + 1] == "0.5"
     text = quality.report(preset, ["bt", "aplot", "aplot_sel"], [1])  # no runs yet: the selections only
     assert "| 16 | 64.0 | yes |" in text and "| aplot_lam0.5 (`--loss aplot --aplot_lambda 0.5" in text
+
+
+def test_lr_grid_extends_upward_only_while_the_best_is_the_largest(quality, tmp_path, monkeypatch):
+    """A loss whose best check lr is the grid's top trains at the next of lr_extend before its lr is chosen; one
+    whose best is inside the grid does not; the report's lr table shows the extra column."""
+    monkeypatch.setattr(quality, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(quality, "RUNS", tmp_path / "runs")
+    preset = "smollm2"
+    run = lambda acc: {"final_id_val": acc, "curve": [[0, 0.5], [75, acc]]}  # noqa: E731
+    state = {"seed": 0, "train_pairs": 600, "lrs": ["1e-4", "3e-4", "1e-3"],
+             "methods": {"bt": {"runs": {"1e-4": run(0.570), "3e-4": run(0.655), "1e-3": run(0.675)}},
+                         "aplot": {"runs": {"1e-4": run(0.600), "3e-4": run(0.640), "1e-3": run(0.630)}}}}
+    path = quality.state_dir(preset) / "lr_check.json"
+    quality.write_json(path, state)
+    assert quality.method_lrs(preset, "bt") == ["1e-4", "3e-4", "1e-3", "3e-3"]
+    assert quality.chosen_lr(preset, "bt") == ""  # 3e-3 not trained yet: the check is incomplete
+    assert quality.method_lrs(preset, "aplot") == ["1e-4", "3e-4", "1e-3"]
+    assert quality.chosen_lr(preset, "aplot") == "3e-4"
+    state = quality.lr_state(preset)
+    state["methods"]["bt"]["runs"]["3e-3"] = run(0.690)  # the top again: one step further, and no more after it
+    quality.write_json(path, state)
+    assert quality.method_lrs(preset, "bt") == ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2"]
+    state["methods"]["bt"]["runs"]["1e-2"] = run(0.500)
+    quality.write_json(path, state)
+    assert quality.method_lrs(preset, "bt") == ["1e-4", "3e-4", "1e-3", "3e-3", "1e-2"]
+    assert quality.chosen_lr(preset, "bt") == "3e-3"
+    text = "\n".join(quality.selection_tables(quality.lr_state(preset)))
+    assert "| method | lr 1e-4 | lr 3e-4 | lr 1e-3 | lr 3e-3 | lr 1e-2 | chosen |" in text
+    assert "| bt | 57.0 | 65.5 | 67.5 | 69.0 | 50.0 | 3e-3 |" in text
+    assert "| aplot | 60.0 | 64.0 | 63.0 | — | — | 3e-4 |" in text
+    assert "lrs beyond the grid" in text
