@@ -226,13 +226,20 @@ class PPOTrainer:
         for _ in range(self.cfg.ppo_epochs if epochs is None else epochs):
             yield torch.randperm(n, generator=gen)
 
+    def unmoved_count(self, n: int) -> int:
+        """How many of n rows take their old log-probs from the training forward: all, the first mini-batch's, or
+        none (`self.unmoved`)."""
+        if self.unmoved == "all":
+            return n
+        return min(self.cfg.ppo_mini_batch_size, n) if self.unmoved else 0
+
     def unmoved_rows(self, n: int) -> list[int]:
         """The rows whose old log-probs the training forward gives (`old_logprobs_from_training`), sorted. Host
         only: the epoch order is drawn by a CPU generator, so nothing here waits for the device."""
         if self.unmoved == "all":
             return list(range(n))
         if self.unmoved == "first":
-            return sorted(next(self.epoch_order(n, 1))[:self.cfg.ppo_mini_batch_size].tolist())
+            return sorted(next(self.epoch_order(n, 1))[:self.unmoved_count(n)].tolist())
         return []
 
     def _layout_kind(self, models) -> tuple[str, int | None]:
@@ -507,7 +514,7 @@ class PPOTrainer:
         # the losses below are each micro-batch's share of its mini-batch's aggregate, so undo both
         undo_ds_mean = cfg.gradient_accumulation_steps * self.world
         # rows whose old log-probs this pass's first forwards give (the policy has not moved before them)
-        unmoved_until = n if self.unmoved == "all" else cfg.ppo_mini_batch_size if self.unmoved else 0
+        unmoved_until = self.unmoved_count(n)
         with comm.Phase.of("train"):
             for epoch, order in enumerate(self.epoch_order(n)):
                 counts = self.minibatch_counts(exp, order)
@@ -606,10 +613,8 @@ class PPOTrainer:
             "response_length": gen_tokens / len(responses), **train_stats,
             "gen_tokens_per_s": gen_tokens / max(gen_s, 1e-9), "gen_s": gen_s, "experience_s": exp_s,
             "train_s": train_s, "sync_s": sync_s,
-            # the share of rows whose old log-probs came from training (no second draw of the epoch order)
-            "old_logprobs_reused": (1.0 if self.unmoved == "all" else
-                                    min(self.cfg.ppo_mini_batch_size, len(responses)) / len(responses)
-                                    if self.unmoved else 0.0),
+            # the share of rows whose old log-probs came from training
+            "old_logprobs_reused": self.unmoved_count(len(responses)) / len(responses),
         }
         # how far the sampler's policy is from the trainer's (kernels, precision, LoRA merged in bf16): global values
         mm = exp["rollout_mismatch"]

@@ -1,5 +1,7 @@
 #!/bin/sh
 # issue 24: ours-only MiniLM step time at 6ffe05c (issue 14's 1.41x) and at HEAD, alternated, same machine
+# /work/wt-old: `git worktree add /work/wt-old 6ffe05c` with main's .venv linked in; the ours-only worker
+# imports the package from the tree on PYTHONPATH
 set -e
 for i in 1 2 3; do
   for side in old new; do
