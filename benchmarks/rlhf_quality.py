@@ -1,7 +1,8 @@
 """The RLHF half of "does APLOT beat Bradley-Terry?" (issue 21 item 3): the same RLHF run against an APLOT and a
 BT reward model of the same seed, the two policies judged by a reward model neither was trained against.
 
-For every policy seed and every reward model (`--rm NAME=PATH`, two of them) this runs the PPO demo's settings
+For every policy seed and every reward model (`--rm NAME=PATH`, two of them; "{seed}" in PATH becomes the policy
+seed, so seed N trains against the study's reward models of seed N) this runs the PPO demo's settings
 (`aplot_rlhf.cli.demo_ppo.demo_flags`: SmolLM2-135M-Instruct, RLOO, 8 prompts x 4 samples x 24 new tokens,
 kl_coef 0.05, lr 5e-5; `--iterations` of them) through `python -m aplot_rlhf.cli.train_ppo` with only the reward
 model and the seed changed: the same prompts, the same budget. Each exported policy then answers the held-out
@@ -16,18 +17,26 @@ prefers the longer of the two answers, and, on labelled pairs (`--judge_pairs`, 
 id_val), its accuracy when the chosen answer is the longer and when it is the shorter one. A judge that mostly
 measures length turns a length difference between the policies into a win rate: read the two together.
 
-Resumable: a finished training run leaves its policy and `states/train_<rm>_s<seed>.json`; answers are saved per
-run (`answers/<rm>_s<seed>.json`); the command skips what is done and redoes a partial run.
+Several judges (`--judge` more than once, NAME=PATH or PATH): each scores the same answers and gets its own table
+and win rate, so a user sees whether the verdict depends on the judge (a BT judge may favour the BT-trained
+policy, an APLOT one the other). A judge is known by a fingerprint of its weights, not its path: its scores and
+length bias are cached under that fingerprint, so judging again with another judge, or with a model retrained at
+the same path, never reuses the wrong scores.
 
-  python benchmarks/rlhf_quality.py --rm aplot=runs/quality/smollm2/aplot_s1/model \\
-      --rm bt=runs/quality/smollm2/bt_s1/model --judge <another loss and seed> --seeds 1,2,3 \\
-      --out benchmarks/results/rlhf_quality/smollm2_s1
+Resumable: a finished training run leaves its policy and `states/train_<rm>_s<seed>.json`; answers are saved per
+run (`answers/<rm>_s<seed>.json`); the command skips what is done and redoes a partial run. A state file trained
+against another reward model than the one now given under its name is refused, naming the file.
+
+  python benchmarks/rlhf_quality.py --rm 'aplot=runs/quality/smollm2/aplot_s{seed}/model' \\
+      --rm 'bt=runs/quality/smollm2/bt_s{seed}/model' --judge runs/quality/smollm2/bt_s5/model \\
+      --judge runs/quality/smollm2/aplot_sel_s5/model --seeds 1,2,3 --out benchmarks/results/rlhf_quality/smollm2
   python benchmarks/rlhf_quality.py ... --report          # only rebuild the tables from the state files
   python benchmarks/rlhf_quality.py ... --iterations 1 --eval_prompts 4 --out /tmp/rq   # an end-to-end smoke run
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -53,7 +62,7 @@ def parse_rms(specs: list[str]) -> dict[str, str]:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"--rm {spec!r}: expected NAME=PATH (e.g. aplot=runs/quality/smollm2/aplot_s1/model)")
-        if not (Path(path) / "config.json").exists():
+        if "{seed}" not in path and not (Path(path) / "config.json").exists():
             raise SystemExit(f"--rm {name}: {path} has no config.json (a train_rm export folder)")
         if name in rms:
             raise SystemExit(f"--rm {name} given twice")
@@ -61,6 +70,55 @@ def parse_rms(specs: list[str]) -> dict[str, str]:
     if len(rms) != 2:
         raise SystemExit(f"--rm: exactly two reward models to compare, got {len(rms)}")
     return rms
+
+
+def rm_path(template: str, seed: int) -> str:
+    """An --rm path for one policy seed: "{seed}" in it becomes the seed, so each policy seed trains against the
+    reward models of the same study seed (aplot_s{seed} against bt_s{seed})."""
+    path = template.replace("{seed}", str(seed))
+    if not (Path(path) / "config.json").exists():
+        raise SystemExit(f"--rm {template}: {path} has no config.json (a train_rm export folder) for seed {seed}")
+    return path
+
+
+def parse_judges(specs: list[str], rms: dict[str, str], seeds: list[int]) -> dict[str, str]:
+    """--judge NAME=PATH or PATH (named after its folder, or the folder above a `model` folder); each must be a
+    train_rm export and none may be a compared reward model at any of the seeds."""
+    compared = {os.path.realpath(t.replace("{seed}", str(s))) for t in rms.values() for s in seeds}
+    judges = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            path = spec
+            folder = Path(spec.rstrip("/"))
+            name = folder.parent.name if folder.name == "model" else folder.name
+        if not name or not path:
+            raise SystemExit(f"--judge {spec!r}: expected NAME=PATH or PATH")
+        if not (Path(path) / "config.json").exists():
+            raise SystemExit(f"--judge {path}: no config.json (a train_rm export folder)")
+        if os.path.realpath(path) in compared:
+            raise SystemExit(f"--judge {path} is one of the compared reward models: a judge must be one neither "
+                             "policy was trained against")
+        if name in judges:
+            raise SystemExit(f"--judge {name} given twice (name them: --judge NAME=PATH)")
+        judges[name] = path
+    return judges
+
+
+def fingerprint(model_dir: str) -> str:
+    """A model's identity for the score caches: sha256 over its config and weight files (names and bytes)."""
+    h = hashlib.sha256()
+    folder = Path(model_dir)
+    files = sorted(f for f in folder.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in (
+        ".safetensors", ".bin", ".pt")))
+    if not any(f.name != "config.json" for f in files):
+        raise SystemExit(f"{model_dir}: no weight files (*.safetensors, *.bin) to identify the judge by")
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def train_flags(rm: str, seed: int, out: Path, iterations: int, eval_prompts: int) -> list[str]:
@@ -75,7 +133,11 @@ def train(name: str, rm: str, seed: int, args, out: Path) -> dict:
     """One RLHF run (skipped when its state file exists): returns its state."""
     state = out / "states" / f"train_{name}_s{seed}.json"
     if state.exists():
-        return json.loads(state.read_text())
+        done = json.loads(state.read_text())
+        if os.path.realpath(done["rm_path"]) != os.path.realpath(rm):
+            raise SystemExit(f"{state}: trained against {done['rm_path']}, not {rm} given as --rm {name}; use "
+                             "another --out (or name) for another reward model")
+        return done
     run = Path(args.runs) / f"{name}_s{seed}"
     if run.exists():  # a partial run: metrics.jsonl is append-only, so start it again
         import shutil
@@ -201,13 +263,12 @@ def summarize(per_seed: dict[int, dict], names: list[str]) -> dict:
             "sign_test_p": mcnemar_exact(wins, losses)}
 
 
-def report(out: Path, names: list[str], per_seed: dict[int, dict], trains: dict, bias: dict | None,
-           judge: str) -> str:
+def judge_lines(names: list[str], per_seed: dict[int, dict], trains: dict, bias: dict | None, judge: str,
+                path: str, fp: str) -> list[str]:
+    """One judge's section of the report: per-seed comparisons, the mean win rate and the judge's length bias."""
     a, b = names
     s = summarize(per_seed, names)
-    built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    lines = [f"## RLHF with {a} against {b}: policies judged by a reward model neither was trained against", "",
-             f"Built by `python benchmarks/rlhf_quality.py --report` at {built}. Judge: `{judge}`.", "",
+    lines = [f"### Judge `{judge}` ({path}, weights {fp})", "",
              f"| seed | prompts | wins / ties / losses of {a} | win rate of {a} | judge prefers the longer answer "
              f"| mean answer chars {a} / {b} | final KL {a} / {b} | final train reward {a} / {b} |",
              "|---|---|---|---|---|---|---|---|"]
@@ -229,17 +290,74 @@ def report(out: Path, names: list[str], per_seed: dict[int, dict], trains: dict,
                   f"answer the longer in {100 * bias['chosen_longer_share']:.0f}%): accuracy "
                   f"{100 * bias['accuracy']:.1f}%; {100 * bias['accuracy_chosen_longer']:.1f}% when the chosen "
                   f"answer is the longer, {100 * bias['accuracy_chosen_shorter']:.1f}% when it is the shorter."]
-    text = "\n".join(lines) + "\n"
+    return lines + [""]
+
+
+def report(out: Path, names: list[str], judged: dict[str, dict], trains: dict) -> str:
+    """tables.md and summary.json for every judge; `judged[name]`: path, fp (weights fingerprint), per_seed
+    (compare() per seed) and bias (length_bias_on_pairs() or None)."""
+    a, b = names
+    built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [f"## RLHF with {a} against {b}: policies judged by reward models neither was trained against", "",
+             f"Built by `python benchmarks/rlhf_quality.py --report` at {built}; {len(judged)} judge(s).", ""]
+    summaries = {}
+    for judge, j in judged.items():
+        lines += judge_lines(names, j["per_seed"], trains, j["bias"], judge, j["path"], j["fp"])
+        summaries[judge] = summarize(j["per_seed"], names)
+    if len(judged) > 1:
+        sides = {k: ("above" if v["win_rate_mean"] > 0.5 else "below" if v["win_rate_mean"] < 0.5 else "at")
+                 for k, v in summaries.items()}
+        agree = len(set(sides.values())) == 1
+        lines += [f"The judges {'agree' if agree else 'disagree'} on the side of 50%: " + ", ".join(
+            f"{k} {100 * summaries[k]['win_rate_mean']:.1f}%" for k in judged) + ".", ""]
+    text = "\n".join(lines)
     (out / "tables.md").write_text(text)
-    write_json(out / "summary.json", {"summary": s, "per_seed": per_seed, "judge": judge, "judge_length_bias": bias,
-                                      "runs": {f"{k[0]}_s{k[1]}": v for k, v in trains.items()}})
+    write_json(out / "summary.json", {
+        "judges": {k: {"path": j["path"], "fingerprint": j["fp"], "summary": summaries[k], "per_seed": j["per_seed"],
+                       "length_bias": j["bias"]} for k, j in judged.items()},
+        "runs": {f"{k[0]}_s{k[1]}": v for k, v in trains.items()}})
     return text
+
+
+def judge_all(out: Path, judge: str, path: str, names: list[str], seeds: list[int], answers: dict,
+              judge_pairs: str) -> dict:
+    """One judge's scores of every answered seed and its length bias, cached under the fingerprint of its
+    weights in judge_scores.json / judge_length_bias.json."""
+    fp = fingerprint(path)
+    judged = out / "judge_scores.json"
+    cache = json.loads(judged.read_text()) if judged.exists() else {}
+    mine = cache.setdefault(fp, {"judge": path, "scores": {}})["scores"]
+    per_seed = {}
+    for seed in seeds:
+        if (names[0], seed) not in answers or (names[1], seed) not in answers:
+            continue
+        scores = []
+        for name in names:
+            key = f"{name}_s{seed}"
+            if key not in mine:
+                rows = answers[(name, seed)]
+                mine[key] = judge_scores(path, [r["prompt"] for r in rows], [r["answer"] for r in rows])
+                write_json(judged, cache)
+            scores.append(mine[key])
+        per_seed[seed] = compare(answers[(names[0], seed)], answers[(names[1], seed)], *scores)
+    bias = None
+    if judge_pairs:
+        bias_path = out / "judge_length_bias.json"
+        biases = json.loads(bias_path.read_text()) if bias_path.exists() else {}
+        if fp not in biases:
+            pairs = str(id_val_file("full")) if judge_pairs == "id_val" else judge_pairs
+            biases[fp] = length_bias_on_pairs(path, pairs)
+            write_json(bias_path, biases)
+        bias = biases[fp]
+    return {"path": path, "fp": fp, "per_seed": per_seed, "bias": bias}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rm", action="append", required=True, help="NAME=PATH of a train_rm export (exactly two)")
-    p.add_argument("--judge", required=True, help="a train_rm export neither policy was trained against")
+    p.add_argument("--judge", action="append", required=True,
+                   help="NAME=PATH or PATH of a train_rm export neither policy was trained against; repeat for "
+                        "several judges, each reported on its own")
     p.add_argument("--judge_pairs", default="id_val",
                    help="labelled pairs for the judge's length bias: a pairs file, 'id_val' (the quality study's ID "
                         "validation split, built if missing) or '' to skip")
@@ -253,50 +371,23 @@ def main(argv=None) -> None:
     p.add_argument("--report", action="store_true", help="only rebuild the report from finished state")
     args = p.parse_args(argv)
     rms = parse_rms(args.rm)
-    if not (Path(args.judge) / "config.json").exists():
-        raise SystemExit(f"--judge {args.judge}: no config.json (a train_rm export folder)")
-    if any(os.path.realpath(args.judge) == os.path.realpath(path) for path in rms.values()):
-        raise SystemExit("--judge is one of the compared reward models: the judge must be one neither policy "
-                         "was trained against")
     seeds = [int(x) for x in args.seeds.split(",") if x]
+    judges = parse_judges(args.judge, rms, seeds)
     out = Path(args.out)
     args.runs = args.runs or str(REPO / "runs" / "rlhf_quality" / out.name)
     names = list(rms)
     trains, answers = {}, {}
     for seed in seeds:
-        for name, path in rms.items():
+        for name, template in rms.items():
             state = out / "states" / f"train_{name}_s{seed}.json"
             if args.report and not state.exists():
                 continue
-            trains[(name, seed)] = train(name, path, seed, args, out)
+            trains[(name, seed)] = train(name, rm_path(template, seed), seed, args, out)
             answers[(name, seed)] = answer(name, seed, trains[(name, seed)]["policy"], args, out)
-    per_seed = {}
-    judged = out / "judge_scores.json"
-    cache = json.loads(judged.read_text()) if judged.exists() else {}
-    for seed in seeds:
-        if (names[0], seed) not in answers or (names[1], seed) not in answers:
-            continue
-        scores = []
-        for name in names:
-            key = f"{name}_s{seed}"
-            if key not in cache:
-                rows = answers[(name, seed)]
-                cache[key] = judge_scores(args.judge, [r["prompt"] for r in rows], [r["answer"] for r in rows])
-                write_json(judged, cache)
-            scores.append(cache[key])
-        per_seed[seed] = compare(answers[(names[0], seed)], answers[(names[1], seed)], *scores)
-    if not per_seed:
+    if not any((names[0], s) in answers and (names[1], s) in answers for s in seeds):
         raise SystemExit("no seed has both policies' answers yet")
-    bias_path = out / "judge_length_bias.json"
-    bias = None
-    if args.judge_pairs:
-        if bias_path.exists():
-            bias = json.loads(bias_path.read_text())
-        else:
-            pairs = str(id_val_file("full")) if args.judge_pairs == "id_val" else args.judge_pairs
-            bias = length_bias_on_pairs(args.judge, pairs)
-            write_json(bias_path, bias)
-    print(report(out, names, per_seed, trains, bias, args.judge))
+    judged = {j: judge_all(out, j, path, names, seeds, answers, args.judge_pairs) for j, path in judges.items()}
+    print(report(out, names, judged, trains))
 
 
 if __name__ == "__main__":

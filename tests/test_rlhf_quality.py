@@ -53,10 +53,15 @@ def test_summary_over_seeds_and_the_report(rq, tmp_path):
     trains = {(m, seed): {"final_kl": 4.0, "final_reward_raw": 0.3} for m in ("aplot", "bt") for seed in (1, 2)}
     bias = {"file": "f", "pairs": 10, "accuracy": 0.6, "accuracy_chosen_longer": 0.4, "accuracy_chosen_shorter": 0.8,
             "chosen_longer_share": 0.5}
-    text = rq.report(tmp_path, ["aplot", "bt"], per_seed, trains, bias, "judge/model")
+    flipped = {1: dict(per_seed[1], wins=1, losses=3, win_rate=0.25), 2: per_seed[2]}
+    judged = {"bt_s5": {"path": "j/bt", "fp": "aa", "per_seed": per_seed, "bias": bias},
+              "aplot_s5": {"path": "j/aplot", "fp": "bb", "per_seed": flipped, "bias": None}}
+    text = rq.report(tmp_path, ["aplot", "bt"], judged, trains)
     assert "**62.5% ± 158.8**" in text and "3 / 0 / 1" in text and "40.0% when the chosen answer is the longer" in text
+    assert "### Judge `aplot_s5`" in text and "**37.5% ± " in text
+    assert "The judges disagree on the side of 50%: bt_s5 62.5%, aplot_s5 37.5%." in text
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert saved["summary"]["pooled_wins"] == 4 and saved["judge"] == "judge/model"
+    assert saved["judges"]["bt_s5"]["summary"]["pooled_wins"] == 4 and saved["judges"]["aplot_s5"]["path"] == "j/aplot"
 
 
 def test_the_judge_must_not_be_a_compared_reward_model(rq, tmp_path):
@@ -66,7 +71,63 @@ def test_the_judge_must_not_be_a_compared_reward_model(rq, tmp_path):
     with pytest.raises(SystemExit, match="neither policy"):
         rq.main(["--rm", f"a={tmp_path / 'a'}", "--rm", f"b={tmp_path / 'b'}", "--judge", str(tmp_path / "a"),
                  "--out", str(tmp_path / "out")])
+    # with "{seed}" in a path, the judge must differ from the compared models of every seed
+    for name in ("bt_s1", "bt_s2", "aplot_s1", "aplot_s2"):
+        (tmp_path / name / "model").mkdir(parents=True)
+        (tmp_path / name / "model" / "config.json").write_text("{}")
+    rms = rq.parse_rms([f"aplot={tmp_path}/aplot_s{{seed}}/model", f"bt={tmp_path}/bt_s{{seed}}/model"])
+    assert rq.rm_path(rms["bt"], 2) == f"{tmp_path}/bt_s2/model"
+    with pytest.raises(SystemExit, match="no config.json .* for seed 3"):
+        rq.rm_path(rms["bt"], 3)
+    with pytest.raises(SystemExit, match="neither policy"):
+        rq.parse_judges([f"{tmp_path}/bt_s2/model"], rms, [1, 2])
+    assert rq.parse_judges([f"{tmp_path}/bt_s2/model", f"other={tmp_path}/aplot_s2/model"], rms, [1]) == {
+        "bt_s2": f"{tmp_path}/bt_s2/model", "other": f"{tmp_path}/aplot_s2/model"}
+    with pytest.raises(SystemExit, match="given twice"):
+        rq.parse_judges([f"{tmp_path}/bt_s2/model", f"bt_s2={tmp_path}/aplot_s2/model"], rms, [1])
     with pytest.raises(SystemExit, match="exactly two"):
         rq.parse_rms([f"a={tmp_path / 'a'}"])
     with pytest.raises(SystemExit, match="no config.json"):
         rq.parse_rms([f"a={tmp_path / 'a'}", f"c={tmp_path / 'c'}"])
+
+
+def test_judge_scores_are_cached_per_judge_weights_not_per_path(rq, tmp_path, monkeypatch):
+    """Two judges, and one judge retrained at the same path, each score the answers themselves: a cache keyed by
+    the run alone would hand the second judge the first one's scores."""
+    calls = []
+
+    def fake_scores(path, prompts, answers):
+        calls.append(path)
+        weight = (Path(path) / "model.safetensors").read_bytes()
+        return [float(len(a)) * (1 if weight == b"longer" else -1) for a in answers]
+    monkeypatch.setattr(rq, "judge_scores", fake_scores)
+    judge = tmp_path / "judge"
+    judge.mkdir()
+    (judge / "config.json").write_text("{}")
+    (judge / "model.safetensors").write_bytes(b"longer")
+    answers = {("aplot", 1): rows(["a long answer", "b"]), ("bt", 1): rows(["short", "a longer one"])}
+    out = tmp_path / "out"
+    out.mkdir()
+    first = rq.judge_all(out, "j", str(judge), ["aplot", "bt"], [1], answers, "")
+    assert (first["per_seed"][1]["wins"], first["per_seed"][1]["losses"]) == (1, 1) and len(calls) == 2
+    again = rq.judge_all(out, "j", str(judge), ["aplot", "bt"], [1], answers, "")
+    assert again["per_seed"] == first["per_seed"] and len(calls) == 2  # cached: the same weights
+    (judge / "model.safetensors").write_bytes(b"shorter")  # retrained at the same path: scored anew
+    retrained = rq.judge_all(out, "j", str(judge), ["aplot", "bt"], [1], answers, "")
+    assert len(calls) == 4 and retrained["fp"] != first["fp"]
+    assert (retrained["per_seed"][1]["wins"], retrained["per_seed"][1]["losses"]) == (1, 1)
+    assert retrained["per_seed"][1]["judge_prefers_longer"] == 0.0
+    assert first["per_seed"][1]["judge_prefers_longer"] == 1.0
+    cache = json.loads((out / "judge_scores.json").read_text())
+    assert set(cache) == {first["fp"], retrained["fp"]}
+    (judge / "model.safetensors").unlink()
+    with pytest.raises(SystemExit, match="no weight files"):
+        rq.fingerprint(str(judge))
+
+
+def test_a_run_trained_against_another_reward_model_is_refused(rq, tmp_path):
+    out = tmp_path / "out"
+    rq.write_json(out / "states" / "train_bt_s1.json", {"rm_path": str(tmp_path / "old_bt"), "policy": "p"})
+    with pytest.raises(SystemExit, match="train_bt_s1.json: trained against .*old_bt"):
+        rq.train("bt", str(tmp_path / "new_bt"), 1, None, out)
+    assert rq.train("bt", str(tmp_path / "old_bt"), 1, None, out)["policy"] == "p"
