@@ -344,11 +344,12 @@ def judge_all(out: Path, judge: str, path: str, names: list[str], seeds: list[in
     if judge_pairs:
         bias_path = out / "judge_length_bias.json"
         biases = json.loads(bias_path.read_text()) if bias_path.exists() else {}
-        if fp not in biases:
-            pairs = str(id_val_file("full")) if judge_pairs == "id_val" else judge_pairs
-            biases[fp] = length_bias_on_pairs(path, pairs)
+        pairs = str(id_val_file("full")) if judge_pairs == "id_val" else judge_pairs
+        key = f"{fp} {os.path.realpath(pairs)}"  # the same judge on other labelled pairs is measured anew
+        if key not in biases:
+            biases[key] = length_bias_on_pairs(path, pairs)
             write_json(bias_path, biases)
-        bias = biases[fp]
+        bias = biases[key]
     return {"path": path, "fp": fp, "per_seed": per_seed, "bias": bias}
 
 

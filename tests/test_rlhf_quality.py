@@ -120,6 +120,11 @@ def test_judge_scores_are_cached_per_judge_weights_not_per_path(rq, tmp_path, mo
     assert first["per_seed"][1]["judge_prefers_longer"] == 1.0
     cache = json.loads((out / "judge_scores.json").read_text())
     assert set(cache) == {first["fp"], retrained["fp"]}
+    measured = []
+    monkeypatch.setattr(rq, "length_bias_on_pairs", lambda path, pairs: measured.append(pairs) or {"file": pairs})
+    for pairs in ("a.jsonl", "a.jsonl", "b.jsonl"):  # cached per judge and pairs file
+        assert rq.judge_all(out, "j", str(judge), ["aplot", "bt"], [1], answers, pairs)["bias"] == {"file": pairs}
+    assert measured == ["a.jsonl", "b.jsonl"] and len(calls) == 4
     (judge / "model.safetensors").unlink()
     with pytest.raises(SystemExit, match="no weight files"):
         rq.fingerprint(str(judge))
