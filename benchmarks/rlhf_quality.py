@@ -106,7 +106,8 @@ def parse_judges(specs: list[str], rms: dict[str, str], seeds: list[int]) -> dic
 
 
 def fingerprint(model_dir: str) -> str:
-    """A model's identity for the score caches: sha256 over its config and weight files (names and bytes)."""
+    """A model's identity for the score caches: sha256 over its config and weight files (names and digests)."""
+    from aplot_rlhf.engine.checkpoint import file_sha256
     h = hashlib.sha256()
     folder = Path(model_dir)
     files = sorted(f for f in folder.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in (
@@ -114,10 +115,7 @@ def fingerprint(model_dir: str) -> str:
     if not any(f.name != "config.json" for f in files):
         raise SystemExit(f"{model_dir}: no weight files (*.safetensors, *.bin) to identify the judge by")
     for f in files:
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
+        h.update(f"{f.name}\0{file_sha256(str(f))}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -263,11 +261,11 @@ def summarize(per_seed: dict[int, dict], names: list[str]) -> dict:
             "sign_test_p": mcnemar_exact(wins, losses)}
 
 
-def judge_lines(names: list[str], per_seed: dict[int, dict], trains: dict, bias: dict | None, judge: str,
+def judge_lines(names: list[str], per_seed: dict[int, dict], s: dict, trains: dict, bias: dict | None, judge: str,
                 path: str, fp: str) -> list[str]:
-    """One judge's section of the report: per-seed comparisons, the mean win rate and the judge's length bias."""
+    """One judge's section of the report: per-seed comparisons, the mean win rate (`s`: summarize()) and the
+    judge's length bias."""
     a, b = names
-    s = summarize(per_seed, names)
     lines = [f"### Judge `{judge}` ({path}, weights {fp})", "",
              f"| seed | prompts | wins / ties / losses of {a} | win rate of {a} | judge prefers the longer answer "
              f"| mean answer chars {a} / {b} | final KL {a} / {b} | final train reward {a} / {b} |",
@@ -302,8 +300,8 @@ def report(out: Path, names: list[str], judged: dict[str, dict], trains: dict) -
              f"Built by `python benchmarks/rlhf_quality.py --report` at {built}; {len(judged)} judge(s).", ""]
     summaries = {}
     for judge, j in judged.items():
-        lines += judge_lines(names, j["per_seed"], trains, j["bias"], judge, j["path"], j["fp"])
         summaries[judge] = summarize(j["per_seed"], names)
+        lines += judge_lines(names, j["per_seed"], summaries[judge], trains, j["bias"], judge, j["path"], j["fp"])
     if len(judged) > 1:
         sides = {k: ("above" if v["win_rate_mean"] > 0.5 else "below" if v["win_rate_mean"] < 0.5 else "at")
                  for k, v in summaries.items()}

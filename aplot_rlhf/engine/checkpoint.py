@@ -86,7 +86,8 @@ def _list_files(folder: str) -> dict:
     return out
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """sha256 hex digest of a file, read in 1 MiB blocks."""
     import hashlib
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -153,8 +154,8 @@ def verify_checkpoint(step_dir: str) -> dict:
         size = os.path.getsize(path)
         if size != want["size"]:
             raise CheckpointError(f"{path}: {size} bytes, manifest says {want['size']} (truncated or rewritten)")
-        if "sha256" in want and _sha256(path) != want["sha256"]:
-            raise CheckpointError(f"{path}: sha256 {_sha256(path)[:16]}... differs from the manifest's "
+        if "sha256" in want and file_sha256(path) != want["sha256"]:
+            raise CheckpointError(f"{path}: sha256 {file_sha256(path)[:16]}... differs from the manifest's "
                                   f"{want['sha256'][:16]}... (same size, damaged content)")
     return manifest
 
@@ -303,7 +304,7 @@ class Checkpointer:
         for rel, size in files.items():
             entry = files[rel] = {"size": size}
             if size <= HASH_LIMIT and os.path.isfile(os.path.join(partial, rel)):
-                entry["sha256"] = _sha256(os.path.join(partial, rel))
+                entry["sha256"] = file_sha256(os.path.join(partial, rel))
         return {"version": 1, "step": step, "run_id": self.run_id, "world_size": self.world_size,
                 "time": time.time(), "config": self.config, "files": files}
 
