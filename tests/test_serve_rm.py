@@ -189,7 +189,53 @@ def test_concurrent_requests_are_merged_and_answered_in_order(server):
         assert b == pytest.approx(a, abs=1e-6)
     after = info()
     assert after["requests"] - before["requests"] == 8
-    assert after["forwards"] - before["forwards"] < 8  # some requests shared a forward
+    assert after["forwards"] - before["forwards"] <= 8  # whether they merge depends on arrival: tested below
+
+
+def test_requests_queued_during_a_forward_share_the_next_one(chat_rm_dir):
+    """The batcher's merge, without arrival timing: the first forward is held until the seven other requests
+    are queued, so they must all go into the second forward, each getting back its own scores in its order."""
+    import asyncio
+
+    from aplot_rlhf.serve_rm import Batcher, Scorer
+    scorer = Scorer(chat_rm_dir, device="cpu")
+    bodies = [([f"question {i}"] * 3, [f"answer {i} {j}" for j in range(3)]) for i in range(8)]
+    alone = [scorer.score(p, r) for p, r in bodies]
+    batcher = Batcher(scorer, max_batch_tokens=16384)
+    forward, entered, release, sizes = scorer.score_encoded, threading.Event(), threading.Event(), []
+
+    def held_forward(seqs):
+        sizes.append(len(seqs))
+        entered.set()
+        assert release.wait(60), "the other requests never arrived"
+        return forward(seqs)
+
+    scorer.score_encoded = held_forward
+
+    async def main():
+        runner = asyncio.create_task(batcher.run())
+        while batcher.queue is None:
+            await asyncio.sleep(0)
+        first = asyncio.create_task(batcher.score(scorer.encode(*bodies[0])))
+        while not entered.is_set():  # the first request is in its (held) forward
+            await asyncio.sleep(0.01)
+        rest = [asyncio.create_task(batcher.score(scorer.encode(*b))) for b in bodies[1:]]
+        while batcher.queue.qsize() < 7:
+            await asyncio.sleep(0.01)
+        release.set()
+        got = await asyncio.gather(first, *rest)
+        runner.cancel()
+        return got
+
+    try:
+        together = asyncio.run(main())
+    finally:
+        batcher.worker.shutdown(wait=False)
+        batcher.tokenizer.shutdown(wait=False)
+    for a, b in zip(alone, together):
+        assert b == pytest.approx(a, abs=1e-6)
+    assert sizes == [3, 21]  # the first request alone, then the seven queued during it in one forward
+    assert (batcher.forwards, batcher.requests) == (2, 8)
 
 
 def test_a_missing_server_is_one_clear_error_after_the_wait():
