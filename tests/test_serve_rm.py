@@ -189,7 +189,8 @@ def test_concurrent_requests_are_merged_and_answered_in_order(server):
         assert b == pytest.approx(a, abs=1e-6)
     after = info()
     assert after["requests"] - before["requests"] == 8
-    assert after["forwards"] - before["forwards"] <= 8  # whether they merge depends on arrival: tested below
+    # no request took more than one forward; whether they share one depends on arrival, so that is tested below
+    assert after["forwards"] - before["forwards"] <= 8
 
 
 def test_requests_queued_during_a_forward_share_the_next_one(chat_rm_dir):

@@ -154,8 +154,8 @@ def verify_checkpoint(step_dir: str) -> dict:
         size = os.path.getsize(path)
         if size != want["size"]:
             raise CheckpointError(f"{path}: {size} bytes, manifest says {want['size']} (truncated or rewritten)")
-        if "sha256" in want and file_sha256(path) != want["sha256"]:
-            raise CheckpointError(f"{path}: sha256 {file_sha256(path)[:16]}... differs from the manifest's "
+        if "sha256" in want and (got := file_sha256(path)) != want["sha256"]:
+            raise CheckpointError(f"{path}: sha256 {got[:16]}... differs from the manifest's "
                                   f"{want['sha256'][:16]}... (same size, damaged content)")
     return manifest
 
