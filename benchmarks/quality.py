@@ -29,6 +29,11 @@ and machine load). The report is rebuilt from these files alone. The big run fol
 runs/quality/<preset>/ (git-ignored). A run counts as done when its state file exists; a run folder
 whose eval finished (ood.json) is turned into its state file by the next command, --report included;
 any other partial run folder is deleted and redone, so the command can be stopped and rerun at any point.
+
+The exported models are not committed (0.5 GB each). `--rebuild bt:2,aplot:2` trains those finished runs again
+into their run folders (the RLHF half, benchmarks/rlhf_quality.py, trains policies against them) and checks
+each is the study's training, not just its recipe: every periodic id_val eval equal to the state's, bit for bit
+(rebuilt.json in the run folder; exit status 2 when one is not, e.g. on another CPU kind).
 """
 from __future__ import annotations
 
@@ -475,6 +480,67 @@ def train_and_eval(preset: str, method: str, seed: int, lr: str, threads: int) -
     s = harvest(preset, method, seed)
     say(f"done  {method} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in s["accuracy"].items())
         + f" (train {train_s:.0f} s, eval {s['eval_s']:.0f} s, load {machine()['load_1_5_15']})")
+
+
+def rebuild(preset: str, method: str, seed: int, threads: int) -> dict:
+    """Train a finished study run again into its run folder: its state file is committed, its exported model
+    (0.5 GB) is not and goes with the machine a session ran on, and the RLHF half (rlhf_quality.py) trains
+    policies against the study's reward models. Same command, lr and flags as the study's run; no OOD eval (the
+    state has it). Whether it is the same training is checked, not assumed: every periodic id_val eval's
+    accuracy and mean margin must equal the state's (bit for bit; another CPU kind may round differently and
+    give a near-copy, which rebuilt.json and the message then say). Returns rebuilt.json's record."""
+    path = run_state(preset, method, seed)
+    if not path.exists():
+        raise SystemExit(f"--rebuild {method}:{seed}: no state file {path}: not a finished study "
+                         "run (run the study for it)")
+    out = run_dir(preset, method, seed)
+    record = out / "rebuilt.json"
+    if trained_s(out) is not None:
+        if record.exists():
+            return json.loads(record.read_text())
+        return {"method": method, "seed": seed, "rebuilt": False, "same_training": True,
+                "note": "the study's own run folder: its model is the one the state evaluated"}
+    state = json.loads(path.read_text())
+    fresh(out)
+    say(f"rebuild {method} seed {seed} (lr {state['lr']}, {' '.join(state['flags'])})")
+    t0, load0 = time.time(), machine()
+    _run(train_cmd(preset, out, seed, state["lr"], state["flags"]), out / "train.log", threads)
+    train_s = time.time() - t0
+    drop_checkpoints(out)
+    rows = read_metrics(out)
+    curve = [list(x) for x in eval_curve(rows)]
+    margins = [list(x) for x in eval_curve(rows, "id_val", "rewards/margins")]
+    study_curve = [list(x) for x in state["id_val_curve"]]
+    study_margins = [list(x) for x in state["id_val_margin_curve"]]
+    same_steps = [s for s, _ in margins] == [s for s, _ in study_margins]
+    diff = max((abs(a[1] - b[1]) for a, b in zip(margins, study_margins)), default=float("nan"))
+    rec = {"method": method, "seed": seed, "rebuilt": True, "lr": state["lr"], "flags": state["flags"],
+           "same_training": same_steps and curve == study_curve and margins == study_margins,
+           "max_abs_margin_diff": diff if same_steps else None,
+           "final_id_val": curve[-1][1] if curve else None, "final_id_val_study": state["accuracy"]["id_val"],
+           "id_val_curve": curve, "id_val_curve_study": study_curve,
+           "train_s": round(train_s, 1), "machine": load0, "machine_study": state.get("machine_train"),
+           "load_end": machine()["load_1_5_15"]}
+    write_json(out / "train_done.json", {"train_s": train_s, "machine": load0, "load_end": rec["load_end"],
+                                         "rebuilt": True})
+    write_json(record, rec)
+    verdict = ("the same training (every id_val eval equal)" if rec["same_training"] else
+               f"NOT the same training: final id_val {rec['final_id_val']} vs the study's "
+               f"{rec['final_id_val_study']}, largest mean-margin difference {diff:.3g} (another CPU kind rounds "
+               "differently): a same-recipe retrain, not the study's model")
+    say(f"rebuilt {method} seed {seed} in {train_s:.0f} s: {verdict}")
+    return rec
+
+
+def parse_rebuild(spec: str) -> list[tuple[str, int]]:
+    """--rebuild METHOD:SEED,... -> [(method, seed)]."""
+    runs = []
+    for part in (x.strip() for x in spec.split(",")):
+        method, sep, seed = part.partition(":")
+        if not sep or method not in METHODS or not seed.isdigit():
+            raise SystemExit(f"--rebuild {part!r}: expected METHOD:SEED with METHOD one of {', '.join(METHODS)}")
+        runs.append((method, int(seed)))
+    return runs
 
 
 def _bits(rows: list[dict]) -> dict:
@@ -1142,9 +1208,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (default: cores // jobs)")
     ap.add_argument("--report", action="store_true", help="only aggregate finished runs (and turn finished run "
                     "folders into their state files)")
+    ap.add_argument("--rebuild", default="", metavar="METHOD:SEED,...",
+                    help="train finished study runs again (their models are not committed) and check each is the "
+                    "same training as its state; nothing else runs")
     args = ap.parse_args()
     from machine import print_machine_header  # benchmarks/machine.py
     print_machine_header()
+    if args.rebuild:
+        threads = args.threads or os.cpu_count() or 2
+        recs = [rebuild(args.preset, m, s, threads) for m, s in parse_rebuild(args.rebuild)]
+        sys.exit(0 if all(r["same_training"] for r in recs) else 2)
     methods = [m for m in (args.methods or PRESETS[args.preset]["methods"]).split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -74,11 +74,20 @@ def parse_rms(specs: list[str]) -> dict[str, str]:
 
 def rm_path(template: str, seed: int) -> str:
     """An --rm path for one policy seed: "{seed}" in it becomes the seed, so each policy seed trains against the
-    reward models of the same study seed (aplot_s{seed} against bt_s{seed})."""
-    path = template.replace("{seed}", str(seed))
-    if not (Path(path) / "config.json").exists():
-        raise SystemExit(f"--rm {template}: {path} has no config.json (a train_rm export folder) for seed {seed}")
-    return path
+    reward models of the same study seed (aplot_s{seed} against bt_s{seed}). Checked for a model only where a
+    run still has to train against it (train()): a finished run's reward model may be gone with its machine."""
+    return template.replace("{seed}", str(seed))
+
+
+def rm_provenance(rm: str) -> dict:
+    """Where a reward model came from: the quality study's `--rebuild` leaves rebuilt.json beside a model it
+    trained again, saying whether that was the study's training bit for bit; any other folder is taken as is."""
+    record = Path(rm).parent / "rebuilt.json"
+    if record.exists():
+        r = json.loads(record.read_text())
+        return {"rebuilt": True, "same_training": r["same_training"], "final_id_val": r["final_id_val"],
+                "final_id_val_study": r["final_id_val_study"]}
+    return {"rebuilt": False}
 
 
 def parse_judges(specs: list[str], rms: dict[str, str], seeds: list[int]) -> dict[str, str]:
@@ -136,6 +145,10 @@ def train(name: str, rm: str, seed: int, args, out: Path) -> dict:
             raise SystemExit(f"{state}: trained against {done['rm_path']}, not {rm} given as --rm {name}; use "
                              "another --out (or name) for another reward model")
         return done
+    if not (Path(rm) / "config.json").exists():
+        raise SystemExit(f"--rm {name}: {rm} has no config.json (a train_rm export folder) for seed {seed}; a "
+                         "finished quality-study run's model is trained again by `python benchmarks/quality.py "
+                         "--preset PRESET --rebuild METHOD:SEED`")
     run = Path(args.runs) / f"{name}_s{seed}"
     if run.exists():  # a partial run: metrics.jsonl is append-only, so start it again
         import shutil
@@ -153,7 +166,8 @@ def train(name: str, rm: str, seed: int, args, out: Path) -> dict:
         raise SystemExit(f"{run}: train_ppo finished without an exported policy/ (see {run / 'train.log'})")
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     last = rows[-1]
-    result = {"rm": name, "rm_path": rm, "seed": seed, "policy": str(run / "policy"), "iterations": args.iterations,
+    result = {"rm": name, "rm_path": rm, "rm_fingerprint": fingerprint(rm), "rm_provenance": rm_provenance(rm),
+              "seed": seed, "policy": str(run / "policy"), "iterations": args.iterations,
               "final_reward_raw": last.get("ppo/reward/raw_mean"), "final_kl": last.get("ppo/kl"),
               "reward_curve": [r.get("ppo/reward/raw_mean") for r in rows],
               "kl_curve": [r.get("ppo/kl") for r in rows], "wall_s": round(time.time() - t0, 1),
@@ -183,6 +197,9 @@ def answer(name: str, seed: int, policy: str, args, out: Path) -> list[dict]:
     path = out / "answers" / f"{name}_s{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
+    if not (Path(policy) / "config.json").exists():
+        raise SystemExit(f"{policy}: the trained policy is gone and its answers ({path}) were never saved; delete "
+                         f"{out / 'states' / f'train_{name}_s{seed}.json'} to train the run again")
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -298,6 +315,16 @@ def report(out: Path, names: list[str], judged: dict[str, dict], trains: dict) -
     built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [f"## RLHF with {a} against {b}: policies judged by reward models neither was trained against", "",
              f"Built by `python benchmarks/rlhf_quality.py --report` at {built}; {len(judged)} judge(s).", ""]
+    def origin(t: dict) -> str:
+        prov = t.get("rm_provenance") or {}
+        if not prov.get("rebuilt"):
+            return "as given"
+        return ("trained again, the study's training bit for bit" if prov["same_training"] else
+                f"trained again, NOT bit for bit (final id_val {prov['final_id_val']:.3f}, the study's "
+                f"{prov['final_id_val_study']:.3f})")
+    lines += ["Reward models trained against: " + "; ".join(
+        f"{k[0]} seed {k[1]} `{t.get('rm_path', '?')}` (weights {t.get('rm_fingerprint', '?')}, {origin(t)})"
+        for k, t in sorted(trains.items(), key=lambda kv: (kv[0][1], kv[0][0]))) + ".", ""]
     summaries = {}
     for judge, j in judged.items():
         summaries[judge] = summarize(j["per_seed"], names)
@@ -354,9 +381,10 @@ def judge_all(out: Path, judge: str, path: str, names: list[str], seeds: list[in
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rm", action="append", required=True, help="NAME=PATH of a train_rm export (exactly two)")
-    p.add_argument("--judge", action="append", required=True,
+    p.add_argument("--judge", action="append", default=[],
                    help="NAME=PATH or PATH of a train_rm export neither policy was trained against; repeat for "
-                        "several judges, each reported on its own")
+                        "several judges, each reported on its own; none: only train and answer (judge later: the "
+                        "answers are saved)")
     p.add_argument("--judge_pairs", default="id_val",
                    help="labelled pairs for the judge's length bias: a pairs file, 'id_val' (the quality study's ID "
                         "validation split, built if missing) or '' to skip")
@@ -383,6 +411,12 @@ def main(argv=None) -> None:
                 continue
             trains[(name, seed)] = train(name, rm_path(template, seed), seed, args, out)
             answers[(name, seed)] = answer(name, seed, trains[(name, seed)]["policy"], args, out)
+    if not judges:
+        if args.report:
+            raise SystemExit("--report needs at least one --judge")
+        say(f"no --judge: {len(answers)} run(s) trained and answered ({', '.join(f'{n}_s{s}' for n, s in answers)}); "
+            "their answers are saved, a later command with --judge scores them")
+        return
     if not any((names[0], s) in answers and (names[1], s) in answers for s in seeds):
         raise SystemExit("no seed has both policies' answers yet")
     judged = {j: judge_all(out, j, path, names, seeds, answers, args.judge_pairs) for j, path in judges.items()}

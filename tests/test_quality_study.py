@@ -162,3 +162,50 @@ def test_lr_grid_extends_upward_only_while_the_best_is_the_largest(quality, tmp_
     assert "| bt | 57.0 | 65.5 | 67.5 | 69.0 | 50.0 | 3e-3 |" in text
     assert "| aplot | 60.0 | 64.0 | 63.0 | — | — | 3e-4 |" in text
     assert "lrs beyond the grid" in text
+
+
+def test_rebuild_trains_the_state_s_run_again_and_checks_it_is_the_same_training(quality, tmp_path, monkeypatch):
+    """--rebuild reruns a finished run's training (the state's lr and flags, the preset's rank) into its run folder
+    and calls it the study's model only when every periodic id_val eval equals the state's; a near-copy (one
+    margin off in the last digit) is recorded and reported as not the same. The trainer subprocess is replaced by
+    one that writes the metrics a training writes."""
+    monkeypatch.setattr(quality, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(quality, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(quality, "chosen_rank", lambda preset, required=True: "")
+    curve, margins = [[0, 0.5], [2, 0.75]], [[0, 0.0], [2, 0.123456789]]
+    quality.write_json(quality.run_state("smoke", "aplot", 3), {
+        "method": "aplot", "seed": 3, "lr": "3e-4", "flags": ["--loss", "aplot"], "accuracy": {"id_val": 0.75},
+        "id_val_curve": curve, "id_val_margin_curve": margins, "machine_train": {"cpu": "test"}})
+    commands, written = [], {"margin": 0.123456789}
+
+    def fake_run(cmd, log_path, threads):
+        commands.append(cmd)
+        out = log_path.parent
+        rows = [{"step": s, "eval/id_val/accuracy": a, "eval/id_val/rewards/margins": m}
+                for (s, a), (_, m) in zip(curve, [[0, 0.0], [2, written["margin"]]])]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (out / "model").mkdir()
+        (out / "model" / "config.json").write_text("{}")
+        (out / "checkpoints").mkdir()
+    monkeypatch.setattr(quality, "_run", fake_run)
+    rec = quality.rebuild("smoke", "aplot", 3, 1)
+    cmd = commands[0]
+    assert cmd[cmd.index("--learning_rate") + 1] == "3e-4" and cmd[cmd.index("--seed") + 1] == "3"
+    assert cmd[cmd.index("--loss") + 1] == "aplot"
+    assert rec["same_training"] and rec["final_id_val"] == 0.75
+    out = quality.run_dir("smoke", "aplot", 3)
+    assert not (out / "checkpoints").exists() and quality.trained_s(out) is not None
+    assert quality.rebuild("smoke", "aplot", 3, 1) == rec and len(commands) == 1  # done: not trained again
+
+    __import__("shutil").rmtree(out)
+    written["margin"] = 0.123456788
+    rec = quality.rebuild("smoke", "aplot", 3, 1)
+    assert not rec["same_training"] and rec["max_abs_margin_diff"] == pytest.approx(1e-9)
+    assert json.loads((out / "rebuilt.json").read_text())["same_training"] is False
+
+    with pytest.raises(SystemExit, match="no state file .*bt_s3.json"):
+        quality.rebuild("smoke", "bt", 3, 1)
+    assert quality.parse_rebuild("bt:2, aplot_sel:5") == [("bt", 2), ("aplot_sel", 5)]
+    for bad in ("bt", "nope:1", "bt:x"):
+        with pytest.raises(SystemExit, match="METHOD:SEED"):
+            quality.parse_rebuild(bad)

@@ -77,8 +77,6 @@ def test_the_judge_must_not_be_a_compared_reward_model(rq, tmp_path):
         (tmp_path / name / "model" / "config.json").write_text("{}")
     rms = rq.parse_rms([f"aplot={tmp_path}/aplot_s{{seed}}/model", f"bt={tmp_path}/bt_s{{seed}}/model"])
     assert rq.rm_path(rms["bt"], 2) == f"{tmp_path}/bt_s2/model"
-    with pytest.raises(SystemExit, match="no config.json .* for seed 3"):
-        rq.rm_path(rms["bt"], 3)
     with pytest.raises(SystemExit, match="neither policy"):
         rq.parse_judges([f"{tmp_path}/bt_s2/model"], rms, [1, 2])
     assert rq.parse_judges([f"{tmp_path}/bt_s2/model", f"other={tmp_path}/aplot_s2/model"], rms, [1]) == {
@@ -136,3 +134,32 @@ def test_a_run_trained_against_another_reward_model_is_refused(rq, tmp_path):
     with pytest.raises(SystemExit, match="train_bt_s1.json: trained against .*old_bt"):
         rq.train("bt", str(tmp_path / "new_bt"), 1, None, out)
     assert rq.train("bt", str(tmp_path / "old_bt"), 1, None, out)["policy"] == "p"
+
+
+def test_a_finished_run_needs_no_reward_model_and_a_missing_one_is_named(rq, tmp_path):
+    """Reward models go with the machine that trained them: a run whose state exists is never checked for one; a
+    run still to train names the missing folder and the study's --rebuild; a rebuilt model's record travels into
+    the run's provenance and the report."""
+    out = tmp_path / "out"
+    gone = tmp_path / "runs" / "bt_s2" / "model"
+    rq.write_json(out / "states" / "train_bt_s2.json", {"rm_path": str(gone), "policy": "p"})
+    assert rq.train("bt", str(gone), 2, None, out)["policy"] == "p"
+    with pytest.raises(SystemExit, match=r"aplot_s2/model has no config.json .*--rebuild METHOD:SEED"):
+        rq.train("aplot", str(tmp_path / "runs" / "aplot_s2" / "model"), 2, None, out)
+    assert rq.rm_path("runs/x_s{seed}/model", 3) == "runs/x_s3/model"
+
+    model = tmp_path / "runs" / "aplot_s1" / "model"
+    model.mkdir(parents=True)
+    assert rq.rm_provenance(str(model)) == {"rebuilt": False}
+    rq.write_json(model.parent / "rebuilt.json", {"same_training": False, "final_id_val": 0.62,
+                                                  "final_id_val_study": 0.64})
+    prov = rq.rm_provenance(str(model))
+    assert prov == {"rebuilt": True, "same_training": False, "final_id_val": 0.62, "final_id_val_study": 0.64}
+    trains = {(m, 1): {"final_kl": 1.0, "final_reward_raw": 0.1, "rm_path": f"{m}_s1", "rm_fingerprint": "ff",
+                       "rm_provenance": prov if m == "aplot" else {"rebuilt": False}} for m in ("aplot", "bt")}
+    c = {"n": 2, "wins": 1, "ties": 0, "losses": 1, "win_rate": 0.5, "judge_prefers_longer": 0.5,
+         "length_differs": 2, "mean_chars_a": 5.0, "mean_chars_b": 5.0}
+    text = rq.report(tmp_path, ["aplot", "bt"], {"j": {"path": "j", "fp": "aa", "per_seed": {1: c}, "bias": None}},
+                     trains)
+    assert "aplot seed 1 `aplot_s1` (weights ff, trained again, NOT bit for bit (final id_val 0.620, the study's " \
+        "0.640))" in text and "bt seed 1 `bt_s1` (weights ff, as given)" in text
