@@ -501,8 +501,9 @@ def rebuild(preset: str, method: str, seed: int, threads: int) -> dict:
         return {"method": method, "seed": seed, "rebuilt": False, "same_training": True,
                 "note": "the study's own run folder: its model is the one the state evaluated"}
     state = json.loads(path.read_text())
+    threads = state.get("threads") or threads  # the study's thread count: it may split a reduction differently
     fresh(out)
-    say(f"rebuild {method} seed {seed} (lr {state['lr']}, {' '.join(state['flags'])})")
+    say(f"rebuild {method} seed {seed} (lr {state['lr']}, {' '.join(state['flags'])}, {threads} threads)")
     t0, load0 = time.time(), machine()
     _run(train_cmd(preset, out, seed, state["lr"], state["flags"]), out / "train.log", threads)
     train_s = time.time() - t0
@@ -519,7 +520,8 @@ def rebuild(preset: str, method: str, seed: int, threads: int) -> dict:
            "max_abs_margin_diff": diff if same_steps else None,
            "final_id_val": curve[-1][1] if curve else None, "final_id_val_study": state["accuracy"]["id_val"],
            "id_val_curve": curve, "id_val_curve_study": study_curve,
-           "train_s": round(train_s, 1), "machine": load0, "machine_study": state.get("machine_train"),
+           "threads": threads, "train_s": round(train_s, 1), "machine": load0,
+           "machine_study": state.get("machine_train"),
            "load_end": machine()["load_1_5_15"]}
     write_json(out / "train_done.json", {"train_s": train_s, "machine": load0, "load_end": rec["load_end"],
                                          "rebuilt": True})
