@@ -482,13 +482,28 @@ def train_and_eval(preset: str, method: str, seed: int, lr: str, threads: int) -
         + f" (train {train_s:.0f} s, eval {s['eval_s']:.0f} s, load {machine()['load_1_5_15']})")
 
 
+def model_fingerprint(folder: str | Path) -> str:
+    """A model's identity: sha256 over its config and weight files (names and digests), 16 hex digits."""
+    from aplot_rlhf.engine.checkpoint import file_sha256
+    h = hashlib.sha256()
+    folder = Path(folder)
+    files = sorted(f for f in folder.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in (
+        ".safetensors", ".bin", ".pt")))
+    if not any(f.name != "config.json" for f in files):
+        raise SystemExit(f"{folder}: no weight files (*.safetensors, *.bin) to identify the model by")
+    for f in files:
+        h.update(f"{f.name}\0{file_sha256(str(f))}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def rebuild(preset: str, method: str, seed: int, threads: int) -> dict:
     """Train a finished study run again into its run folder: its state file is committed, its exported model
     (0.5 GB) is not and goes with the machine a session ran on, and the RLHF half (rlhf_quality.py) trains
-    policies against the study's reward models. Same command, lr and flags as the study's run; no OOD eval (the
-    state has it). Whether it is the same training is checked, not assumed: every periodic id_val eval's
-    accuracy and mean margin must equal the state's (bit for bit; another CPU kind may round differently and
-    give a near-copy, which rebuilt.json and the message then say). Returns rebuilt.json's record."""
+    policies against the study's reward models. Same command, lr, flags and thread count as the study's run; no
+    OOD eval (the state has it). Whether it is the same training is checked, not assumed: every periodic id_val
+    eval's accuracy and mean margin must equal the state's bit for bit, and where the state has the exported
+    model's fingerprint (states harvested since it was recorded), the weights too. Anything else is a near-copy,
+    which rebuilt.json and the message say. Returns rebuilt.json's record."""
     path = run_state(preset, method, seed)
     if not path.exists():
         raise SystemExit(f"--rebuild {method}:{seed}: no state file {path}: not a finished study "
@@ -496,10 +511,11 @@ def rebuild(preset: str, method: str, seed: int, threads: int) -> dict:
     out = run_dir(preset, method, seed)
     record = out / "rebuilt.json"
     if trained_s(out) is not None:
-        if record.exists():
+        if json.loads((out / "train_done.json").read_text()).get("rebuilt"):
             return json.loads(record.read_text())
-        return {"method": method, "seed": seed, "rebuilt": False, "same_training": True,
-                "note": "the study's own run folder: its model is the one the state evaluated"}
+        if (out / "ood.json").exists():
+            return {"method": method, "seed": seed, "rebuilt": False, "same_training": True,
+                    "note": "the study's own run folder: its model is the one the state evaluated"}
     state = json.loads(path.read_text())
     threads = state.get("threads") or threads  # the study's thread count: it may split a reduction differently
     fresh(out)
@@ -507,29 +523,43 @@ def rebuild(preset: str, method: str, seed: int, threads: int) -> dict:
     t0, load0 = time.time(), machine()
     _run(train_cmd(preset, out, seed, state["lr"], state["flags"]), out / "train.log", threads)
     train_s = time.time() - t0
+    if not (out / "model" / "config.json").exists():
+        raise SystemExit(f"rebuild {method} seed {seed}: training ended without an exported model "
+                         f"(see {out / 'train.log'})")
     drop_checkpoints(out)
     rows = read_metrics(out)
     curve = [list(x) for x in eval_curve(rows)]
     margins = [list(x) for x in eval_curve(rows, "id_val", "rewards/margins")]
     study_curve = [list(x) for x in state["id_val_curve"]]
     study_margins = [list(x) for x in state["id_val_margin_curve"]]
-    same_steps = [s for s, _ in margins] == [s for s, _ in study_margins]
-    diff = max((abs(a[1] - b[1]) for a, b in zip(margins, study_margins)), default=float("nan"))
+    same_steps = [s for s, _ in margins] == [s for s, _ in study_margins] and bool(margins)
+    fp, study_fp = model_fingerprint(out / "model"), state.get("model_fingerprint")
+    same_weights = None if study_fp is None else fp == study_fp
+    cpu, study_cpu = load0["cpu"], ((state.get("machine_train") or {}).get("machine") or {}).get("cpu")
     rec = {"method": method, "seed": seed, "rebuilt": True, "lr": state["lr"], "flags": state["flags"],
-           "same_training": same_steps and curve == study_curve and margins == study_margins,
-           "max_abs_margin_diff": diff if same_steps else None,
+           "same_training": same_steps and curve == study_curve and margins == study_margins
+           and same_weights is not False,
+           "same_eval_steps": same_steps, "same_weights": same_weights, "model_fingerprint": fp,
+           "max_abs_margin_diff": max(abs(a[1] - b[1]) for a, b in zip(margins, study_margins)) if same_steps
+           else None,
            "final_id_val": curve[-1][1] if curve else None, "final_id_val_study": state["accuracy"]["id_val"],
            "id_val_curve": curve, "id_val_curve_study": study_curve,
-           "threads": threads, "train_s": round(train_s, 1), "machine": load0,
-           "machine_study": state.get("machine_train"),
+           "threads": threads, "train_s": round(train_s, 1), "machine": load0, "cpu_study": study_cpu,
            "load_end": machine()["load_1_5_15"]}
+    write_json(record, rec)
+    # the completion marker last: a rebuild stopped before it is redone, never taken for the study's own run
     write_json(out / "train_done.json", {"train_s": train_s, "machine": load0, "load_end": rec["load_end"],
                                          "rebuilt": True})
-    write_json(record, rec)
-    verdict = ("the same training (every id_val eval equal)" if rec["same_training"] else
-               f"NOT the same training: final id_val {rec['final_id_val']} vs the study's "
-               f"{rec['final_id_val_study']}, largest mean-margin difference {diff:.3g} (another CPU kind rounds "
-               "differently): a same-recipe retrain, not the study's model")
+    if rec["same_training"]:
+        verdict = "the same training (every id_val eval equal" + (", the same weights)" if same_weights else ")")
+    else:
+        why = ("its periodic evals fell on other steps" if not same_steps else
+               f"largest mean-margin difference {rec['max_abs_margin_diff']:.3g}" if same_weights is not False else
+               "other weights")
+        where = (f"this CPU ({cpu}) is not the study run's ({study_cpu}), which may round differently"
+                 if study_cpu and cpu != study_cpu else "the same CPU kind: the code, settings or libraries differ")
+        verdict = (f"NOT the same training ({why}; final id_val {rec['final_id_val']} vs the study's "
+                   f"{rec['final_id_val_study']}; {where}): a same-recipe retrain, not the study's model")
     say(f"rebuilt {method} seed {seed} in {train_s:.0f} s: {verdict}")
     return rec
 
@@ -594,6 +624,8 @@ def harvest(preset: str, method: str, seed: int) -> dict:
         "length": {k: v["length"] for k, v in ev.items() if "length" in v},
         "correct": correct, "train_metrics": diag,
         "first_step_chosen_reward": first["train/rewards/chosen"] if first else None,
+        # what --rebuild compares weights with (a model trained again on another machine)
+        "model_fingerprint": model_fingerprint(out / "model") if (out / "model" / "config.json").exists() else None,
     }
     write_json(run_state(preset, method, seed), state, indent=None)  # one line: ~25 KB, not 2,000 lines
     return state
@@ -1218,7 +1250,11 @@ def main() -> None:
     print_machine_header()
     if args.rebuild:
         threads = args.threads or os.cpu_count() or 2
-        recs = [rebuild(args.preset, m, s, threads) for m, s in parse_rebuild(args.rebuild)]
+        todo = parse_rebuild(args.rebuild)
+        missing = [str(run_state(args.preset, m, s)) for m, s in todo if not run_state(args.preset, m, s).exists()]
+        if missing:  # before hours of training, not after
+            raise SystemExit(f"--rebuild: no state file {', '.join(missing)}: not finished study runs")
+        recs = [rebuild(args.preset, m, s, threads) for m, s in todo]
         sys.exit(0 if all(r["same_training"] for r in recs) else 2)
     methods = [m for m in (args.methods or PRESETS[args.preset]["methods"]).split(",") if m]
     unknown = [m for m in methods if m not in METHODS]

@@ -36,7 +36,6 @@ against another reward model than the one now given under its name is refused, n
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -49,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
-from quality import env_for, id_val_file, machine, mcnemar_exact, t_ci95, write_json  # noqa: E402
+from quality import env_for, id_val_file, machine, mcnemar_exact, model_fingerprint, t_ci95, write_json  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -62,8 +61,6 @@ def parse_rms(specs: list[str]) -> dict[str, str]:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise SystemExit(f"--rm {spec!r}: expected NAME=PATH (e.g. aplot=runs/quality/smollm2/aplot_s1/model)")
-        if "{seed}" not in path and not (Path(path) / "config.json").exists():
-            raise SystemExit(f"--rm {name}: {path} has no config.json (a train_rm export folder)")
         if name in rms:
             raise SystemExit(f"--rm {name} given twice")
         rms[name] = path
@@ -85,8 +82,8 @@ def rm_provenance(rm: str) -> dict:
     record = Path(rm).parent / "rebuilt.json"
     if record.exists():
         r = json.loads(record.read_text())
-        return {"rebuilt": True, "same_training": r["same_training"], "final_id_val": r["final_id_val"],
-                "final_id_val_study": r["final_id_val_study"]}
+        return {"rebuilt": True, "same_training": r["same_training"], "final_id_val": r.get("final_id_val"),
+                "final_id_val_study": r.get("final_id_val_study")}
     return {"rebuilt": False}
 
 
@@ -115,17 +112,8 @@ def parse_judges(specs: list[str], rms: dict[str, str], seeds: list[int]) -> dic
 
 
 def fingerprint(model_dir: str) -> str:
-    """A model's identity for the score caches: sha256 over its config and weight files (names and digests)."""
-    from aplot_rlhf.engine.checkpoint import file_sha256
-    h = hashlib.sha256()
-    folder = Path(model_dir)
-    files = sorted(f for f in folder.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in (
-        ".safetensors", ".bin", ".pt")))
-    if not any(f.name != "config.json" for f in files):
-        raise SystemExit(f"{model_dir}: no weight files (*.safetensors, *.bin) to identify the judge by")
-    for f in files:
-        h.update(f"{f.name}\0{file_sha256(str(f))}\n".encode())
-    return h.hexdigest()[:16]
+    """A model's identity for the score caches and the run states (quality.model_fingerprint)."""
+    return model_fingerprint(model_dir)
 
 
 def train_flags(rm: str, seed: int, out: Path, iterations: int, eval_prompts: int) -> list[str]:
@@ -144,11 +132,19 @@ def train(name: str, rm: str, seed: int, args, out: Path) -> dict:
         if os.path.realpath(done["rm_path"]) != os.path.realpath(rm):
             raise SystemExit(f"{state}: trained against {done['rm_path']}, not {rm} given as --rm {name}; use "
                              "another --out (or name) for another reward model")
+        recorded = done.get("rm_fingerprint")
+        if recorded and (Path(rm) / "config.json").exists() and fingerprint(rm) != recorded:
+            say(f"note: {rm} now holds other weights than the {done['rm_fingerprint']} run {name} seed {seed} was "
+                f"trained against ({state}); the finished run is kept and reported with the weights it used")
         return done
     if not (Path(rm) / "config.json").exists():
         raise SystemExit(f"--rm {name}: {rm} has no config.json (a train_rm export folder) for seed {seed}; a "
                          "finished quality-study run's model is trained again by `python benchmarks/quality.py "
                          "--preset PRESET --rebuild METHOD:SEED`")
+    rm_fp, provenance = fingerprint(rm), rm_provenance(rm)  # what it trains against, read before it does
+    if provenance["rebuilt"] and not provenance["same_training"]:
+        say(f"warning: {rm} was trained again and is NOT the study's model bit for bit (see its rebuilt.json); "
+            f"run {name} seed {seed} trains against a same-recipe copy and its report says so")
     run = Path(args.runs) / f"{name}_s{seed}"
     if run.exists():  # a partial run: metrics.jsonl is append-only, so start it again
         import shutil
@@ -166,7 +162,7 @@ def train(name: str, rm: str, seed: int, args, out: Path) -> dict:
         raise SystemExit(f"{run}: train_ppo finished without an exported policy/ (see {run / 'train.log'})")
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     last = rows[-1]
-    result = {"rm": name, "rm_path": rm, "rm_fingerprint": fingerprint(rm), "rm_provenance": rm_provenance(rm),
+    result = {"rm": name, "rm_path": rm, "rm_fingerprint": rm_fp, "rm_provenance": provenance,
               "seed": seed, "policy": str(run / "policy"), "iterations": args.iterations,
               "final_reward_raw": last.get("ppo/reward/raw_mean"), "final_kl": last.get("ppo/kl"),
               "reward_curve": [r.get("ppo/reward/raw_mean") for r in rows],
@@ -316,12 +312,16 @@ def report(out: Path, names: list[str], judged: dict[str, dict], trains: dict) -
     lines = [f"## RLHF with {a} against {b}: policies judged by reward models neither was trained against", "",
              f"Built by `python benchmarks/rlhf_quality.py --report` at {built}; {len(judged)} judge(s).", ""]
     def origin(t: dict) -> str:
-        prov = t.get("rm_provenance") or {}
+        prov = t.get("rm_provenance")
+        if prov is None:
+            return "provenance not recorded"
         if not prov.get("rebuilt"):
             return "as given"
-        return ("trained again, the study's training bit for bit" if prov["same_training"] else
-                f"trained again, NOT bit for bit (final id_val {prov['final_id_val']:.3f}, the study's "
-                f"{prov['final_id_val_study']:.3f})")
+        if prov["same_training"]:
+            return "trained again, the study's training bit for bit"
+        acc = lambda v: "?" if v is None else f"{v:.3f}"  # noqa: E731
+        return (f"trained again, NOT bit for bit (final id_val {acc(prov['final_id_val'])}, the study's "
+                f"{acc(prov['final_id_val_study'])})")
     lines += ["Reward models trained against: " + "; ".join(
         f"{k[0]} seed {k[1]} `{t.get('rm_path', '?')}` (weights {t.get('rm_fingerprint', '?')}, {origin(t)})"
         for k, t in sorted(trains.items(), key=lambda kv: (kv[0][1], kv[0][0]))) + ".", ""]
@@ -400,6 +400,8 @@ def main(argv=None) -> None:
     rms = parse_rms(args.rm)
     seeds = [int(x) for x in args.seeds.split(",") if x]
     judges = parse_judges(args.judge, rms, seeds)
+    if args.report and not judges:
+        raise SystemExit("--report needs at least one --judge")
     out = Path(args.out)
     args.runs = args.runs or str(REPO / "runs" / "rlhf_quality" / out.name)
     names = list(rms)
@@ -412,8 +414,6 @@ def main(argv=None) -> None:
             trains[(name, seed)] = train(name, rm_path(template, seed), seed, args, out)
             answers[(name, seed)] = answer(name, seed, trains[(name, seed)]["policy"], args, out)
     if not judges:
-        if args.report:
-            raise SystemExit("--report needs at least one --judge")
         say(f"no --judge: {len(answers)} run(s) trained and answered ({', '.join(f'{n}_s{s}' for n, s in answers)}); "
             "their answers are saved, a later command with --judge scores them")
         return

@@ -165,43 +165,80 @@ def test_lr_grid_extends_upward_only_while_the_best_is_the_largest(quality, tmp_
 
 
 def test_rebuild_trains_the_state_s_run_again_and_checks_it_is_the_same_training(quality, tmp_path, monkeypatch):
-    """--rebuild reruns a finished run's training (the state's lr and flags, the preset's rank) into its run folder
-    and calls it the study's model only when every periodic id_val eval equals the state's; a near-copy (one
-    margin off in the last digit) is recorded and reported as not the same. The trainer subprocess is replaced by
-    one that writes the metrics a training writes."""
+    """--rebuild reruns a finished run's training (the state's lr, flags and thread count) into its run folder and
+    calls it the study's model only when every periodic id_val eval equals the state's bit for bit (and the
+    weights, where the state has their fingerprint); a margin one float step off, evals on other steps, or other
+    weights are each recorded and reported as a near-copy. The trainer subprocess is replaced by one that writes
+    what a training leaves: metrics.jsonl, an exported model, checkpoints."""
+    import math
+    import shutil
     monkeypatch.setattr(quality, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(quality, "RUNS", tmp_path / "runs")
     monkeypatch.setattr(quality, "chosen_rank", lambda preset, required=True: "")
-    curve, margins = [[0, 0.5], [2, 0.75]], [[0, 0.0], [2, 0.123456789]]
-    quality.write_json(quality.run_state("smoke", "aplot", 3), {
-        "method": "aplot", "seed": 3, "lr": "3e-4", "flags": ["--loss", "aplot"], "accuracy": {"id_val": 0.75},
-        "id_val_curve": curve, "id_val_margin_curve": margins, "machine_train": {"cpu": "test"}})
-    commands, written = [], {"margin": 0.123456789}
+    margin = 0.1234567890123
+    study = {"method": "aplot", "seed": 3, "lr": "3e-4", "flags": ["--loss", "aplot"], "threads": 7,
+             "accuracy": {"id_val": 0.75}, "id_val_curve": [[0, 0.5], [2, 0.75]],
+             "id_val_margin_curve": [[0, 0.0], [2, margin]],
+             "machine_train": {"machine": {"cpu": "the study's CPU"}}}
+    quality.write_json(quality.run_state("smoke", "aplot", 3), study)
+    calls, written = [], {"steps": [0, 2], "margin": margin, "weights": b"w1"}
 
     def fake_run(cmd, log_path, threads):
-        commands.append(cmd)
+        calls.append((cmd, threads))
         out = log_path.parent
         rows = [{"step": s, "eval/id_val/accuracy": a, "eval/id_val/rewards/margins": m}
-                for (s, a), (_, m) in zip(curve, [[0, 0.0], [2, written["margin"]]])]
+                for s, a, m in zip(written["steps"], [0.5, 0.75], [0.0, written["margin"]])]
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (out / "model").mkdir()
         (out / "model" / "config.json").write_text("{}")
+        (out / "model" / "model.safetensors").write_bytes(written["weights"])
         (out / "checkpoints").mkdir()
     monkeypatch.setattr(quality, "_run", fake_run)
+    out = quality.run_dir("smoke", "aplot", 3)
+
     rec = quality.rebuild("smoke", "aplot", 3, 1)
-    cmd = commands[0]
+    cmd, threads = calls[0]
+    assert threads == 7  # the study run's, not the one asked for
     assert cmd[cmd.index("--learning_rate") + 1] == "3e-4" and cmd[cmd.index("--seed") + 1] == "3"
     assert cmd[cmd.index("--loss") + 1] == "aplot"
-    assert rec["same_training"] and rec["final_id_val"] == 0.75
-    out = quality.run_dir("smoke", "aplot", 3)
+    assert rec["same_training"] and rec["same_weights"] is None and rec["final_id_val"] == 0.75
     assert not (out / "checkpoints").exists() and quality.trained_s(out) is not None
-    assert quality.rebuild("smoke", "aplot", 3, 1) == rec and len(commands) == 1  # done: not trained again
+    assert quality.rebuild("smoke", "aplot", 3, 1) == rec and len(calls) == 1  # done: not trained again
 
-    __import__("shutil").rmtree(out)
-    written["margin"] = 0.123456788
-    rec = quality.rebuild("smoke", "aplot", 3, 1)
-    assert not rec["same_training"] and rec["max_abs_margin_diff"] == pytest.approx(1e-9)
+    def again(**change):
+        shutil.rmtree(out)
+        written.update(change)
+        return quality.rebuild("smoke", "aplot", 3, 1)
+    rec = again(margin=math.nextafter(margin, 1.0))  # one float step, through JSON and back
+    assert not rec["same_training"] and 0 < rec["max_abs_margin_diff"] < 1e-15
     assert json.loads((out / "rebuilt.json").read_text())["same_training"] is False
+    rec = again(margin=margin, steps=[0, 3])
+    assert not rec["same_training"] and not rec["same_eval_steps"] and rec["max_abs_margin_diff"] is None
+
+    # a state that knows its model's weights: equal curves are not enough when the weights differ
+    quality.write_json(quality.run_state("smoke", "aplot", 3), dict(study, model_fingerprint="0" * 16))
+    rec = again(steps=[0, 2])
+    assert rec["same_eval_steps"] and rec["same_weights"] is False and not rec["same_training"]
+    shutil.rmtree(out)
+    written["weights"] = b"w2"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text("{}")
+    (out / "model" / "model.safetensors").write_bytes(b"w2")
+    fp = quality.model_fingerprint(out / "model")
+    shutil.rmtree(out)
+    quality.write_json(quality.run_state("smoke", "aplot", 3), dict(study, model_fingerprint=fp))
+    assert quality.rebuild("smoke", "aplot", 3, 1)["same_weights"] is True
+
+    # a folder with a model and the completion marker but no record of being a rebuild or the study's eval is
+    # trained again, never taken for the study's own model; the study's own folder (ood.json) is
+    (out / "train_done.json").write_text(json.dumps({"train_s": 1.0}))
+    n = len(calls)
+    assert quality.rebuild("smoke", "aplot", 3, 1)["rebuilt"] and len(calls) == n + 1
+    (out / "train_done.json").write_text(json.dumps({"train_s": 1.0}))
+    (out / "ood.json").write_text("{}")
+    assert quality.rebuild("smoke", "aplot", 3, 1) == {
+        "method": "aplot", "seed": 3, "rebuilt": False, "same_training": True,
+        "note": "the study's own run folder: its model is the one the state evaluated"}
 
     with pytest.raises(SystemExit, match="no state file .*bt_s3.json"):
         quality.rebuild("smoke", "bt", 3, 1)

@@ -85,8 +85,9 @@ def test_the_judge_must_not_be_a_compared_reward_model(rq, tmp_path):
         rq.parse_judges([f"{tmp_path}/bt_s2/model", f"bt_s2={tmp_path}/aplot_s2/model"], rms, [1])
     with pytest.raises(SystemExit, match="exactly two"):
         rq.parse_rms([f"a={tmp_path / 'a'}"])
-    with pytest.raises(SystemExit, match="no config.json"):
-        rq.parse_rms([f"a={tmp_path / 'a'}", f"c={tmp_path / 'c'}"])
+    # a reward model is looked for only where a run still trains against it (train()), not when parsed
+    assert rq.parse_rms([f"a={tmp_path / 'a'}", f"c={tmp_path / 'c'}"]) == {"a": str(tmp_path / "a"),
+                                                                           "c": str(tmp_path / "c")}
 
 
 def test_judge_scores_are_cached_per_judge_weights_not_per_path(rq, tmp_path, monkeypatch):
@@ -136,7 +137,7 @@ def test_a_run_trained_against_another_reward_model_is_refused(rq, tmp_path):
     assert rq.train("bt", str(tmp_path / "old_bt"), 1, None, out)["policy"] == "p"
 
 
-def test_a_finished_run_needs_no_reward_model_and_a_missing_one_is_named(rq, tmp_path):
+def test_a_finished_run_needs_no_reward_model_and_a_missing_one_is_named(rq, tmp_path, capsys):
     """Reward models go with the machine that trained them: a run whose state exists is never checked for one; a
     run still to train names the missing folder and the study's --rebuild; a rebuilt model's record travels into
     the run's provenance and the report."""
@@ -147,6 +148,13 @@ def test_a_finished_run_needs_no_reward_model_and_a_missing_one_is_named(rq, tmp
     with pytest.raises(SystemExit, match=r"aplot_s2/model has no config.json .*--rebuild METHOD:SEED"):
         rq.train("aplot", str(tmp_path / "runs" / "aplot_s2" / "model"), 2, None, out)
     assert rq.rm_path("runs/x_s{seed}/model", 3) == "runs/x_s3/model"
+    # a finished run whose reward model's folder now holds other weights is kept, with a note naming both
+    gone.mkdir(parents=True)
+    (gone / "config.json").write_text("{}")
+    (gone / "model.safetensors").write_bytes(b"other weights")
+    rq.write_json(out / "states" / "train_bt_s2.json", {"rm_path": str(gone), "policy": "p", "rm_fingerprint": "ab"})
+    assert rq.train("bt", str(gone), 2, None, out)["rm_fingerprint"] == "ab"
+    assert "now holds other weights than the ab run bt seed 2" in capsys.readouterr().out
 
     model = tmp_path / "runs" / "aplot_s1" / "model"
     model.mkdir(parents=True)
