@@ -27,6 +27,12 @@ Resumable: a finished training run leaves its policy and `states/train_<rm>_s<se
 run (`answers/<rm>_s<seed>.json`); the command skips what is done and redoes a partial run. A state file trained
 against another reward model than the one now given under its name is refused, naming the file.
 
+Across machines: the reward models are not committed, and each run needs only its own, so a session trains the runs
+whose reward model it has (the study's own run folders, or `quality.py --rebuild METHOD:SEED`, which checks the
+copy is the study's training bit for bit) and names the others (exit status 1). Without `--judge` it only trains
+and answers; judging comes when the judges exist, from the saved answers. Each state records the fingerprint of
+the reward model it trained against and whether that was a rebuild, and the report prints both.
+
   python benchmarks/rlhf_quality.py --rm 'aplot=runs/quality/smollm2/aplot_s{seed}/model' \\
       --rm 'bt=runs/quality/smollm2/bt_s{seed}/model' --judge runs/quality/smollm2/bt_s5/model \\
       --judge runs/quality/smollm2/aplot_sel_s5/model --seeds 1,2,3 --out benchmarks/results/rlhf_quality/smollm2
@@ -74,6 +80,10 @@ def rm_path(template: str, seed: int) -> str:
     reward models of the same study seed (aplot_s{seed} against bt_s{seed}). Checked for a model only where a
     run still has to train against it (train()): a finished run's reward model may be gone with its machine."""
     return template.replace("{seed}", str(seed))
+
+
+class MissingRewardModel(Exception):
+    """A run still to train whose reward model is not on this machine; main() trains the others and names it."""
 
 
 def rm_provenance(rm: str) -> dict:
@@ -138,9 +148,7 @@ def train(name: str, rm: str, seed: int, args, out: Path) -> dict:
                 f"trained against ({state}); the finished run is kept and reported with the weights it used")
         return done
     if not (Path(rm) / "config.json").exists():
-        raise SystemExit(f"--rm {name}: {rm} has no config.json (a train_rm export folder) for seed {seed}; a "
-                         "finished quality-study run's model is trained again by `python benchmarks/quality.py "
-                         "--preset PRESET --rebuild METHOD:SEED`")
+        raise MissingRewardModel(f"--rm {name}: {rm} has no config.json (a train_rm export folder) for seed {seed}")
     rm_fp, provenance = fingerprint(rm), rm_provenance(rm)  # what it trains against, read before it does
     if provenance["rebuilt"] and not provenance["same_training"]:
         say(f"warning: {rm} was trained again and is NOT the study's model bit for bit (see its rebuilt.json); "
@@ -405,22 +413,34 @@ def main(argv=None) -> None:
     out = Path(args.out)
     args.runs = args.runs or str(REPO / "runs" / "rlhf_quality" / out.name)
     names = list(rms)
-    trains, answers = {}, {}
+    trains, answers, missing = {}, {}, []
     for seed in seeds:
         for name, template in rms.items():
             state = out / "states" / f"train_{name}_s{seed}.json"
             if args.report and not state.exists():
                 continue
-            trains[(name, seed)] = train(name, rm_path(template, seed), seed, args, out)
+            try:  # each run needs only its own reward model: train every run whose model is here
+                trains[(name, seed)] = train(name, rm_path(template, seed), seed, args, out)
+            except MissingRewardModel as exc:
+                missing.append(str(exc))
+                say(f"skipped: {exc}")
+                continue
             answers[(name, seed)] = answer(name, seed, trains[(name, seed)]["policy"], args, out)
+    unfinished = ("; ".join(missing) + ". A finished quality-study run's model is trained again by `python "
+                  "benchmarks/quality.py --preset PRESET --rebuild METHOD:SEED`") if missing else ""
     if not judges:
         say(f"no --judge: {len(answers)} run(s) trained and answered ({', '.join(f'{n}_s{s}' for n, s in answers)}); "
             "their answers are saved, a later command with --judge scores them")
+        if unfinished:
+            raise SystemExit(f"not trained, their reward models are not here: {unfinished}")
         return
     if not any((names[0], s) in answers and (names[1], s) in answers for s in seeds):
         raise SystemExit("no seed has both policies' answers yet")
     judged = {j: judge_all(out, j, path, names, seeds, answers, args.judge_pairs) for j, path in judges.items()}
     print(report(out, names, judged, trains))
+    if unfinished:
+        raise SystemExit(f"the report covers the seeds with both runs; not trained, their reward models are not "
+                         f"here: {unfinished}")
 
 
 if __name__ == "__main__":

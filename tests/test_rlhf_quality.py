@@ -145,7 +145,7 @@ def test_a_finished_run_needs_no_reward_model_and_a_missing_one_is_named(rq, tmp
     gone = tmp_path / "runs" / "bt_s2" / "model"
     rq.write_json(out / "states" / "train_bt_s2.json", {"rm_path": str(gone), "policy": "p"})
     assert rq.train("bt", str(gone), 2, None, out)["policy"] == "p"
-    with pytest.raises(SystemExit, match=r"aplot_s2/model has no config.json .*--rebuild METHOD:SEED"):
+    with pytest.raises(rq.MissingRewardModel, match=r"aplot_s2/model has no config.json .* for seed 2"):
         rq.train("aplot", str(tmp_path / "runs" / "aplot_s2" / "model"), 2, None, out)
     assert rq.rm_path("runs/x_s{seed}/model", 3) == "runs/x_s3/model"
     # a finished run whose reward model's folder now holds other weights is kept, with a note naming both
@@ -171,3 +171,21 @@ def test_a_finished_run_needs_no_reward_model_and_a_missing_one_is_named(rq, tmp
                      trains)
     assert "aplot seed 1 `aplot_s1` (weights ff, trained again, NOT bit for bit (final id_val 0.620, the study's " \
         "0.640))" in text and "bt seed 1 `bt_s1` (weights ff, as given)" in text
+
+
+def test_main_trains_what_it_can_and_names_the_missing_reward_models(rq, tmp_path, capsys):
+    """Each policy needs only its own reward model: with aplot seed 1 finished (state and answers saved, its model
+    gone) and bt seed 1's model not on this machine, a judge-less run keeps the first, skips the second and
+    exits naming it and the study's --rebuild; --report without a judge is refused before any work."""
+    out = tmp_path / "out"
+    rq.write_json(out / "states" / "train_aplot_s1.json", {"rm_path": str(tmp_path / "aplot_s1" / "model"),
+                                                            "policy": str(tmp_path / "gone")})
+    rq.write_json(out / "answers" / "aplot_s1.json", [{"prompt": "p", "answer": "a", "tokens": 1}])
+    argv = ["--rm", f"aplot={tmp_path}/aplot_s{{seed}}/model", "--rm", f"bt={tmp_path}/bt_s{{seed}}/model",
+            "--seeds", "1", "--out", str(out)]
+    with pytest.raises(SystemExit, match=r"not trained.*bt_s1/model has no config.json .*--rebuild METHOD:SEED"):
+        rq.main(argv)
+    printed = capsys.readouterr().out
+    assert "skipped: --rm bt" in printed and "1 run(s) trained and answered (aplot_s1)" in printed
+    with pytest.raises(SystemExit, match="--report needs at least one --judge"):
+        rq.main([*argv, "--report"])
