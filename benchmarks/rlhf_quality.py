@@ -12,7 +12,9 @@ one comparison: a win for the one the judge scores higher, a tie when the answer
 
 Report (`tables.md`, `summary.json` under --out): per seed the win rate of the first reward model's policy
 (wins + ties / 2 over the held-out prompts) and its mean over seeds with a 95% t-interval, a sign test on the
-pooled untied comparisons, the answers' mean length per policy, and the judge's own length bias: how often it
+pooled untied comparisons, the answers' mean length and distinct-2 (distinct word bigrams per answer: a policy that
+repeats a phrase its reward model pays for shows here whatever the judge thinks) per policy, and the judge's own
+length bias: how often it
 prefers the longer of the two answers, and, on labelled pairs (`--judge_pairs`, default the quality study's
 id_val), its accuracy when the chosen answer is the longer and when it is the shorter one. A judge that mostly
 measures length turns a length difference between the policies into a win rate: read the two together.
@@ -248,6 +250,14 @@ def length_bias_on_pairs(judge: str, pairs_file: str) -> dict:
             "chosen_longer_share": sum(longer) / len(pairs)}
 
 
+def distinct2(text: str) -> float:
+    """Distinct word bigrams over all word bigrams of one answer (1.0: no bigram repeats; fewer than two words:
+    1.0). A judge-free sign of a policy that found a repeated phrase its reward model pays for."""
+    words = text.split()
+    pairs = list(zip(words, words[1:]))
+    return len(set(pairs)) / len(pairs) if pairs else 1.0
+
+
 def compare(a_rows: list[dict], b_rows: list[dict], a_scores: list[float], b_scores: list[float]) -> dict:
     """One seed's comparison of two policies' answers to the same prompts: wins, ties, losses of A, A's win rate
     (ties count half), and how often the judge preferred the longer answer where the lengths differ."""
@@ -269,7 +279,9 @@ def compare(a_rows: list[dict], b_rows: list[dict], a_scores: list[float], b_sco
             "judge_prefers_longer": longer_preferred / length_differs if length_differs else float("nan"),
             "length_differs": length_differs,
             "mean_chars_a": sum(len(r["answer"]) for r in a_rows) / n,
-            "mean_chars_b": sum(len(r["answer"]) for r in b_rows) / n}
+            "mean_chars_b": sum(len(r["answer"]) for r in b_rows) / n,
+            "distinct2_a": sum(distinct2(r["answer"]) for r in a_rows) / n,
+            "distinct2_b": sum(distinct2(r["answer"]) for r in b_rows) / n}
 
 
 def summarize(per_seed: dict[int, dict], names: list[str]) -> dict:
@@ -289,13 +301,15 @@ def judge_lines(names: list[str], per_seed: dict[int, dict], s: dict, trains: di
     a, b = names
     lines = [f"### Judge `{judge}` ({path}, weights {fp})", "",
              f"| seed | prompts | wins / ties / losses of {a} | win rate of {a} | judge prefers the longer answer "
-             f"| mean answer chars {a} / {b} | final KL {a} / {b} | final train reward {a} / {b} |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| mean answer chars {a} / {b} | distinct-2 {a} / {b} | final KL {a} / {b} "
+             f"| final train reward {a} / {b} |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for seed, c in sorted(per_seed.items()):
         ta, tb = trains[(a, seed)], trains[(b, seed)]
         lines.append(f"| {seed} | {c['n']} | {c['wins']} / {c['ties']} / {c['losses']} | "
                      f"{100 * c['win_rate']:.1f}% | {100 * c['judge_prefers_longer']:.0f}% of {c['length_differs']} | "
                      f"{c['mean_chars_a']:.0f} / {c['mean_chars_b']:.0f} | "
+                     f"{c.get('distinct2_a', float('nan')):.2f} / {c.get('distinct2_b', float('nan')):.2f} | "
                      f"{ta['final_kl']:.2f} / {tb['final_kl']:.2f} | "
                      f"{ta['final_reward_raw']:.3f} / {tb['final_reward_raw']:.3f} |")
     hw = s["win_rate_ci95"]

@@ -35,6 +35,10 @@ def test_compare_counts_wins_ties_and_the_judges_length_preference(rq):
     # untied, lengths differ: p0, p1, p3, each won by the shorter answer
     assert c["length_differs"] == 3 and c["judge_prefers_longer"] == 0.0
     assert c["mean_chars_a"] == pytest.approx(sum(map(len, [r["answer"] for r in a])) / 5)
+    # distinct-2: "tie by score" has 2 bigrams, both distinct; every one-word answer counts as 1.0
+    assert c["distinct2_a"] == 1.0
+    assert rq.distinct2("I'm sorry. I'm sorry. I'm sorry.") == pytest.approx(2 / 5)
+    assert rq.distinct2("one") == 1.0 and rq.distinct2("a b a b") == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="different prompts"):
         rq.compare(a, rows(["q"] * 4), [0.0] * 5, [0.0] * 4)
 
