@@ -14,9 +14,8 @@ Report (`tables.md`, `summary.json` under --out): per seed the win rate of the f
 (wins + ties / 2 over the held-out prompts) and its mean over seeds with a 95% t-interval, a sign test on the
 pooled untied comparisons, the answers' mean length and distinct-2 (distinct word bigrams per answer: a policy that
 repeats a phrase its reward model pays for shows here whatever the judge thinks) per policy, and the judge's own
-length bias: how often it
-prefers the longer of the two answers, and, on labelled pairs (`--judge_pairs`, default the quality study's
-id_val), its accuracy when the chosen answer is the longer and when it is the shorter one. A judge that mostly
+length bias: how often it prefers the longer of the two answers, and, on labelled pairs (`--judge_pairs`, default
+the quality study's id_val), its accuracy when the chosen answer is the longer and when it is the shorter one. A judge that mostly
 measures length turns a length difference between the policies into a win rate: read the two together.
 
 Several judges (`--judge` more than once, NAME=PATH or PATH): each scores the same answers and gets its own table
