@@ -15,8 +15,9 @@ Report (`tables.md`, `summary.json` under --out): per seed the win rate of the f
 pooled untied comparisons, the answers' mean length and distinct-2 (distinct word bigrams per answer: a policy that
 repeats a phrase its reward model pays for shows here whatever the judge thinks) per policy, and the judge's own
 length bias: how often it prefers the longer of the two answers, and, on labelled pairs (`--judge_pairs`, default
-the quality study's id_val), its accuracy when the chosen answer is the longer and when it is the shorter one. A judge that mostly
-measures length turns a length difference between the policies into a win rate: read the two together.
+the quality study's id_val), its accuracy when the chosen answer is the longer and when it is the shorter one. A
+judge that mostly measures length turns a length difference between the policies into a win rate: read the two
+together.
 
 Several judges (`--judge` more than once, NAME=PATH or PATH): each scores the same answers and gets its own table
 and win rate, so a user sees whether the verdict depends on the judge (a BT judge may favour the BT-trained
