@@ -1305,7 +1305,12 @@ def main() -> None:
                                  "start": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
                                  "wall_s": time.time() - t0, "jobs": args.jobs, "threads": threads}) + "\n")
         say(f"study finished in {time.time() - t0:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
-    report(args.preset, methods, seeds)
+    # the report covers the preset's whole plan (plus anything asked for beyond it), never only the subset this
+    # command trained: a `--methods bt,aplot --seeds 3` session must not shrink the committed tables
+    plan_methods = PRESETS[args.preset]["methods"].split(",")
+    plan_seeds = [int(x) for x in PRESETS[args.preset]["seeds"].split(",")]
+    report(args.preset, plan_methods + [m for m in methods if m not in plan_methods],
+           sorted(set(plan_seeds) | set(seeds)))
     if not args.report and failed:
         sys.exit(1)
 
