@@ -123,9 +123,7 @@ def parse_judges(specs: list[str], rms: dict[str, str], seeds: list[int]) -> dic
     return judges
 
 
-def fingerprint(model_dir: str) -> str:
-    """A model's identity for the score caches and the run states (quality.model_fingerprint)."""
-    return model_fingerprint(model_dir)
+fingerprint = model_fingerprint  # a model's identity for the score caches and the run states
 
 
 def train_flags(rm: str, seed: int, out: Path, iterations: int, eval_prompts: int) -> list[str]:
