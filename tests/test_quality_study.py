@@ -60,19 +60,18 @@ def test_bits_are_per_comparison_in_file_order(quality):
     assert b["bits"] == "10" + "101" + "001" + "111" and b["n"] == 11
 
 
-def test_report_from_state_files_alone(quality, tmp_path, monkeypatch):
-    """Hand-made state files for 2 seeds of bt and aplot: the report's paired table, McNemar counts and
-    convergence steps are the ones computed by hand, and no run folder is read."""
+def _write_smoke_states(quality, tmp_path, monkeypatch, bits):
+    """Hand-made state files of the `smoke` preset, one per (method, seed) in `bits` (id_val right/wrong
+    per pair); the report reads them alone, never a run folder."""
     monkeypatch.setattr(quality, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(quality, "RUNS", tmp_path / "no_runs_here")
     monkeypatch.setattr(quality, "shorter_wins", lambda preset: {})
     length = {"unit": "characters", "chosen_longer": {"accuracy": 0.5, "n": 2}, "chosen_shorter":
               {"accuracy": 0.5, "n": 2}, "same_length": {"accuracy": None, "n": 0}, "shorter_wins_accuracy": 0.5}
-    bits = {("bt", 1): "1100", ("aplot", 1): "1110", ("bt", 2): "1010", ("aplot", 2): "0010"}
     for (m, s), b in bits.items():
-        acc = {"id_val": b.count("1") / 4, "hhh438": 0.5 + 0.01 * s + (0.02 if m == "aplot" else 0.0)}
+        acc = {"id_val": b.count("1") / 4, "hhh438": 0.5 + 0.01 * s + (0.02 if m.startswith("aplot") else 0.0)}
         tm = {"step": [1, 2], "step_s": [1.0, 1.0]}
-        if m == "aplot":
+        if m.startswith("aplot"):
             tm |= {f"aplot/{k}": [0.5, 0.4] for k in quality.DIAG_KEYS}
         quality.write_json(quality.run_state("smoke", m, s), {
             "method": m, "seed": s, "lr": "1e-4", "threads": 1, "train_s": 10.0, "eval_s": 5.0,
@@ -81,6 +80,13 @@ def test_report_from_state_files_alone(quality, tmp_path, monkeypatch):
             "id_val_eval_rm_accuracy": acc["id_val"], "id_val_gaps": [0.1, -0.1, 0.2, 0.3], "id_val_reward_std": 1.0,
             "length": {"id_val": length}, "correct": {"id_val": {"n": 4, "items_sha1": "x", "bits": b}},
             "train_metrics": tm, "first_step_chosen_reward": 0.1 * s})
+
+
+def test_report_from_state_files_alone(quality, tmp_path, monkeypatch):
+    """Hand-made state files for 2 seeds of bt and aplot: the report's paired table, McNemar counts and
+    convergence steps are the ones computed by hand, and no run folder is read."""
+    bits = {("bt", 1): "1100", ("aplot", 1): "1110", ("bt", 2): "1010", ("aplot", 2): "0010"}
+    _write_smoke_states(quality, tmp_path, monkeypatch, bits)
     text = quality.report("smoke", ["bt", "aplot"], [1, 2])
     summary = json.loads((tmp_path / "results" / "smoke" / "summary.json").read_text())
     d = summary["paired_vs_bt"]["aplot/id_val"]
@@ -91,6 +97,21 @@ def test_report_from_state_files_alone(quality, tmp_path, monkeypatch):
     assert summary["steps_to_bt_final"]["aplot"] == {"1": 2, "2": None}
     assert "complete" in text.splitlines()[0]
     assert (tmp_path / "results" / "smoke" / "paired_diff.png").exists()
+
+
+def test_partial_report_pairs_each_method_with_bt_on_the_seeds_both_finished(quality, tmp_path, monkeypatch):
+    """aplot_sel has finished only seed 1: the convergence table still pairs aplot with BT on seeds 1 and 2
+    (not only on the seeds every method finished), and marks aplot_sel's missing seed as not run."""
+    bits = {("bt", 1): "1100", ("aplot", 1): "1110", ("bt", 2): "1010", ("aplot", 2): "0010",
+            ("aplot_sel", 1): "1111"}
+    _write_smoke_states(quality, tmp_path, monkeypatch, bits)
+    text = quality.report("smoke", ["bt", "aplot", "aplot_sel"], [1, 2])
+    summary = json.loads((tmp_path / "results" / "smoke" / "summary.json").read_text())
+    assert summary["steps_to_bt_final"]["aplot"] == {"1": 2, "2": None}
+    assert summary["steps_to_bt_final"]["aplot_sel"] == {"1": 2}
+    assert "| aplot_sel | 2 | · | 1 / 1 | 2 |" in text.splitlines()
+    assert "| aplot | 2 | — | 1 / 2 | 2 |" in text.splitlines()
+    assert "PARTIAL" in text.splitlines()[0]
 
 
 def test_state_files_are_not_git_ignored(quality):
