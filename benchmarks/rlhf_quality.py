@@ -256,6 +256,18 @@ def distinct2(text: str) -> float:
     return len(set(pairs)) / len(pairs) if pairs else 1.0
 
 
+def answer_stats(answers: dict, trains: dict) -> list[str]:
+    """Judge-free lines per answered run (mean answer chars, distinct-2, final KL), from the saved answers and
+    states: what a user can read before any judge exists."""
+    lines = []
+    for (name, seed), rows in sorted(answers.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        n = len(rows)
+        lines.append(f"{name}_s{seed}: {n} answers, mean {sum(len(r['answer']) for r in rows) / n:.0f} chars, "
+                     f"distinct-2 {sum(distinct2(r['answer']) for r in rows) / n:.2f}, "
+                     f"final KL {trains[(name, seed)]['final_kl']:.2f}")
+    return lines
+
+
 def compare(a_rows: list[dict], b_rows: list[dict], a_scores: list[float], b_scores: list[float]) -> dict:
     """One seed's comparison of two policies' answers to the same prompts: wins, ties, losses of A, A's win rate
     (ties count half), and how often the judge preferred the longer answer where the lengths differ."""
@@ -443,6 +455,8 @@ def main(argv=None) -> None:
     if not judges:
         say(f"no --judge: {len(answers)} run(s) trained and answered ({', '.join(f'{n}_s{s}' for n, s in answers)}); "
             "their answers are saved, a later command with --judge scores them")
+        for line in answer_stats(answers, trains):
+            print(line)
         if unfinished:
             raise SystemExit(f"not trained, their reward models are not here: {unfinished}")
         return

@@ -39,6 +39,10 @@ def test_compare_counts_wins_ties_and_the_judges_length_preference(rq):
     assert c["distinct2_a"] == 1.0
     assert rq.distinct2("I'm sorry. I'm sorry. I'm sorry.") == pytest.approx(2 / 5)
     assert rq.distinct2("one") == 1.0 and rq.distinct2("a b a b") == pytest.approx(2 / 3)
+    lines = rq.answer_stats({("bt", 2): rows(["a b a b", "one"]), ("aplot", 2): rows(["x y"])},
+                            {("bt", 2): {"final_kl": 8.6}, ("aplot", 2): {"final_kl": 3.0}})
+    assert lines == ["aplot_s2: 1 answers, mean 3 chars, distinct-2 1.00, final KL 3.00",
+                     "bt_s2: 2 answers, mean 5 chars, distinct-2 0.83, final KL 8.60"]
     with pytest.raises(ValueError, match="different prompts"):
         rq.compare(a, rows(["q"] * 4), [0.0] * 5, [0.0] * 4)
 
@@ -183,7 +187,7 @@ def test_main_trains_what_it_can_and_names_the_missing_reward_models(rq, tmp_pat
     exits naming it and the study's --rebuild; --report without a judge is refused before any work."""
     out = tmp_path / "out"
     rq.write_json(out / "states" / "train_aplot_s1.json", {"rm_path": str(tmp_path / "aplot_s1" / "model"),
-                                                            "policy": str(tmp_path / "gone")})
+                                                            "policy": str(tmp_path / "gone"), "final_kl": 1.5})
     rq.write_json(out / "answers" / "aplot_s1.json", [{"prompt": "p", "answer": "a", "tokens": 1}])
     argv = ["--rm", f"aplot={tmp_path}/aplot_s{{seed}}/model", "--rm", f"bt={tmp_path}/bt_s{{seed}}/model",
             "--seeds", "1", "--out", str(out)]
@@ -191,5 +195,6 @@ def test_main_trains_what_it_can_and_names_the_missing_reward_models(rq, tmp_pat
         rq.main(argv)
     printed = capsys.readouterr().out
     assert "skipped: --rm bt" in printed and "1 run(s) trained and answered (aplot_s1)" in printed
+    assert "aplot_s1: 1 answers, mean 1 chars, distinct-2 1.00, final KL 1.50" in printed
     with pytest.raises(SystemExit, match="--report needs at least one --judge"):
         rq.main([*argv, "--report"])
