@@ -256,14 +256,19 @@ def distinct2(text: str) -> float:
     return len(set(pairs)) / len(pairs) if pairs else 1.0
 
 
+def answer_means(rows: list[dict]) -> tuple[float, float]:
+    """One run's answers: mean length in characters and mean distinct-2."""
+    n = len(rows)
+    return sum(len(r["answer"]) for r in rows) / n, sum(distinct2(r["answer"]) for r in rows) / n
+
+
 def answer_stats(answers: dict, trains: dict) -> list[str]:
     """Judge-free lines per answered run (mean answer chars, distinct-2, final KL), from the saved answers and
     states: what a user can read before any judge exists."""
     lines = []
     for (name, seed), rows in sorted(answers.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        n = len(rows)
-        lines.append(f"{name}_s{seed}: {n} answers, mean {sum(len(r['answer']) for r in rows) / n:.0f} chars, "
-                     f"distinct-2 {sum(distinct2(r['answer']) for r in rows) / n:.2f}, "
+        chars, d2 = answer_means(rows)
+        lines.append(f"{name}_s{seed}: {len(rows)} answers, mean {chars:.0f} chars, distinct-2 {d2:.2f}, "
                      f"final KL {trains[(name, seed)]['final_kl']:.2f}")
     return lines
 
@@ -285,13 +290,11 @@ def compare(a_rows: list[dict], b_rows: list[dict], a_scores: list[float], b_sco
             length_differs += 1
             longer_preferred += (sa > sb) == (la > lb)
     n = len(a_rows)
+    (chars_a, d2_a), (chars_b, d2_b) = answer_means(a_rows), answer_means(b_rows)
     return {"n": n, "wins": wins, "ties": ties, "losses": losses, "win_rate": (wins + ties / 2) / n,
             "judge_prefers_longer": longer_preferred / length_differs if length_differs else float("nan"),
-            "length_differs": length_differs,
-            "mean_chars_a": sum(len(r["answer"]) for r in a_rows) / n,
-            "mean_chars_b": sum(len(r["answer"]) for r in b_rows) / n,
-            "distinct2_a": sum(distinct2(r["answer"]) for r in a_rows) / n,
-            "distinct2_b": sum(distinct2(r["answer"]) for r in b_rows) / n}
+            "length_differs": length_differs, "mean_chars_a": chars_a, "mean_chars_b": chars_b,
+            "distinct2_a": d2_a, "distinct2_b": d2_b}
 
 
 def summarize(per_seed: dict[int, dict], names: list[str]) -> dict:
