@@ -18,7 +18,7 @@ import torch
 
 from helpers import HH_PAIRS, PYTHON, REPO, free_port, python_env
 from test_ppo import ppo_flags, run_check
-from test_rm_train import STEPS, read_metrics, rm_args, torchrun
+from test_rm_train import STEPS, assert_each_step_once, read_metrics, rm_args, torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -115,6 +115,7 @@ def test_lora_rm_resume_after_kill_continues_the_same_loss_curve(lora_rm_run, ti
     resumed = subprocess.run(torchrun(lora_rm_flags(tiny_llama_dir, out) + ["--resume"], free_port()),
                              env=python_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert_each_step_once(out)  # the rows the killed run logged past its checkpoint are gone
     full, mine = read_metrics(full_out), read_metrics(out)
     for step in range(latest["step"] + 1, STEPS + 1):  # adapters, head and their Adam states restored exactly
         assert abs(full[step]["train/loss"] - mine[step]["train/loss"]) < 1e-5, (step, full[step], mine[step])

@@ -192,13 +192,31 @@ def run_rm(model_dir, out, packing, zero_stage, extra=()):
     return {r["step"]: r for r in rows if "train/loss" in r}, torch.load(Path(out) / "eval_rewards.pt")
 
 
+@pytest.fixture(scope="module")
+def padded_run(tmp_path_factory):
+    """padded_run(key, run) -> run(folder)'s result, computed once per module: the padded reference a packed
+    and a prompt-shared run of the same settings are both compared with."""
+    done = {}
+
+    def get(key, run):
+        if key not in done:
+            done[key] = run(tmp_path_factory.mktemp(f"padded_{key}"))
+        return done[key]
+    return get
+
+
+def padded_rm(padded_run, model_dir, which):
+    """The padded ZeRO-2 reference run of `which` model, trained once per module."""
+    return padded_run(f"rm_{which}", lambda d: run_rm(model_dir, d / "run", packing=False, zero_stage=2))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["decoder", "encoder"])
-def test_train_rm_with_packing_matches_the_padded_run(which, tiny_llama_dir, minilm_path, tmp_path):
+def test_train_rm_with_packing_matches_the_padded_run(which, tiny_llama_dir, minilm_path, tmp_path, padded_run):
     # the packed run under ZeRO-3 (partitioned weights gathered by DeepSpeed's hooks around the packed forward);
     # --packing with sdpa runs varlen_sdpa, and MiniLM (read at [CLS]) its last layer at [CLS] rows only
     path = tiny_llama_dir if which == "decoder" else minilm_path
-    padded, padded_eval = run_rm(path, tmp_path / "padded", packing=False, zero_stage=2)
+    padded, padded_eval = padded_rm(padded_run, path, which)
     packed, packed_eval = run_rm(path, tmp_path / "packed", packing=True, zero_stage=3)
     assert sorted(packed) == [1, 2, 3]
     for step in packed:  # same data, same updates: the same loss curve and token counts
@@ -210,9 +228,9 @@ def test_train_rm_with_packing_matches_the_padded_run(which, tiny_llama_dir, min
 
 
 @pytest.mark.slow
-def test_train_rm_with_share_prompt_matches_the_padded_run(tiny_llama_dir, tmp_path):
+def test_train_rm_with_share_prompt_matches_the_padded_run(tiny_llama_dir, tmp_path, padded_run):
     # issue 24: each pair's prompt once, chosen and rejected after it, under ZeRO-3; evaluation shares it too
-    padded, padded_eval = run_rm(tiny_llama_dir, tmp_path / "padded", packing=False, zero_stage=2)
+    padded, padded_eval = padded_rm(padded_run, tiny_llama_dir, "decoder")
     shared, shared_eval = run_rm(tiny_llama_dir, tmp_path / "shared", packing=False, zero_stage=3,
                                  extra=["--share_prompt"])
     assert sorted(shared) == [1, 2, 3]
@@ -223,39 +241,35 @@ def test_train_rm_with_share_prompt_matches_the_padded_run(tiny_llama_dir, tmp_p
             assert torch.allclose(shared_eval[name][side], padded_eval[name][side], atol=1e-3)
 
 
-@pytest.mark.slow
-def test_ppo_with_packing_matches_the_padded_run(char_llama_dir, tmp_path):
+def run_ppo(model_dir, out, extra=()):
+    """Two PPO iterations in one process under ZeRO-3, groups of 2 samples per prompt (what --share_prompt
+    shares); -> the metrics rows."""
     from test_ppo import ppo_flags, run_check
-    rows = {}
-    for name, extra in (("padded", []), ("packed", ["--packing"])):
-        out = tmp_path / name
-        (r,) = run_check(ppo_flags(char_llama_dir, out, "hf", zero_stage=2, ppo_iterations=2) + extra,
-                         free_port(), nproc=1)
-        assert len(r["rewards"]) == 2 and r["greedy_equal"]
-        rows[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    # the first iteration samples from the same weights: the same rollout, so experience (log-probs, KL,
-    # values, advantages) and the losses of the PPO epoch agree; afterwards sampling may diverge
-    first_padded, first_packed = rows["padded"][0], rows["packed"][0]
+    (r,) = run_check(ppo_flags(model_dir, out, "hf", zero_stage=3, ppo_iterations=2, samples_per_prompt=2,
+                               rollout_batch_size=4) + list(extra), free_port(), nproc=1)
+    assert len(r["rewards"]) == 2 and r["greedy_equal"]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_first_iteration_equal(padded_rows, other_rows):
+    """The first iteration samples from the same weights: the same rollout, so experience (log-probs, KL,
+    values, advantages) and the losses of the PPO epoch agree; afterwards sampling may diverge."""
     for key in ("ppo/reward/raw_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/entropy",
                 "ppo/clip_frac"):
-        assert first_packed[key] == pytest.approx(first_padded[key], rel=1e-3, abs=1e-6), key
+        assert other_rows[0][key] == pytest.approx(padded_rows[0][key], rel=1e-3, abs=1e-6), key
 
 
 @pytest.mark.slow
-def test_ppo_with_share_prompt_matches_the_padded_run(char_llama_dir, tmp_path):
-    # issue 24: groups of 2 samples per prompt, each prompt once per micro-batch, under ZeRO-3
-    from test_ppo import ppo_flags, run_check
-    rows = {}
-    for name, extra in (("padded", []), ("shared", ["--share_prompt"])):
-        out = tmp_path / name
-        (r,) = run_check(ppo_flags(char_llama_dir, out, "hf", zero_stage=3, ppo_iterations=2, samples_per_prompt=2,
-                                   rollout_batch_size=4) + extra, free_port(), nproc=1)
-        assert len(r["rewards"]) == 2 and r["greedy_equal"]
-        rows[name] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    first_padded, first_shared = rows["padded"][0], rows["shared"][0]
-    for key in ("ppo/reward/raw_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/approx_kl", "ppo/entropy",
-                "ppo/clip_frac"):
-        assert first_shared[key] == pytest.approx(first_padded[key], rel=1e-3, abs=1e-6), key
+def test_ppo_with_packing_matches_the_padded_run(char_llama_dir, tmp_path, padded_run):
+    padded = padded_run("ppo", lambda d: run_ppo(char_llama_dir, d / "run"))
+    assert_first_iteration_equal(padded, run_ppo(char_llama_dir, tmp_path / "packed", ["--packing"]))
+
+
+@pytest.mark.slow
+def test_ppo_with_share_prompt_matches_the_padded_run(char_llama_dir, tmp_path, padded_run):
+    # issue 24: each prompt once per micro-batch, its samples after it
+    padded = padded_run("ppo", lambda d: run_ppo(char_llama_dir, d / "run"))
+    assert_first_iteration_equal(padded, run_ppo(char_llama_dir, tmp_path / "shared", ["--share_prompt"]))
 
 
 def test_packed_micro_batch_of_short_responses_lines_up_with_the_rollout(tiny_llama_dir):

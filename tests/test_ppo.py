@@ -140,31 +140,46 @@ def test_vllm_follows_the_synced_embeddings_and_lm_head(char_llama_dir, char_lla
 GROUP_FLAGS = dict(rollout_batch_size=4, samples_per_prompt=4, ppo_mini_batch_size=16, micro_batch_size=8)
 
 
+def grpo_flags(model_dir, out):
+    return ppo_flags(model_dir, out, "hf", advantage_estimator="grpo", kl_mode="loss", **GROUP_FLAGS)
+
+
+@pytest.fixture(scope="module")
+def grpo_full(char_llama_dir, tmp_path_factory):
+    """One uninterrupted GRPO run (KL as a loss term): what the critic-free test checks, and the reference
+    the kill-and-resume test must reproduce. -> (output folder, each rank's ppo_check results)"""
+    out = tmp_path_factory.mktemp("grpo") / "full"
+    return out, run_check(grpo_flags(char_llama_dir, out), free_port())
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
-def test_critic_free_estimators_raise_reward_without_a_critic(char_llama_dir, tmp_path, estimator):
-    """2 ranks, 4 prompts x 4 samples each: the group baseline alone moves the policy toward the rule."""
-    results = run_check(ppo_flags(char_llama_dir, tmp_path / estimator, "hf", advantage_estimator=estimator,
-                                  **GROUP_FLAGS), free_port())
+def test_critic_free_estimators_raise_reward_without_a_critic(char_llama_dir, tmp_path, estimator, request):
+    """2 ranks, 4 prompts x 4 samples each: the group baseline alone moves the policy toward the rule.
+    GRPO runs with the KL as a loss term (the shared run), RLOO with the KL in the reward."""
+    if estimator == "grpo":
+        out, results = request.getfixturevalue("grpo_full")
+    else:
+        out = tmp_path / estimator
+        results = run_check(ppo_flags(char_llama_dir, out, "hf", advantage_estimator=estimator, **GROUP_FLAGS),
+                            free_port())
     for r in results:
         assert r["critic_objects"] == 0 and not r["has_critic"], r  # never built, not even transiently
         assert r["checkpointed"] == ["actor"]
         assert r["greedy_equal"]
     assert_reward_rises(results[0]["rewards"])
-    assert not list((tmp_path / estimator / "checkpoints").glob("*/critic"))
+    assert not list((out / "checkpoints").glob("*/critic"))
 
 
 @pytest.mark.distributed
-def test_grpo_resumed_after_a_kill_reproduces_the_run(char_llama_dir, tmp_path):
+def test_grpo_resumed_after_a_kill_reproduces_the_run(char_llama_dir, grpo_full, tmp_path):
     import os
     import signal
     import time
-    flags = lambda out: ppo_flags(char_llama_dir, out, "hf", advantage_estimator="grpo", kl_mode="loss",  # noqa: E731
-                                  **GROUP_FLAGS)
-    full = run_check(flags(tmp_path / "full"), free_port())
+    _, full = grpo_full
     out = tmp_path / "killed"
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "ppo_check.py"), *flags(out)]
+           str(REPO / "tests" / "ppo_check.py"), *grpo_flags(char_llama_dir, out)]
     proc = subprocess.Popen(cmd, env=python_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     pointer = out / "checkpoints" / "latest_checkpoint.json"
@@ -174,7 +189,7 @@ def test_grpo_resumed_after_a_kill_reproduces_the_run(char_llama_dir, tmp_path):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    resumed = run_check(flags(out) + ["--resume"], free_port())
+    resumed = run_check(grpo_flags(char_llama_dir, out) + ["--resume"], free_port())
     assert resumed[0]["rewards"] == pytest.approx(full[0]["rewards"], abs=1e-6)
 
 
