@@ -222,6 +222,52 @@ def test_shared_rm_equals_padded(arch, pooling, attn, smol_tok):
     assert (r_leak - padded[0]).abs().max() > 1e-3
 
 
+def test_a_prompt_with_many_pairs_is_split_and_still_equals_padded(smol_tok):
+    """Six pairs of one prompt beside one-pair prompts (OASST-style data, several ranked answers per prompt):
+    laid out as one group, that prompt's row would be the batch's widest and every row padded to it. Split into
+    runs of at most max(capacity, the median group, a pair), the rows stay narrow, and rewards, embeddings,
+    margins, loss and gradients still equal the padded forward's."""
+    from aplot_rlhf.data.collate import collate_shared
+    model = reward_model("llama", smol_tok, "mean")
+    pad = smol_tok.pad_token_id
+    base = encoded_pairs(smol_tok, n=9, max_length=96)
+    prompt = base[0]["chosen_ids"][:base[0]["chosen_start"]]
+
+    def answer(ids, start):
+        return ids[start:][:12] or [7]
+    many = [dict(p, chosen_ids=prompt + answer(p["chosen_ids"], p["chosen_start"]), chosen_start=len(prompt),
+                 rejected_ids=prompt + answer(p["rejected_ids"], p["rejected_start"]), rejected_start=len(prompt))
+            for p in base[:6]]
+    pairs = many + base[6:]
+    capacity = 96
+    shared = collate_pairs_shared(pairs, pad, capacity)
+    seqs = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
+    starts = [p["chosen_start"] for p in pairs] + [p["rejected_start"] for p in pairs]
+    whole = collate_shared(seqs, starts, pad, None)  # no capacity: nothing is split, one row
+    widest_pair = max(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+    assert shared["packed"]["input_ids"].shape[1] <= max(capacity, widest_pair)
+    assert whole["input_ids"].shape[1] > 2 * max(capacity, widest_pair)  # what one group of 12 would have been
+    assert shared["packed"]["n_tokens"] < sum(len(s) for s in seqs)  # still shared: runs of the six keep the prompt
+    diff = worst(rm_outputs(model, pairs, pad), rm_outputs(model, pairs, pad, shared))
+    assert diff < ATOL, diff
+
+
+def test_only_a_group_wider_than_a_row_and_a_pair_is_split():
+    """One pair per prompt keeps its layout (a run holds at least two sequences); a prompt with four pairs among
+    lone pairs is cut into runs of the widest pair's width; capacity None splits nothing."""
+    from aplot_rlhf.models.packing import split_wide_groups
+    pairs = [[0, 3], [1, 4], [2, 5]]
+    assert split_wide_groups(pairs, [70, 10, 0], [[60, 90], [5, 5], [80, 80]], capacity=100) == pairs
+    # 8 sequences of 40 tokens after a 20-token prompt (width 340) beside pairs of width 100, rows of 64
+    mixed = [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11], [12, 13]]
+    lens = [[40] * 8, [25, 25], [25, 25], [25, 25]]
+    assert split_wide_groups(mixed, [20, 50, 50, 50], lens, capacity=64) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9],
+                                                                            [10, 11], [12, 13]]
+    assert split_wide_groups(mixed, [20, 50, 50, 50], lens, capacity=200) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9],
+                                                                             [10, 11], [12, 13]]
+    assert split_wide_groups(mixed, [20, 50, 50, 50], lens, capacity=None) == mixed
+
+
 def test_shared_prefix_is_the_prompt_and_keeps_a_token_each():
     from aplot_rlhf.data.collate import collate_shared
     # 0 and 1 share the prompt [1, 2, 3] (token 4 begins both responses but is not shared); 2 is cut differently

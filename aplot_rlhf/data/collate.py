@@ -59,7 +59,8 @@ def collate_pairs_packed(batch: list[dict], pad_id: int, capacity: int | None, r
             "inputs": {"packed": layout}, "n_tokens": layout["n_tokens"]}
 
 
-def collate_shared(seqs: list[list[int]], starts: list[int], pad_id: int, capacity: int | None) -> dict:
+def collate_shared(seqs: list[list[int]], starts: list[int], pad_id: int, capacity: int | None,
+                   split_wide: bool = False) -> dict:
     """Sequences (prompt + response, the response from starts[i]) -> one prompt-shared layout for a decoder
     reward model: the sequences whose prompt tokens are identical form a group, laid out as the prompt once,
     then each member's rest, each attending to the prompt and to itself (models.packing.pack_shared). The
@@ -67,13 +68,22 @@ def collate_shared(seqs: list[list[int]], starts: list[int], pad_id: int, capaci
 
     Returns pack_shared's layout plus reward_index [S] (the flat index of each sequence's rightmost non-pad
     token, in the prefix or its own part), pool_weight [R*L] (1 on response tokens) and pool_segment [R*L]
-    (the sequence each response token belongs to): what RewardModel.forward_packed reads, in `seqs`' order."""
-    from ..models.packing import pack_shared
+    (the sequence each response token belongs to): what RewardModel.forward_packed reads, in `seqs`' order.
+    split_wide: a batch of pairs, whose groups are cut into runs that fit a row (models.packing.
+    split_wide_groups); groups of samples (a prompt's PPO responses, scored together) are kept whole."""
+    from ..models.packing import pack_shared, split_wide_groups
     groups: dict[tuple, list[int]] = {}
     for i, (s, r) in enumerate(zip(seqs, starts)):
         groups.setdefault(tuple(s[:r]), []).append(i)
+
+    def shared_prefix(m):  # stops short of every member's end
+        return min(starts[m[0]], *(len(seqs[i]) - 1 for i in m))
     members = list(groups.values())
-    prefix = [min(starts[m[0]], *(len(seqs[i]) - 1 for i in m)) for m in members]
+    prefix = [shared_prefix(m) for m in members]
+    if split_wide:  # a run's own prefix is at least its group's: its width is at most what the split assumed
+        members = split_wide_groups(members, prefix, [[len(seqs[i]) - k for i in m]
+                                                      for m, k in zip(members, prefix)], capacity)
+        prefix = [shared_prefix(m) for m in members]
     layout = pack_shared([(seqs[m[0]][:k], [seqs[i][k:] for i in m]) for m, k in zip(members, prefix)], pad_id,
                          capacity)
     weight = torch.zeros(layout["n_slots"])
@@ -101,7 +111,7 @@ def collate_pairs_shared(batch: list[dict], pad_id: int, capacity: int | None) -
     the forward runs, each prompt once, are packed["n_tokens"])."""
     seqs = [b["chosen_ids"] for b in batch] + [b["rejected_ids"] for b in batch]
     starts = [b["chosen_start"] for b in batch] + [b["rejected_start"] for b in batch]
-    layout = collate_shared(seqs, starts, pad_id, capacity)
+    layout = collate_shared(seqs, starts, pad_id, capacity, split_wide=True)
     strength = torch.tensor([float("nan") if b["strength"] is None else b["strength"] for b in batch])
     return {"packed": layout, "response_start": torch.tensor(starts), "strength": strength,
             "inputs": {"packed": layout}, "n_tokens": sum(len(s) for s in seqs)}

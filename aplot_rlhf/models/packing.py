@@ -472,6 +472,34 @@ def shared_attention_support(config) -> str | None:
     return f"attention {impl!r} takes no per-token mask (use sdpa, eager, {VARLEN_SDPA} or {FLEX})"
 
 
+def split_wide_groups(members: list[list[int]], prefix: list[int], suffix_len: list[list[int]],
+                      capacity: int | None) -> list[list[int]]:
+    """Groups of a prompt-shared batch of pairs (members[g]: the sequences sharing prefix[g] tokens, suffix_len[g]:
+    each one's tokens after it) -> runs, each laid out as a group of its own (its prefix once, then its members).
+
+    pack_shared pads every row to the widest, and a dense mask costs rows x width^2, so one prompt with many
+    pairs in a batch (OASST-style data, several ranked answers per prompt: 16 sequences of one prompt made a
+    4,352-token row and padded the 31 rows of a 75-pair evaluation to it, 10x the tokens) would widen the whole
+    batch. Every group is cut, in order, into runs of at most max(capacity, each group's prefix plus its two
+    longest suffixes) tokens: a run holds at least two sequences, so a batch of one pair per prompt keeps
+    exactly its layout, and the pairs of a crowded prompt share it run by run. capacity None (one row, a block
+    mask) splits nothing."""
+    if capacity is None or not members:
+        return members
+    limit = max(capacity, *(k + sum(sorted(n)[-2:]) for k, n in zip(prefix, suffix_len)))
+    runs = []
+    for m, k, n in zip(members, prefix, suffix_len):
+        run, used = [], k
+        for i, ni in zip(m, n):
+            if run and used + ni > limit:
+                runs.append(run)
+                run, used = [], k
+            run.append(i)
+            used += ni
+        runs.append(run)
+    return runs
+
+
 def pack_shared(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, capacity: int | None) -> dict:
     """Groups (prefix, [suffix, ...]) laid out as prefix, suffix 1, suffix 2, ... and first-fit packed into rows
     of at most `capacity` tokens (None: one row); an empty prefix leaves its suffixes plainly packed.
