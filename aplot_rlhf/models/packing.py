@@ -481,9 +481,9 @@ def split_wide_groups(members: list[list[int]], prefix: list[int], suffix_len: l
     pairs in a batch (OASST-style data, several ranked answers per prompt: 16 sequences of one prompt made a
     4,352-token row and padded the 31 rows of a 75-pair evaluation to it, 10x the tokens) would widen the whole
     batch. Every group is cut, in order, into runs of at most max(capacity, each group's prefix plus its two
-    longest suffixes) tokens: a run holds at least two sequences, so a batch of one pair per prompt keeps
-    exactly its layout, and the pairs of a crowded prompt share it run by run. capacity None (one row, a block
-    mask) splits nothing."""
+    longest suffixes) tokens: any two of a group's sequences fit one run (only a group's last run may hold one),
+    so a batch of one pair per prompt keeps exactly its layout, and the pairs of a crowded prompt share it run by
+    run. capacity None (one row, a block mask) splits nothing."""
     if capacity is None or not members:
         return members
     limit = max(capacity, *(k + sum(sorted(n)[-2:]) for k, n in zip(prefix, suffix_len)))
