@@ -225,8 +225,8 @@ def test_shared_rm_equals_padded(arch, pooling, attn, smol_tok):
 def test_a_prompt_with_many_pairs_is_split_and_still_equals_padded(smol_tok):
     """Six pairs of one prompt beside one-pair prompts (OASST-style data, several ranked answers per prompt):
     laid out as one group, that prompt's row would be the batch's widest and every row padded to it. Split into
-    runs of at most max(capacity, the median group, a pair), the rows stay narrow, and rewards, embeddings,
-    margins, loss and gradients still equal the padded forward's."""
+    runs of at most max(capacity, a prompt with its two longest answers), the rows stay narrow, and rewards,
+    embeddings, margins, loss and gradients still equal the padded forward's."""
     from aplot_rlhf.data.collate import collate_shared
     model = reward_model("llama", smol_tok, "mean")
     pad = smol_tok.pad_token_id

@@ -478,12 +478,12 @@ def split_wide_groups(members: list[list[int]], prefix: list[int], suffix_len: l
     each one's tokens after it) -> runs, each laid out as a group of its own (its prefix once, then its members).
 
     pack_shared pads every row to the widest, and a dense mask costs rows x width^2, so one prompt with many
-    pairs in a batch (OASST-style data, several ranked answers per prompt: 16 sequences of one prompt made a
-    4,352-token row and padded the 31 rows of a 75-pair evaluation to it, 10x the tokens) would widen the whole
-    batch. Every group is cut, in order, into runs of at most max(capacity, each group's prefix plus its two
-    longest suffixes) tokens: any two of a group's sequences fit one run (only a group's last run may hold one),
-    so a batch of one pair per prompt keeps exactly its layout, and the pairs of a crowded prompt share it run by
-    run. capacity None (one row, a block mask) splits nothing."""
+    pairs in a batch (OASST-style data, several ranked answers per prompt: one evaluation batch of 32 pairs became
+    31 rows of 4,352 tokens, 10x its real tokens) would widen the whole batch. Every group is cut, in order,
+    into runs of at most max(capacity, each group's prefix plus its two longest suffixes) tokens: any two of a
+    group's sequences fit one run (only a group's last run may hold one), so a batch of one pair per prompt
+    keeps exactly its layout, and the pairs of a crowded prompt share it run by run. capacity None (one row, a
+    block mask) splits nothing."""
     if capacity is None or not members:
         return members
     limit = max(capacity, *(k + sum(sorted(n)[-2:]) for k, n in zip(prefix, suffix_len)))
