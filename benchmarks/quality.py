@@ -631,6 +631,25 @@ def harvest(preset: str, method: str, seed: int) -> dict:
     return state
 
 
+def study_order(preset: str, methods: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """The unfinished runs, ordered so that a study stopped at any point holds the most complete paired
+    comparisons for its first question, APLOT's default against BT at every seed; then the other main methods
+    (aplot_sel, bt_smooth), then the ablations. Within each group a run whose partner at its seed has finished
+    (BT for a method; any method for BT) comes first, since it completes a pair at once; then seed-major, in
+    the order of `methods`. A fresh study is plain seed-major within each group. Runs are finished when their
+    state files exist, which are what the sessions commit."""
+    done = {(m, s) for m in METHODS for s in seeds if run_state(preset, m, s).exists()}
+
+    def pairs_now(m: str, s: int) -> bool:
+        if m == "bt":
+            return any((o, s) in done for o in METHODS if o != "bt")
+        return ("bt", s) in done
+
+    left = [(m, s) for m in methods for s in seeds if (m, s) not in done]
+    return sorted(left, key=lambda r: (r[0] not in MAIN, r[0] not in ("bt", "aplot"), not pairs_now(*r), r[1],
+                                       methods.index(r[0])))
+
+
 def harvest_finished(preset: str) -> None:
     """State files for every run folder whose eval finished (ood.json exists) but has none yet: never touches a
     run in progress, whose ood.json is not written yet."""
@@ -1290,10 +1309,8 @@ def main() -> None:
         if SELECTED in methods:
             variant_check(args.preset, threads)
             lrs[SELECTED] = lrs["aplot"]
-        # main methods first, then the ablations; seed-major within each group, so a study stopped early
-        # still holds complete per-seed comparisons of the main methods
-        order = [(m, s) for group in ([m for m in methods if m in MAIN], [m for m in methods if m not in MAIN])
-                 for s in seeds for m in group]
+        order = study_order(args.preset, methods, seeds)
+        say("runs left, in this order: " + (", ".join(f"{m} s{s}" for m, s in order) or "none"))
         jobs = [pool.submit(train_and_eval, args.preset, m, s, lrs[m], threads) for m, s in order]
         failed = []
         for (m, s), f in zip(order, jobs):

@@ -267,3 +267,21 @@ def test_rebuild_trains_the_state_s_run_again_and_checks_it_is_the_same_training
     for bad in ("bt", "nope:1", "bt:x"):
         with pytest.raises(SystemExit, match="METHOD:SEED"):
             quality.parse_rebuild(bad)
+
+
+def test_study_order_completes_bt_aplot_pairs_first(quality, tmp_path, monkeypatch):
+    """The SmolLM2 study's state after four sessions: BT seeds 1, 2, 3, 5, APLOT 1-3, aplot_sel 1 and 5. The runs
+    left come as APLOT seed 5 (its BT partner is done), BT and APLOT seed 4, then aplot_sel by the same rule."""
+    monkeypatch.setattr(quality, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(quality, "RUNS", tmp_path / "no_runs_here")
+    for m, seeds in {"bt": [1, 2, 3, 5], "aplot": [1, 2, 3], "aplot_sel": [1, 5]}.items():
+        for s in seeds:
+            quality.write_json(quality.run_state("smollm2", m, s), {"method": m, "seed": s})
+    methods, seeds = ["bt", "aplot", "aplot_sel"], [1, 2, 3, 4, 5]
+    assert quality.study_order("smollm2", methods, seeds) == [
+        ("aplot", 5), ("bt", 4), ("aplot", 4), ("aplot_sel", 2), ("aplot_sel", 3), ("aplot_sel", 4)]
+    # a single method asked for: BT seed 4 waits for nothing, and finished runs never come back
+    assert quality.study_order("smollm2", ["bt"], seeds) == [("bt", 4)]
+    # a fresh study: seed-major within each group, the ablations last
+    assert quality.study_order("quick", ["bt", "aplot_gamma2", "aplot"], [1, 2]) == [
+        ("bt", 1), ("aplot", 1), ("bt", 2), ("aplot", 2), ("aplot_gamma2", 1), ("aplot_gamma2", 2)]
