@@ -246,11 +246,78 @@ def train_cmd(preset: str, out: Path, seed: int, lr: str, loss_flags: list[str],
             *([] if export else ["--no-export"])]
 
 
+# The trainers and evaluations a study starts must not outlive it: a study stopped with `kill` (or by the end of
+# a session) once left its trainer running for 17 minutes beside the next study command, which deletes a partial
+# run's folder and trains it again, so two trainers would have written into one folder. Two guards:
+# - stop_children_on_signals(): SIGTERM, SIGHUP or SIGINT to the study forwards SIGTERM to every child (a
+#   trainer finishes its step, saves a checkpoint and exits 75), starts no further run, and exits 128 + signal;
+# - on Linux every child starts through _DIE_WITH_PARENT, which asks the kernel for SIGTERM when the study's
+#   process dies even by SIGKILL (PR_SET_PDEATHSIG survives the exec; the parent pid check closes the race of
+#   a study that died before the prctl).
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
+                    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"  # 1: PR_SET_PDEATHSIG
+                    "if os.getppid() != int(sys.argv[1]):\n"
+                    "    sys.exit('the study process that started this one is gone')\n"
+                    "os.execv(sys.argv[2], sys.argv[2:])\n")
+_children: set[subprocess.Popen] = set()
+_children_lock = threading.Lock()
+_stopping = threading.Event()
+_pool: ThreadPoolExecutor | None = None
+
+
+class StudyStopped(RuntimeError):
+    """A run not started because the study was told to stop."""
+
+
+def stop_children_on_signals() -> None:
+    import signal
+
+    def on_signal(signum, frame) -> None:
+        _stopping.set()
+        if _pool is not None:
+            _pool.shutdown(wait=False, cancel_futures=True)  # runs not started yet never start
+        with _children_lock:
+            procs = list(_children)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        # no say(): its lock may be held by the thread this handler interrupted
+        os.write(2, f"{time.strftime('%H:%M:%S')} {signal.Signals(signum).name}: stopping; SIGTERM sent to "
+                    f"{len(procs)} running child process(es) (a trainer saves a checkpoint and exits)\n".encode())
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+
+def run_child(cmd: list[str], log, threads: int) -> None:
+    """subprocess.run(cmd, check=True) with stdout and stderr to the open file `log`, for a child that never
+    outlives this process (above)."""
+    if _stopping.is_set():
+        raise StudyStopped(f"not started, the study is stopping: {' '.join(cmd[:4])} ...")
+    argv = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd] if sys.platform == "linux" else cmd
+    proc = subprocess.Popen(argv, cwd=REPO, env=env_for(threads), stdout=log, stderr=subprocess.STDOUT)
+    with _children_lock:
+        _children.add(proc)
+    if _stopping.is_set():  # the handler ran between the check above and the add: it did not see this child
+        proc.terminate()
+    try:
+        rc = proc.wait()
+    except BaseException:  # the stop signal landed in this (the main) thread: let the child finish saving first
+        proc.wait(timeout=600)
+        raise
+    finally:
+        with _children_lock:
+            _children.discard(proc)
+    if rc:
+        raise subprocess.CalledProcessError(rc, cmd)
+
+
 def _run(cmd: list[str], log_path: Path, threads: int) -> None:
     with open(log_path, "w") as log:
         log.write(" ".join(cmd) + "\n\n")
         log.flush()
-        subprocess.run(cmd, check=True, cwd=REPO, env=env_for(threads), stdout=log, stderr=subprocess.STDOUT)
+        run_child(cmd, log, threads)
 
 
 def drop_checkpoints(out: Path) -> None:
@@ -1270,6 +1337,7 @@ def main() -> None:
     args = ap.parse_args()
     from machine import print_machine_header  # benchmarks/machine.py
     print_machine_header()
+    stop_children_on_signals()
     if args.rebuild:
         threads = args.threads or os.cpu_count() or 2
         todo = parse_rebuild(args.rebuild)
@@ -1290,7 +1358,8 @@ def main() -> None:
     if not args.report:
         t0 = time.time()
         lrs = parse_lr(args.lr, methods)
-        pool = ThreadPoolExecutor(max_workers=args.jobs)
+        global _pool
+        pool = _pool = ThreadPoolExecutor(max_workers=args.jobs)
         rank_pilot(args.preset, threads)  # LoRA presets: the rank first, every later training uses it
         checked = [m for m in methods if m != SELECTED]
         if SELECTED in methods and "aplot" not in checked:

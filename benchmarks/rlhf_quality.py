@@ -47,7 +47,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,7 +55,16 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
-from quality import env_for, id_val_file, machine, mcnemar_exact, model_fingerprint, t_ci95, write_json  # noqa: E402
+from quality import (  # noqa: E402
+    id_val_file,
+    machine,
+    mcnemar_exact,
+    model_fingerprint,
+    run_child,
+    stop_children_on_signals,
+    t_ci95,
+    write_json,
+)
 
 
 def say(msg: str) -> None:
@@ -165,7 +173,7 @@ def train(name: str, rm: str, seed: int, args, out: Path) -> dict:
     with open(run / "train.log", "w") as log:
         log.write(" ".join(cmd) + "\n\n")
         log.flush()
-        subprocess.run(cmd, check=True, cwd=REPO, env=env_for(args.threads), stdout=log, stderr=subprocess.STDOUT)
+        run_child(cmd, log, args.threads)  # never outlives this process (quality.py's stop_children_on_signals)
     if not (run / "policy" / "config.json").exists():
         raise SystemExit(f"{run}: train_ppo finished without an exported policy/ (see {run / 'train.log'})")
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
@@ -473,4 +481,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    stop_children_on_signals()  # here, not in main(): the tests call main() under pytest's own handlers
     main()

@@ -5,6 +5,7 @@ by the CLIs' own tests and by the study itself (`--preset smoke` runs the whole 
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -285,3 +286,81 @@ def test_study_order_completes_bt_aplot_pairs_first(quality, tmp_path, monkeypat
     # a fresh study: seed-major within each group, the ablations last
     assert quality.study_order("quick", ["bt", "aplot_gamma2", "aplot"], [1, 2]) == [
         ("bt", 1), ("aplot", 1), ("bt", 2), ("aplot", 2), ("aplot_gamma2", 1), ("aplot_gamma2", 2)]
+
+
+_CHILD = '''import os, pathlib, signal, sys, time
+d = pathlib.Path(sys.argv[1])
+def on_term(signum, frame):  # like a trainer: finish the step, save, exit 75
+    (d / "got_sigterm").write_text("1")
+    time.sleep(1)
+    (d / "saved").write_text("1")
+    sys.exit(75)
+signal.signal(signal.SIGTERM, on_term)
+(d / "started").write_text(str(os.getpid()))
+time.sleep(120)
+'''
+
+_DRIVER = '''import importlib.util, sys
+from concurrent.futures import ThreadPoolExecutor
+spec = importlib.util.spec_from_file_location("quality_study", sys.argv[1])
+q = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(q)
+q.stop_children_on_signals()
+child, mode, dirs = sys.argv[2], sys.argv[3], sys.argv[4:]
+
+def one(d):
+    with open(d + "/log", "w") as fh:
+        q.run_child([sys.executable, child, d], fh, 1)
+
+if mode == "pool":  # the study's path: runs in worker threads, the main thread waits on their futures
+    q._pool = ThreadPoolExecutor(max_workers=1)
+    for f in [q._pool.submit(one, d) for d in dirs]:
+        f.result()
+else:  # --rebuild's and rlhf_quality.py's path: the main thread waits on the child itself
+    for d in dirs:
+        one(d)
+'''
+
+
+def _start_study_like(tmp_path, mode, n_runs):
+    import subprocess
+    import time
+    (tmp_path / "child.py").write_text(_CHILD)
+    (tmp_path / "driver.py").write_text(_DRIVER)
+    dirs = [tmp_path / f"run{i}" for i in range(n_runs)]
+    for d in dirs:
+        d.mkdir()
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(REPO / "benchmarks" / "quality.py"),
+                             str(tmp_path / "child.py"), mode, *map(str, dirs)])
+    deadline = time.time() + 120
+    while not (dirs[0] / "started").exists():
+        assert proc.poll() is None and time.time() < deadline, "the study-like driver never started its child"
+        time.sleep(0.1)
+    return proc, dirs
+
+
+@pytest.mark.parametrize("mode", ["pool", "main"])
+def test_a_stopped_study_stops_its_child_and_starts_no_other(tmp_path, mode):
+    """SIGTERM to a study (or rlhf_quality.py) reaches its running trainer, which saves and exits, before the
+    study exits with 143; the run queued behind it never starts. Before, `kill <study>` left the trainer running."""
+    import signal
+    proc, dirs = _start_study_like(tmp_path, mode, 2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert (dirs[0] / "got_sigterm").exists() and (dirs[0] / "saved").exists()  # waited for the save
+    assert not (dirs[1] / "started").exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(int((dirs[0] / "started").read_text()), 0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_study_takes_its_child_with_it(tmp_path):
+    """SIGKILL cannot be handled: the kernel sends the orphaned trainer SIGTERM (PR_SET_PDEATHSIG)."""
+    import time
+    proc, dirs = _start_study_like(tmp_path, "main", 1)
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.time() + 30
+    while not (dirs[0] / "saved").exists():
+        assert time.time() < deadline, "the child outlived the killed study by 30 s"
+        time.sleep(0.1)
