@@ -249,8 +249,9 @@ def train_cmd(preset: str, out: Path, seed: int, lr: str, loss_flags: list[str],
 # The trainers and evaluations a study starts must not outlive it: a study stopped with `kill` (or by the end of
 # a session) once left its trainer running for 17 minutes beside the next study command, which deletes a partial
 # run's folder and trains it again, so two trainers would have written into one folder. Two guards:
-# - stop_children_on_signals(): SIGTERM, SIGHUP or SIGINT to the study forwards SIGTERM to every child (a
-#   trainer finishes its step, saves a checkpoint and exits 75), starts no further run, and exits 128 + signal;
+# - stop_children_on_signals(): SIGTERM, SIGHUP or SIGINT (unless ignored, as nohup ignores SIGHUP) to the
+#   study forwards SIGTERM to every child (a trainer finishes its step, saves a checkpoint and exits 75),
+#   starts no further run, and exits 128 + signal;
 # - on Linux every child starts through _DIE_WITH_PARENT, which asks the kernel for SIGTERM when the study's
 #   process dies even by SIGKILL (PR_SET_PDEATHSIG survives the exec; the parent pid check closes the race of
 #   a study that died before the prctl).
@@ -287,7 +288,8 @@ def stop_children_on_signals() -> None:
         raise SystemExit(128 + signum)
 
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        signal.signal(sig, on_signal)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup ignores SIGHUP, `&` SIGINT: keep that
+            signal.signal(sig, on_signal)
 
 
 def run_child(cmd: list[str], log, threads: int) -> None:

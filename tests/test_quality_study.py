@@ -305,8 +305,11 @@ from concurrent.futures import ThreadPoolExecutor
 spec = importlib.util.spec_from_file_location("quality_study", sys.argv[1])
 q = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(q)
-q.stop_children_on_signals()
 child, mode, dirs = sys.argv[2], sys.argv[3], sys.argv[4:]
+if mode == "nohup":
+    import signal
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+q.stop_children_on_signals()
 
 def one(d):
     with open(d + "/log", "w") as fh:
@@ -364,3 +367,16 @@ def test_a_killed_study_takes_its_child_with_it(tmp_path):
     while not (dirs[0] / "saved").exists():
         assert time.time() < deadline, "the child outlived the killed study by 30 s"
         time.sleep(0.1)
+
+
+def test_a_study_under_nohup_survives_sighup(tmp_path):
+    """nohup (the study's documented command) ignores SIGHUP; the study keeps that, so a closed terminal stops
+    neither it nor its trainer. SIGTERM still does."""
+    import signal
+    import time
+    proc, dirs = _start_study_like(tmp_path, "nohup", 1)
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(2)
+    assert proc.poll() is None and not (dirs[0] / "got_sigterm").exists()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM and (dirs[0] / "saved").exists()
