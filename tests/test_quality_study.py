@@ -1,7 +1,9 @@
 """benchmarks/quality.py's statistics and its state files (issue 21, item 2): the numbers its report rests on.
 
 Pure functions and a report built from hand-made state files; the training and eval subprocesses are covered
-by the CLIs' own tests and by the study itself (`--preset smoke` runs the whole path in minutes)."""
+by the CLIs' own tests and by the study itself (`--preset smoke` runs the whole path in minutes). The order of
+the runs left, and what a stop signal does to the study's child processes (a real child stands in for the trainer:
+it handles SIGTERM as the trainer does, saving and exiting, in a second)."""
 import importlib.util
 import json
 import math
