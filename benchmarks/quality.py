@@ -907,8 +907,16 @@ def report(preset: str, methods: list[str], seeds: list[int]) -> str:
                                         f"({', '.join(map(str, done[m])) or 'none'})"
                                         for m in methods) + "."]
     if not complete:
-        out.append(f"**Partial: {len(paired_seeds)} of {len(seeds)} planned seeds have every method. Numbers below "
-                   "describe the seeds done so far; no conclusion is drawn from them.**")
+        finished = [m for m in methods if len(done[m]) == len(seeds)]
+        unfinished = [m for m in methods if m not in finished]
+        line = f"**Partial: {len(paired_seeds)} of {len(seeds)} planned seeds have every method."
+        if "bt" in finished and len(finished) > 1:
+            # the comparisons a reader came for may already be whole while another method is still running
+            line += (f" {', '.join(finished)} have all {len(seeds)} planned seeds: their rows, and the paired "
+                     f"differences with BT of {', '.join(m for m in finished if m != 'bt')}, are final.")
+        line += (f" The numbers of {', '.join(unfinished)} describe the seeds done so far; no conclusion is "
+                 "drawn from them.**")
+        out.append(line)
     summary = {"preset": preset, "params": PRESETS[preset], "methods": methods, "seeds_planned": seeds,
                "seeds_done": done, "lr_check": lrc}
 

@@ -104,7 +104,8 @@ def test_report_from_state_files_alone(quality, tmp_path, monkeypatch):
 
 def test_partial_report_pairs_each_method_with_bt_on_the_seeds_both_finished(quality, tmp_path, monkeypatch):
     """aplot_sel has finished only seed 1: the convergence table still pairs aplot with BT on seeds 1 and 2
-    (not only on the seeds every method finished), and marks aplot_sel's missing seed as not run."""
+    (not only on the seeds every method finished), marks aplot_sel's missing seed as not run, and says that bt's and
+    aplot's numbers are final while aplot_sel's are not."""
     bits = {("bt", 1): "1100", ("aplot", 1): "1110", ("bt", 2): "1010", ("aplot", 2): "0010",
             ("aplot_sel", 1): "1111"}
     _write_smoke_states(quality, tmp_path, monkeypatch, bits)
@@ -115,6 +116,9 @@ def test_partial_report_pairs_each_method_with_bt_on_the_seeds_both_finished(qua
     assert "| aplot_sel | 2 | · | 1 / 1 | 2 |" in text.splitlines()
     assert "| aplot | 2 | — | 1 / 2 | 2 |" in text.splitlines()
     assert "PARTIAL" in text.splitlines()[0]
+    assert ("**Partial: 1 of 2 planned seeds have every method. bt, aplot have all 2 planned seeds: their rows, "
+            "and the paired differences with BT of aplot, are final. The numbers of aplot_sel describe the seeds "
+            "done so far; no conclusion is drawn from them.**") in text.splitlines()
 
 
 def test_state_files_are_not_git_ignored(quality):
