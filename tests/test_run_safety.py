@@ -124,9 +124,11 @@ def test_the_plan_sizes_a_checkpoint_and_the_warning_lead():
 
 def test_a_stop_requested_during_set_up_is_honoured(char_llama_dir, tmp_path):
     """The PREEMPT file appears while the trainer sets up (a patched set-up step creates it, as the slurm trap
-    would while a big model loads): the run must exit 75 before its first step, not delete the request."""
+    would while a big model loads): the run must exit 75 before its first step, not delete the request, and not
+    spend the grace period on the step-0 evaluation it was asked for."""
     out = tmp_path / "run"
-    flags = rm_flags(char_llama_dir, pairs_file(tmp_path / "pairs.jsonl"), out)
+    flags = rm_flags(char_llama_dir, pairs_file(tmp_path / "pairs.jsonl"), out, eval_split_fraction=0.25)
+    flags.append("--eval_at_start")
     code = ("import sys, pathlib\n"
             "from aplot_rlhf.trainers.rm import RewardModelTrainer\n"
             "from aplot_rlhf.errors import run_cli\n"
@@ -142,6 +144,18 @@ def test_a_stop_requested_during_set_up_is_honoured(char_llama_dir, tmp_path):
     assert proc.returncode == preemption.PREEMPT_EXIT_CODE, proc.stderr[-3000:]
     assert json.loads((out / preemption.PREEMPTED_FILE).read_text())["step"] == 0
     assert "stop was requested during set-up" in proc.stderr
+    assert "step 0 eval" not in proc.stderr
+
+
+def test_eval_at_start_evaluates_before_the_first_step_when_no_stop_is_asked(char_llama_dir, tmp_path):
+    """The other side of the test above: without a stop request --eval_at_start logs the step-0 evaluation (the
+    quality study's convergence curves start from it) and the run trains to the end."""
+    out = tmp_path / "run"
+    flags = rm_flags(char_llama_dir, pairs_file(tmp_path / "pairs.jsonl"), out, eval_split_fraction=0.25)
+    proc = train_rm([*flags, "--eval_at_start"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step 0 eval" in proc.stderr
+    assert not (out / preemption.PREEMPTED_FILE).exists()
 
 
 def test_stop_files_an_earlier_process_left_are_cleared_and_new_ones_kept(tmp_path):

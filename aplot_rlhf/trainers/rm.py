@@ -240,7 +240,9 @@ class RewardModelTrainer:
 
     def train(self) -> dict:
         cfg = self.cfg
-        if cfg.eval_at_start and self.step == 0:
+        # a stop asked for while the run set up is honoured before the first step (run.loop): skip the step-0
+        # evaluation then, which at scale would spend the scheduler's grace period on a number nobody keeps
+        if cfg.eval_at_start and self.step == 0 and not self.run.preempt.requested():
             self.log_eval(self.evaluate())
         self.engine.module.train()
         postfix = lambda row: {"loss": f"{row['loss']:.4f}", "acc": f"{row['accuracy']:.2f}"}  # noqa: E731
